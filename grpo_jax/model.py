@@ -1,0 +1,403 @@
+"""Decoder-only transformer for the Llama and Qwen2 families, in Flax Linen.
+
+Everything callers jit is a pure function of an explicit parameter pytree:
+
+    params = init_params(cfg, key)                     # or hf.load_hf(path)
+    logits, _ = forward(params, cfg, tokens, mask)     # [batch, seq, vocab] float32
+    cache = init_cache(cfg, batch, max_len)
+    logits, cache = forward(params, cfg, prompt, prompt_mask, cache=cache)      # prefill
+    logits, cache = forward(params, cfg, next_tok[:, None], None, cache=cache)  # decode
+
+Layers are stacked on a leading `layers` axis and run with `nn.scan`, so compile time does not grow
+with depth. Every parameter carries logical axis names (see `param_logical_axes`) that
+`grpo_jax.sharding` maps onto a (data, fsdp, tensor) mesh.
+
+KV cache layout (a plain dict, so it can be donated and sharded like any pytree):
+    k, v:  [layers, batch, max_len, kv_heads, head_dim]  keys/values by cache slot
+    mask:  [batch, max_len] bool                          which slots hold real tokens
+    pos:   [batch] int32                                  next rotary position of each row
+    index: [] int32                                       next slot to write (shared by all rows)
+Prompts are left-padded, so every row writes its next token into the same slot; the per-row `pos`
+keeps rotary positions right, and `mask` hides the padding slots from attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Params = Any  # nested dict of arrays
+Cache = dict[str, Array]
+
+# A finite "minus infinity": a query whose keys are all masked (a padding slot) then gets a uniform
+# average instead of NaNs that would poison gradients through jnp.where.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama/Qwen2-style decoder. Frozen and hashable: pass it as a static
+    argument to jit."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Rotary scaling as sorted (key, value) pairs, e.g. (("factor", 8.0), ("rope_type", "llama3"), ...);
+    # None means plain RoPE. Kept as a tuple so the config stays hashable.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    architecture: str = "llama"  # "llama" | "qwen2": only changes the HF names written by save_hf
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat: str = "none"  # "none" | "full" | "dots": activation checkpointing of each layer
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+        rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(
+                f"rope_type={rope_type!r} is not supported; expected 'default', 'linear' or 'llama3'")
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def num_params(self) -> int:
+        d, f, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + L * (attn + mlp + 2 * d) + d + head
+
+
+# Shapes of the models people run GRPO on (weights are not included; use hf.load_hf for those).
+def _shape(vocab, d, ff, layers, heads, kv_heads, head_dim, theta, eps, arch, tied, **kw):
+    return ModelConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=theta,
+                       rms_norm_eps=eps, architecture=arch, qkv_bias=arch == "qwen2",
+                       tie_word_embeddings=tied, **kw)
+
+
+_LLAMA3_ROPE = (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+
+SHAPES: dict[str, ModelConfig] = {
+    "qwen2.5-0.5b": _shape(151936, 896, 4864, 24, 14, 2, 64, 1e6, 1e-6, "qwen2", True),
+    "qwen2.5-1.5b": _shape(151936, 1536, 8960, 28, 12, 2, 128, 1e6, 1e-6, "qwen2", True),
+    "qwen2.5-7b": _shape(152064, 3584, 18944, 28, 28, 4, 128, 1e6, 1e-6, "qwen2", False),
+    "llama-3.2-1b": _shape(128256, 2048, 8192, 16, 32, 8, 64, 5e5, 1e-5, "llama", True,
+                           rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072),
+    "smollm2-135m": _shape(49152, 576, 1536, 30, 9, 3, 64, 1e5, 1e-5, "llama", True,
+                           max_position_embeddings=8192),
+    # For CPU tests and smoke runs.
+    "tiny": _shape(512, 64, 128, 2, 4, 2, 16, 1e4, 1e-6, "qwen2", True, max_position_embeddings=2048),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2], with linear or Llama-3 scaling as in transformers."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    scaling = dict(cfg.rope_scaling or {})
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_sin_cos(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """sin, cos [batch, seq, head_dim // 2] in float32 for integer positions [batch, seq]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
+    """Rotate x [batch, seq, heads, head_dim] in the half-split ("rotate_half") layout of HF."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+
+
+def _init(axes: tuple[str, ...], init=nn.initializers.normal(0.02)):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, sin, cos, attn_mask, kv_cache, index):
+        """x [B, T, d]; attn_mask [B, T, S] bool; kv_cache (k, v) [B, S, Hkv, D] or None."""
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def proj(name, heads, heads_axis):
+            return nn.DenseGeneral(
+                (heads, D), axis=-1, use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
+                kernel_init=_init(("embed", heads_axis, "head_dim")),
+                bias_init=_init((heads_axis, "head_dim"), nn.initializers.zeros))(x)
+
+        q = apply_rope(proj("q_proj", H, "heads"), sin, cos)
+        k = apply_rope(proj("k_proj", K, "kv_heads"), sin, cos)
+        v = proj("v_proj", K, "kv_heads")
+
+        if kv_cache is None:
+            new_cache = None
+        else:
+            ck, cv = kv_cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            new_cache = (k, v)
+
+        # Grouped-query attention without repeating K/V: query heads are split [kv_heads, group].
+        B, T = x.shape[:2]
+        q = q.reshape(B, T, K, H // K, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+        scores = scores * (D ** -0.5)
+        scores = jnp.where(attn_mask[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H, D)
+        out = nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt, name="o_proj",
+            kernel_init=_init(("heads", "head_dim", "embed")),
+            bias_init=_init(("embed",), nn.initializers.zeros))(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        def dense(name, features, axes):
+            return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=pdt, name=name,
+                            kernel_init=_init(axes), bias_init=_init(axes[1:], nn.initializers.zeros))
+
+        h = nn.silu(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
+        h = h * dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer. Signature fits nn.scan: (carry, *per-layer inputs) -> (carry, outputs)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, sin, cos, attn_mask, kv_cache, index):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                                    name=name)
+        h, kv_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), sin, cos, attn_mask, kv_cache, index)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+        return x, kv_cache
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, attn_mask, kv_cache, index, return_hidden):
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
+        x = jnp.take(embed, tokens, axis=0).astype(dt)
+        sin, cos = rope_sin_cos(cfg, positions)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        x, kv_cache = layers(x, sin, cos, attn_mask, kv_cache, index)
+        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
+        if return_hidden:
+            return x, kv_cache
+        if cfg.tie_word_embeddings:
+            head = embed.T
+        else:
+            head = self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
+        return logits_from_hidden(head, x), kv_cache
+
+
+def logits_from_hidden(head: Array, hidden: Array) -> Array:
+    """hidden [..., d] @ head [d, vocab] -> float32 logits, accumulated in float32 even for bf16."""
+    return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def output_head(params: Params, cfg: ModelConfig) -> Array:
+    """The unembedding matrix [d, vocab] (the transposed embedding when tied)."""
+    return params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functional API
+
+
+def positions_from_mask(mask: Array) -> Array:
+    """Rotary positions [batch, seq] of left- or right-padded rows: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_params(cfg: ModelConfig, key: Array) -> Params:
+    """Randomly initialised parameters (plain arrays; logical axes come from `param_logical_axes`)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Transformer(cfg).init(key, tokens, tokens, jnp.ones((1, 1, 1), bool), None, 0, False)
+    return nn.unbox(variables["params"])
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """ShapeDtypeStructs of the parameters, computed without allocating them."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+    """A pytree like the parameters holding a PartitionSpec of logical axis names per parameter."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: Transformer(cfg).init(
+        jax.random.key(0), tokens, tokens, jnp.ones((1, 1, 1), bool), None, 0, False))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + completion)."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch, max_len), bool),
+        "pos": jnp.zeros((batch,), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: Array,
+    mask: Array | None = None,
+    cache: Cache | None = None,
+    *,
+    positions: Array | None = None,
+    return_hidden: bool = False,
+) -> tuple[Array, Cache | None]:
+    """Run the decoder on tokens [batch, seq].
+
+    Args:
+      params: parameter pytree (from init_params or hf.load_hf).
+      cfg: the model config (static under jit).
+      tokens: int token ids [batch, seq].
+      mask: bool [batch, seq], True for real tokens (False for padding); None means all real.
+      cache: a KV cache from init_cache; the tokens are written at slots [index, index + seq).
+      positions: rotary positions [batch, seq]; by default counted from the mask (and from the
+        cache's per-row `pos` when decoding).
+      return_hidden: return final-norm hidden states [batch, seq, d] instead of logits.
+
+    Returns:
+      (logits [batch, seq, vocab] float32, or hidden states; the updated cache or None).
+    """
+    B, T = tokens.shape
+    mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
+    offsets = positions_from_mask(mask)
+    if cache is None:
+        if positions is None:
+            positions = offsets
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        attn_mask = causal[None] & mask[:, None, :]  # [B, T, T]
+        out, _ = Transformer(cfg).apply({"params": params}, tokens, positions, attn_mask, None, 0,
+                                        return_hidden)
+        return out, None
+
+    index = cache["index"]
+    S = cache["mask"].shape[1]
+    if positions is None:
+        positions = cache["pos"][:, None] + offsets
+    key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))  # [B, S]
+    slots = jnp.arange(S)
+    causal = slots[None, :] <= (index + jnp.arange(T))[:, None]  # [T, S]
+    attn_mask = causal[None] & key_mask[:, None, :]
+    out, (k, v) = Transformer(cfg).apply({"params": params}, tokens, positions, attn_mask,
+                                         (cache["k"], cache["v"]), index, return_hidden)
+    new_cache = {
+        "k": k,
+        "v": v,
+        "mask": key_mask,
+        "pos": cache["pos"] + mask.sum(axis=-1, dtype=jnp.int32),
+        "index": index + T,
+    }
+    return out, new_cache
