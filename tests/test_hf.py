@@ -1,0 +1,161 @@
+"""Checkpoint I/O: save_hf round trips through transformers; bad folders fail with a clear message."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import left_padded_batch, tiny_hf_model
+
+from grpo_jax import hf
+from grpo_jax import model as M
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(ids),
+                     attention_mask=torch.as_tensor(mask.astype(np.int64))).logits.float().numpy()
+
+
+def test_round_trip_through_transformers(hf_checkpoint, tmp_path):
+    model, folder = hf_checkpoint
+    params, cfg = hf.load_hf(folder)
+    out = hf.save_hf(params, cfg, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(back) is type(model)
+    ids, mask = left_padded_batch(cfg.vocab_size, [10, 6])
+    np.testing.assert_array_equal(_logits(back, ids, mask), _logits(model, ids, mask))
+    # And back into JAX: identical parameters.
+    params2, cfg2 = hf.load_hf(out)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_sharded_bf16_checkpoint(tmp_path):
+    model = tiny_hf_model("qwen2")
+    model.save_pretrained(tmp_path / "src")
+    params, cfg = hf.load_hf(tmp_path / "src", dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    out = hf.save_hf(params, cfg, tmp_path / "out", max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    header, _ = hf.read_safetensors_header(out / shards[0])
+    assert {v["dtype"] for v in header.values()} == {"BF16"}
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert back.dtype == torch.bfloat16
+    ids, mask = left_padded_batch(cfg.vocab_size, [8, 8])
+    ours, _ = M.forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(ours), _logits(back, ids, mask), atol=0.1)
+    params2, _ = hf.load_hf(out, dtype="bfloat16")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)),
+                 params2, params)
+
+
+def test_safetensors_reader_matches_reference(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([1, -2], np.int64),
+               "c": np.ones((2, 2, 2), np.float16)}
+    save_file(tensors, tmp_path / "ref.safetensors")
+    ours = hf.read_safetensors(tmp_path / "ref.safetensors")
+    assert set(ours) == set(tensors)
+    for k in tensors:
+        np.testing.assert_array_equal(ours[k], tensors[k])
+    hf.write_safetensors(tmp_path / "ours.safetensors", tensors)
+    back = load_file(tmp_path / "ours.safetensors")
+    for k in tensors:
+        np.testing.assert_array_equal(back[k], tensors[k])
+    bf = {"x": np.linspace(-3, 3, 7).astype(ml_dtypes.bfloat16)}
+    hf.write_safetensors(tmp_path / "bf.safetensors", bf)
+    np.testing.assert_array_equal(hf.read_safetensors(tmp_path / "bf.safetensors")["x"], bf["x"])
+
+
+def test_load_places_on_given_shardings(hf_checkpoint):
+    from grpo_jax import sharding
+
+    _, folder = hf_checkpoint
+    cfg = hf.config_from_hf(json.loads((folder / "config.json").read_text()))
+    mesh = sharding.make_mesh()
+    shardings = sharding.param_shardings(cfg, mesh)
+    params, _ = hf.load_hf(folder, shardings=shardings)
+    assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding == s, params, shardings))
+
+
+# ---- bad folders --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def good(tmp_path):
+    tiny_hf_model("llama").save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def _edit_config(folder, **kw):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(kw)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_folder_and_files(good, tmp_path):
+    with pytest.raises(hf.CheckpointError, match="does not exist"):
+        hf.load_hf(tmp_path / "nope")
+    (good / "model.safetensors").unlink()
+    with pytest.raises(hf.CheckpointError, match="no model.safetensors"):
+        hf.load_hf(good)
+    (good / "config.json").unlink()
+    with pytest.raises(hf.CheckpointError, match="missing config.json"):
+        hf.load_hf(good)
+
+
+def test_hub_id_offline_is_a_clear_error():
+    with pytest.raises(hf.CheckpointError, match="could not fetch 'no-such-org/no-such-model'"):
+        hf.load_hf("no-such-org/no-such-model")
+
+
+def test_unknown_architecture(good):
+    _edit_config(good, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(hf.CheckpointError, match="unknown architecture: model_type='gpt2'"):
+        hf.load_hf(good)
+
+
+def test_wrong_shapes(good):
+    _edit_config(good, intermediate_size=128)  # config no longer matches the weights
+    with pytest.raises(hf.CheckpointError, match=r"mlp.gate_proj.weight' has shape \(96, 64\), expected \(128, 64\)"):
+        hf.load_hf(good)
+
+
+def test_missing_and_unexpected_tensors(good):
+    tensors = dict(hf.read_safetensors(good / "model.safetensors"))
+    tensors.pop("model.layers.1.self_attn.k_proj.weight")
+    hf.write_safetensors(good / "model.safetensors", tensors)
+    with pytest.raises(hf.CheckpointError, match=r"missing 1 tensors.*layers.1.self_attn.k_proj"):
+        hf.load_hf(good)
+    tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((32, 64), np.float32)
+    tensors["model.layers.0.self_attn.q_norm.weight"] = np.zeros((16,), np.float32)
+    hf.write_safetensors(good / "model.safetensors", tensors)
+    with pytest.raises(hf.CheckpointError, match="does not use.*q_norm"):
+        hf.load_hf(good)
+
+
+def test_corrupt_file_and_bad_index(good):
+    (good / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(hf.CheckpointError, match="not a safetensors file"):
+        hf.load_hf(good)
+    (good / "model.safetensors").unlink()
+    (good / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(hf.CheckpointError, match="lists shards that do not exist"):
+        hf.load_hf(good)
+
+
+def test_sliding_window_rejected(tmp_path):
+    model = tiny_hf_model("qwen2")
+    model.save_pretrained(tmp_path)
+    _edit_config(tmp_path, use_sliding_window=True, sliding_window=8)
+    with pytest.raises(hf.CheckpointError, match="sliding-window"):
+        hf.load_hf(tmp_path)
