@@ -1,0 +1,134 @@
+"""The GRPO objective of a policy model, partitioned over a device mesh.
+
+    loss, grads, metrics = loss_and_grad(params, batch, model_cfg, loss_cfg, mesh, num_microbatches=4)
+
+The model forward runs under jit with the parameters and batch sharded by their NamedShardings (XLA
+partitions it); the per-token loss math runs in a `shard_map` over the batch axes, each shard
+computes its (sum, denominator) and metrics, and `psum` reduces them, so the normalisation is the
+global one whatever the mesh. Gradient accumulation divides summed micro-batch gradients by the
+denominator of the whole batch, so the result does not depend on the split either.
+
+`batch` is a dict of arrays with a leading batch dimension [B, ...]:
+    prompt_ids, prompt_mask            [B, P]  left-padded
+    completion_ids, completion_mask    [B, C]  right-padded
+    advantages                         [B]
+    old_logp, ref_logp, sampler_logp   [B, C]  optional (see loss.grpo_loss_terms)
+    truncated                          [B]     optional bool
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import shard_map
+from jax.sharding import Mesh, PartitionSpec as P
+
+from grpo_jax import loss as L
+from grpo_jax import model as M
+from grpo_jax.logprobs import completion_logprobs
+
+Batch = dict[str, jax.Array]
+BATCH_AXES = ("data", "fsdp")
+_PER_TOKEN_INPUTS = ("old_logp", "ref_logp", "sampler_logp", "truncated")
+
+
+def sharded_loss_terms(
+    logp: jax.Array,
+    entropy: jax.Array | None,
+    batch: Batch,
+    loss_cfg: L.LossConfig,
+    mesh: Mesh | None,
+    batch_axes: tuple[str, ...] = BATCH_AXES,
+) -> tuple[jax.Array, jax.Array, L.Metrics]:
+    """grpo_loss_terms over the batch shards of `mesh`, psum-reduced to global (sum, denom, metrics)."""
+    inputs = {"logp": logp, "advantages": batch["advantages"], "completion_mask": batch["completion_mask"]}
+    inputs.update({k: batch[k] for k in _PER_TOKEN_INPUTS if batch.get(k) is not None})
+    if entropy is not None:
+        inputs["entropy"] = entropy
+
+    def local(x):
+        s, d, m = L.grpo_loss_terms(x.pop("logp"), x.pop("advantages"), x.pop("completion_mask"), loss_cfg, **x)
+        if mesh is None:
+            return s, d, m
+        return jax.lax.psum(s, batch_axes), jax.lax.psum(d, batch_axes), m.psum(batch_axes)
+
+    if mesh is None:
+        return local(inputs)
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    return shard_map(local, mesh=mesh, in_specs=(P(axes),), out_specs=P(), check_vma=False)(inputs)
+
+
+def policy_loss_terms(
+    params: M.Params,
+    batch: Batch,
+    model_cfg: M.ModelConfig,
+    loss_cfg: L.LossConfig,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, jax.Array, L.Metrics]:
+    """(loss_sum, denominator, metrics) of the policy `params` on `batch`."""
+    logp, entropy = completion_logprobs(
+        params, model_cfg, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+        batch["completion_mask"], loss_cfg.temperature, loss_cfg.logprob_chunk, with_entropy=True)
+    return sharded_loss_terms(logp, entropy, batch, loss_cfg, mesh)
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B / n, ...], micro-batch k holding rows k, k + n, ... so that each one still
+    spreads evenly over the data-parallel shards."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by num_microbatches={n}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def loss_and_grad(
+    params: M.Params,
+    batch: Batch,
+    model_cfg: M.ModelConfig,
+    loss_cfg: L.LossConfig,
+    mesh: Mesh | None = None,
+    num_microbatches: int = 1,
+) -> tuple[jax.Array, M.Params, dict[str, jax.Array]]:
+    """Loss, gradient and finalised metrics of the whole batch, accumulated over micro-batches.
+
+    Jit it with model_cfg, loss_cfg, mesh and num_microbatches static.
+    """
+    batch = {k: v for k, v in batch.items() if v is not None}
+    denom = L.loss_denominator(batch["completion_mask"], batch.get("truncated"), loss_cfg)
+
+    def partial_sum(p, mb):
+        s, _, m = policy_loss_terms(p, mb, model_cfg, loss_cfg, mesh)
+        return s, m
+
+    grad_fn = jax.value_and_grad(partial_sum, has_aux=True)
+    if num_microbatches == 1:
+        (total, metrics), grads = grad_fn(params, batch)
+    else:
+        micro = _split_microbatches(batch, num_microbatches)
+        (_, metrics_shape), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+        carry = (jnp.zeros((), jnp.float32), L.Metrics.identity_like(metrics_shape),
+                 jax.tree.map(jnp.zeros_like, params))
+
+        def body(carry, mb):
+            total, metrics, grads = carry
+            (s, m), g = grad_fn(params, mb)
+            return (total + s, metrics.merge(m), jax.tree.map(jnp.add, grads, g)), None
+
+        (total, metrics, grads), _ = jax.lax.scan(body, carry, micro)
+
+    scale = 1.0 / jnp.maximum(denom, 1e-9)
+    out = L.finalize_metrics(metrics)
+    out["loss"] = total * scale
+    return total * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), out
+
+
+def make_loss_and_grad(model_cfg: M.ModelConfig, loss_cfg: L.LossConfig, mesh: Mesh | None = None,
+                       num_microbatches: int = 1, **jit_kwargs: Any):
+    """jax.jit(loss_and_grad) with the static settings bound: fn(params, batch)."""
+    return jax.jit(functools.partial(loss_and_grad, model_cfg=model_cfg, loss_cfg=loss_cfg, mesh=mesh,
+                                     num_microbatches=num_microbatches), **jit_kwargs)
