@@ -37,6 +37,18 @@ WORKER = textwrap.dedent("""
     mesh = S.make_mesh(1, 2, 4)
     spec = S.param_shardings(cfg, mesh)["layers"]["attn"]["k_proj"]["kernel"].spec
     assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None), spec  # 2 kv heads: not split 4 ways
+    # The sampler under a mesh: rows split over data x fsdp, KV heads over tensor; same tokens as on
+    # one device (greedy), and the same log-probabilities.
+    from grpo_jax import sampler as Smp
+    prompts = [list(rng.integers(1, 256, n)) for n in (3, 7, 5, 2)]
+    sc = Smp.SamplingConfig(max_new_tokens=6, greedy=True, prompt_buckets=(8,))
+    ref = Smp.sample(params, cfg, prompts, 2, sc, jax.random.key(0))
+    for shape in [(8, 1, 1), (2, 2, 2)]:
+        mesh = S.make_mesh(*shape)
+        r = Smp.sample(S.shard_params(params, cfg, mesh), cfg, prompts, 2, sc, jax.random.key(0), mesh=mesh)
+        assert np.array_equal(np.asarray(r.tokens), np.asarray(ref.tokens)), shape
+        assert np.abs(np.asarray(r.logprobs) - np.asarray(ref.logprobs)).max() < 1e-5, shape
+        assert len(r.tokens.sharding.device_set) == 8
     print("OK")
 """)
 

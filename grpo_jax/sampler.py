@@ -1,0 +1,270 @@
+"""Group rollouts: G sampled completions per prompt with a KV cache, and their log-probabilities.
+
+    rollout = sample(params, model_cfg, prompts, num_generations=8, cfg=SamplingConfig(...), key=key)
+
+One jitted prefill runs each prompt once and copies its cache rows to its G samples; one jitted
+decode loop (a `lax.while_loop`, the cache donated) then generates until every row has stopped or
+`max_new_tokens` is reached. Prompts are left-padded to a bucket length so that varying prompt
+lengths reuse a few compiled programs.
+
+Each sampled token's log-probability is log softmax(logits / temperature)[token]: the same quantity
+`logprobs.completion_logprobs` computes in the trainer (top-k / top-p only restrict which tokens can be
+drawn; they do not renormalise the reported log-probability), so the two can be compared token for
+token to catch sampler/trainer mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from grpo_jax import model as M
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample (hashable: a static argument of jit).
+
+    Attributes:
+      max_new_tokens: completion length limit.
+      temperature: logits are divided by it (also for the reported log-probabilities).
+      top_k: keep the k most likely tokens; 0 disables.
+      top_p: keep the smallest set of most likely tokens whose probability reaches top_p; 1 disables.
+      greedy: take the argmax instead of sampling.
+      eos_ids: token ids that end a completion (the EOS token is kept as its last token).
+      pad_id: written after a completion has ended.
+      prompt_buckets: prompt lengths are padded up to the smallest bucket that fits.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+        object.__setattr__(self, "prompt_buckets", tuple(sorted(self.prompt_buckets)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollout:
+    """Completions of prompts * G rows; the G samples of a prompt are adjacent."""
+
+    prompt_ids: Array  # [N, P] left-padded
+    prompt_mask: Array  # [N, P] bool
+    tokens: Array  # [N, max_new_tokens] int32, pad_id after the end
+    mask: Array  # [N, max_new_tokens] bool, True on completion tokens (EOS included)
+    logprobs: Array  # [N, max_new_tokens] float32, 0 after the end
+    lengths: Array  # [N] int32
+    truncated: Array  # [N] bool: no EOS within max_new_tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Token choice
+
+
+def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
+    """Set logits outside the top-k / top-p (nucleus) set to -inf. logits: [N, V] float32."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        keep = before < top_p  # always keeps the first token
+        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def choose_tokens(key: Array, logits: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
+    """Next tokens [N] and their log-probabilities [N] under softmax(logits / temperature)."""
+    scaled = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.greedy:
+        tokens = jnp.argmax(scaled, axis=-1)
+    else:
+        tokens = jax.random.categorical(key, filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logp
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt padding
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"prompt of {n} tokens is longer than the largest prompt bucket {max(buckets)}; "
+                     "add a bucket to SamplingConfig.prompt_buckets or shorten the prompt")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to the smallest bucket that fits the longest: ids, mask [B, P]."""
+    if not len(prompts) or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = bucket_length(max(len(p) for p in prompts), buckets)
+    ids = np.full((len(prompts), P), pad_id, np.int32)
+    mask = np.zeros((len(prompts), P), bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = p
+        mask[i, P - len(p):] = True
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Jitted stages
+
+
+def _constrain(x: Array, mesh: Mesh | None, spec: P) -> Array:
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _rows(n: int, mesh: Mesh | None):
+    """Mesh axes that split n rows: data x fsdp when they divide n, else none (replicated)."""
+    if mesh is None or n % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return None
+    return ("data", "fsdp")
+
+
+def _cache_specs(cfg: M.ModelConfig, mesh: Mesh | None, n: int) -> dict[str, P]:
+    batch = _rows(n, mesh)
+    heads = "tensor" if mesh is not None and cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
+    return {"k": P(None, batch, None, heads, None), "v": P(None, batch, None, heads, None),
+            "mask": P(batch, None), "pos": P(batch), "index": P()}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_generations", "max_new_tokens", "mesh"))
+def prefill(params, prompt_ids, prompt_mask, *, cfg: M.ModelConfig, num_generations: int,
+            max_new_tokens: int, mesh: Mesh | None = None) -> tuple[Array, M.Cache]:
+    """Run each prompt once, then give each of its G samples a copy of its cache.
+
+    Returns last-position logits [B * G, V] and a cache with room for max_new_tokens more tokens.
+    """
+    B, Pn = prompt_ids.shape
+    small = M.init_cache(cfg, B, Pn)
+    logits, small = M.forward(params, cfg, prompt_ids, prompt_mask, small)
+    rep = lambda x, axis: jnp.repeat(x, num_generations, axis=axis)
+    N, S = B * num_generations, Pn + max_new_tokens
+    specs = _cache_specs(cfg, mesh, N)
+    cache = M.init_cache(cfg, N, S)
+    cache = {
+        "k": jax.lax.dynamic_update_slice(cache["k"], rep(small["k"], 1), (0, 0, 0, 0, 0)),
+        "v": jax.lax.dynamic_update_slice(cache["v"], rep(small["v"], 1), (0, 0, 0, 0, 0)),
+        "mask": jax.lax.dynamic_update_slice(cache["mask"], rep(small["mask"], 0), (0, 0)),
+        "pos": rep(small["pos"], 0),
+        "index": small["index"],
+    }
+    cache = {k: _constrain(v, mesh, specs[k]) for k, v in cache.items()}
+    return rep(logits[:, -1], 0), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh"), donate_argnames=("cache",))
+def decode(params, cache: M.Cache, first_logits: Array, key: Array, *, cfg: M.ModelConfig,
+           sampling: SamplingConfig, mesh: Mesh | None = None) -> tuple[Array, Array, Array, Array, M.Cache]:
+    """Generate up to sampling.max_new_tokens tokens per row in one while_loop.
+
+    Returns tokens [N, T], log-probabilities [N, T], lengths [N], done [N] (ended with EOS) and the
+    final cache (returned so that the donated cache buffers are updated in place).
+    """
+    N, T = first_logits.shape[0], sampling.max_new_tokens
+    eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+    specs = _cache_specs(cfg, mesh, N)
+
+    def cond(state):
+        step, done = state[0], state[4]
+        return (step < T) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, logits, tokens, done, logps, lengths = state
+        tok, lp = choose_tokens(jax.random.fold_in(key, step), logits, sampling)
+        tok = jnp.where(done, sampling.pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
+        logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, step))
+        lengths = lengths + (~done).astype(jnp.int32)
+        active = ~done
+        done = done | jnp.isin(tok, eos)
+        # The forward after the final token is wasted work (1 of max_new_tokens steps); the cache has
+        # room for it, and skipping it would need a cond inside the loop.
+        logits, cache = M.forward(params, cfg, tok[:, None], active[:, None], cache)
+        cache = {k: _constrain(v, mesh, specs[k]) for k, v in cache.items()}
+        return step + 1, cache, logits[:, -1], tokens, done, logps, lengths
+
+    state = (
+        jnp.zeros((), jnp.int32),
+        cache,
+        first_logits,
+        jnp.full((N, T), sampling.pad_id, jnp.int32),
+        jnp.zeros((N,), bool),
+        jnp.zeros((N, T), jnp.float32),
+        jnp.zeros((N,), jnp.int32),
+    )
+    _, cache, _, tokens, done, logps, lengths = jax.lax.while_loop(cond, body, state)
+    return tokens, logps, lengths, done, cache
+
+
+def sample(
+    params: M.Params,
+    model_cfg: M.ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    num_generations: int,
+    cfg: SamplingConfig,
+    key: Array,
+    mesh: Mesh | None = None,
+) -> Rollout:
+    """Sample `num_generations` completions for each prompt (lists of token ids).
+
+    Args:
+      params: model parameters (sharded as configured when `mesh` is given).
+      model_cfg: the model config.
+      prompts: token id lists of any lengths (left-padded here to a bucket).
+      num_generations: G, completions per prompt.
+      cfg: sampling settings.
+      key: PRNG key; the same key gives the same rollout.
+      mesh: optional (data, fsdp, tensor) mesh; rows are split over data x fsdp.
+
+    Returns:
+      A Rollout of len(prompts) * G rows, the G samples of each prompt adjacent.
+    """
+    ids, mask = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    if mesh is not None:
+        row = NamedSharding(mesh, P(_rows(len(prompts), mesh), None))
+        ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
+    logits, cache = prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
+                            max_new_tokens=cfg.max_new_tokens, mesh=mesh)
+    tokens, logps, lengths, done, _ = decode(params, cache, logits, key, cfg=model_cfg, sampling=cfg, mesh=mesh)
+    completion_mask = jnp.arange(cfg.max_new_tokens)[None, :] < lengths[:, None]
+    return Rollout(
+        prompt_ids=jnp.repeat(ids, num_generations, axis=0),
+        prompt_mask=jnp.repeat(mask, num_generations, axis=0),
+        tokens=tokens,
+        mask=completion_mask,
+        logprobs=logps,
+        lengths=lengths,
+        truncated=~done,
+    )

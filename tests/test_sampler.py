@@ -1,0 +1,188 @@
+"""The sampler against transformers' generate, teacher-forced log-probabilities, and the exact
+temperature / top-k / top-p distributions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import tiny_hf_model
+
+from grpo_jax import hf, logprobs
+from grpo_jax import sampler as S
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = tiny_hf_model("qwen2")
+    folder = tmp_path_factory.mktemp("tiny-sampler")
+    model.save_pretrained(folder)
+    params, cfg = hf.load_hf(folder)
+    return model, params, cfg
+
+
+def random_prompts(lengths, vocab=256, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(map(int, rng.integers(1, vocab, n))) for n in lengths]
+
+
+def hf_generate(model, prompts, bucket, new, eos=None, pad=0):
+    ids, mask = S.pad_prompts(prompts, (bucket,), pad)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                             attention_mask=torch.as_tensor(mask.astype(np.int64)), max_new_tokens=new,
+                             do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    out = out[:, bucket:].numpy()
+    return np.pad(out, ((0, 0), (0, new - out.shape[1])), constant_values=pad)  # all rows stopped early
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    model, params, cfg = tiny
+    prompts = random_prompts([7, 3, 12, 1])
+    sc = S.SamplingConfig(max_new_tokens=12, greedy=True, prompt_buckets=(16,))
+    r = S.sample(params, cfg, prompts, 3, sc, jax.random.key(0))
+    want = hf_generate(model, prompts, 16, 12)
+    got = np.asarray(r.tokens)
+    for g in range(3):  # the G copies of a prompt share its prefill and, greedy, its completion
+        np.testing.assert_array_equal(got[g::3], want)
+    assert np.all(np.asarray(r.lengths) == 12) and np.all(np.asarray(r.truncated))
+
+
+def test_eos_stops_rows_and_pads_after(tiny):
+    model, params, cfg = tiny
+    prompts = random_prompts([5, 9, 2, 11], seed=3)
+    free = np.asarray(S.sample(params, cfg, prompts, 1, S.SamplingConfig(max_new_tokens=10, greedy=True,
+                                                                         prompt_buckets=(16,)), jax.random.key(0)).tokens)
+    # Pick as EOS the first token some row emits for the first time after step 0, so that row stops early.
+    row, step = next((i, t) for t in range(1, 8) for i in range(len(prompts)) if free[i, t] not in free[i, :t])
+    eos = int(free[row, step])
+    pad = 255
+    sc = S.SamplingConfig(max_new_tokens=10, greedy=True, eos_ids=(eos, 254), pad_id=pad, prompt_buckets=(16,))
+    r = S.sample(params, cfg, prompts, 1, sc, jax.random.key(0))
+    got = np.asarray(r.tokens)
+    np.testing.assert_array_equal(got, hf_generate(model, prompts, 16, 10, eos=[eos, 254], pad=pad))
+    for i in range(len(prompts)):
+        hits = np.flatnonzero(np.isin(free[i], [eos, 254]))
+        length = hits[0] + 1 if hits.size else 10
+        assert int(r.lengths[i]) == length
+        assert bool(r.truncated[i]) == (hits.size == 0)
+        np.testing.assert_array_equal(got[i, length:], pad)
+        np.testing.assert_array_equal(np.asarray(r.mask[i]), np.arange(10) < length)
+        np.testing.assert_array_equal(np.asarray(r.logprobs[i, length:]), 0.0)
+    assert int(r.lengths[row]) == step + 1 and not bool(r.truncated[row])
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=20),
+                                      dict(temperature=1.3, top_p=0.8)])
+def test_sampler_logprobs_equal_teacher_forced(tiny, settings):
+    _, params, cfg = tiny
+    prompts = random_prompts([6, 13, 2], seed=5)
+    sc = S.SamplingConfig(max_new_tokens=9, eos_ids=(7,), prompt_buckets=(16,), **settings)
+    r = S.sample(params, cfg, prompts, 4, sc, jax.random.key(2))
+    lp, _ = logprobs.completion_logprobs(params, cfg, r.prompt_ids, r.prompt_mask, r.tokens, r.mask,
+                                         temperature=sc.temperature)
+    m = np.asarray(r.mask)
+    np.testing.assert_allclose(np.asarray(r.logprobs)[m], np.asarray(lp)[m], atol=1e-4)
+
+
+def test_reproducible_and_distinct_samples(tiny):
+    _, params, cfg = tiny
+    prompts = random_prompts([4, 8])
+    sc = S.SamplingConfig(max_new_tokens=8, prompt_buckets=(16,))
+    a = S.sample(params, cfg, prompts, 4, sc, jax.random.key(7))
+    b = S.sample(params, cfg, prompts, 4, sc, jax.random.key(7))
+    c = S.sample(params, cfg, prompts, 4, sc, jax.random.key(8))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+    group = np.asarray(a.tokens)[:4]
+    assert len({tuple(row) for row in group}) == 4  # G samples of one prompt differ
+
+
+def test_prompt_buckets_avoid_recompiles(tiny):
+    _, params, cfg = tiny
+    sc = S.SamplingConfig(max_new_tokens=4, prompt_buckets=(8, 16))
+    S.sample(params, cfg, random_prompts([3, 5]), 2, sc, jax.random.key(0))
+    before = S.decode._cache_size(), S.prefill._cache_size()
+    S.sample(params, cfg, random_prompts([7, 1], seed=1), 2, sc, jax.random.key(1))  # same bucket (8)
+    assert (S.decode._cache_size(), S.prefill._cache_size()) == before
+    with pytest.raises(ValueError, match="prompt of 17 tokens is longer than the largest prompt bucket 16"):
+        S.pad_prompts(random_prompts([17]), sc.prompt_buckets)
+
+
+# ---- the sampling distribution -------------------------------------------------------------------
+
+
+def expected_distribution(logits, temperature, top_k, top_p):
+    """softmax(logits / T) restricted to the top-k, renormalised, then to the smallest set of most
+    likely tokens whose mass reaches top_p, renormalised (the order transformers' warpers apply)."""
+    p = np.exp(logits / temperature - np.max(logits / temperature))
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    if top_k:
+        p[order[top_k:]] = 0.0
+        p /= p.sum()
+    keep = np.zeros_like(p, bool)
+    mass = 0.0
+    for i in order:
+        if mass >= top_p or p[i] == 0:
+            break
+        keep[i] = True
+        mass += p[i]
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.5, 0, 1.0), (1.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7), (0.8, 5, 0.9)])
+def test_empirical_token_frequencies(temperature, top_k, top_p):
+    logits = np.array([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -1.0], np.float32)
+    n = 40_000
+    sc = S.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    keys = jax.random.split(jax.random.key(1234), n)
+    draw = jax.jit(jax.vmap(lambda k: S.choose_tokens(k, jnp.asarray(logits)[None], sc)[0][0]))
+    counts = np.bincount(np.asarray(draw(keys)), minlength=len(logits))
+    q = expected_distribution(logits.astype(np.float64), temperature, top_k, top_p)
+    assert np.all(counts[q == 0] == 0), (counts, q)  # filtered tokens are never drawn
+    kept = q > 0
+    expected = n * q[kept]
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    dof = int(kept.sum()) - 1
+    p_value = float(jax.scipy.special.gammaincc(dof / 2, chi2 / 2)) if dof else 1.0
+    assert p_value > 1e-3, (chi2, dof, counts, expected)
+
+
+def test_reported_logprob_is_the_tempered_one():
+    logits = jnp.asarray([[3.0, 1.0, 0.0, -2.0]])
+    sc = S.SamplingConfig(temperature=0.5, top_k=2)
+    tok, lp = S.choose_tokens(jax.random.key(0), logits, sc)
+    want = jax.nn.log_softmax(logits / 0.5)[0, int(tok[0])]
+    assert float(lp[0]) == pytest.approx(float(want), abs=1e-6)
+
+
+def test_bad_settings_name_the_value():
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        S.SamplingConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="temperature=0"):
+        S.SamplingConfig(temperature=0)
+
+
+# ---- the real model ------------------------------------------------------------------------------
+
+
+def test_smollm2_greedy_matches_transformers(smollm2_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    params, cfg = hf.load_hf(smollm2_dir)
+    questions = ["What is 2 + 3?", "Name a color of the sky.", "Say hi."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in questions]
+    prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    sc = S.SamplingConfig(max_new_tokens=16, greedy=True, eos_ids=(eos,), pad_id=pad, prompt_buckets=(64,))
+    r = S.sample(params, cfg, prompts, 1, sc, jax.random.key(0))
+    want = hf_generate(model, prompts, 64, 16, eos=eos, pad=pad)
+    np.testing.assert_array_equal(np.asarray(r.tokens), want)
+    texts = tok.batch_decode(np.asarray(r.tokens), skip_special_tokens=True)
+    assert all(t.strip() for t in texts), texts
