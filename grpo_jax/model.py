@@ -191,8 +191,13 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, sin, cos, attn_mask, kv_cache, index):
-        """x [B, T, d]; attn_mask [B, T, S] bool; kv_cache (k, v) [B, S, Hkv, D] or None."""
+    def __call__(self, x, sin, cos, attn_mask, kv_cache, layer, index):
+        """x [B, T, d]; attn_mask [B, T, S] bool; kv_cache (k, v) [layers, B, S, Hkv, D] or None.
+
+        The whole stacked cache travels through the layer scan as loop state and each layer writes its
+        new keys/values into it with dynamic_update_slice: XLA updates a loop-carried buffer in place,
+        whereas a per-layer cache scanned in and out would be copied whole at every decode step.
+        """
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -207,13 +212,13 @@ class Attention(nn.Module):
         k = apply_rope(proj("k_proj", K, "kv_heads"), sin, cos)
         v = proj("v_proj", K, "kv_heads")
 
-        if kv_cache is None:
-            new_cache = None
-        else:
+        if kv_cache is not None:
             ck, cv = kv_cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            new_cache = (k, v)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+            kv_cache = (ck, cv)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
 
         # Grouped-query attention without repeating K/V: query heads are split [kv_heads, group].
         B, T = x.shape[:2]
@@ -227,7 +232,7 @@ class Attention(nn.Module):
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt, name="o_proj",
             kernel_init=_init(("heads", "head_dim", "embed")),
             bias_init=_init(("embed",), nn.initializers.zeros))(out)
-        return out, new_cache
+        return out, kv_cache
 
 
 class MLP(nn.Module):
@@ -248,19 +253,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer. Signature fits nn.scan: (carry, *per-layer inputs) -> (carry, outputs)."""
+    """Pre-norm decoder layer. Fits nn.scan: carry (x, kv_cache, layer) -> (carry, None)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, sin, cos, attn_mask, kv_cache, index):
+    def __call__(self, carry, sin, cos, attn_mask, index):
+        x, kv_cache, layer = carry
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                                     name=name)
-        h, kv_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), sin, cos, attn_mask, kv_cache, index)
+        h, kv_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), sin, cos, attn_mask, kv_cache, layer, index)
         x = x + h
         x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
-        return x, kv_cache
+        return (x, kv_cache, layer + 1), None
 
 
 class Transformer(nn.Module):
@@ -281,11 +287,11 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        x, kv_cache = layers(x, sin, cos, attn_mask, kv_cache, index)
+        (x, kv_cache, _), _ = layers((x, kv_cache, jnp.zeros((), jnp.int32)), sin, cos, attn_mask, index)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
         if return_hidden:
             return x, kv_cache

@@ -1,0 +1,141 @@
+"""Sampler throughput against the memory-bandwidth roofline.
+
+    python scripts/bench_sampler.py --shape qwen2.5-0.5b --batch 64 256 --prompt_len 128 \\
+        --new_tokens 256 --dtype bfloat16 --out bench_sampler.json      # on a GPU
+    python scripts/bench_sampler.py                                     # tiny shape, CPU smoke run
+
+Random weights of a model shape from grpo_jax.model.SHAPES, random-token prompts of exactly
+--prompt_len tokens, EOS disabled so every row generates --new_tokens tokens. Prints and writes JSON:
+completion tokens/s, seconds per decode step, compile time, and the fraction of the bandwidth roofline
+
+    roofline tokens/s = batch / ((parameter bytes + KV-cache bytes read per step) / bandwidth)
+
+where the KV bytes per step count the average context (prompt + new_tokens / 2) of every row and the
+bandwidth is measured on the device by copying a large array (read + write), as in shared/anchors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax import model as M
+from grpo_jax import sampler as S
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Device memory bandwidth in bytes/s from an array copy (bytes read + bytes written)."""
+    n = nbytes // 4
+    x = jnp.ones((n,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0001)
+    copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * 4 / best
+
+
+def kv_bytes_per_token(cfg: M.ModelConfig) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
+def bench_one(params, cfg, batch, num_generations, prompt_len, new_tokens, repeats, seed=0):
+    rng = np.random.default_rng(seed)
+    n_prompts = batch // num_generations
+    prompts = rng.integers(0, cfg.vocab_size, size=(n_prompts, prompt_len)).tolist()
+    sc = S.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(), prompt_buckets=(prompt_len,))
+    ids, mask = (jnp.asarray(a) for a in S.pad_prompts(prompts, sc.prompt_buckets))
+    key = jax.random.key(seed)
+
+    t0 = time.perf_counter()
+    prefill = S.prefill.lower(params, ids, mask, cfg=cfg, num_generations=num_generations,
+                              max_new_tokens=new_tokens).compile()
+    logits, cache = prefill(params, ids, mask)
+    decode = S.decode.lower(params, cache, logits, key, cfg=cfg, sampling=sc).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run(k):
+        logits, cache = prefill(params, ids, mask)
+        tokens, logps, lengths, done, cache = decode(params, cache, logits, k)
+        return tokens.block_until_ready(), lengths
+
+    run(key)  # warm-up (allocations, autotuning)
+    times, prefill_times = [], []
+    for r in range(repeats):
+        t = time.perf_counter()
+        lg, c = prefill(params, ids, mask)
+        jax.block_until_ready(lg)
+        t_pre = time.perf_counter()
+        tokens, _, lengths, _, c = decode(params, c, lg, jax.random.fold_in(key, r))
+        tokens.block_until_ready()
+        times.append(time.perf_counter() - t)
+        prefill_times.append(t_pre - t)
+        del c
+    assert int(jnp.min(lengths)) == new_tokens, "EOS is disabled: every row must generate the full length"
+    total = float(np.median(times))
+    pre = float(np.median(prefill_times))
+    return {
+        "batch": batch,
+        "num_generations": num_generations,
+        "new_tokens_total": batch * new_tokens,
+        "seconds": total,
+        "prefill_seconds": pre,
+        "tokens_per_s": batch * new_tokens / total,
+        "decode_tokens_per_s": batch * new_tokens / (total - pre),
+        "s_per_decode_step": (total - pre) / new_tokens,
+        "compile_s": compile_s,
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=sorted(M.SHAPES))
+    ap.add_argument("--batch", type=int, nargs="+", default=[8], help="completions per call")
+    ap.add_argument("--num_generations", type=int, default=1, help="G: completions share a prompt's prefill")
+    ap.add_argument("--prompt_len", type=int, default=32)
+    ap.add_argument("--new_tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", help="compute and parameter dtype")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bandwidth_gbps", type=float, default=None, help="skip measuring; use this (GB/s)")
+    ap.add_argument("--out", default=None, help="write the JSON here too")
+    args = ap.parse_args(argv)
+
+    cfg = M.SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.dtype)
+    params = jax.jit(M.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    bw = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else measure_bandwidth(
+        (1 << 30) if jax.default_backend() != "cpu" else (1 << 27))
+    result = {
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "host": platform.node(), "jax": jax.__version__, "shape": args.shape, "dtype": args.dtype,
+        "params": cfg.num_params, "param_bytes": param_bytes, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "bandwidth_GBps": bw / 1e9, "runs": [],
+    }
+    kv_tok = kv_bytes_per_token(cfg)
+    for b in args.batch:
+        run = bench_one(params, cfg, b, args.num_generations, args.prompt_len, args.new_tokens, args.repeats)
+        avg_ctx = args.prompt_len + args.new_tokens / 2
+        step_bytes = param_bytes + b * avg_ctx * kv_tok
+        run["roofline_tokens_per_s"] = b / (step_bytes / bw)
+        run["roofline_fraction"] = run["decode_tokens_per_s"] / run["roofline_tokens_per_s"]
+        result["runs"].append(run)
+        print(f"batch {b:5d}: {run['tokens_per_s']:>10,.0f} tok/s end to end, {run['decode_tokens_per_s']:>10,.0f} "
+              f"decode tok/s, {run['s_per_decode_step'] * 1e3:.2f} ms/step, compile {run['compile_s']:.1f} s, "
+              f"roofline {run['roofline_tokens_per_s']:,.0f} tok/s ({100 * run['roofline_fraction']:.1f}%)", flush=True)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
