@@ -130,10 +130,10 @@ def main(argv=None) -> dict:
         print(f"batch {b:5d}: {run['tokens_per_s']:>10,.0f} tok/s end to end, {run['decode_tokens_per_s']:>10,.0f} "
               f"decode tok/s, {run['s_per_decode_step'] * 1e3:.2f} ms/step, compile {run['compile_s']:.1f} s, "
               f"roofline {run['roofline_tokens_per_s']:,.0f} tok/s ({100 * run['roofline_fraction']:.1f}%)", flush=True)
-    print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
+    print(json.dumps(result, indent=1))
     return result
 
 
