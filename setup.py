@@ -25,6 +25,7 @@ setup(
         "huggingface-hub==2.4.0",
         "datasets==5.2.0",
         "sympy==1.14.0",
+        "math-verify==0.9.0",
         "tensorboardX==2.6.5",
         "ml-collections==1.1.0",
         "numpy==2.4.6",

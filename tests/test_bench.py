@@ -25,3 +25,9 @@ def test_bench_sampler_tiny(tmp_path):
     kv = 2 * 2 * 2 * 16 * 4  # layers x kv_heads x head_dim x float32, keys and values
     want = 4 / ((res["param_bytes"] + 4 * (8 + 3) * kv) / (res["bandwidth_GBps"] * 1e9))
     assert abs(run["roofline_tokens_per_s"] - want) / want < 1e-9
+
+
+def test_bench_rewards_small():
+    res = _load("bench_rewards").main(["--n", "20", "--workers", "1"])
+    assert res["n"] == 20 and res["pool_rewards_per_s"] > 0 and res["timeouts"] == 0
+    assert 0.3 < res["mean_reward"] < 0.9  # about 60% of the generated answers are right
