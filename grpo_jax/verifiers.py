@@ -357,6 +357,23 @@ del _grpo_guard, _os, _sys
 """
 
 
+_LAUNCHER = """\
+import os, resource, sys
+cpu, mem, fsize, uid, gid, nproc = map(int, sys.argv[1:7])
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+if uid >= 0:
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+os.execv(sys.argv[7], [sys.argv[7], "-I", "-S", sys.argv[8]])
+"""
+
+
 def run_python(code: str, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 512,
                max_output: int = 1 << 20, max_procs: int = 32) -> dict[str, Any]:
     """Run Python code in a fresh process: its own session (process group, killed whole at the end),
@@ -365,7 +382,6 @@ def run_python(code: str, stdin: str = "", timeout_s: float = 5.0, memory_mb: in
 
     Returns {"returncode", "stdout", "timed_out", "output_capped"}.
     """
-    import resource
     import signal
 
     user, python = _sandbox_identity()
@@ -377,24 +393,16 @@ def run_python(code: str, stdin: str = "", timeout_s: float = 5.0, memory_mb: in
         os.chown(workdir, user.pw_uid, user.pw_gid)
         os.chown(script, user.pw_uid, user.pw_gid)
 
-    def limits():
-        cpu = max(1, int(math.ceil(timeout_s)))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if user is not None:
-            os.setgid(user.pw_gid)
-            os.setgroups([])
-            os.setuid(user.pw_uid)
-            resource.setrlimit(resource.RLIMIT_NPROC, (max_procs, max_procs))
-
+    # Limits are applied by a tiny launcher that then execs the interpreter on the script: no
+    # preexec_fn, so subprocess can vfork/posix_spawn instead of forking a multithreaded (JAX) parent.
+    cpu = max(1, int(math.ceil(timeout_s)))
+    uid, gid = (user.pw_uid, user.pw_gid) if user is not None else (-1, -1)
+    launcher = [python, "-I", "-S", "-c", _LAUNCHER, str(cpu), str(memory_mb << 20), str(16 << 20),
+                str(uid), str(gid), str(max_procs), python, script]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.Popen([python, "-I", "-S", script], cwd=workdir, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=limits, close_fds=True)
+    proc = subprocess.Popen(launcher, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     out, timed_out, capped = bytearray(), False, False
     reader = threading.Thread(target=_read_capped, args=(proc.stdout, out, max_output), daemon=True)
     reader.start()
