@@ -78,8 +78,9 @@ def filter_rows(rows: Sequence[Row], required: Sequence[str]) -> tuple[list[Row]
 
 
 def load_rows(source: str, *, split: str = "train", config: str | None = None, n: int = 1000, seed: int = 0,
-              required: Sequence[str] = ()) -> tuple[list[Row], int]:
-    """Rows from `synthetic:NAME`, a local .jsonl/.json/.parquet file, or a hub dataset name.
+              required: Sequence[str] = (), **synthetic_options: Any) -> tuple[list[Row], int]:
+    """Rows from `synthetic:NAME` (options such as digits/ops go to the generator), a local
+    .jsonl/.json/.parquet file, or a hub dataset name.
 
     Returns (rows, skipped): rows lacking a required field are dropped and counted.
     """
@@ -87,7 +88,7 @@ def load_rows(source: str, *, split: str = "train", config: str | None = None, n
         name = source.split(":", 1)[1]
         if name not in SYNTHETIC:
             raise ValueError(f"unknown synthetic dataset {name!r}; expected one of {sorted(SYNTHETIC)}")
-        return filter_rows(SYNTHETIC[name](n, seed), required)
+        return filter_rows(SYNTHETIC[name](n, seed, **synthetic_options), required)
     import datasets
 
     ext = os.path.splitext(source)[1].lower()

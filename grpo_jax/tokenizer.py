@@ -1,0 +1,42 @@
+"""A character-level tokenizer for the synthetic tasks, so the default run needs no download.
+
+It follows the small part of the transformers tokenizer interface the trainer uses: `encode`,
+`decode`, `eos_token_id`, `pad_token_id`, `vocab_size`.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Sequence
+
+_CHARS = string.digits + string.ascii_letters + " +-*/=?.,:;!()[]{}<>#$%&'\"\\_^|~@\n"
+
+
+class CharTokenizer:
+    """Token 0 pads, 1 begins, 2 ends a text; then one token per character of `_CHARS`."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    unk_token_id = 3
+
+    def __init__(self, chars: str = _CHARS):
+        self.chars = chars
+        self._ids = {c: i + 4 for i, c in enumerate(chars)}
+        self.vocab_size = len(chars) + 4
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = [self._ids.get(c, self.unk_token_id) for c in text]
+        return [self.bos_token_id] + ids if add_bos else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_token_id and skip_special_tokens:
+                break
+            if i >= 4:
+                out.append(self.chars[i - 4])
+            elif not skip_special_tokens:
+                out.append(["<pad>", "<s>", "</s>", "<unk>"][i])
+        return "".join(out)

@@ -1,0 +1,407 @@
+"""The GRPO training loop: one step, top to bottom, is `Trainer.train_step`.
+
+    prompts -> template -> sampler (G per prompt) -> verifiers -> advantages
+            -> reference log-probs (beta > 0) -> num_iterations x minibatch updates -> metrics
+
+The sampler's log-probabilities are the old policy of the clipped ratio; the reference is a frozen
+copy of the starting weights and is never built when beta = 0. Every jitted function takes explicit
+pytrees and donates the parameters and optimizer state it replaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from grpo_jax import data as D
+from grpo_jax import hf
+from grpo_jax import loss as L
+from grpo_jax import model as M
+from grpo_jax import objective
+from grpo_jax import rewards as R
+from grpo_jax import sampler as S
+from grpo_jax import sharding
+from grpo_jax.logprobs import completion_logprobs
+from grpo_jax.tokenizer import CharTokenizer
+
+R1_SYSTEM = ("A conversation between User and Assistant. The Assistant first thinks about the reasoning "
+             "process and then gives the answer, enclosed in <think> </think> and <answer> </answer> tags.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def loss_config(cfg: ConfigDict) -> L.LossConfig:
+    g = cfg.grpo
+    return L.LossConfig(
+        advantage_estimator=g.advantage_estimator, scale_rewards=g.scale_rewards or None, std_ddof=g.std_ddof,
+        clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high or None, dual_clip=g.dual_clip or None,
+        beta=g.beta, kl_estimator=g.kl_estimator, aggregation=g.aggregation,
+        max_completion_length=g.max_new_tokens, importance_level=g.importance_level,
+        mask_truncated=g.mask_truncated, temperature=g.temperature, logprob_chunk=g.logprob_chunk)
+
+
+def make_optimizer(opt: ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine decay (or constant), global-norm clipping."""
+    warmup = max(1, min(opt.warmup_steps, total_steps - 1))
+    if opt.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, max(total_steps, warmup + 1),
+                                                end_value=opt.learning_rate * opt.final_lr_fraction)
+    elif opt.schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, warmup),
+                                   optax.constant_schedule(opt.learning_rate)], [warmup])
+    else:
+        raise ValueError(f"optimizer.schedule={opt.schedule!r}; expected 'cosine' or 'constant'")
+    return optax.chain(optax.clip_by_global_norm(opt.max_grad_norm),
+                       optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)), lr
+
+
+def load_model(mcfg: ConfigDict, vocab_size: int, key: jax.Array) -> tuple[M.Params, M.ModelConfig]:
+    """Random weights of a named shape (`shape:NAME`, vocab from the tokenizer) or an HF folder/hub id."""
+    if mcfg.source.startswith("shape:"):
+        base = M.SHAPES[mcfg.source.split(":", 1)[1]]
+        shape = dict(mcfg.get("overrides", {}) or {})
+        cfg = base.replace(vocab_size=vocab_size, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+                           remat=mcfg.remat, **shape)
+        return M.init_params(cfg, key), cfg
+    from grpo_jax.pretrained import smollm2_path
+
+    path = smollm2_path() if mcfg.source == "smollm2" else mcfg.source
+    return hf.load_hf(path, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, remat=mcfg.remat)
+
+
+def load_tokenizer(mcfg: ConfigDict):
+    if mcfg.tokenizer == "char":
+        return CharTokenizer()
+    import transformers
+
+    from grpo_jax.pretrained import qwen2_tokenizer, smollm2_path
+
+    if mcfg.tokenizer == "qwen2":
+        return qwen2_tokenizer()
+    path = smollm2_path() if mcfg.tokenizer == "smollm2" else mcfg.tokenizer
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def format_prompt(row: dict, template: str, tokenizer, field: str = "question") -> list[int]:
+    """Token ids of a row's prompt: `plain` text, a `chat` template, or `r1` (system prompt + chat)."""
+    text = str(row[field])
+    if template == "plain":
+        return tokenizer.encode(text)
+    messages = [{"role": "user", "content": text}]
+    if template == "r1":
+        messages = [{"role": "system", "content": R1_SYSTEM}] + messages
+    elif template != "chat":
+        raise ValueError(f"data.template={template!r}; expected 'plain', 'chat' or 'r1'")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+# --------------------------------------------------------------------------------------------------
+# Jitted pieces
+
+
+def _update(params, opt_state, batch, *, model_cfg, loss_cfg, mesh, num_microbatches, tx):
+    loss, grads, metrics = objective.loss_and_grad(params, batch, model_cfg, loss_cfg, mesh, num_microbatches)
+    gnorm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite loss or gradient skips the update instead of corrupting the parameters.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    metrics.update(grad_norm=gnorm, update_skipped=(~ok).astype(jnp.float32))
+    return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+
+def _sft_update(params, opt_state, batch, *, model_cfg, tx):
+    def nll(p):
+        lp, _ = completion_logprobs(p, model_cfg, batch["prompt_ids"], batch["prompt_mask"],
+                                    batch["completion_ids"], batch["completion_mask"])
+        m = batch["completion_mask"].astype(jnp.float32)
+        return -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+    loss, grads = jax.value_and_grad(nll)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds what a run needs; `run()` trains, `train_step()` is one GRPO step."""
+
+    cfg: ConfigDict
+
+    def __post_init__(self):
+        cfg = self.cfg
+        self.workdir = cfg.workdir
+        os.makedirs(self.workdir, exist_ok=True)
+        self.tokenizer = load_tokenizer(cfg.model)
+        vocab = getattr(self.tokenizer, "vocab_size", None) if cfg.model.tokenizer == "char" else None
+        key = jax.random.key(cfg.seed)
+        self.params, self.model_cfg = load_model(cfg.model, vocab or 0, key)
+        self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self.params = sharding.shard_params(self.params, self.model_cfg, self.mesh)
+        self.loss_cfg = loss_config(cfg)
+        # The reference model: a frozen copy of the starting weights, only when the KL term is on.
+        self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.grpo.beta > 0 else None
+
+        options = {k: cfg.data[k] for k in ("digits", "ops") if k in cfg.data and cfg.data.source == "synthetic:arithmetic"}
+        self.rows, skipped = D.load_rows(cfg.data.source, split=cfg.data.split, config=cfg.data.config or None,
+                                         n=cfg.data.synthetic_size, seed=cfg.seed,
+                                         required=tuple(cfg.data.required_fields), **options)
+        self.skipped_rows = skipped
+        self.train_rows, self.eval_rows = D.split_rows(self.rows, cfg.data.eval_size, cfg.seed)
+        self.data = D.PromptIterator(self.train_rows, cfg.grpo.prompts_per_step, seed=cfg.seed,
+                                     host=jax.process_index(), num_hosts=jax.process_count())
+        eos = tuple(cfg.sampling.eos_ids) or (self.tokenizer.eos_token_id,)
+        self.sampling = S.SamplingConfig(
+            max_new_tokens=cfg.grpo.max_new_tokens, temperature=cfg.grpo.temperature, top_k=cfg.sampling.top_k,
+            top_p=cfg.sampling.top_p, eos_ids=eos, pad_id=self.tokenizer.pad_token_id,
+            prompt_buckets=tuple(cfg.sampling.prompt_buckets))
+        self.reward_specs = [R.RewardSpec(n, w) for n, w in cfg.rewards.items()]
+        self.pool = R.VerifierPool(cfg.verifier.workers or None, cfg.verifier.timeout_s) if cfg.verifier.workers >= 0 else None
+
+        self.tx, self.lr_schedule = make_optimizer(cfg.optimizer, cfg.steps * cfg.grpo.num_iterations *
+                                                   cfg.grpo.minibatches)
+        self.opt_state = self.tx.init(self.params)
+        self.step = 0
+        self.rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
+        statics = dict(model_cfg=self.model_cfg, loss_cfg=self.loss_cfg, mesh=self.mesh,
+                       num_microbatches=cfg.grpo.microbatches, tx=self.tx)
+        self._update = jax.jit(functools.partial(_update, **statics), donate_argnums=(0, 1))
+        self._logprobs = jax.jit(completion_logprobs, static_argnums=(1, 6, 7))
+        self.ckpt = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(self.workdir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
+                                                 enable_async_checkpointing=False))
+        from grpo_jax.metrics import MetricWriter
+
+        self.writer = MetricWriter(os.path.join(self.workdir, "tb"), enabled=jax.process_index() == 0)
+
+    # ---- one GRPO step ---------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        cfg, G = self.cfg, self.cfg.grpo.num_generations
+        t0 = time.perf_counter()
+        rows = self.data.next()
+        prompts = [format_prompt(r, cfg.data.template, self.tokenizer, cfg.data.prompt_field) for r in rows]
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+        rollout = S.sample(self.params, self.model_cfg, prompts, G, self.sampling, key, mesh=self.mesh)
+        tokens, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
+        t_sample = time.perf_counter()
+
+        completions = [self.tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True) for i in range(len(tokens))]
+        prompt_texts = [str(r[cfg.data.prompt_field]) for r in rows for _ in range(G)]
+        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0]}
+        columns.update(completion_lengths=list(lengths), max_completion_length=[cfg.grpo.max_new_tokens] * len(tokens),
+                       overlong_buffer=[cfg.grpo.overlong_buffer] * len(tokens))
+        total, per_fn, reward_metrics = R.score(self.reward_specs, prompt_texts, completions, columns, pool=self.pool)
+        advantages, adv_metrics = L.compute_advantages(jnp.asarray(total), G, self.loss_cfg)
+        t_reward = time.perf_counter()
+
+        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                 "completion_ids": rollout.tokens, "completion_mask": rollout.mask, "advantages": advantages,
+                 "truncated": rollout.truncated, "old_logp": rollout.logprobs, "sampler_logp": rollout.logprobs}
+        if self.ref_params is not None:
+            batch["ref_logp"], _ = self._logprobs(self.ref_params, self.model_cfg, batch["prompt_ids"],
+                                                  batch["prompt_mask"], batch["completion_ids"],
+                                                  batch["completion_mask"], self.loss_cfg.temperature,
+                                                  self.loss_cfg.logprob_chunk)
+        batch = jax.device_put(batch, {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}) \
+            if len(tokens) % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0 else batch
+        t_ref = time.perf_counter()
+
+        n = len(tokens)
+        mb = cfg.grpo.minibatches
+        if n % mb:
+            raise ValueError(f"{n} completions per step do not split into grpo.minibatches={mb}")
+        step_metrics = []
+        for it in range(cfg.grpo.num_iterations):
+            order = np.random.default_rng([cfg.seed, self.step, it]).permutation(n) if mb > 1 else np.arange(n)
+            for m in range(mb):
+                idx = jnp.asarray(np.sort(order[m * n // mb:(m + 1) * n // mb]))
+                part = jax.tree.map(lambda x: x[idx], batch) if mb > 1 else batch
+                self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, part)
+                step_metrics.append(metrics)
+        t_update = time.perf_counter()
+        self.step += 1
+
+        out = {k: float(np.mean([float(m[k]) for m in step_metrics])) for k in step_metrics[0]}
+        out.update({k: float(v) for k, v in adv_metrics.items()})
+        out.update(reward_metrics)
+        lens = lengths.astype(np.float64)
+        out.update({
+            "reward": float(total.mean()), "reward_std": float(total.std()),
+            "completion_length/mean": lens.mean(), "completion_length/min": lens.min(),
+            "completion_length/max": lens.max(), "frac_truncated": float(np.asarray(rollout.truncated).mean()),
+            "learning_rate": float(self.lr_schedule(self.step * cfg.grpo.num_iterations * mb)),
+            "time/sampling_s": t_sample - t0, "time/rewards_s": t_reward - t_sample,
+            "time/ref_logprobs_s": t_ref - t_reward, "time/update_s": t_update - t_ref,
+            "completion_tokens_per_s": float(lens.sum() / (t_update - t0)),
+        })
+        if cfg.log.samples_every and self.step % cfg.log.samples_every == 0:
+            self.writer.text("samples", "\n\n".join(
+                f"**prompt** {prompt_texts[i]!r}\n**completion** {completions[i]!r}\n**reward** {total[i]:.3f}"
+                for i in range(min(4, n))), self.step)
+        return out
+
+    # ---- cold start (stage 1 of the R1 recipe) ---------------------------------------------------
+
+    def cold_start(self) -> list[float]:
+        """Supervised fine-tuning on `sft.completion_format` of the training rows, so that a policy
+        that has never seen the answer format emits it before RL starts. Returns the losses."""
+        sft = self.cfg.sft
+        if not sft.steps:
+            return []
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sft.learning_rate, weight_decay=0.0))
+        opt_state = tx.init(self.params)
+        update = jax.jit(functools.partial(_sft_update, model_cfg=self.model_cfg, tx=tx), donate_argnums=(0, 1))
+        it = D.PromptIterator(self.train_rows, sft.batch_size, seed=self.cfg.seed + 11)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        T = self.cfg.grpo.max_new_tokens
+        losses = []
+        for _ in range(sft.steps):
+            rows = it.next()
+            prompts = [format_prompt(r, self.cfg.data.template, self.tokenizer, self.cfg.data.prompt_field) for r in rows]
+            ids, mask = S.pad_prompts(prompts, self.sampling.prompt_buckets, pad)
+            comp = np.full((len(rows), T), pad, np.int32)
+            cmask = np.zeros((len(rows), T), bool)
+            for i, r in enumerate(rows):
+                target = self.tokenizer.encode(sft.completion_format.format(**r), add_bos=False)[:T - 1] + [eos]
+                comp[i, :len(target)], cmask[i, :len(target)] = target, True
+            batch = {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": comp, "completion_mask": cmask}
+            self.params, opt_state, loss = update(self.params, opt_state, batch)
+            losses.append(float(loss))
+        if self.ref_params is not None:  # the reference of the RL stage is the cold-started policy
+            self.ref_params = jax.tree.map(jnp.copy, self.params)
+        return losses
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, rows: Sequence[dict] | None = None, k: int | None = None) -> dict[str, float]:
+        """pass@1 (greedy), and with k samples per problem maj@k and the unbiased pass@k."""
+        cfg = self.cfg
+        rows = list(self.eval_rows if rows is None else rows)
+        k = cfg.eval.k if k is None else k
+        spec = [R.RewardSpec(cfg.eval.reward, 1.0)]
+        prompts = [format_prompt(r, cfg.data.template, self.tokenizer, cfg.data.prompt_field) for r in rows]
+        out = {}
+        greedy = dataclasses.replace(self.sampling, greedy=True)
+        for name, scfg, n in (("greedy", greedy, 1), ("sampled", self.sampling, k)):
+            if n == 0:
+                continue
+            key = jax.random.fold_in(jax.random.key(cfg.seed + 7), self.step)
+            correct, answers = [], []
+            for start in range(0, len(rows), cfg.eval.batch_size):
+                chunk, ids = rows[start:start + cfg.eval.batch_size], prompts[start:start + cfg.eval.batch_size]
+                r = S.sample(self.params, self.model_cfg, ids, n, scfg, jax.random.fold_in(key, start), mesh=self.mesh)
+                toks, lens = np.asarray(r.tokens), np.asarray(r.lengths)
+                texts = [self.tokenizer.decode(toks[i, :lens[i]]) for i in range(len(toks))]
+                columns = {c: [row.get(c) for row in chunk for _ in range(n)] for c in chunk[0]}
+                scores, _, _ = R.score(spec, [""] * len(texts), texts, columns, pool=self.pool)
+                correct += list(np.asarray(scores).reshape(len(chunk), n) > 0.5)
+                from grpo_jax.verifiers import extract_answer, normalize_answer
+
+                answers += [[normalize_answer(extract_answer(t) or "") for t in texts[i * n:(i + 1) * n]]
+                            for i in range(len(chunk))]
+            correct = np.asarray(correct)
+            if name == "greedy":
+                out["eval/pass@1"] = float(correct.mean())
+            else:
+                out[f"eval/pass@{k}"] = float(np.mean([pass_at_k(n, int(c.sum()), k) for c in correct]))
+                out["eval/mean@1_sampled"] = float(correct.mean())
+                maj = []
+                for ans, c in zip(answers, correct):
+                    votes = [a for a in ans if a]
+                    top = max(set(votes), key=votes.count) if votes else None
+                    maj.append(any(a == top and ok for a, ok in zip(ans, c)) if top is not None else False)
+                out[f"eval/maj@{k}"] = float(np.mean(maj))
+        return out
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def _state(self):
+        state = {"params": self.params, "opt_state": self.opt_state, "rng": self.rng,
+                 "step": np.asarray(self.step), "data": {k: np.asarray(v) for k, v in self.data.state().items()}}
+        if self.ref_params is not None:  # the cold-started policy is the reference: keep it
+            state["ref_params"] = self.ref_params
+        return state
+
+    def save(self) -> None:
+        self.ckpt.save(self.step, args=ocp.args.StandardSave(self._state()))
+        self.ckpt.wait_until_finished()
+
+    def restore(self, step: int | None = None) -> bool:
+        step = self.ckpt.latest_step() if step is None else step
+        if step is None:
+            return False
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._state())
+        state = self.ckpt.restore(step, args=ocp.args.StandardRestore(target))
+        self.params, self.opt_state, self.rng = state["params"], state["opt_state"], state["rng"]
+        self.ref_params = state.get("ref_params", self.ref_params)
+        self.step = int(state["step"])
+        self.data.restore({k: int(v) for k, v in state["data"].items()})
+        return True
+
+    # ---- the run -----------------------------------------------------------------------------------
+
+    def run(self, until: int | None = None) -> dict[str, Any]:
+        """Train to cfg.steps (or stop early at step `until`, saving a checkpoint there)."""
+        cfg = self.cfg
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        if cfg.resume and self.restore():
+            print(f"resumed from step {self.step}", flush=True)
+        history = []
+        if self.step == 0 and cfg.sft.steps:
+            t = time.perf_counter()
+            losses = self.cold_start()
+            print(f"cold start: {cfg.sft.steps} SFT steps on {cfg.sft.completion_format!r}, loss "
+                  f"{losses[0]:.3f} -> {losses[-1]:.3f} ({time.perf_counter() - t:.1f} s)", flush=True)
+        if self.step == 0 and cfg.eval.every:
+            ev = self.evaluate()
+            self.writer.scalars(ev, 0)
+            history.append({"step": 0, **ev})
+            print(f"step 0 | " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()), flush=True)
+        while self.step < last:
+            m = self.train_step()
+            self.writer.scalars(m, self.step)
+            record = {"step": self.step, **m}
+            if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                ev = self.evaluate()
+                self.writer.scalars(ev, self.step)
+                record.update(ev)
+            if self.step % cfg.log.every == 0 or self.step == last or "eval/pass@1" in record:
+                print(f"step {self.step}/{cfg.steps} | reward {m['reward']:.3f} | kl {m.get('kl', 0):.4f} | "
+                      f"len {m['completion_length/mean']:.1f} | "
+                      + " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/"))
+                      + f" | {m['time/sampling_s'] + m['time/rewards_s'] + m['time/update_s']:.2f}s", flush=True)
+            history.append(record)
+            if cfg.checkpoint.every and (self.step % cfg.checkpoint.every == 0 or self.step == last):
+                self.save()
+        self.writer.flush()
+        return {"history": history}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.ckpt.close()
+        self.writer.close()
