@@ -21,7 +21,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def main(argv):
+    from absl import logging
+
     from grpo_jax.trainer import Trainer
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
