@@ -25,6 +25,9 @@ class CharTokenizer:
         self._ids = {c: i + 4 for i, c in enumerate(chars)}
         self.vocab_size = len(chars) + 4
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = [self._ids.get(c, self.unk_token_id) for c in text]
         return [self.bos_token_id] + ids if add_bos else ids

@@ -33,7 +33,9 @@ from grpo_jax import rewards as R
 from grpo_jax import sampler as S
 from grpo_jax import sharding
 from grpo_jax.logprobs import completion_logprobs
+from grpo_jax.metrics import MetricWriter
 from grpo_jax.tokenizer import CharTokenizer
+from grpo_jax.verifiers import extract_answer, normalize_answer
 
 R1_SYSTEM = ("A conversation between User and Assistant. The Assistant first thinks about the reasoning "
              "process and then gives the answer, enclosed in <think> </think> and <answer> </answer> tags.")
@@ -155,9 +157,9 @@ class Trainer:
         self.workdir = cfg.workdir
         os.makedirs(self.workdir, exist_ok=True)
         self.tokenizer = load_tokenizer(cfg.model)
-        vocab = getattr(self.tokenizer, "vocab_size", None) if cfg.model.tokenizer == "char" else None
         key = jax.random.key(cfg.seed)
-        self.params, self.model_cfg = load_model(cfg.model, vocab or 0, key)
+        # Random-weight shapes take their vocabulary size from the tokenizer (HF: added tokens included).
+        self.params, self.model_cfg = load_model(cfg.model, len(self.tokenizer), key)
         self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         self.params = sharding.shard_params(self.params, self.model_cfg, self.mesh)
         self.loss_cfg = loss_config(cfg)
@@ -193,8 +195,6 @@ class Trainer:
             os.path.abspath(os.path.join(self.workdir, "checkpoints")),
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
                                                  enable_async_checkpointing=False))
-        from grpo_jax.metrics import MetricWriter
-
         self.writer = MetricWriter(os.path.join(self.workdir, "tb"), enabled=jax.process_index() == 0)
 
     # ---- one GRPO step ---------------------------------------------------------------------------
@@ -248,6 +248,7 @@ class Trainer:
         out = {k: float(np.mean([float(m[k]) for m in step_metrics])) for k in step_metrics[0]}
         out.update({k: float(v) for k, v in adv_metrics.items()})
         out.update(reward_metrics)
+        out["data/skipped_rows"] = float(self.skipped_rows)
         lens = lengths.astype(np.float64)
         out.update({
             "reward": float(total.mean()), "reward_std": float(total.std()),
@@ -319,8 +320,6 @@ class Trainer:
                 columns = {c: [row.get(c) for row in chunk for _ in range(n)] for c in chunk[0]}
                 scores, _, _ = R.score(spec, [""] * len(texts), texts, columns, pool=self.pool)
                 correct += list(np.asarray(scores).reshape(len(chunk), n) > 0.5)
-                from grpo_jax.verifiers import extract_answer, normalize_answer
-
                 answers += [[normalize_answer(extract_answer(t) or "") for t in texts[i * n:(i + 1) * n]]
                             for i in range(len(chunk))]
             correct = np.asarray(correct)
