@@ -19,7 +19,10 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict(dict(
         source="synthetic:arithmetic", config="", split="train", synthetic_size=2000, digits=2, ops="+-*",
         template="plain",  # "plain", "chat" or "r1"
-        prompt_field="question", required_fields=["question", "answer"], eval_size=64))
+        prompt_field="question", instruction="",  # appended to every prompt, e.g. how to state the answer
+        required_fields=["question", "answer"],
+        eval_split="",  # "" holds eval_size prompts out of `split`; else a seeded sample of this split
+        eval_size=64))
 
     c.grpo = ConfigDict(dict(
         prompts_per_step=8, num_generations=8, num_iterations=1, minibatches=1, microbatches=1,
@@ -29,7 +32,7 @@ def get_config() -> ConfigDict:
         beta=0.04, kl_estimator="k3", aggregation="seq-mean-token-mean", importance_level="token",
         mask_truncated=False, overlong_buffer=0, logprob_chunk=1024))
 
-    c.sampling = ConfigDict(dict(top_k=0, top_p=1.0, eos_ids=[], prompt_buckets=[32, 64, 128, 256, 512, 1024]))
+    c.sampling = ConfigDict(dict(top_k=0, top_p=1.0, eos_ids=[], prompt_buckets=[16, 32, 64, 128, 256, 512, 1024]))
     c.rewards = ConfigDict({"math": 1.0})  # reward function name -> weight
     c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0))  # workers=-1: score in this process
 

@@ -104,14 +104,30 @@ def load_rows(source: str, *, split: str = "train", config: str | None = None, n
     return filter_rows(list(ds), required)
 
 
-def split_rows(rows: Sequence[Row], eval_size: int, seed: int = 0) -> tuple[list[Row], list[Row]]:
-    """(train, held-out) with `eval_size` rows held out, chosen by a seeded shuffle."""
+def split_rows(rows: Sequence[Row], eval_size: int, seed: int = 0,
+               key: str | None = None) -> tuple[list[Row], list[Row]]:
+    """(train, held-out) with `eval_size` rows held out, chosen by a seeded shuffle.
+
+    With `key` (the prompt field), held-out prompts are distinct and no training row repeats one,
+    so a synthetic task that draws the same problem twice cannot leak its answer into evaluation.
+    """
     if not 0 <= eval_size < len(rows):
         raise ValueError(f"eval_size={eval_size} must be in [0, {len(rows)}) for {len(rows)} rows")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    held = set(order[:eval_size])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in order[:eval_size]]
+    ident = (lambda i: str(rows[i][key])) if key else (lambda i: i)
+    held, seen = [], set()
+    for i in order:
+        if len(held) == eval_size:
+            break
+        if ident(i) not in seen:
+            held.append(i)
+            seen.add(ident(i))
+    train = [r for i, r in enumerate(rows) if ident(i) not in seen]
+    if len(held) < eval_size or not train:
+        raise ValueError(f"{len(seen)} distinct prompts cannot give eval_size={eval_size} held-out rows "
+                         f"and a non-empty training set")
+    return train, [rows[i] for i in held]
 
 
 # --------------------------------------------------------------------------------------------------

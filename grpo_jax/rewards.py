@@ -130,6 +130,7 @@ def _worker_main(conn, memory_mb: int) -> None:
     if memory_mb:
         limit = memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    conn.send("ready")
     while True:
         try:
             msg = conn.recv()
@@ -165,21 +166,41 @@ class VerifierPool:
         self.last_error: str | None = None
         # spawn, not fork: the parent runs JAX's threads, which a fork would copy in a broken state.
         self._ctx = mp.get_context("spawn")
-        self._workers = [self._start() for _ in range(self.num_workers)]
+        self._workers = [self._launch() for _ in range(self.num_workers)]
+        for proc, conn in self._workers:
+            self._await_ready(proc, conn)
 
-    def _start(self):
+    def _launch(self):
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, args=(child, self.memory_mb), daemon=True)
         proc.start()
         child.close()
         return proc, parent
 
+    @staticmethod
+    def _await_ready(proc, conn, timeout_s: float = 300.0) -> None:
+        # A worker that dies before it serves anything would otherwise be replaced once per item,
+        # each replacement re-importing the main script: fail once, loudly, with the usual cause.
+        try:
+            ok = conn.poll(timeout_s) and conn.recv() == "ready"
+        except (EOFError, OSError):
+            ok = False
+        if not ok:
+            proc.join(1)
+            proc.kill()
+            raise RuntimeError(
+                f"a verifier worker did not start (exit code {proc.exitcode}). Worker processes are "
+                "spawned and re-import the main script: put the script's work under "
+                "`if __name__ == '__main__':`, or score in this process (the trainer's "
+                "verifier.workers=-1).")
+
     def _replace(self, i: int) -> None:
         proc, conn = self._workers[i]
         proc.kill()
         proc.join(5)
         conn.close()
-        self._workers[i] = self._start()
+        self._workers[i] = self._launch()
+        self._await_ready(*self._workers[i])
 
     def map(self, fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
             columns: dict[str, Sequence[Any]]) -> tuple[list[float | None], dict[str, int]]:

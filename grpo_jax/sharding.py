@@ -76,3 +76,12 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: Rules = DE
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] array: batch split over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Replicate on the mesh every leaf not already placed on it (e.g. the step counts of a fresh
+    optax state), so a jitted step sees the same shardings on its first and later calls and does
+    not compile twice."""
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
+                        and x.sharding.mesh == mesh else jax.device_put(x, replicated), tree)

@@ -97,9 +97,10 @@ def load_tokenizer(mcfg: ConfigDict):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def format_prompt(row: dict, template: str, tokenizer, field: str = "question") -> list[int]:
-    """Token ids of a row's prompt: `plain` text, a `chat` template, or `r1` (system prompt + chat)."""
-    text = str(row[field])
+def format_prompt(row: dict, template: str, tokenizer, field: str = "question", instruction: str = "") -> list[int]:
+    """Token ids of a row's prompt (`field`, then `instruction` if any): `plain` text, a `chat`
+    template, or `r1` (the DeepSeek-R1 system prompt, then chat)."""
+    text = str(row[field]) + (f" {instruction}" if instruction else "")
     if template == "plain":
         return tokenizer.encode(text)
     messages = [{"role": "user", "content": text}]
@@ -166,12 +167,18 @@ class Trainer:
         # The reference model: a frozen copy of the starting weights, only when the KL term is on.
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.grpo.beta > 0 else None
 
-        options = {k: cfg.data[k] for k in ("digits", "ops") if k in cfg.data and cfg.data.source == "synthetic:arithmetic"}
-        self.rows, skipped = D.load_rows(cfg.data.source, split=cfg.data.split, config=cfg.data.config or None,
-                                         n=cfg.data.synthetic_size, seed=cfg.seed,
-                                         required=tuple(cfg.data.required_fields), **options)
-        self.skipped_rows = skipped
-        self.train_rows, self.eval_rows = D.split_rows(self.rows, cfg.data.eval_size, cfg.seed)
+        d = cfg.data
+        options = {k: d[k] for k in ("digits", "ops") if d.source == "synthetic:arithmetic"}
+        load = functools.partial(D.load_rows, d.source, config=d.config or None, n=d.synthetic_size,
+                                 required=tuple(d.required_fields), **options)
+        self.rows, self.skipped_rows = load(split=d.split, seed=cfg.seed)
+        if d.eval_split:  # a separate split (GSM8K's test): a seeded sample of eval_size prompts
+            eval_rows, skipped = load(split=d.eval_split, seed=cfg.seed + 1)
+            self.skipped_rows += skipped
+            self.train_rows = self.rows
+            self.eval_rows = eval_rows if d.eval_size >= len(eval_rows) else D.split_rows(eval_rows, d.eval_size, cfg.seed)[1]
+        else:
+            self.train_rows, self.eval_rows = D.split_rows(self.rows, d.eval_size, cfg.seed, key=d.prompt_field)
         self.data = D.PromptIterator(self.train_rows, cfg.grpo.prompts_per_step, seed=cfg.seed,
                                      host=jax.process_index(), num_hosts=jax.process_count())
         eos = tuple(cfg.sampling.eos_ids) or (self.tokenizer.eos_token_id,)
@@ -184,7 +191,7 @@ class Trainer:
 
         self.tx, self.lr_schedule = make_optimizer(cfg.optimizer, cfg.steps * cfg.grpo.num_iterations *
                                                    cfg.grpo.minibatches)
-        self.opt_state = self.tx.init(self.params)
+        self.opt_state = sharding.on_mesh(self.tx.init(self.params), self.mesh)
         self.step = 0
         self.rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
         statics = dict(model_cfg=self.model_cfg, loss_cfg=self.loss_cfg, mesh=self.mesh,
@@ -197,13 +204,17 @@ class Trainer:
                                                  enable_async_checkpointing=False))
         self.writer = MetricWriter(os.path.join(self.workdir, "tb"), enabled=jax.process_index() == 0)
 
+    def prompt_ids(self, rows: Sequence[dict]) -> list[list[int]]:
+        d = self.cfg.data
+        return [format_prompt(r, d.template, self.tokenizer, d.prompt_field, d.instruction) for r in rows]
+
     # ---- one GRPO step ---------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.grpo.num_generations
         t0 = time.perf_counter()
         rows = self.data.next()
-        prompts = [format_prompt(r, cfg.data.template, self.tokenizer, cfg.data.prompt_field) for r in rows]
+        prompts = self.prompt_ids(rows)
         key = jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
         rollout = S.sample(self.params, self.model_cfg, prompts, G, self.sampling, key, mesh=self.mesh)
         tokens, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
@@ -242,6 +253,7 @@ class Trainer:
                 part = jax.tree.map(lambda x: x[idx], batch) if mb > 1 else batch
                 self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, part)
                 step_metrics.append(metrics)
+        jax.block_until_ready(self.params)  # updates run asynchronously: time them, not their dispatch
         t_update = time.perf_counter()
         self.step += 1
 
@@ -274,7 +286,7 @@ class Trainer:
         if not sft.steps:
             return []
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sft.learning_rate, weight_decay=0.0))
-        opt_state = tx.init(self.params)
+        opt_state = sharding.on_mesh(tx.init(self.params), self.mesh)
         update = jax.jit(functools.partial(_sft_update, model_cfg=self.model_cfg, tx=tx), donate_argnums=(0, 1))
         it = D.PromptIterator(self.train_rows, sft.batch_size, seed=self.cfg.seed + 11)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -282,7 +294,7 @@ class Trainer:
         losses = []
         for _ in range(sft.steps):
             rows = it.next()
-            prompts = [format_prompt(r, self.cfg.data.template, self.tokenizer, self.cfg.data.prompt_field) for r in rows]
+            prompts = self.prompt_ids(rows)
             ids, mask = S.pad_prompts(prompts, self.sampling.prompt_buckets, pad)
             comp = np.full((len(rows), T), pad, np.int32)
             cmask = np.zeros((len(rows), T), bool)
@@ -304,7 +316,7 @@ class Trainer:
         rows = list(self.eval_rows if rows is None else rows)
         k = cfg.eval.k if k is None else k
         spec = [R.RewardSpec(cfg.eval.reward, 1.0)]
-        prompts = [format_prompt(r, cfg.data.template, self.tokenizer, cfg.data.prompt_field) for r in rows]
+        prompts = self.prompt_ids(rows)
         out = {}
         greedy = dataclasses.replace(self.sampling, greedy=True)
         for name, scfg, n in (("greedy", greedy, 1), ("sampled", self.sampling, k)):

@@ -62,3 +62,14 @@ def test_iterator_resumes_exactly_and_shards_hosts():
     for want in full[:8]:
         a, b = [r["i"] for r in h0.next()], [r["i"] for r in h1.next()]
         assert not set(a) & set(b) and sorted(a + b) == sorted(want)
+
+
+def test_split_by_prompt_never_leaks_a_held_out_problem():
+    rows = D.arithmetic_rows(2000, seed=0, digits=1, ops="+-")  # only 200 distinct problems
+    train, held = D.split_rows(rows, 64, seed=0, key="question")
+    held_q = [r["question"] for r in held]
+    assert len(held_q) == len(set(held_q)) == 64
+    assert not set(held_q) & {r["question"] for r in train}
+    assert len({r["question"] for r in train}) == 200 - 64
+    with pytest.raises(ValueError, match="distinct prompts"):
+        D.split_rows(rows, 200, seed=0, key="question")
