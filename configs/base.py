@@ -1,6 +1,7 @@
 """Shared defaults of every run; the other configs change a few fields of this one."""
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ConfigDict:
@@ -17,7 +18,8 @@ def get_config() -> ConfigDict:
         dtype="float32", param_dtype="float32", remat="none"))
 
     c.data = ConfigDict(dict(
-        source="synthetic:arithmetic", config="", split="train", synthetic_size=2000, digits=2, ops="+-*",
+        source="synthetic:arithmetic", config="", split="train",
+        synthetic_size=2000, digits=2, digits_b=placeholder(int), ops="+-*",  # synthetic:arithmetic only
         template="plain",  # "plain", "chat" or "r1"
         prompt_field="question", instruction="",  # appended to every prompt, e.g. how to state the answer
         required_fields=["question", "answer"],

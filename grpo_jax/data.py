@@ -23,13 +23,15 @@ Row = dict[str, Any]
 # Synthetic tasks (verifiable, no download)
 
 
-def arithmetic_rows(n: int, seed: int = 0, digits: int = 2, ops: str = "+-*") -> list[Row]:
-    """`What is a op b?` with the exact integer answer; operands have up to `digits` digits."""
+def arithmetic_rows(n: int, seed: int = 0, digits: int = 2, ops: str = "+-*",
+                    digits_b: int | None = None) -> list[Row]:
+    """`What is a op b?` with the exact integer answer; `a` has up to `digits` digits, `b` up to
+    `digits_b` (default: the same)."""
     rng = random.Random(seed)
-    hi = 10 ** digits - 1
+    hi_a, hi_b = 10 ** digits - 1, 10 ** (digits if digits_b is None else digits_b) - 1
     rows = []
     for _ in range(n):
-        a, b, op = rng.randint(0, hi), rng.randint(0, hi), rng.choice(ops)
+        a, b, op = rng.randint(0, hi_a), rng.randint(0, hi_b), rng.choice(ops)
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         rows.append({"question": f"What is {a} {op} {b}?", "answer": str(value)})
     return rows
@@ -138,8 +140,8 @@ def split_rows(rows: Sequence[Row], eval_size: int, seed: int = 0,
 class PromptIterator:
     """Seeded, resumable batches of rows: a new permutation every epoch; this host's share only.
 
-    Host h of H takes rows h, h + H, ... of each batch-sized window of the permutation, so hosts
-    read disjoint prompts and together cover the same global batch as one host would.
+    Host h of H takes the h-th block of each global-batch window of the permutation, so hosts read
+    disjoint prompts and, stacked in host order, form exactly the batch one host would read.
     """
 
     rows: Sequence[Row]
@@ -166,7 +168,7 @@ class PromptIterator:
             self.epoch, self.position = self.epoch + 1, 0
         window = self._order(self.epoch)[self.position:self.position + global_batch]
         self.position += global_batch
-        return [self.rows[i] for i in window[self.host::self.num_hosts]]
+        return [self.rows[i] for i in window[self.host * self.batch_size:(self.host + 1) * self.batch_size]]
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

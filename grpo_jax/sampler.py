@@ -122,11 +122,13 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
                      "add a bucket to SamplingConfig.prompt_buckets or shorten the prompt")
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token lists to the smallest bucket that fits the longest: ids, mask [B, P]."""
+def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0,
+                min_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to the smallest bucket that fits the longest (and `min_length`):
+    ids, mask [B, P]."""
     if not len(prompts) or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    P = bucket_length(max(len(p) for p in prompts), buckets)
+    P = bucket_length(max(min_length, *(len(p) for p in prompts)), buckets)
     ids = np.full((len(prompts), P), pad_id, np.int32)
     mask = np.zeros((len(prompts), P), bool)
     for i, p in enumerate(prompts):
@@ -227,6 +229,17 @@ def decode(params, cache: M.Cache, first_logits: Array, key: Array, *, cfg: M.Mo
     return tokens, logps, lengths, done, cache
 
 
+def gather_prompt_batch(prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-host: every host's prompts, padded to one bucket and stacked in process order (this
+    host's are its block of rows), so each host then holds the whole global prompt batch."""
+    from jax.experimental import multihost_utils
+
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(max(len(p) for p in prompts)))))
+    ids, mask = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id, min_length=longest)
+    ids, mask = multihost_utils.process_allgather(ids), multihost_utils.process_allgather(mask)
+    return ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
+
+
 def sample(
     params: M.Params,
     model_cfg: M.ModelConfig,
@@ -241,7 +254,8 @@ def sample(
     Args:
       params: model parameters (sharded as configured when `mesh` is given).
       model_cfg: the model config.
-      prompts: token id lists of any lengths (left-padded here to a bucket).
+      prompts: token id lists of any lengths (left-padded here to a bucket); on several hosts,
+        this host's prompts, which become its block of the global batch.
       num_generations: G, completions per prompt.
       cfg: sampling settings.
       key: PRNG key; the same key gives the same rollout.
@@ -250,10 +264,16 @@ def sample(
     Returns:
       A Rollout of len(prompts) * G rows, the G samples of each prompt adjacent.
     """
-    ids, mask = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
-    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    if mesh is not None:
-        row = NamedSharding(mesh, P(_rows(len(prompts), mesh), None))
+    if jax.process_count() > 1:
+        if mesh is None:
+            raise ValueError("sampling on several hosts needs the mesh")
+        ids, mask = gather_prompt_batch(prompts, cfg)
+    else:
+        ids, mask = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
+    if mesh is None:
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    else:
+        row = NamedSharding(mesh, P(_rows(len(ids), mesh), None))
         ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
     logits, cache = prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
                             max_new_tokens=cfg.max_new_tokens, mesh=mesh)

@@ -28,9 +28,9 @@ class CharTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [self._ids.get(c, self.unk_token_id) for c in text]
-        return [self.bos_token_id] + ids if add_bos else ids
+        return [self.bos_token_id] + ids if add_special_tokens else ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         out = []
@@ -43,3 +43,18 @@ class CharTokenizer:
             elif not skip_special_tokens:
                 out.append(["<pad>", "<s>", "</s>", "<unk>"][i])
         return "".join(out)
+
+    def to_hf(self):
+        """The same tokenizer as a transformers `PreTrainedTokenizerFast` (one token per character,
+        BOS prepended, pieces fused on decode), so an exported policy loads in transformers/vLLM."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **self._ids}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", 1)])
+        tok.decoder = decoders.Fuse()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       pad_token="<pad>", unk_token="<unk>")

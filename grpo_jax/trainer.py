@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -94,6 +95,14 @@ def load_tokenizer(mcfg: ConfigDict):
     if mcfg.tokenizer == "qwen2":
         return qwen2_tokenizer()
     path = smollm2_path() if mcfg.tokenizer == "smollm2" else mcfg.tokenizer
+    declared = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(declared):
+        with open(declared) as f:
+            cls = json.load(f).get("tokenizer_class")
+        # transformers 5's AutoTokenizer swaps a plain tokenizer.json tokenizer (our exported char
+        # tokenizer) for the model type's class (e.g. Qwen2Tokenizer), which re-splits the text.
+        if cls in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            return transformers.PreTrainedTokenizerFast.from_pretrained(path)
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
@@ -117,6 +126,33 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This host's block of rows of a [rows, ...] array whose rows are all hosts' in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    m = len(full) // jax.process_count()
+    return full[jax.process_index() * m:(jax.process_index() + 1) * m]
+
+
+def global_rows(x: np.ndarray, mesh) -> jax.Array:
+    """The inverse of local_rows: each host's rows stacked in process order, split over data x fsdp."""
+    if jax.process_count() == 1:
+        return jnp.asarray(x)
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(x)), np.asarray(x))
+
+
+def all_hosts(x: np.ndarray) -> np.ndarray:
+    """Every host's values of a per-host array, concatenated in process order (for metrics)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.concatenate(list(multihost_utils.process_allgather(np.asarray(x))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,7 +204,7 @@ class Trainer:
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.grpo.beta > 0 else None
 
         d = cfg.data
-        options = {k: d[k] for k in ("digits", "ops") if d.source == "synthetic:arithmetic"}
+        options = {k: d[k] for k in ("digits", "digits_b", "ops") if d.source == "synthetic:arithmetic"}
         load = functools.partial(D.load_rows, d.source, config=d.config or None, n=d.synthetic_size,
                                  required=tuple(d.required_fields), **options)
         self.rows, self.skipped_rows = load(split=d.split, seed=cfg.seed)
@@ -179,8 +215,11 @@ class Trainer:
             self.eval_rows = eval_rows if d.eval_size >= len(eval_rows) else D.split_rows(eval_rows, d.eval_size, cfg.seed)[1]
         else:
             self.train_rows, self.eval_rows = D.split_rows(self.rows, d.eval_size, cfg.seed, key=d.prompt_field)
-        self.data = D.PromptIterator(self.train_rows, cfg.grpo.prompts_per_step, seed=cfg.seed,
-                                     host=jax.process_index(), num_hosts=jax.process_count())
+        hosts = jax.process_count()
+        if cfg.grpo.prompts_per_step % hosts:
+            raise ValueError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} (global) does not split over {hosts} hosts")
+        self.data = D.PromptIterator(self.train_rows, cfg.grpo.prompts_per_step // hosts, seed=cfg.seed,
+                                     host=jax.process_index(), num_hosts=hosts)
         eos = tuple(cfg.sampling.eos_ids) or (self.tokenizer.eos_token_id,)
         self.sampling = S.SamplingConfig(
             max_new_tokens=cfg.grpo.max_new_tokens, temperature=cfg.grpo.temperature, top_k=cfg.sampling.top_k,
@@ -203,6 +242,9 @@ class Trainer:
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
                                                  enable_async_checkpointing=False))
         self.writer = MetricWriter(os.path.join(self.workdir, "tb"), enabled=jax.process_index() == 0)
+        if jax.process_index() == 0:  # what this run was, next to its checkpoints
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
     def prompt_ids(self, rows: Sequence[dict]) -> list[list[int]]:
         d = self.cfg.data
@@ -217,7 +259,7 @@ class Trainer:
         prompts = self.prompt_ids(rows)
         key = jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
         rollout = S.sample(self.params, self.model_cfg, prompts, G, self.sampling, key, mesh=self.mesh)
-        tokens, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
+        tokens, lengths = local_rows(rollout.tokens), local_rows(rollout.lengths)  # this host's rows
         t_sample = time.perf_counter()
 
         completions = [self.tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True) for i in range(len(tokens))]
@@ -226,7 +268,12 @@ class Trainer:
         columns.update(completion_lengths=list(lengths), max_completion_length=[cfg.grpo.max_new_tokens] * len(tokens),
                        overlong_buffer=[cfg.grpo.overlong_buffer] * len(tokens))
         total, per_fn, reward_metrics = R.score(self.reward_specs, prompt_texts, completions, columns, pool=self.pool)
-        advantages, adv_metrics = L.compute_advantages(jnp.asarray(total), G, self.loss_cfg)
+        if reward_metrics.get("rewards/errors") or reward_metrics.get("rewards/timeouts") or reward_metrics.get("rewards/crashes"):
+            print(f"step {self.step + 1}: reward functions failed on some completions, scored 0 "
+                  f"(errors {reward_metrics['rewards/errors']:.0f}, timeouts {reward_metrics['rewards/timeouts']:.0f}, "
+                  f"crashes {reward_metrics['rewards/crashes']:.0f}); last error: {self.pool.last_error}", flush=True)
+        advantages, adv_metrics = L.compute_advantages(jnp.asarray(total), G, self.loss_cfg)  # groups never span hosts
+        advantages = global_rows(np.asarray(advantages), self.mesh)
         t_reward = time.perf_counter()
 
         batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
@@ -238,10 +285,10 @@ class Trainer:
                                                   batch["completion_mask"], self.loss_cfg.temperature,
                                                   self.loss_cfg.logprob_chunk)
         batch = jax.device_put(batch, {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}) \
-            if len(tokens) % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0 else batch
+            if batch["completion_ids"].shape[0] % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0 else batch
         t_ref = time.perf_counter()
 
-        n = len(tokens)
+        n = batch["completion_ids"].shape[0]  # all hosts' completions
         mb = cfg.grpo.minibatches
         if n % mb:
             raise ValueError(f"{n} completions per step do not split into grpo.minibatches={mb}")
@@ -261,11 +308,12 @@ class Trainer:
         out.update({k: float(v) for k, v in adv_metrics.items()})
         out.update(reward_metrics)
         out["data/skipped_rows"] = float(self.skipped_rows)
-        lens = lengths.astype(np.float64)
+        # Advantage and per-function reward metrics are this host's; the headline ones cover all hosts.
+        total, lens = all_hosts(total), all_hosts(lengths).astype(np.float64)
         out.update({
             "reward": float(total.mean()), "reward_std": float(total.std()),
             "completion_length/mean": lens.mean(), "completion_length/min": lens.min(),
-            "completion_length/max": lens.max(), "frac_truncated": float(np.asarray(rollout.truncated).mean()),
+            "completion_length/max": lens.max(), "frac_truncated": float(all_hosts(local_rows(rollout.truncated)).mean()),
             "learning_rate": float(self.lr_schedule(self.step * cfg.grpo.num_iterations * mb)),
             "time/sampling_s": t_sample - t0, "time/rewards_s": t_reward - t_sample,
             "time/ref_logprobs_s": t_ref - t_reward, "time/update_s": t_update - t_ref,
@@ -274,7 +322,7 @@ class Trainer:
         if cfg.log.samples_every and self.step % cfg.log.samples_every == 0:
             self.writer.text("samples", "\n\n".join(
                 f"**prompt** {prompt_texts[i]!r}\n**completion** {completions[i]!r}\n**reward** {total[i]:.3f}"
-                for i in range(min(4, n))), self.step)
+                for i in range(min(4, len(completions)))), self.step)
         return out
 
     # ---- cold start (stage 1 of the R1 recipe) ---------------------------------------------------
@@ -299,7 +347,7 @@ class Trainer:
             comp = np.full((len(rows), T), pad, np.int32)
             cmask = np.zeros((len(rows), T), bool)
             for i, r in enumerate(rows):
-                target = self.tokenizer.encode(sft.completion_format.format(**r), add_bos=False)[:T - 1] + [eos]
+                target = self.tokenizer.encode(sft.completion_format.format(**r), add_special_tokens=False)[:T - 1] + [eos]
                 comp[i, :len(target)], cmask[i, :len(target)] = target, True
             batch = {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": comp, "completion_mask": cmask}
             self.params, opt_state, loss = update(self.params, opt_state, batch)
@@ -311,10 +359,18 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------------
 
     def evaluate(self, rows: Sequence[dict] | None = None, k: int | None = None) -> dict[str, float]:
-        """pass@1 (greedy), and with k samples per problem maj@k and the unbiased pass@k."""
+        """pass@1 (greedy), and with k samples per problem maj@k and the unbiased pass@k.
+
+        On several hosts each scores its block of the problems; the figures cover all of them."""
         cfg = self.cfg
         rows = list(self.eval_rows if rows is None else rows)
         k = cfg.eval.k if k is None else k
+        hosts, host = jax.process_count(), jax.process_index()
+        if len(rows) % hosts or cfg.eval.batch_size % hosts:
+            raise ValueError(f"{len(rows)} eval problems and eval.batch_size={cfg.eval.batch_size} must "
+                             f"split over {hosts} hosts")
+        per_host, batch = len(rows) // hosts, cfg.eval.batch_size // hosts
+        rows = rows[host * per_host:(host + 1) * per_host]
         spec = [R.RewardSpec(cfg.eval.reward, 1.0)]
         prompts = self.prompt_ids(rows)
         out = {}
@@ -322,30 +378,29 @@ class Trainer:
         for name, scfg, n in (("greedy", greedy, 1), ("sampled", self.sampling, k)):
             if n == 0:
                 continue
-            key = jax.random.fold_in(jax.random.key(cfg.seed + 7), self.step)
-            correct, answers = [], []
-            for start in range(0, len(rows), cfg.eval.batch_size):
-                chunk, ids = rows[start:start + cfg.eval.batch_size], prompts[start:start + cfg.eval.batch_size]
+            key = jax.random.key(cfg.seed + 7)  # the same draws at every step: differences are the policy's
+            correct, majority = [], []
+            for start in range(0, len(rows), batch):
+                chunk, ids = rows[start:start + batch], prompts[start:start + batch]
                 r = S.sample(self.params, self.model_cfg, ids, n, scfg, jax.random.fold_in(key, start), mesh=self.mesh)
-                toks, lens = np.asarray(r.tokens), np.asarray(r.lengths)
-                texts = [self.tokenizer.decode(toks[i, :lens[i]]) for i in range(len(toks))]
+                toks, lens = local_rows(r.tokens), local_rows(r.lengths)
+                texts = [self.tokenizer.decode(toks[i, :lens[i]], skip_special_tokens=True) for i in range(len(toks))]
                 columns = {c: [row.get(c) for row in chunk for _ in range(n)] for c in chunk[0]}
                 scores, _, _ = R.score(spec, [""] * len(texts), texts, columns, pool=self.pool)
-                correct += list(np.asarray(scores).reshape(len(chunk), n) > 0.5)
-                answers += [[normalize_answer(extract_answer(t) or "") for t in texts[i * n:(i + 1) * n]]
-                            for i in range(len(chunk))]
-            correct = np.asarray(correct)
+                ok = np.asarray(scores).reshape(len(chunk), n) > 0.5
+                correct += list(ok)
+                for i in range(len(chunk)):  # maj@k: is the most frequent final answer a correct one?
+                    ans = [normalize_answer(extract_answer(t) or "") for t in texts[i * n:(i + 1) * n]]
+                    votes = [a for a in ans if a]
+                    top = max(votes, key=votes.count) if votes else None  # ties: the earliest sample
+                    majority.append(top is not None and any(a == top and c for a, c in zip(ans, ok[i])))
+            correct, majority = all_hosts(np.asarray(correct)), all_hosts(np.asarray(majority))
             if name == "greedy":
                 out["eval/pass@1"] = float(correct.mean())
             else:
                 out[f"eval/pass@{k}"] = float(np.mean([pass_at_k(n, int(c.sum()), k) for c in correct]))
                 out["eval/mean@1_sampled"] = float(correct.mean())
-                maj = []
-                for ans, c in zip(answers, correct):
-                    votes = [a for a in ans if a]
-                    top = max(set(votes), key=votes.count) if votes else None
-                    maj.append(any(a == top and ok for a, ok in zip(ans, c)) if top is not None else False)
-                out[f"eval/maj@{k}"] = float(np.mean(maj))
+                out[f"eval/maj@{k}"] = float(majority.mean())
         return out
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -372,6 +427,12 @@ class Trainer:
         self.step = int(state["step"])
         self.data.restore({k: int(v) for k, v in state["data"].items()})
         return True
+
+    def export_hf(self, path: str, dtype: str | None = None) -> str:
+        """The current policy as a Hugging Face folder (weights, config, tokenizer) for transformers
+        and vLLM; the char tokenizer is written as an equivalent `PreTrainedTokenizerFast`."""
+        tok = self.tokenizer.to_hf() if isinstance(self.tokenizer, CharTokenizer) else self.tokenizer
+        return str(hf.save_hf(jax.device_get(self.params), self.model_cfg, path, dtype=dtype, tokenizer=tok))
 
     # ---- the run -----------------------------------------------------------------------------------
 

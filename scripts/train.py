@@ -5,6 +5,10 @@
 
 Any config field can be overridden as --config.FIELD=value; a misspelt field or a value of the wrong
 type stops the run at once with a message naming it.
+
+Several hosts: run the same command on every host with --distributed (the cluster is detected on
+Cloud TPU, SLURM, Open MPI and Kubernetes) or with --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I. Each host reads its own block of prompts and scores its own completions.
 """
 
 import os
@@ -12,9 +16,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host with the cluster detected by JAX (Cloud TPU, "
+                                 "SLURM, Open MPI, Kubernetes); implied by the three flags above")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
     "ml-collections config file", lock_config=True)
@@ -23,7 +32,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
     from absl import logging
 
+    import jax
+
     from grpo_jax.trainer import Trainer
+
+    if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs use their own
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 

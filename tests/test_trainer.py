@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny model: metrics, checkpoints, evaluation, resume, overrides."""
 
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,156 @@ def test_command_line_overrides_and_typos(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 1/1" in r.stdout and "cold start: 1 SFT steps" in r.stdout
+
+
+def raising_reward(prompts, completions, **columns):
+    """0.5 for completions of even length; raises on odd ones (scored through the worker pool)."""
+    out = []
+    for c in completions:
+        if len(c) % 2:
+            raise ValueError(f"odd length {len(c)}")
+        out.append(0.5)
+    return out
+
+
+def test_raising_reward_and_bad_rows_do_not_stop_the_run(tmp_path, capsys):
+    from grpo_jax import data as D
+
+    rows = D.arithmetic_rows(60, seed=0, digits=1, ops="+")
+    bad = [{"question": "What is 1 + 1?", "answer": None}, {"question": "", "answer": "3"},
+           {"question": "What is 2 + 2?"}, {"answer": "4"}, {"question": "What is 3 + 3?", "answer": " "}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:30] + bad + rows[30:]))
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    cfg.data.source = str(path)
+    cfg.rewards = {"math": 1.0, "test_trainer:raising_reward": 1.0}
+    cfg.verifier.workers = 1
+    tr = T.Trainer(cfg)
+    before = jax.device_get(tr.params)
+    hist = tr.run()["history"]
+    after = jax.device_get(tr.params)
+    tr.close()
+    steps = [h for h in hist if h["step"] > 0]
+    assert all(h["data/skipped_rows"] == 5 for h in steps)
+    n = cfg.grpo.prompts_per_step * cfg.grpo.num_generations
+    errors = [h["rewards/errors"] for h in steps]
+    assert sum(errors) > 0  # random completions: about half have odd length
+    for h, e in zip(steps, errors):  # failed items score 0, the rest 0.5
+        assert h["rewards/test_trainer:raising_reward/mean"] == pytest.approx(0.5 * (n - e) / n)
+    printed = capsys.readouterr().out
+    assert "reward functions failed on some completions" in printed and "ValueError: odd length" in printed
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(after))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+
+
+MESH_WORKER = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax
+from test_trainer import tiny_config
+from grpo_jax import trainer as T
+cfg = tiny_config(sys.argv[1], steps=2)
+cfg.mesh.data, cfg.mesh.fsdp = int(sys.argv[2]), int(sys.argv[3])
+cfg.eval.every, cfg.checkpoint.every = 2, 0
+tr = T.Trainer(cfg)
+hist = tr.run()["history"]
+tr.close()
+keys = ("loss", "reward", "kl", "entropy", "grad_norm", "eval/pass@1", "eval/pass@2", "eval/maj@2")
+print("RESULT", json.dumps({{"devices": jax.device_count(),
+                            "history": [{{k: h[k] for k in keys if k in h}} for h in hist if h["step"]]}}))
+"""
+
+
+def _mesh_run(workdir, data, fsdp, devices):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    code = MESH_WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    r = subprocess.run([sys.executable, "-c", code, str(workdir), str(data), str(fsdp)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert out["devices"] == devices
+    return out["history"]
+
+
+def test_steps_on_a_2x4_mesh_of_8_devices_match_one_device(tmp_path):
+    one = _mesh_run(tmp_path / "one", 1, 1, 1)
+    mesh = _mesh_run(tmp_path / "mesh", 2, 4, 8)
+    assert len(one) == len(mesh) == 2
+    for a, b in zip(one, mesh):
+        assert a["reward"] == b["reward"]  # same completions
+        for k in ("loss", "kl", "entropy", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    assert {k: v for k, v in mesh[1].items() if k.startswith("eval/")} == \
+        {k: v for k, v in one[1].items() if k.startswith("eval/")}
+
+    # Two hosts (processes) of 4 devices each, the same 2x4 mesh, launched like a multi-host run:
+    # each reads its own prompts and scores its own completions; the steps match one host's.
+    import socket
+
+    from grpo_jax.metrics import read_scalars
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    config_file = tmp_path / "two_hosts.py"
+    config_file.write_text(
+        "from test_trainer import tiny_config\n\n\ndef get_config():\n"
+        f"    c = tiny_config({str(tmp_path / 'hosts')!r}, steps=2)\n"
+        "    c.mesh.data, c.mesh.fsdp, c.eval.every, c.checkpoint.every = 2, 4, 2, 0\n    return c\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={config_file}",
+                               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    scalars = read_scalars(str(tmp_path / "hosts" / "tb"))
+    for step, want in enumerate(one, start=1):
+        got = {k: dict(scalars[k.replace("@", "_")])[step] for k in want}
+        assert got["reward"] == pytest.approx(want["reward"], abs=1e-6)
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+
+
+def test_export_loads_in_transformers_and_evaluates_like_the_checkpoint(tmp_path):
+    import dataclasses
+
+    import torch
+    import transformers
+
+    from grpo_jax import sampler as S
+
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    cfg.eval.every = 0
+    tr = T.Trainer(cfg)
+    tr.run()
+    want = tr.evaluate()
+    folder = tr.export_hf(str(tmp_path / "hf"))
+    row = tr.eval_rows[0]
+    ids = tr.prompt_ids([row])[0]
+    greedy = dataclasses.replace(tr.sampling, greedy=True)
+    ours = S.sample(tr.params, tr.model_cfg, [ids], 1, greedy, jax.random.key(0))
+    ours = np.asarray(ours.tokens[0, :int(ours.lengths[0])]).tolist()
+    tr.close()
+
+    tok = T.load_tokenizer(cfg.model.__class__(dict(tokenizer=folder)))
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast)
+    assert tok(row["question"])["input_ids"] == ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=cfg.grpo.max_new_tokens, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert out[0, len(ids):].tolist()[:len(ours)] == ours
+
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(f"from test_trainer import tiny_config\n\n\ndef get_config():\n"
+                           f"    return tiny_config({str(tmp_path / 'run')!r}, steps=2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    script = os.path.join(ROOT, "scripts", "evaluate.py")
+    for extra in ([], [f"--hf={folder}"]):
+        r = subprocess.run([sys.executable, script, f"--config={config_file}", *extra], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = json.loads(r.stdout[r.stdout.index("{"):])
+        assert got["problems"] == len(tr.eval_rows)
+        assert {k: got[k] for k in want} == want, (extra, got, want)

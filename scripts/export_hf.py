@@ -1,0 +1,46 @@
+"""Write a training checkpoint as a Hugging Face folder (config.json, safetensors, tokenizer) that
+transformers and vLLM load unchanged.
+
+    python scripts/export_hf.py --out=exports/default                       # latest checkpoint of the default run
+    python scripts/export_hf.py --config=configs/gsm8k_qwen.py --step=500 --out=exports/qwen --dtype=bfloat16
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
+    "the run's ml-collections config file", lock_config=True)
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step of config.workdir (default: the latest)")
+_OUT = flags.DEFINE_string("out", None, "output folder", required=True)
+_DTYPE = flags.DEFINE_string("dtype", None, "dtype of the written weights (default: the parameters' own)")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    from grpo_jax.trainer import Trainer
+
+    logging.set_verbosity(logging.WARNING)
+    cfg = _CONFIG.value
+    with cfg.unlocked():
+        cfg.verifier.workers = -1  # nothing is scored
+    trainer = Trainer(cfg)
+    try:
+        if not trainer.restore(_STEP.value):
+            raise SystemExit(f"no checkpoint in {os.path.join(cfg.workdir, 'checkpoints')}")
+        path = trainer.export_hf(_OUT.value, dtype=_DTYPE.value)
+        print(f"wrote step {trainer.step} of {cfg.workdir} to {path}")
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    app.run(main)
