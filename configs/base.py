@@ -39,7 +39,8 @@ def get_config() -> ConfigDict:
     c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0))  # workers=-1: score in this process
 
     # Cold-start SFT before RL (stage 1 of DeepSeek-R1); 0 steps skips it.
-    c.sft = ConfigDict(dict(steps=0, batch_size=32, learning_rate=1e-3, completion_format="#### {answer}"))
+    c.sft = ConfigDict(dict(steps=0, batch_size=32, learning_rate=1e-3, completion_format="#### {answer}",
+                            examples=0))  # the first `examples` training rows (0: all of them)
 
     c.optimizer = ConfigDict(dict(
         learning_rate=1e-6, warmup_steps=10, schedule="cosine", final_lr_fraction=0.1,

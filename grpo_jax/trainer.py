@@ -336,7 +336,9 @@ class Trainer:
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sft.learning_rate, weight_decay=0.0))
         opt_state = sharding.on_mesh(tx.init(self.params), self.mesh)
         update = jax.jit(functools.partial(_sft_update, model_cfg=self.model_cfg, tx=tx), donate_argnums=(0, 1))
-        it = D.PromptIterator(self.train_rows, sft.batch_size, seed=self.cfg.seed + 11)
+        # R1's cold start is a small set of demonstrations: the first `sft.examples` training rows (0: all).
+        rows = self.train_rows[:sft.examples] if sft.get("examples") else self.train_rows
+        it = D.PromptIterator(rows, min(sft.batch_size, len(rows)), seed=self.cfg.seed + 11)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         T = self.cfg.grpo.max_new_tokens
         losses = []

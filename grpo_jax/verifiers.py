@@ -127,6 +127,9 @@ def to_number(s: str) -> Fraction | float | None:
     if m:
         num, den = int(m.group(2)), int(m.group(3))
         return None if den == 0 else Fraction(num, den) * (-1 if m.group(1) else 1)
+    exponent = _EXPONENT.search(s)
+    if exponent and abs(int(exponent.group(1))) > 100:  # Fraction("1e999999999") builds a huge integer
+        return None
     try:
         if "/" in s:
             a, b = s.split("/", 1)
@@ -136,10 +139,15 @@ def to_number(s: str) -> Fraction | float | None:
         return None
 
 
+_EXPONENT = re.compile(r"[eE]([-+]?\d+)")
+
+
 def numbers_equal(a: Fraction, b: Fraction, rel_tol: float = 1e-6) -> bool:
+    """Equal up to a relative 1e-6 (or 1e-9 absolute), in exact arithmetic: no float overflow."""
     if a == b:
         return True
-    return math.isclose(float(a), float(b), rel_tol=rel_tol, abs_tol=1e-9)
+    diff, tol = abs(Fraction(a) - Fraction(b)), Fraction(rel_tol) * max(abs(Fraction(a)), abs(Fraction(b)))
+    return diff <= max(tol, Fraction(1, 10**9))
 
 
 # Expressions sympy would spend forever on: towers of powers and huge exponents or factorials.

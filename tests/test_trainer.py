@@ -258,3 +258,33 @@ def test_export_loads_in_transformers_and_evaluates_like_the_checkpoint(tmp_path
         got = json.loads(r.stdout[r.stdout.index("{"):])
         assert got["problems"] == len(tr.eval_rows)
         assert {k: got[k] for k in want} == want, (extra, got, want)
+
+
+@pytest.mark.parametrize("name", ["default", "gsm8k_qwen", "smollm2", "dapo", "dr_grpo"])
+def test_shipped_configs_load_and_differ_where_they_should(name):
+    import importlib
+
+    c = importlib.import_module(f"configs.{name}").get_config()
+    T.loss_config(c)  # every loss setting is valid
+    T.make_optimizer(c.optimizer, c.steps)
+    if name == "dapo":
+        assert (c.grpo.clip_eps_high, c.grpo.aggregation, c.grpo.beta, c.grpo.mask_truncated) == (0.28, "token-mean", 0.0, True)
+        assert "overlong" in c.rewards
+    if name == "dr_grpo":
+        assert (c.grpo.advantage_estimator, c.grpo.aggregation) == ("dr_grpo", "seq-mean-token-sum-norm")
+        assert T.loss_config(c).scale_rewards is None  # the estimator's own choice: no std division
+
+
+def test_smollm2_config_builds_offline(tmp_path, smollm2_dir):
+    from configs import smollm2
+
+    c = smollm2.get_config()
+    c.workdir, c.verifier.workers = str(tmp_path), -1
+    tr = T.Trainer(c)
+    try:
+        assert tr.sampling.eos_ids == (tr.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+        ids = tr.prompt_ids(tr.eval_rows[:1])[0]
+        text = tr.tokenizer.decode(ids)
+        assert "<|im_start|>user" in text and c.data.instruction in text and text.endswith("<|im_start|>assistant\n")
+    finally:
+        tr.close()

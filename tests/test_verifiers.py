@@ -192,3 +192,12 @@ def test_score_weights_none_and_metrics():
 def test_missing_column_is_a_clear_error():
     with pytest.raises(KeyError, match="column 'answer'"):
         R.math_accuracy([""], ["#### 1"])
+
+
+def test_huge_and_tiny_exponents_neither_overflow_nor_hang():
+    # Found by the default run: "1e999" made float(Fraction) raise OverflowError inside the verifier.
+    assert not V.answers_match("5", "1e999") and V.answers_match("1e999", "1e999")
+    assert not V.answers_match("5", "1e999999999")  # never builds 10**999999999
+    assert V.to_number("1e999999999") is None and V.to_number("2.5e3") == 2500
+    assert V.answers_match("0.3333333", "1/3") and V.answers_match("100", "100.00001")
+    assert not V.answers_match("100", "100.001") and V.answers_match("0", "1e-12")

@@ -1,0 +1,63 @@
+"""Plot a run's training reward and held-out accuracy over steps from its TensorBoard events.
+
+    python scripts/plot_metrics.py --workdir=runs/default --out=docs/default_run.png
+
+Needs matplotlib (in the `test` extra).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from grpo_jax.metrics import read_scalars  # noqa: E402
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the per-step reward of 128 completions is noisy)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="runs/default")
+    ap.add_argument("--out", default="docs/default_run.png")
+    ap.add_argument("--smooth", type=int, default=25, help="moving-average window of the reward curve")
+    args = ap.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = read_scalars(os.path.join(args.workdir, "tb"))
+    if "reward" not in s:
+        raise SystemExit(f"no training metrics in {args.workdir}/tb")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for tag, label in (("rewards/math/mean", "train accuracy (sampled, moving avg)"),):
+        if tag in s:
+            steps, values = zip(*s[tag])
+            ax.plot(steps, smooth(list(values), args.smooth), color="tab:gray", lw=1, label=label)
+    for tag, label, style in (("eval/pass_1", "held-out pass@1 (greedy)", "o-"),
+                              ("eval/mean_1_sampled", "held-out accuracy (sampled, T=1)", "s--")):
+        if tag in s:
+            steps, values = zip(*s[tag])
+            ax.plot(steps, values, style, label=label)
+    ax.set_xlabel("GRPO step (after the cold-start SFT)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
