@@ -1,8 +1,9 @@
 """The default run: a small char-level policy learns two-digit + one-digit addition on a laptop CPU.
 
-Stage 1 (cold start, R1 recipe): a short SFT on `#### N` answers teaches the format and a little
-arithmetic; stage 2: GRPO with the `math` verifier plus DAPO's soft overlong penalty (which keeps the
-policy ending its answer with EOS). Held-out problems never appear in training. No download, no GPU.
+Stage 1 (cold start, R1 recipe): SFT on 256 demonstrations (`#### N` answers) teaches the format
+and some arithmetic; stage 2: GRPO on all training problems with the `math` verifier plus DAPO's soft
+overlong penalty (which keeps the policy ending its answer with EOS). Held-out problems never appear
+in training. No download, no GPU.
 """
 
 from configs import base
@@ -19,7 +20,8 @@ def get_config():
     c.data.source = "synthetic:arithmetic"
     c.data.digits, c.data.digits_b, c.data.ops = 2, 1, "+"  # "What is 47 + 8?"
     c.data.eval_size = 256
-    c.sft.steps = 400
+    c.sft.examples = 256  # R1's cold start is a small set of demonstrations
+    c.sft.steps = 600
     c.sft.batch_size = 64
     c.sft.learning_rate = 1e-3
     c.grpo.prompts_per_step = 16

@@ -288,3 +288,24 @@ def test_smollm2_config_builds_offline(tmp_path, smollm2_dir):
         assert "<|im_start|>user" in text and c.data.instruction in text and text.endswith("<|im_start|>assistant\n")
     finally:
         tr.close()
+
+
+def test_plot_metrics_draws_reward_and_eval_curves(tmp_path):
+    from grpo_jax.metrics import MetricWriter
+
+    w = MetricWriter(str(tmp_path / "tb"))
+    for step in range(1, 31):
+        w.scalars({"reward": step / 30, "rewards/math/mean": step / 30}, step)
+    for step in (0, 15, 30):
+        w.scalars({"eval/pass@1": step / 40, "eval/mean@1_sampled": step / 50}, step)
+    w.close()
+    out = tmp_path / "plot.png"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"), f"--workdir={tmp_path}",
+                        f"--out={out}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    empty = tmp_path / "empty"
+    (empty / "tb").mkdir(parents=True)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"), f"--workdir={empty}",
+                        f"--out={tmp_path / 'x.png'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no training metrics" in r.stderr
