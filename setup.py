@@ -29,6 +29,7 @@ setup(
         "tensorboardX==2.6.5",
         "ml-collections==1.1.0",
         "numpy==2.4.6",
+        "tqdm==4.70.1",
     ],
     extras_require={
         # torch only for parity tests against transformers' PyTorch models; pinned because an

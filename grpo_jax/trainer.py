@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Sequence
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tqdm
 from ml_collections import ConfigDict
 
 from grpo_jax import data as D
@@ -442,19 +444,31 @@ class Trainer:
         """Train to cfg.steps (or stop early at step `until`, saving a checkpoint there)."""
         cfg = self.cfg
         last = cfg.steps if until is None else min(until, cfg.steps)
+        lead = jax.process_index() == 0
+        # A progress bar on a terminal (host 0); the one-line summaries go to stdout either way.
+        bar = tqdm.tqdm(total=cfg.steps, desc="GRPO", dynamic_ncols=True,
+                        disable=not (lead and sys.stderr.isatty()))
+
+        def say(line: str) -> None:
+            if lead:
+                tqdm.tqdm.write(line) if not bar.disable else print(line)
+
         if cfg.resume and self.restore():
-            print(f"resumed from step {self.step}", flush=True)
+            say(f"resumed from step {self.step}")
+        bar.update(self.step)
         history = []
         if self.step == 0 and cfg.sft.steps:
             t = time.perf_counter()
             losses = self.cold_start()
-            print(f"cold start: {cfg.sft.steps} SFT steps on {cfg.sft.completion_format!r}, loss "
-                  f"{losses[0]:.3f} -> {losses[-1]:.3f} ({time.perf_counter() - t:.1f} s)", flush=True)
+            say(f"cold start: {cfg.sft.steps} SFT steps on {cfg.sft.completion_format!r}, loss "
+                f"{losses[0]:.3f} -> {losses[-1]:.3f} ({time.perf_counter() - t:.1f} s)")
+        accuracy = None
         if self.step == 0 and cfg.eval.every:
             ev = self.evaluate()
             self.writer.scalars(ev, 0)
             history.append({"step": 0, **ev})
-            print(f"step 0 | " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()), flush=True)
+            accuracy = ev["eval/pass@1"]
+            say("step 0 | " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()))
         while self.step < last:
             m = self.train_step()
             self.writer.scalars(m, self.step)
@@ -463,14 +477,18 @@ class Trainer:
                 ev = self.evaluate()
                 self.writer.scalars(ev, self.step)
                 record.update(ev)
+                accuracy = ev["eval/pass@1"]
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward']:.3f}", **({} if accuracy is None else {"pass@1": f"{accuracy:.3f}"}))
             if self.step % cfg.log.every == 0 or self.step == last or "eval/pass@1" in record:
-                print(f"step {self.step}/{cfg.steps} | reward {m['reward']:.3f} | kl {m.get('kl', 0):.4f} | "
-                      f"len {m['completion_length/mean']:.1f} | "
-                      + " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/"))
-                      + f" | {m['time/sampling_s'] + m['time/rewards_s'] + m['time/update_s']:.2f}s", flush=True)
+                say(f"step {self.step}/{cfg.steps} | reward {m['reward']:.3f} | kl {m.get('kl', 0):.4f} | "
+                    f"len {m['completion_length/mean']:.1f} | "
+                    + " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/"))
+                    + f" | {m['time/sampling_s'] + m['time/rewards_s'] + m['time/update_s']:.2f}s")
             history.append(record)
             if cfg.checkpoint.every and (self.step % cfg.checkpoint.every == 0 or self.step == last):
                 self.save()
+        bar.close()
         self.writer.flush()
         return {"history": history}
 
