@@ -130,13 +130,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This host's block of rows of a [rows, ...] array whose rows are all hosts' in process order."""
+def all_rows(x: jax.Array) -> np.ndarray:
+    """The whole [rows, ...] array on this host (an all-gather when it spans several hosts)."""
     if jax.process_count() == 1:
         return np.asarray(x)
     from jax.experimental import multihost_utils
 
-    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This host's block of rows of a [rows, ...] array whose rows are all hosts' in process order."""
+    full = all_rows(x)
     m = len(full) // jax.process_count()
     return full[jax.process_index() * m:(jax.process_index() + 1) * m]
 
@@ -311,11 +316,11 @@ class Trainer:
         out.update(reward_metrics)
         out["data/skipped_rows"] = float(self.skipped_rows)
         # Advantage and per-function reward metrics are this host's; the headline ones cover all hosts.
-        total, lens = all_hosts(total), all_hosts(lengths).astype(np.float64)
+        total, lens = all_hosts(total), all_rows(rollout.lengths).astype(np.float64)
         out.update({
             "reward": float(total.mean()), "reward_std": float(total.std()),
             "completion_length/mean": lens.mean(), "completion_length/min": lens.min(),
-            "completion_length/max": lens.max(), "frac_truncated": float(all_hosts(local_rows(rollout.truncated)).mean()),
+            "completion_length/max": lens.max(), "frac_truncated": float(all_rows(rollout.truncated).mean()),
             "learning_rate": float(self.lr_schedule(self.step * cfg.grpo.num_iterations * mb)),
             "time/sampling_s": t_sample - t0, "time/rewards_s": t_reward - t_sample,
             "time/ref_logprobs_s": t_ref - t_reward, "time/update_s": t_update - t_ref,
@@ -339,8 +344,8 @@ class Trainer:
         opt_state = sharding.on_mesh(tx.init(self.params), self.mesh)
         update = jax.jit(functools.partial(_sft_update, model_cfg=self.model_cfg, tx=tx), donate_argnums=(0, 1))
         # R1's cold start is a small set of demonstrations: the first `sft.examples` training rows (0: all).
-        rows = self.train_rows[:sft.examples] if sft.get("examples") else self.train_rows
-        it = D.PromptIterator(rows, min(sft.batch_size, len(rows)), seed=self.cfg.seed + 11)
+        demos = self.train_rows[:sft.examples] if sft.get("examples") else self.train_rows
+        it = D.PromptIterator(demos, min(sft.batch_size, len(demos)), seed=self.cfg.seed + 11)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         T = self.cfg.grpo.max_new_tokens
         losses = []
