@@ -10,6 +10,8 @@ def get_config() -> ConfigDict:
     c.steps = 100
     c.workdir = "runs/default"
     c.resume = False
+    c.trainer = "grpo"  # "grpo" or "sft" (grpo_jax.sft: prompt/completion pairs)
+    c.init_from = ""  # a workdir whose latest checkpoint's parameters start this run (pipelines set it)
 
     c.model = ConfigDict(dict(
         source="shape:tiny",  # "shape:NAME" (random weights), "smollm2", an HF folder or hub id
@@ -36,11 +38,23 @@ def get_config() -> ConfigDict:
 
     c.sampling = ConfigDict(dict(top_k=0, top_p=1.0, eos_ids=[], prompt_buckets=[16, 32, 64, 128, 256, 512, 1024]))
     c.rewards = ConfigDict({"math": 1.0})  # reward function name -> weight
+    c.reward_functions = ConfigDict()  # your own: name -> "package.module:function" (name it in rewards)
     c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0))  # workers=-1: score in this process
 
-    # Cold-start SFT before RL (stage 1 of DeepSeek-R1); 0 steps skips it.
-    c.sft = ConfigDict(dict(steps=0, batch_size=32, learning_rate=1e-3, completion_format="#### {answer}",
-                            examples=0))  # the first `examples` training rows (0: all of them)
+    # Supervised fine-tuning. trainer="sft" runs cfg.steps steps with cfg.optimizer on `data`
+    # (comma-separated: "demonstrations", "rejection_samples", files or hub datasets; see grpo_jax/sft.py).
+    # In a GRPO run, steps > 0 first cold-starts on demonstrations at the constant `learning_rate`.
+    c.sft = ConfigDict(dict(
+        data="demonstrations", completion_field="completion", batch_size=32, microbatches=1,
+        max_completion_tokens=0,  # 0: grpo.max_new_tokens
+        completion_format="#### {answer}", examples=0,  # demonstrations: the first `examples` training rows (0: all)
+        steps=0, learning_rate=1e-3))  # the GRPO trainer's cold start
+
+    # Rejection sampling (stage 3 of DeepSeek-R1): n samples per training problem from the starting
+    # policy; kept when their weighted reward (`rewards`, {} = the eval verifier) reaches min_reward
+    # and they end with EOS; `keep` > 0 keeps the best `keep` per problem; dedupe drops repeated texts.
+    c.rejection = ConfigDict(dict(n=16, keep=0, dedupe=True, min_reward=1.0, rewards=ConfigDict(),
+                                  max_problems=0))  # 0: every training problem
 
     c.optimizer = ConfigDict(dict(
         learning_rate=1e-6, warmup_steps=10, schedule="cosine", final_lr_fraction=0.1,
@@ -48,6 +62,6 @@ def get_config() -> ConfigDict:
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ConfigDict(dict(every=50, keep=3))
-    c.eval = ConfigDict(dict(every=25, k=4, batch_size=64, reward="math"))
+    c.eval = ConfigDict(dict(every=25, k=4, batch_size=64, reward="math", at_start=True))
     c.log = ConfigDict(dict(every=1, samples_every=10))
     return c

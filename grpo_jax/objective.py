@@ -75,7 +75,7 @@ def policy_loss_terms(
     return sharded_loss_terms(logp, entropy, batch, loss_cfg, mesh)
 
 
-def _split_microbatches(batch: Batch, n: int) -> Batch:
+def split_microbatches(batch: Batch, n: int) -> Batch:
     """[B, ...] -> [n, B / n, ...], micro-batch k holding rows k, k + n, ... so that each one still
     spreads evenly over the data-parallel shards."""
     def split(x):
@@ -109,7 +109,7 @@ def loss_and_grad(
     if num_microbatches == 1:
         (total, metrics), grads = grad_fn(params, batch)
     else:
-        micro = _split_microbatches(batch, num_microbatches)
+        micro = split_microbatches(batch, num_microbatches)
         (_, metrics_shape), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
         carry = (jnp.zeros((), jnp.float32), L.Metrics.identity_like(metrics_shape),
                  jax.tree.map(jnp.zeros_like, params))

@@ -3,6 +3,7 @@
     python scripts/evaluate.py                                     # latest checkpoint of configs/default.py's run
     python scripts/evaluate.py --config=configs/gsm8k_qwen.py --step=200 --k=16
     python scripts/evaluate.py --hf=exports/default                # an exported (or any HF) model folder
+    python scripts/evaluate.py --config=configs/r1_pipeline.py --stage=grpo   # one stage of a pipeline
 
 Prints pass@1 (greedy), maj@k, pass@k (unbiased) and mean sampled accuracy as JSON, with the same
 verifier the run used (config eval.reward). --config.FIELD=value overrides work as in train.py.
@@ -22,6 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "the run's ml-collections config file (data, template, eval settings, model shape)", lock_config=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step of config.workdir (default: the latest)")
 _HF = flags.DEFINE_string("hf", None, "evaluate this Hugging Face folder or hub id instead of a checkpoint")
+_STAGE = flags.DEFINE_string("stage", None, "pipeline configs: the stage to evaluate (default: the last)")
 _K = flags.DEFINE_integer("k", None, "samples per problem for maj@k / pass@k (default: config.eval.k)")
 _OUTPUT = flags.DEFINE_string("output", None, "also write the JSON here")
 
@@ -31,22 +33,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from grpo_jax.trainer import Trainer
+    from grpo_jax.pipeline import load_policy
 
     logging.set_verbosity(logging.WARNING)
-    cfg = _CONFIG.value
-    if _HF.value:
-        with cfg.unlocked():
-            cfg.model.source = cfg.model.tokenizer = _HF.value
-            cfg.grpo.beta = 0.0  # no reference model to build
-    trainer = Trainer(cfg)
+    trainer, source = load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
     try:
-        source = _HF.value
-        if not source:
-            if not trainer.restore(_STEP.value):
-                raise SystemExit(f"no checkpoint in {os.path.join(cfg.workdir, 'checkpoints')}; "
-                                 "train first, or pass --hf=FOLDER")
-            source = f"{cfg.workdir} step {trainer.step}"
         result = {"model": source, "problems": len(trainer.eval_rows), **trainer.evaluate(k=_K.value)}
     finally:
         trainer.close()

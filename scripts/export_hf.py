@@ -3,6 +3,7 @@ transformers and vLLM load unchanged.
 
     python scripts/export_hf.py --out=exports/default                       # latest checkpoint of the default run
     python scripts/export_hf.py --config=configs/gsm8k_qwen.py --step=500 --out=exports/qwen --dtype=bfloat16
+    python scripts/export_hf.py --config=configs/r1_pipeline.py --out=exports/r1  # the last stage's policy
 """
 
 import os
@@ -18,6 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "the run's ml-collections config file", lock_config=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step of config.workdir (default: the latest)")
 _OUT = flags.DEFINE_string("out", None, "output folder", required=True)
+_STAGE = flags.DEFINE_string("stage", None, "pipeline configs: the stage to export (default: the last)")
 _DTYPE = flags.DEFINE_string("dtype", None, "dtype of the written weights (default: the parameters' own)")
 
 
@@ -26,18 +28,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from grpo_jax.trainer import Trainer
+    from grpo_jax.pipeline import load_policy
 
     logging.set_verbosity(logging.WARNING)
     cfg = _CONFIG.value
     with cfg.unlocked():
         cfg.verifier.workers = -1  # nothing is scored
-    trainer = Trainer(cfg)
+    trainer, source = load_policy(cfg, _STAGE.value, _STEP.value)
     try:
-        if not trainer.restore(_STEP.value):
-            raise SystemExit(f"no checkpoint in {os.path.join(cfg.workdir, 'checkpoints')}")
         path = trainer.export_hf(_OUT.value, dtype=_DTYPE.value)
-        print(f"wrote step {trainer.step} of {cfg.workdir} to {path}")
+        print(f"wrote {source} to {path}")
     finally:
         trainer.close()
 

@@ -1,7 +1,12 @@
-"""Train with GRPO.
+"""Train: GRPO, SFT (config trainer="sft"), or a pipeline of stages (a config with `stages`).
 
     python scripts/train.py                                   # configs/default.py, CPU, offline
     python scripts/train.py --config=configs/default.py --config.steps=50 --config.grpo.num_generations=16
+    python scripts/train.py --config=configs/r1_pipeline.py   # cold start -> GRPO -> RS-SFT -> GRPO
+    python scripts/train.py --config=configs/r1_pipeline.py --until_stage=grpo
+
+A pipeline run skips the stages it finished before and resumes an unfinished one, so rerunning the
+same command after an interruption carries on where it stopped.
 
 Any config field can be overridden as --config.FIELD=value; a misspelt field or a value of the wrong
 type stops the run at once with a message naming it.
@@ -24,6 +29,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host with the cluster detected by JAX (Cloud TPU, "
                                  "SLURM, Open MPI, Kubernetes); implied by the three flags above")
+_UNTIL_STAGE = flags.DEFINE_string("until_stage", None, "pipelines: stop after this stage")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
     "ml-collections config file", lock_config=True)
@@ -34,7 +40,7 @@ def main(argv):
 
     import jax
 
-    from grpo_jax.trainer import Trainer
+    from grpo_jax import pipeline
 
     if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs use their own
@@ -44,7 +50,15 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    trainer = Trainer(_CONFIG.value)
+    cfg = _CONFIG.value
+    if pipeline.is_pipeline(cfg):
+        records = pipeline.run_pipeline(cfg, until_stage=_UNTIL_STAGE.value)
+        if jax.process_index() == 0:
+            print(pipeline.format_table(records))
+        return
+    if _UNTIL_STAGE.value:
+        raise app.UsageError("--until_stage needs a pipeline config (one with `stages`)")
+    trainer = pipeline.make_trainer(cfg)
     try:
         trainer.run()
     finally:
