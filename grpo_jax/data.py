@@ -82,7 +82,7 @@ def filter_rows(rows: Sequence[Row], required: Sequence[str]) -> tuple[list[Row]
 def load_rows(source: str, *, split: str = "train", config: str | None = None, n: int = 1000, seed: int = 0,
               required: Sequence[str] = (), **synthetic_options: Any) -> tuple[list[Row], int]:
     """Rows from `synthetic:NAME` (options such as digits/ops go to the generator), a local
-    .jsonl/.json/.parquet file, or a hub dataset name.
+    .jsonl/.json/.parquet file, a folder written by `datasets`' `save_to_disk`, or a hub dataset name.
 
     Returns (rows, skipped): rows lacking a required field are dropped and counted.
     """
@@ -94,7 +94,13 @@ def load_rows(source: str, *, split: str = "train", config: str | None = None, n
     import datasets
 
     ext = os.path.splitext(source)[1].lower()
-    if ext in (".jsonl", ".json", ".parquet"):
+    if os.path.isdir(source):  # a dataset saved with `save_to_disk` (a DatasetDict: its `split`)
+        ds = datasets.load_from_disk(source)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset folder {source} has splits {sorted(ds)}, not {split!r}")
+            ds = ds[split]
+    elif ext in (".jsonl", ".json", ".parquet"):
         if not os.path.exists(source):
             raise FileNotFoundError(f"dataset file {source} does not exist")
         ds = datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=source, split="train")

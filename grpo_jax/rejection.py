@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from grpo_jax import rewards as R
+from grpo_jax.trainer import all_hosts_json
 
 
 def select(rows: Sequence[dict], n: int, texts: Sequence[str], lengths: Sequence[int],
@@ -62,22 +63,6 @@ def summarize(kept: Sequence[dict], counts: dict[str, float]) -> dict[str, float
             "mean_length_chars": float(np.mean([len(r["completion"]) for r in kept])) if kept else 0.0}
 
 
-def _gather_rows(rows: list[dict]) -> list[dict]:
-    """Every host's rows, in process order (JSON through an all-gather of byte arrays)."""
-    if jax.process_count() == 1:
-        return rows
-    from jax.experimental import multihost_utils
-
-    blob = np.frombuffer(json.dumps(rows).encode(), np.uint8)
-    size = int(np.max(multihost_utils.process_allgather(np.int64(blob.size))))
-    padded = np.zeros(size, np.uint8)
-    padded[:blob.size] = blob
-    out = []
-    for part in multihost_utils.process_allgather(padded):
-        out += json.loads(bytes(part).rstrip(b"\0").decode())
-    return out
-
-
 def rejection_sample(trainer, rows: Sequence[dict], *, n: int = 16, keep: int = 0, dedupe: bool = True,
                      min_reward: float = 1.0, specs: Sequence[R.RewardSpec] | None = None,
                      seed: int | None = None) -> tuple[list[dict], dict[str, float]]:
@@ -96,7 +81,7 @@ def rejection_sample(trainer, rows: Sequence[dict], *, n: int = 16, keep: int = 
     rewards, _, _ = trainer.score(specs, block, n, gen.texts, gen.lengths)
     kept, counts = select(block, n, gen.texts, gen.lengths, gen.truncated, rewards, min_reward=min_reward,
                           keep=keep, dedupe=dedupe)
-    kept = _gather_rows(kept)
+    kept = all_hosts_json(kept)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

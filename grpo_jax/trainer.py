@@ -160,6 +160,19 @@ def all_hosts(x: np.ndarray) -> np.ndarray:
     return np.concatenate(list(multihost_utils.process_allgather(np.asarray(x))))
 
 
+def all_hosts_json(items: list) -> list:
+    """Every host's list of JSON-serialisable items, concatenated in process order."""
+    if jax.process_count() == 1:
+        return list(items)
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(items).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.int64(blob.size))))
+    padded = np.zeros(size, np.uint8)
+    padded[:blob.size] = blob
+    return [x for part in multihost_utils.process_allgather(padded) for x in json.loads(bytes(part).rstrip(b"\0").decode())]
+
+
 # --------------------------------------------------------------------------------------------------
 # Jitted pieces
 
@@ -435,9 +448,9 @@ class TrainerBase:
             bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {"loss": f"{m['loss']:.3f}"}),
                             **({} if accuracy is None else {"pass@1": f"{accuracy:.3f}"}))
             if self.step % cfg.log.every == 0 or self.step == last or "eval/pass@1" in record:
-                say(f"step {self.step}/{cfg.steps} | {self._summary(m)} | "
-                    + " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/"))
-                    + f" | {m['time/step_s']:.2f}s")
+                evals = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/"))
+                say(f"step {self.step}/{cfg.steps} | {self._summary(m)} | " + (f"{evals} | " if evals else "")
+                    + f"{m['time/step_s']:.2f}s")
             history.append(record)
             if cfg.checkpoint.every and (self.step % cfg.checkpoint.every == 0 or self.step == last):
                 self.save()

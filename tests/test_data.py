@@ -73,3 +73,18 @@ def test_split_by_prompt_never_leaks_a_held_out_problem():
     assert len({r["question"] for r in train}) == 200 - 64
     with pytest.raises(ValueError, match="distinct prompts"):
         D.split_rows(rows, 200, seed=0, key="question")
+
+
+def test_saved_datasets_folder_and_parquet(tmp_path):
+    import datasets
+
+    rows = [{"question": "What is 1 + 1?", "completion": "#### 2"}, {"question": "", "completion": "#### 3"}]
+    ds = datasets.Dataset.from_list(rows)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    ds.save_to_disk(str(tmp_path / "single"))
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    for source in ("dict", "single", "rows.parquet"):
+        got, skipped = D.load_rows(str(tmp_path / source), required=("question", "completion"))
+        assert (got, skipped) == (rows[:1], 1), source
+    with pytest.raises(ValueError, match="'test'"):
+        D.load_rows(str(tmp_path / "dict"), split="test")

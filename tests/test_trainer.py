@@ -260,13 +260,26 @@ def test_export_loads_in_transformers_and_evaluates_like_the_checkpoint(tmp_path
         assert {k: got[k] for k in want} == want, (extra, got, want)
 
 
-@pytest.mark.parametrize("name", ["default", "gsm8k_qwen", "smollm2", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("name", ["default", "gsm8k_qwen", "smollm2", "dapo", "dr_grpo", "r1_pipeline", "distill"])
 def test_shipped_configs_load_and_differ_where_they_should(name):
     import importlib
 
-    c = importlib.import_module(f"configs.{name}").get_config()
-    T.loss_config(c)  # every loss setting is valid
-    T.make_optimizer(c.optimizer, c.steps)
+    from grpo_jax import pipeline
+    from grpo_jax import rewards as R
+
+    module = importlib.import_module(f"configs.{name}")
+    c = module.get_config()
+    stages = [pipeline.stage_config(c, s) for s in pipeline.stage_names(c)] if pipeline.is_pipeline(c) else [c]
+    for s in stages:
+        T.loss_config(s)  # every loss setting is valid
+        T.make_optimizer(s.optimizer, s.steps)
+        for fn in s.reward_functions.values():
+            R.get_reward_fn(fn)
+    if name == "r1_pipeline":
+        assert [s.trainer for s in stages] == ["sft", "grpo", "sft", "grpo"]
+        assert stages[2].sft.data == "rejection_samples,demonstrations" and stages[1].init_from == stages[0].workdir
+        assert set(stages[3].rewards) == {"math", "overlong", "concise"}
+        assert module.concise(None, ["#### 42", " #### -7\n", "#### 42 then", "42"]) == [1.0, 1.0, 0.0, 0.0]
     if name == "dapo":
         assert (c.grpo.clip_eps_high, c.grpo.aggregation, c.grpo.beta, c.grpo.mask_truncated) == (0.28, "token-mean", 0.0, True)
         assert "overlong" in c.rewards

@@ -1,0 +1,119 @@
+"""Test-time scaling of a trained policy: pass@k, maj@k and best-of-k as functions of k.
+
+    python scripts/test_time_scaling.py --config=configs/r1_pipeline.py --n=16 --plot=docs/tts.png
+    python scripts/test_time_scaling.py --hf=exports/r1 --select=logprob,format_lenient
+
+Samples n completions of each held-out problem once (the run's sampling settings), scores them with
+the run's verifier (eval.reward), and reports for k = 1, 2, 4, ..., n the unbiased pass@k, majority
+vote over normalised final answers (maj@k) and best-of-k picked by each --select score: a reward
+function name (built-in or "module:function") or `logprob` (the policy's mean token log-probability,
+its own confidence). Picking by the verifier itself would give pass@k. Greedy pass@1 is reported
+too. Prints a markdown table; --output writes JSON, --plot a PNG. See grpo_jax/test_time.py.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
+    "the run's ml-collections config file", lock_config=True)
+_STAGE = flags.DEFINE_string("stage", None, "pipeline configs: the stage (default: the last)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_HF = flags.DEFINE_string("hf", None, "a Hugging Face folder or hub id instead of a checkpoint")
+_N = flags.DEFINE_integer("n", 16, "samples per problem; k goes up to n")
+_SELECT = flags.DEFINE_list("select", ["logprob"], "best-of-k selectors: reward function names or logprob")
+_PROBLEMS = flags.DEFINE_integer("problems", 0, "the first this many held-out problems (0: all)")
+_OUTPUT = flags.DEFINE_string("output", None, "write the table as JSON here")
+_PLOT = flags.DEFINE_string("plot", None, "draw the curves into this PNG")
+
+
+def measure(trainer, rows, n: int, selectors) -> dict:
+    """Greedy pass@1 and the scaling curve of `trainer`'s policy on `rows` (all hosts' figures)."""
+    import jax
+    import numpy as np
+
+    from grpo_jax import rewards as R
+    from grpo_jax import test_time as TT
+    from grpo_jax.trainer import all_hosts, all_hosts_json
+    from grpo_jax.verifiers import extract_answer, normalize_answer
+
+    cfg = trainer.cfg
+    greedy = trainer.evaluate(rows, k=0)["eval/pass@1"]
+    block = trainer._host_block(rows, jax.process_count())
+    batch = max(1, cfg.eval.batch_size * max(cfg.eval.k, 1) // (n * jax.process_count()))
+    gen = trainer.sample_completions(block, n, trainer.sampling, jax.random.key(cfg.seed + 7), batch_size=batch)
+    scores, _, _ = trainer.score([R.RewardSpec(cfg.eval.reward, 1.0)], block, n, gen.texts, gen.lengths)
+    correct = all_hosts(np.asarray(scores).reshape(len(block), n) > 0.5)
+    answers = all_hosts_json([[normalize_answer(extract_answer(t) or "") for t in gen.texts[i * n:(i + 1) * n]]
+                              for i in range(len(block))])
+    chosen = {}
+    for name in selectors:
+        s = gen.mean_logp if name == "logprob" else trainer.score([R.RewardSpec(name, 1.0)], block, n, gen.texts, gen.lengths)[0]
+        chosen[name] = all_hosts(np.asarray(s, np.float64).reshape(len(block), n))
+    return {"problems": len(rows), "n": n, "greedy_pass@1": greedy,
+            "curve": TT.scaling_curve(correct, answers, chosen)}
+
+
+def table(result: dict) -> str:
+    cols = [c for c in result["curve"][0] if c != "k"]
+    lines = ["| k | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {r['k']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for r in result["curve"]]
+    return "\n".join(lines) + f"\n\ngreedy pass@1: {result['greedy_pass@1']:.3f} ({result['problems']} problems, n={result['n']})"
+
+
+def plot(result: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [r["k"] for r in result["curve"]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for col in (c for c in result["curve"][0] if c != "k"):
+        ax.plot(ks, [r[col] for r in result["curve"]], marker="o", label=col.replace("@k", "@k "))
+    ax.axhline(result["greedy_pass@1"], color="gray", ls="--", label="greedy pass@1")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    import jax
+
+    from grpo_jax.pipeline import load_policy
+
+    logging.set_verbosity(logging.WARNING)
+    trainer, source = load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
+    try:
+        rows = trainer.eval_rows[:_PROBLEMS.value] if _PROBLEMS.value else trainer.eval_rows
+        result = {"model": source, **measure(trainer, rows, _N.value, _SELECT.value)}
+    finally:
+        trainer.close()
+    if jax.process_index() != 0:
+        return
+    print(table(result))
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(result, f, indent=2)
+    if _PLOT.value:
+        plot(result, _PLOT.value, f"test-time scaling: {source}")
+
+
+if __name__ == "__main__":
+    app.run(main)
