@@ -82,7 +82,9 @@ def test_written_dataset_is_what_sft_reads(tmp_path):
     rejection.write_dataset(kept, summary, path)
     assert json.load(open(rejection.summary_path(path)))["samples_kept"] == 4
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
-    tr = SFTTrainer(sft_config(tmp_path / "run", path, steps=1))
+    cfg = sft_config(tmp_path / "run", path, steps=1)
+    cfg.sft.batch_size = 4  # the whole dataset
+    tr = SFTTrainer(cfg)
     try:
         assert [(r["question"], r["completion"]) for r in tr.data.rows] == [(r["question"], r["completion"]) for r in kept]
         assert np.isfinite(tr.train_step()["loss"])

@@ -1,8 +1,10 @@
 """Supervised fine-tuning: the completion-only loss against an independent reference, exact
 micro-batching, and the SFT trainer on prompt/completion files (cold start, distillation)."""
 
+import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -96,6 +98,7 @@ def sft_config(workdir, data, steps=30):
     c = tiny_config(workdir, steps=steps)
     c.trainer = "sft"
     c.sft.data, c.sft.batch_size, c.sft.steps = data, 8, 0
+    c.grpo.max_new_tokens = 10  # `#### 15` and its EOS fit uncut; evaluation decodes as far
     c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = 3e-3, 1, "constant"
     c.eval.every, c.checkpoint.every = 0, steps
     return c
@@ -115,7 +118,7 @@ def test_sft_trainer_learns_a_teacher_file_and_skips_bad_rows(tmp_path):
     rows = [{"question": f"What is {a} + {b}?", "response": f"#### {a + b}"} for a in range(4) for b in range(4)]
     rows += [{"question": "What is 1 + 1?"}, {"question": "", "response": "#### 2"}]
     write_pairs(tmp_path / "teacher.jsonl", rows)
-    cfg = sft_config(tmp_path / "run", str(tmp_path / "teacher.jsonl"))
+    cfg = sft_config(tmp_path / "run", str(tmp_path / "teacher.jsonl"), steps=120)
     cfg.sft.completion_field = "response"
     tr = SFTTrainer(cfg)
     try:
@@ -123,12 +126,14 @@ def test_sft_trainer_learns_a_teacher_file_and_skips_bad_rows(tmp_path):
         before = dataset_loss(tr)
         history = tr.run()["history"]
         after = dataset_loss(tr)
-        assert after < 0.5 * before, (before, after)
+        assert after < 0.2 * before, (before, after)
         assert history[-1]["data/skipped_rows"] == 2 and history[-1]["frac_cut"] == 0.0
-        assert tr.ckpt.latest_step() == 30
-        # Greedy decoding now reproduces the training completions on most of the training prompts.
-        ev = tr.evaluate(rows=[{"question": r["question"], "answer": r["response"][5:]} for r in rows[:16]], k=0)
-        assert ev["eval/pass@1"] >= 0.5, ev
+        assert tr.ckpt.latest_step() == 120
+        # Greedy decoding now writes the teacher's format (`#### N`) for every training prompt; the
+        # random-weight model before training writes arbitrary characters.
+        greedy = dataclasses.replace(tr.sampling, greedy=True)
+        texts = tr.sample_completions(rows[:16], 1, greedy, jax.random.key(0)).texts
+        assert all(re.fullmatch(r"#### \d+", t) for t in texts), texts
     finally:
         tr.close()
 
