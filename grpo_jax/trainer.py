@@ -63,8 +63,8 @@ def loss_config(cfg: ConfigDict) -> L.LossConfig:
         mask_truncated=g.mask_truncated, temperature=g.temperature, logprob_chunk=g.logprob_chunk)
 
 
-def make_optimizer(opt: ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay (or constant), global-norm clipping."""
+def make_optimizer(opt: ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up then cosine decay (or constant), global-norm clipping; and its schedule."""
     warmup = max(1, min(opt.warmup_steps, total_steps - 1))
     if opt.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, max(total_steps, warmup + 1),

@@ -147,7 +147,49 @@ def bench_one(args, prompts: int) -> dict:
     return out
 
 
-def main() -> None:
+def update_memory(args, prompts: int) -> dict:
+    """Memory of the compiled update from XLA's buffer assignment, ahead of time: abstract parameters,
+    optimizer state and batch, nothing allocated, so any shape can be checked on any backend (the
+    figures are the compiling backend's: run it on the target device for that device's numbers)."""
+    import functools
+
+    from grpo_jax import sharding
+    from grpo_jax import trainer as T
+
+    cfg = make_config(args, prompts, "")
+    shape = M.SHAPES[args.shape]
+    model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.dtype, remat=args.remat)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    tx, _ = T.make_optimizer(cfg.optimizer, 1)
+    params = jax.eval_shape(lambda k: M.init_params(model_cfg, k), jax.random.key(0))
+    opt_state = jax.eval_shape(tx.init, params)
+    B, P, C = prompts * args.num_generations, args.prompt_len, args.new_tokens
+    f32, i32 = jax.ShapeDtypeStruct((B, C), jnp.float32), jax.ShapeDtypeStruct((B, C), jnp.int32)
+    batch = {"prompt_ids": jax.ShapeDtypeStruct((B, P), jnp.int32), "prompt_mask": jax.ShapeDtypeStruct((B, P), bool),
+             "completion_ids": i32, "completion_mask": jax.ShapeDtypeStruct((B, C), bool),
+             "advantages": jax.ShapeDtypeStruct((B,), jnp.float32), "truncated": jax.ShapeDtypeStruct((B,), bool),
+             "old_logp": f32, "sampler_logp": f32}
+    if args.beta > 0:
+        batch["ref_logp"] = f32
+    update = jax.jit(functools.partial(T._update, model_cfg=model_cfg, loss_cfg=T.loss_config(cfg), mesh=mesh,
+                                       num_microbatches=args.microbatches, tx=tx), donate_argnums=(0, 1))
+    t = time.perf_counter()
+    compiled = update.lower(params, opt_state, batch).compile()
+    compile_s = time.perf_counter() - t
+    m = compiled.memory_analysis()
+    gib = 2**30
+    state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, opt_state))) / gib
+    kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * jnp.dtype(args.dtype).itemsize * B * (P + C) / gib
+    return {"batch": B, "params": model_cfg.num_params, "update_compile_s": compile_s,
+            "params_and_optimizer_gib": state,
+            "update_arguments_gib": m.argument_size_in_bytes / gib, "update_temp_gib": m.temp_size_in_bytes / gib,
+            "update_outputs_gib": m.output_size_in_bytes / gib, "update_aliased_gib": m.alias_size_in_bytes / gib,
+            "update_peak_estimate_gib": (m.argument_size_in_bytes + m.output_size_in_bytes
+                                         - m.alias_size_in_bytes + m.temp_size_in_bytes) / gib,
+            "sampler_kv_cache_gib": kv}
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", choices=sorted(M.SHAPES))
     ap.add_argument("--dtype", default="float32")
@@ -163,14 +205,16 @@ def main() -> None:
     ap.add_argument("--peak_tflops", type=float, default=0.0,
                     help="the device's matrix peak for MFU (0: measure a bf16 matmul on accelerators)")
     ap.add_argument("--profile", default="", help="write a jax.profiler trace of the first timed step here")
+    ap.add_argument("--memory_only", action="store_true",
+                    help="compile the update ahead of time and report its memory; run no step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.warmup < 1:
         ap.error(f"--warmup={args.warmup}: at least one untimed step is needed to measure compile time")
 
     dev = jax.devices()[0]
-    if not args.peak_tflops and dev.platform != "cpu":
+    if not args.peak_tflops and dev.platform != "cpu" and not args.memory_only:
         args.peak_tflops = matmul_peak_tflops()
     result = {
         "device": getattr(dev, "device_kind", dev.platform), "backend": dev.platform,
@@ -178,13 +222,14 @@ def main() -> None:
         "shape": args.shape, "dtype": args.dtype,
         "remat": args.remat, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
         "peak_tflops": args.peak_tflops or None,
-        "runs": [bench_one(args, p) for p in args.prompts],
+        "runs": [(update_memory if args.memory_only else bench_one)(args, p) for p in args.prompts],
     }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    return result
 
 
 if __name__ == "__main__":

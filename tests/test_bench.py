@@ -1,7 +1,10 @@
 """The benchmark scripts keep running (tiny shape on CPU); their figures come from real runs."""
 
 import importlib.util
+import math
 from pathlib import Path
+
+import jax
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -31,3 +34,40 @@ def test_bench_rewards_small():
     res = _load("bench_rewards").main(["--n", "20", "--workers", "1"])
     assert res["n"] == 20 and res["pool_rewards_per_s"] > 0 and res["timeouts"] == 0
     assert 0.3 < res["mean_reward"] < 0.9  # about 60% of the generated answers are right
+
+
+def test_bench_grpo_step_tiny(tmp_path):
+    mod = _load("bench_grpo_step")
+    res = mod.main(["--prompts", "2", "--num_generations", "2", "--prompt_len", "8", "--new_tokens", "6",
+                    "--warmup", "1", "--steps", "1", "--out", str(tmp_path / "b.json")])
+    run = res["runs"][0]
+    assert run["batch"] == 4 and len(run["step_s"]) == 2
+    # EOS disabled: every completion runs to the limit, so tokens per step are exact.
+    assert run["completion_tokens_per_step"] == 4 * 6 and run["frac_truncated"] == 1.0
+    split = run["split_s"]
+    assert all(v > 0 for v in split.values()) and run["other_s"] >= 0  # beta > 0: a reference pass ran
+    assert math.isclose(sum(split.values()) + run["other_s"], run["median_step_s"], rel_tol=1e-9)
+    assert run["compile_s"] > 0 and run["update_tflops"] > 0 and run["peak_memory_gib"] is None  # CPU
+
+
+def test_update_flops_against_a_count_over_the_parameter_tree():
+    from grpo_jax import model as M
+
+    mod = _load("bench_grpo_step")
+    for name in ("tiny", "qwen2.5-0.5b"):
+        cfg = M.SHAPES[name]
+        # Every kernel and the (tied) embedding is a matmul weight; biases and norm scales are not.
+        weights = sum(math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(M.param_shapes(cfg))
+                      if jax.tree_util.keystr(path).endswith(("['kernel']", "['embedding']")))
+        B, S = 3, 20
+        attention = 2 * 2 * 3 * cfg.num_layers * cfg.num_heads * cfg.head_dim * S * S / 2  # QK^T, AV; fwd+bwd
+        assert mod.update_flops(cfg, B, S) == B * (6 * weights * S + attention)
+
+
+def test_bench_grpo_update_memory_ahead_of_time():
+    res = _load("bench_grpo_step").main(["--memory_only", "--prompts", "2", "--num_generations", "2",
+                                         "--prompt_len", "8", "--new_tokens", "6"])
+    run = res["runs"][0]
+    assert run["update_temp_gib"] > 0 and run["update_peak_estimate_gib"] >= run["update_arguments_gib"]
+    # bf16 model state is the parameters plus AdamW's two moments (same dtype) and its step count.
+    assert math.isclose(run["params_and_optimizer_gib"] * 2**30, 3 * 4 * run["params"] + 4 * 2, rel_tol=1e-6)

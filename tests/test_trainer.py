@@ -322,3 +322,17 @@ def test_plot_metrics_draws_reward_and_eval_curves(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"), f"--workdir={empty}",
                         f"--out={tmp_path / 'x.png'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no training metrics" in r.stderr
+
+
+def test_model_overrides_pad_the_vocabulary_never_shrink_it():
+    from ml_collections import ConfigDict
+
+    from grpo_jax.trainer import load_model
+
+    mcfg = ConfigDict(dict(source="shape:tiny", overrides={"vocab_size": 128}, dtype="float32",
+                           param_dtype="float32", remat="none"))
+    params, cfg = load_model(mcfg, 100, jax.random.key(0))
+    assert cfg.vocab_size == 128 and params["embedding"].shape == (128, cfg.hidden_size)
+    mcfg.overrides = {"vocab_size": 64}
+    with pytest.raises(ValueError, match="vocab_size=64 is smaller than the tokenizer's 100"):
+        load_model(mcfg, 100, jax.random.key(0))
