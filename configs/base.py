@@ -17,7 +17,8 @@ def get_config() -> ConfigDict:
         source="shape:tiny",  # "shape:NAME" (random weights), "smollm2", an HF folder or hub id
         overrides={},  # ModelConfig fields for shape: sources (e.g. num_layers)
         tokenizer="char",  # "char", "qwen2", "smollm2", or an HF folder / hub id
-        dtype="float32", param_dtype="float32", remat="none"))
+        dtype="float32", param_dtype="float32", remat="none",
+        attention="einsum"))  # cache-free passes: "einsum", "xla" or "cudnn" (see model.ModelConfig)
 
     c.data = ConfigDict(dict(
         source="synthetic:arithmetic", config="", split="train",

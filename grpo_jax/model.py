@@ -48,6 +48,9 @@ _REMAT_POLICIES = {
 }
 
 
+_ATTENTION = ("einsum", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama/Qwen2-style decoder. Frozen and hashable: pass it as a static
@@ -74,6 +77,11 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # "none" | "full" | "dots": activation checkpointing of each layer
+    # Attention of cache-free passes (training, reference and old log-probabilities): "einsum" (scores
+    # [B, H, T, S] in memory, any mask), or jax.nn.dot_product_attention over rows packed to the left,
+    # with implementation "xla" or "cudnn" (fused flash attention, no [T, S] buffers; bf16/fp16 GPUs).
+    # Decoding with a KV cache always uses "einsum".
+    attention: str = "einsum"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # the checkpoint's EOS ids; the sampler stops on these
 
@@ -85,6 +93,10 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"attention={self.attention!r}; expected one of {list(_ATTENTION)}")
+        if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={self.dtype!r}")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(
@@ -191,8 +203,11 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, sin, cos, attn_mask, kv_cache, layer, index):
+    def __call__(self, x, sin, cos, attn_mask, kv_cache, layer, index, seq_lengths):
         """x [B, T, d]; attn_mask [B, T, S] bool; kv_cache (k, v) [layers, B, S, Hkv, D] or None.
+
+        With seq_lengths [B] (and attn_mask None) the rows are packed to the left, attention is causal
+        within each row's first seq_lengths tokens, and jax.nn.dot_product_attention computes it.
 
         The whole stacked cache travels through the layer scan as loop state and each layer writes its
         new keys/values into it with dynamic_update_slice: XLA updates a loop-carried buffer in place,
@@ -220,14 +235,19 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
 
-        # Grouped-query attention without repeating K/V: query heads are split [kv_heads, group].
         B, T = x.shape[:2]
-        q = q.reshape(B, T, K, H // K, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
-        scores = scores * (D ** -0.5)
-        scores = jnp.where(attn_mask[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H, D)
+        if seq_lengths is not None:
+            # Padded queries (beyond a row's length) still see its real keys: no all-masked rows.
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=seq_lengths,
+                                               implementation=cfg.attention)
+        else:
+            # Grouped-query attention without repeating K/V: query heads are split [kv_heads, group].
+            q = q.reshape(B, T, K, H // K, D)
+            scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+            scores = scores * (D ** -0.5)
+            scores = jnp.where(attn_mask[:, None, None], scores, _MASK_VALUE)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H, D)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt, name="o_proj",
             kernel_init=_init(("heads", "head_dim", "embed")),
@@ -258,12 +278,13 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, sin, cos, attn_mask, index):
+    def __call__(self, carry, sin, cos, attn_mask, index, seq_lengths):
         x, kv_cache, layer = carry
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                                     name=name)
-        h, kv_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), sin, cos, attn_mask, kv_cache, layer, index)
+        h, kv_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), sin, cos, attn_mask, kv_cache, layer, index,
+                                                 seq_lengths)
         x = x + h
         x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
         return (x, kv_cache, layer + 1), None
@@ -273,7 +294,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, attn_mask, kv_cache, index, return_hidden):
+    def __call__(self, tokens, positions, attn_mask, kv_cache, index, return_hidden, seq_lengths=None):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
@@ -287,11 +308,12 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast,) * 5,
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        (x, kv_cache, _), _ = layers((x, kv_cache, jnp.zeros((), jnp.int32)), sin, cos, attn_mask, index)
+        (x, kv_cache, _), _ = layers((x, kv_cache, jnp.zeros((), jnp.int32)), sin, cos, attn_mask, index,
+                                     seq_lengths)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
         if return_hidden:
             return x, kv_cache
@@ -354,6 +376,23 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
     }
 
 
+def _forward_packed(params: Params, cfg: ModelConfig, tokens: Array, mask: Array, positions: Array,
+                    return_hidden: bool) -> Array:
+    """Cache-free forward with each row's real tokens moved to its front, so that attention is causal
+    plus a key length per row, the form fused kernels take (jax.nn.dot_product_attention); outputs
+    are moved back to the input layout. Real tokens get exactly what the masked einsum gives them."""
+    order = jnp.argsort(~mask, axis=1, stable=True)  # [B, T]: real tokens first, in their order
+    take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)
+    out, _ = Transformer(cfg).apply({"params": params}, take(tokens, order), take(positions, order), None,
+                                 None, 0, return_hidden, mask.sum(axis=1, dtype=jnp.int32))
+    return take(out, jnp.argsort(order, axis=1)[..., None])
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
+    """Bytes of KV cache one token takes (keys and values of every layer, in the compute dtype)."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -385,6 +424,8 @@ def forward(
     if cache is None:
         if positions is None:
             positions = offsets
+        if cfg.attention != "einsum":
+            return _forward_packed(params, cfg, tokens, mask, positions, return_hidden), None
         causal = jnp.tril(jnp.ones((T, T), bool))
         attn_mask = causal[None] & mask[:, None, :]  # [B, T, T]
         out, _ = Transformer(cfg).apply({"params": params}, tokens, positions, attn_mask, None, 0,

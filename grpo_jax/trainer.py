@@ -87,12 +87,14 @@ def load_model(mcfg: ConfigDict, vocab_size: int, key: jax.Array) -> tuple[M.Par
         if fields["vocab_size"] < vocab_size:
             raise ValueError(f"model.overrides.vocab_size={fields['vocab_size']} is smaller than the "
                              f"tokenizer's {vocab_size} tokens")
-        cfg = base.replace(dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, remat=mcfg.remat, **fields)
+        cfg = base.replace(dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, remat=mcfg.remat,
+                           attention=mcfg.get("attention", "einsum"), **fields)
         return M.init_params(cfg, key), cfg
     from grpo_jax.pretrained import smollm2_path
 
     path = smollm2_path() if mcfg.source == "smollm2" else mcfg.source
-    return hf.load_hf(path, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, remat=mcfg.remat)
+    return hf.load_hf(path, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, remat=mcfg.remat,
+                      attention=mcfg.get("attention", "einsum"))
 
 
 def load_tokenizer(mcfg: ConfigDict):
@@ -500,6 +502,16 @@ class GRPOTrainer(TrainerBase):
         prompts = self.prompt_ids(rows)
         key = jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
         rollout = S.sample(self.params, self.model_cfg, prompts, G, self.sampling, key, mesh=self.mesh)
+        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                 "completion_ids": rollout.tokens, "completion_mask": rollout.mask,
+                 "truncated": rollout.truncated, "old_logp": rollout.logprobs, "sampler_logp": rollout.logprobs}
+        if self.ref_params is not None:
+            # Dispatched before the host scores the completions: the device computes the reference
+            # log-probabilities while the verifiers run, and time/ref_logprobs_s is what is left after.
+            batch["ref_logp"], _ = self._logprobs(self.ref_params, self.model_cfg, batch["prompt_ids"],
+                                                  batch["prompt_mask"], batch["completion_ids"],
+                                                  batch["completion_mask"], self.loss_cfg.temperature,
+                                                  self.loss_cfg.logprob_chunk)
         tokens, lengths = local_rows(rollout.tokens), local_rows(rollout.lengths)  # this host's rows
         t_sample = time.perf_counter()
 
@@ -510,18 +522,10 @@ class GRPOTrainer(TrainerBase):
                   f"(errors {reward_metrics['rewards/errors']:.0f}, timeouts {reward_metrics['rewards/timeouts']:.0f}, "
                   f"crashes {reward_metrics['rewards/crashes']:.0f}); last error: {self.pool.last_error}", flush=True)
         advantages, adv_metrics = L.compute_advantages(jnp.asarray(total), G, self.loss_cfg)  # groups never span hosts
-        advantages = global_rows(np.asarray(advantages), self.mesh)
+        batch["advantages"] = global_rows(np.asarray(advantages), self.mesh)
         t_reward = time.perf_counter()
 
-        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                 "completion_ids": rollout.tokens, "completion_mask": rollout.mask, "advantages": advantages,
-                 "truncated": rollout.truncated, "old_logp": rollout.logprobs, "sampler_logp": rollout.logprobs}
-        if self.ref_params is not None:
-            batch["ref_logp"], _ = self._logprobs(self.ref_params, self.model_cfg, batch["prompt_ids"],
-                                                  batch["prompt_mask"], batch["completion_ids"],
-                                                  batch["completion_mask"], self.loss_cfg.temperature,
-                                                  self.loss_cfg.logprob_chunk)
-            jax.block_until_ready(batch["ref_logp"])  # time the reference pass, not its dispatch
+        jax.block_until_ready(batch.get("ref_logp"))  # time the reference pass, not its dispatch
         batch = jax.device_put(batch, {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}) \
             if batch["completion_ids"].shape[0] % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0 else batch
         t_ref = time.perf_counter()

@@ -80,7 +80,7 @@ def make_config(args, prompts: int, workdir: str):
     c.model.tokenizer = "qwen2" if shape.vocab_size > 100_000 else "char"
     c.model.overrides = {"vocab_size": shape.vocab_size} if c.model.tokenizer == "qwen2" else {}
     c.model.dtype = c.model.param_dtype = args.dtype
-    c.model.remat = args.remat
+    c.model.remat, c.model.attention = args.remat, args.attention
     c.grpo.prompts_per_step, c.grpo.num_generations = prompts, args.num_generations
     c.grpo.max_new_tokens, c.grpo.beta, c.grpo.microbatches = args.new_tokens, args.beta, args.microbatches
     c.sampling.eos_ids = [-1]  # no token id is -1: every completion runs to max_new_tokens
@@ -158,7 +158,7 @@ def update_memory(args, prompts: int) -> dict:
 
     cfg = make_config(args, prompts, "")
     shape = M.SHAPES[args.shape]
-    model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.dtype, remat=args.remat)
+    model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.dtype, remat=args.remat, attention=args.attention)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     tx, _ = T.make_optimizer(cfg.optimizer, 1)
     params = jax.eval_shape(lambda k: M.init_params(model_cfg, k), jax.random.key(0))
@@ -179,7 +179,7 @@ def update_memory(args, prompts: int) -> dict:
     m = compiled.memory_analysis()
     gib = 2**30
     state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, opt_state))) / gib
-    kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * jnp.dtype(args.dtype).itemsize * B * (P + C) / gib
+    kv = M.kv_cache_bytes_per_token(model_cfg) * B * (P + C) / gib
     return {"batch": B, "params": model_cfg.num_params, "update_compile_s": compile_s,
             "params_and_optimizer_gib": state,
             "update_arguments_gib": m.argument_size_in_bytes / gib, "update_temp_gib": m.temp_size_in_bytes / gib,
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shape", default="tiny", choices=sorted(M.SHAPES))
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    ap.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"],
+                    help="attention of the update and log-prob passes (model.ModelConfig.attention)")
     ap.add_argument("--prompts", type=int, nargs="+", default=[4], help="prompts per step (one run each)")
     ap.add_argument("--num_generations", type=int, default=16)
     ap.add_argument("--prompt_len", type=int, default=32)
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": getattr(dev, "device_kind", dev.platform), "backend": dev.platform,
         "jax": jax.__version__, "host": platform.processor() or platform.machine(),
         "shape": args.shape, "dtype": args.dtype,
-        "remat": args.remat, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
+        "remat": args.remat, "attention": args.attention, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
         "peak_tflops": args.peak_tflops or None,
         "runs": [(update_memory if args.memory_only else bench_one)(args, p) for p in args.prompts],
     }

@@ -43,10 +43,6 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * n * 4 / best
 
 
-def kv_bytes_per_token(cfg: M.ModelConfig) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-
-
 def bench_one(params, cfg, batch, num_generations, prompt_len, new_tokens, repeats, seed=0):
     rng = np.random.default_rng(seed)
     n_prompts = batch // num_generations
@@ -119,7 +115,7 @@ def main(argv=None) -> dict:
         "params": cfg.num_params, "param_bytes": param_bytes, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "bandwidth_GBps": bw / 1e9, "runs": [],
     }
-    kv_tok = kv_bytes_per_token(cfg)
+    kv_tok = M.kv_cache_bytes_per_token(cfg)
     for b in args.batch:
         run = bench_one(params, cfg, b, args.num_generations, args.prompt_len, args.new_tokens, args.repeats)
         avg_ctx = args.prompt_len + args.new_tokens / 2

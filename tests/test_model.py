@@ -16,9 +16,10 @@ def torch_logits(model, ids, mask):
         return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask.astype(np.int64))).logits.numpy()
 
 
-def test_logit_parity_left_padded(hf_checkpoint):
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_logit_parity_left_padded(hf_checkpoint, attention):
     model, folder = hf_checkpoint
-    params, cfg = hf.load_hf(folder)
+    params, cfg = hf.load_hf(folder, attention=attention)
     ids, mask = left_padded_batch(cfg.vocab_size, [17, 9, 3, 13])
     ref = torch_logits(model, ids, mask)
     ours, _ = jax.jit(M.forward, static_argnums=1)(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
@@ -125,6 +126,41 @@ def test_remat_and_bf16():
     assert cache["k"].dtype == jnp.bfloat16
 
 
+def test_packed_attention_matches_masked_einsum():
+    """attention="xla" packs each row's real tokens to the front and runs causal attention with key
+    lengths (the form cuDNN's fused kernel takes); on left-padded prompts + right-padded completions,
+    and on a mask with holes, it must give the real tokens the masked einsum's values and gradients."""
+    from grpo_jax.logprobs import completion_logprobs
+
+    cfg = M.SHAPES["tiny"]
+    params = M.init_params(cfg, jax.random.key(1))
+    prompts, pmask = left_padded_batch(cfg.vocab_size, [9, 4, 1, 6])
+    rng = np.random.default_rng(5)
+    comp = jnp.asarray(rng.integers(1, cfg.vocab_size, size=(4, 7)))
+    cmask = jnp.asarray(np.arange(7)[None] < np.array([7, 3, 5, 1])[:, None])
+    prompts, pmask = jnp.asarray(prompts), jnp.asarray(pmask)
+
+    def loss(p, c):
+        logp, ent = completion_logprobs(p, c, prompts, pmask, comp, cmask, 0.7, 5, with_entropy=True)
+        return jnp.sum(jnp.where(cmask, logp + 0.1 * ent, 0.0)), (logp, ent)
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (l0, (lp0, e0)), g0 = grad(params, cfg)
+    (l1, (lp1, e1)), g1 = grad(params, cfg.replace(attention="xla"))
+    m = np.asarray(cmask)
+    np.testing.assert_allclose(np.asarray(lp1)[m], np.asarray(lp0)[m], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(e1)[m], np.asarray(e0)[m], atol=2e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), g1, g0)
+
+    holes = jnp.asarray(rng.random((3, 12)) < 0.6).at[:, -1].set(True)
+    ids = jnp.asarray(rng.integers(1, cfg.vocab_size, size=(3, 12)))
+    forward = jax.jit(M.forward, static_argnums=1)
+    ref, _ = forward(params, cfg, ids, holes)
+    out, _ = forward(params, cfg.replace(attention="xla"), ids, holes)
+    np.testing.assert_allclose(np.asarray(out)[np.asarray(holes)], np.asarray(ref)[np.asarray(holes)], atol=2e-5)
+
+
 def test_param_count_and_logical_axes():
     for name, cfg in M.SHAPES.items():
         if name != "tiny":
@@ -146,5 +182,9 @@ def test_config_errors_name_the_value():
         M.SHAPES["tiny"].replace(num_kv_heads=3)
     with pytest.raises(ValueError, match="remat='some'"):
         M.SHAPES["tiny"].replace(remat="some")
+    with pytest.raises(ValueError, match="attention='flash'"):
+        M.SHAPES["tiny"].replace(attention="flash")
+    with pytest.raises(ValueError, match="attention='cudnn' needs dtype bfloat16 or float16, got dtype='float32'"):
+        M.SHAPES["tiny"].replace(attention="cudnn")
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         M.SHAPES["tiny"].replace(rope_scaling=(("factor", 4.0), ("rope_type", "yarn")))
