@@ -10,7 +10,9 @@ Stage NAME runs in WORKDIR/NAME with its overrides applied (nested dicts merge f
 `rewards`, `reward_functions`, `rejection.rewards` and `model.overrides` are replaced whole), starts
 from the previous stage's final checkpoint (`init_from`), and writes WORKDIR/NAME/stage.json when it
 is done. Running the same command again skips finished stages and resumes an unfinished one from its
-latest checkpoint, so a pipeline can be interrupted anywhere.
+latest checkpoint, so a pipeline can be interrupted anywhere. stage.json keeps the stage's settings
+and a fingerprint of them chained with the previous stage's: a finished stage whose settings (or an
+earlier stage's) have changed since is an error naming the change, never silently reused.
 
     python scripts/train.py --config=configs/r1_pipeline.py --config.stage.grpo.steps=300
 """
@@ -18,6 +20,7 @@ latest checkpoint, so a pipeline can be interrupted anywhere.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import time
@@ -27,6 +30,9 @@ import jax
 from ml_collections import ConfigDict
 
 _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}  # replaced, not merged
+# Settings that do not change what a stage trains: where it lives, logging, evaluation, checkpoint
+# cadence, the device mesh and the verifier's process count. Changing them never invalidates a stage.
+_UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "verifier.workers")
 
 
 def is_pipeline(cfg: ConfigDict) -> bool:
@@ -74,6 +80,42 @@ def stage_config(cfg: ConfigDict, name: str) -> ConfigDict:
     if out.trainer not in ("grpo", "sft"):
         raise ValueError(f"stage {name!r}: trainer={out.trainer!r}; expected 'grpo' or 'sft'")
     return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def stage_settings(scfg: ConfigDict) -> dict[str, Any]:
+    """The settings of a stage config that decide what it trains, flat and JSON-ready
+    ({"optimizer.learning_rate": 1e-4, ...}); `_UNTRACKED` fields are left out."""
+    flat = _flat(json.loads(json.dumps(scfg.to_dict(), default=repr)))
+    return {k: v for k, v in flat.items() if not any(k == u or k.startswith(u + ".") for u in _UNTRACKED)}
+
+
+def fingerprint(settings: dict[str, Any], previous: str = "") -> str:
+    """A hash of a stage's settings chained with the previous stage's fingerprint."""
+    text = json.dumps({"previous": previous, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _changed_error(name: str, workdir: str, old: dict[str, Any], new: dict[str, Any], later: list[str]) -> ValueError:
+    diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+             for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    what = ("settings changed since it finished: " + "; ".join(diffs)) if diffs else \
+        "an earlier stage has changed (rerun) since it finished"
+    return ValueError(
+        f"stage {name!r} in {workdir}: {what}. A finished stage is not reused with other settings: delete "
+        f"{workdir} to run it again from the start, or only {os.path.join(workdir, 'stage.json')} to continue "
+        f"it from its last checkpoint (e.g. after raising steps)"
+        + (f", together with the folders of the stages after it ({', '.join(later)})" if later else "")
+        + "; or restore the settings.")
 
 
 def resolve(cfg: ConfigDict, stage: str | None = None) -> ConfigDict:
@@ -137,13 +179,17 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
     if until_stage is not None and until_stage not in names:
         raise ValueError(f"until_stage={until_stage!r}; the stages are {names}")
     lead = jax.process_index() == 0
-    records = []
-    for name in names:
+    records, previous = [], ""
+    for i, name in enumerate(names):
         scfg = stage_config(cfg, name)
+        settings = stage_settings(scfg)
+        stamp = fingerprint(settings, previous)
         marker = os.path.join(scfg.workdir, "stage.json")
         if os.path.exists(marker):
             with open(marker) as f:
-                records.append(json.load(f))
+                record = json.load(f)
+            if record.get("fingerprint", stamp) != stamp:  # markers from before fingerprints: trusted
+                raise _changed_error(name, scfg.workdir, record.get("settings", {}), settings, names[i + 1:])
             if lead:
                 print(f"== stage {name}: finished earlier, skipped", flush=True)
         else:
@@ -166,14 +212,15 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
                     record["sft_sources"] = dict(trainer.sources)
             finally:
                 trainer.close()
-            record["seconds"] = time.perf_counter() - t0
+            record.update(seconds=time.perf_counter() - t0, fingerprint=stamp, settings=settings)
             if lead:
                 with open(marker + ".tmp", "w") as f:
                     json.dump(record, f, indent=2)
                 os.replace(marker + ".tmp", marker)
                 print(f"== stage {name} done in {record['seconds']:.0f} s: "
                       + " ".join(f"{k}={v:.3f}" for k, v in record["eval"].items()), flush=True)
-            records.append(record)
+        records.append(record)
+        previous = record.get("fingerprint", stamp)
         if name == until_stage:
             break
     return records

@@ -521,11 +521,12 @@ class GRPOTrainer(TrainerBase):
             print(f"step {self.step + 1}: reward functions failed on some completions, scored 0 "
                   f"(errors {reward_metrics['rewards/errors']:.0f}, timeouts {reward_metrics['rewards/timeouts']:.0f}, "
                   f"crashes {reward_metrics['rewards/crashes']:.0f}); last error: {self.pool.last_error}", flush=True)
-        advantages, adv_metrics = L.compute_advantages(jnp.asarray(total), G, self.loss_cfg)  # groups never span hosts
-        batch["advantages"] = global_rows(np.asarray(advantages), self.mesh)
         t_reward = time.perf_counter()
 
-        jax.block_until_ready(batch.get("ref_logp"))  # time the reference pass, not its dispatch
+        # The device runs in order: advantages computed there would wait for the reference pass.
+        jax.block_until_ready(batch.get("ref_logp"))
+        advantages, adv_metrics = L.compute_advantages(jnp.asarray(total), G, self.loss_cfg)  # groups never span hosts
+        batch["advantages"] = global_rows(np.asarray(advantages), self.mesh)
         batch = jax.device_put(batch, {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}) \
             if batch["completion_ids"].shape[0] % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0 else batch
         t_ref = time.perf_counter()

@@ -98,6 +98,20 @@ def test_two_stages_run_and_resume_between_stages_like_an_uninterrupted_run(tmp_
     assert_same(params_of(tmp_path / "part" / "grpo")[1], params_of(tmp_path / "full" / "grpo")[1])
     assert "grpo" in pipeline.format_table(rest)
 
+    # A finished stage whose settings changed is an error naming the change, not silently reused;
+    # settings that do not change what a stage trains (evaluation, logging) do not count.
+    changed = two_stage(tmp_path / "part")
+    changed.stage.grpo.steps, changed.eval.k = 3, 2
+    with pytest.raises(ValueError, match=r"stage 'grpo' .*steps: 2 -> 3\. .*delete"):
+        pipeline.run_pipeline(changed)
+    changed = two_stage(tmp_path / "part")
+    changed.stage.sft.optimizer.learning_rate = 1e-3
+    with pytest.raises(ValueError, match=r"stage 'sft' .*optimizer.learning_rate: 0.003 -> 0.001.*\(grpo\)"):
+        pipeline.run_pipeline(changed)
+    settings = pipeline.stage_settings(pipeline.stage_config(part, "grpo"))
+    assert "workdir" not in settings and "eval.k" not in settings and settings["grpo.beta"] == part.grpo.beta
+    assert pipeline.fingerprint(settings, "a") != pipeline.fingerprint(settings, "b")  # chained
+
     # The user's reward function was scored in the grpo stage.
     from grpo_jax.metrics import read_scalars
 
