@@ -383,8 +383,9 @@ def _forward_packed(params: Params, cfg: ModelConfig, tokens: Array, mask: Array
     are moved back to the input layout. Real tokens get exactly what the masked einsum gives them."""
     order = jnp.argsort(~mask, axis=1, stable=True)  # [B, T]: real tokens first, in their order
     take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)
+    lengths = jnp.maximum(mask.sum(axis=1, dtype=jnp.int32), 1)  # an all-padding row: no all-masked rows
     out, _ = Transformer(cfg).apply({"params": params}, take(tokens, order), take(positions, order), None,
-                                 None, 0, return_hidden, mask.sum(axis=1, dtype=jnp.int32))
+                                 None, 0, return_hidden, lengths)
     return take(out, jnp.argsort(order, axis=1)[..., None])
 
 
