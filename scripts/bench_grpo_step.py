@@ -1,7 +1,7 @@
 """Whole GRPO steps on one accelerator: time split, completion tokens/s, MFU, compile time, memory.
 
     python scripts/bench_grpo_step.py --shape qwen2.5-0.5b --dtype bfloat16 --remat full --prompts 4 16 \\
-        --num_generations 16 --prompt_len 128 --new_tokens 256 --attention cudnn --out bench.json  # a GPU
+        --num_generations 16 --prompt_len 128 --new_tokens 256 --out bench_grpo_step.json  # a GPU
     python scripts/bench_grpo_step.py                                                    # tiny, CPU
 
 Each step is `GRPOTrainer.train_step` (the training loop's own step, nothing bypassed): sample G
@@ -14,12 +14,12 @@ and EOS is disabled so every completion is --new_tokens long, like TRL's anchor.
 
 Printed JSON per batch (prompts x G): median seconds per step after --warmup steps, split into
 sampling / rewards (decoding to text and scoring, on the host) / ref_logprobs (the reference pass,
-which the device runs while the host scores: only what is left of it after scoring, plus the
-advantages) / update (the trainer's own clocks), completion tokens per second, the update's achieved TFLOP/s and model FLOP utilisation
-(`update_flops` below: 6 FLOPs per weight per token plus causal attention, no remat recompute)
-against the device's matrix peak (a large bf16 matmul measured on the device unless --peak_tflops is
-given), the first step's extra time over a warm one (compilation), and the device's peak memory where
-the backend reports it. --profile DIR writes a jax.profiler trace of the first timed step.
+which the device runs while the host scores: what is left of it after scoring, plus the advantages)
+/ update (the trainer's own clocks), completion tokens per second, the update's achieved TFLOP/s and
+model FLOP utilisation (`update_flops` below: 6 FLOPs per weight per token plus causal attention,
+no remat recompute) against the device's matrix peak (a large bf16 matmul measured on the device
+unless --peak_tflops is given), the first step's extra time over a warm one (compilation), and the
+device's peak memory where the backend reports it. --profile DIR writes a jax.profiler trace of the first timed step.
 """
 
 from __future__ import annotations
