@@ -31,8 +31,10 @@ from ml_collections import ConfigDict
 
 _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}  # replaced, not merged
 # Settings that do not change what a stage trains: where it lives, logging, evaluation, checkpoint
-# cadence, the device mesh and the verifier's process count. Changing them never invalidates a stage.
-_UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "verifier.workers")
+# cadence, and how it executes (device mesh, rematerialisation, attention kernel, verifier processes).
+# Changing them never invalidates a stage.
+_UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "model.remat",
+              "model.attention", "verifier.workers")
 
 
 def is_pipeline(cfg: ConfigDict) -> bool:
