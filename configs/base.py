@@ -1,4 +1,8 @@
-"""Shared defaults of every run; the other configs change a few fields of this one."""
+"""Shared defaults of every run; the other configs change a few fields of this one.
+
+Fields that may be unset are `placeholder(TYPE)` (None until given). Renamed fields are listed in
+grpo_jax/config.py: a config that uses an old name stops with the new one.
+"""
 
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
@@ -11,7 +15,7 @@ def get_config() -> ConfigDict:
     c.workdir = "runs/default"
     c.resume = False
     c.trainer = "grpo"  # "grpo" or "sft" (grpo_jax.sft: prompt/completion pairs)
-    c.init_from = ""  # a workdir whose latest checkpoint's parameters start this run (pipelines set it)
+    c.init_from = placeholder(str)  # a workdir whose latest checkpoint's parameters start this run (pipelines set it)
 
     c.model = ConfigDict(dict(
         source="shape:tiny",  # "shape:NAME" (random weights), "smollm2", an HF folder or hub id
@@ -21,41 +25,58 @@ def get_config() -> ConfigDict:
         attention="einsum"))  # cache-free passes: "einsum", "xla" or "cudnn" (see model.ModelConfig)
 
     c.data = ConfigDict(dict(
-        source="synthetic:arithmetic", config="", split="train",
+        source="synthetic:arithmetic", config=placeholder(str), split="train",
         synthetic_size=2000, digits=2, digits_b=placeholder(int), ops="+-*",  # synthetic:arithmetic only
-        template="plain",  # "plain", "chat" or "r1"
+        template="plain",  # "plain", "chat", "r1", or "tokens" (the prompt field holds token ids)
         prompt_field="question", instruction="",  # appended to every prompt, e.g. how to state the answer
         required_fields=["question", "answer"],
-        eval_split="",  # "" holds eval_size prompts out of `split`; else a seeded sample of this split
+        eval_split=placeholder(str),  # unset: hold eval_size prompts out of `split`; else a seeded sample of it
         eval_size=64))
+
+    # Every setting of the sampler: rollouts, evaluation, rejection sampling. Tuples, so that the
+    # command line can set them: --config.sampling.eos_ids='(2,)'.
+    c.sampling = ConfigDict(dict(
+        max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
+        eos_ids=(),  # empty: the tokenizer's EOS token
+        prompt_buckets=(16, 32, 64, 128, 256, 512, 1024)))
 
     c.grpo = ConfigDict(dict(
         prompts_per_step=8, num_generations=8, num_iterations=1, minibatches=1, microbatches=1,
-        max_new_tokens=16, temperature=1.0,
-        advantage_estimator="grpo", scale_rewards="", std_ddof=0,
-        clip_eps_low=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0 means off / same as low
+        advantage_estimator="grpo",
+        scale_rewards=placeholder(str),  # "group", "batch" or "none"; unset: the estimator's own choice
+        std_ddof=0,
+        clip_eps_low=0.2, clip_eps_high=placeholder(float),  # unset: the same as clip_eps_low
+        dual_clip=placeholder(float),  # c > 1 caps negative-advantage losses; unset: off
         beta=0.04, kl_estimator="k3", aggregation="seq-mean-token-mean", importance_level="token",
         mask_truncated=False, overlong_buffer=0, logprob_chunk=1024))
 
-    c.sampling = ConfigDict(dict(top_k=0, top_p=1.0, eos_ids=[], prompt_buckets=[16, 32, 64, 128, 256, 512, 1024]))
     c.rewards = ConfigDict({"math": 1.0})  # reward function name -> weight
     c.reward_functions = ConfigDict()  # your own: name -> "package.module:function" (name it in rewards)
     c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0))  # workers=-1: score in this process
 
-    # Supervised fine-tuning. trainer="sft" runs cfg.steps steps with cfg.optimizer on `data`
+    # Supervised fine-tuning: trainer="sft" runs cfg.steps steps with cfg.optimizer on `data`
     # (comma-separated: "demonstrations", "rejection_samples", files or hub datasets; see grpo_jax/sft.py).
-    # In a GRPO run, steps > 0 first cold-starts on demonstrations at the constant `learning_rate`.
     c.sft = ConfigDict(dict(
         data="demonstrations", completion_field="completion", batch_size=32, microbatches=1,
-        max_completion_tokens=0,  # 0: grpo.max_new_tokens
-        completion_format="#### {answer}", examples=0,  # demonstrations: the first `examples` training rows (0: all)
-        steps=0, learning_rate=1e-3))  # the GRPO trainer's cold start
+        max_completion_tokens=placeholder(int),  # unset: sampling.max_new_tokens
+        completion_format="#### {answer}",
+        examples=placeholder(int)))  # demonstrations: the first `examples` training rows (unset: all)
+
+    # Cold start (stage 1 of DeepSeek-R1). With steps > 0 a GRPO run first fine-tunes on
+    # demonstrations as an SFT stage of its own, in WORKDIR/cold_start (checkpointed and resumable
+    # like any stage), then trains in WORKDIR/grpo (grpo_jax/pipeline.py). The fields here override
+    # this config for that stage, as a pipeline stage's do.
+    c.cold_start = ConfigDict(dict(
+        steps=0,
+        sft=dict(data="demonstrations"),
+        optimizer=dict(learning_rate=1e-3, schedule="constant", warmup_steps=0, b2=0.999, weight_decay=0.0),
+        eval=dict(every=0)))
 
     # Rejection sampling (stage 3 of DeepSeek-R1): n samples per training problem from the starting
     # policy; kept when their weighted reward (`rewards`, {} = the eval verifier) reaches min_reward
     # and they end with EOS; `keep` > 0 keeps the best `keep` per problem; dedupe drops repeated texts.
     c.rejection = ConfigDict(dict(n=16, keep=0, dedupe=True, min_reward=1.0, rewards=ConfigDict(),
-                                  max_problems=0))  # 0: every training problem
+                                  max_problems=placeholder(int)))  # unset: every training problem
 
     c.optimizer = ConfigDict(dict(
         learning_rate=1e-6, warmup_steps=10, schedule="cosine", final_lr_fraction=0.1,

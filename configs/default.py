@@ -1,9 +1,9 @@
 """The default run: a small char-level policy learns two-digit + one-digit addition on a laptop CPU.
 
-Stage 1 (cold start, R1 recipe): SFT on 256 demonstrations (`#### N` answers) teaches the format
-and some arithmetic; stage 2: GRPO on all training problems with the `math` verifier plus DAPO's soft
-overlong penalty (which keeps the policy ending its answer with EOS). Held-out problems never appear
-in training. No download, no GPU.
+Stage 1 (cold start, R1 recipe, in runs/default/cold_start): SFT on 256 demonstrations (`#### N`
+answers) teaches the format and some arithmetic; stage 2 (runs/default/grpo): GRPO on all training
+problems with the `math` verifier plus DAPO's soft overlong penalty (which keeps the policy ending its
+answer with EOS). Held-out problems never appear in training. No download, no GPU.
 """
 
 from configs import base
@@ -21,12 +21,11 @@ def get_config():
     c.data.digits, c.data.digits_b, c.data.ops = 2, 1, "+"  # "What is 47 + 8?"
     c.data.eval_size = 256
     c.sft.examples = 256  # R1's cold start is a small set of demonstrations
-    c.sft.steps = 600
+    c.cold_start.steps = 600  # 1e-3, constant: configs/base.py
     c.sft.batch_size = 64
-    c.sft.learning_rate = 1e-3
     c.grpo.prompts_per_step = 16
     c.grpo.num_generations = 8
-    c.grpo.max_new_tokens = 12
+    c.sampling.max_new_tokens = 12
     c.grpo.overlong_buffer = 3  # "#### 108" + EOS is 9 tokens; 10-12 are penalised
     c.grpo.beta = 0.0
     c.rewards = {"math": 1.0, "overlong": 1.0}

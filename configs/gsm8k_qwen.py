@@ -20,9 +20,9 @@ def get_config():
     c.data.eval_split, c.data.eval_size = "test", 512
     c.data.template = "r1"
     c.grpo.prompts_per_step, c.grpo.num_generations = 16, 16
-    c.grpo.max_new_tokens = 512
+    c.sampling.max_new_tokens = 512
     c.grpo.minibatches = 2
-    c.sampling.eos_ids = [151645, 151643]  # <|im_end|>, <|endoftext|>
+    c.sampling.eos_ids = (151645, 151643)  # <|im_end|>, <|endoftext|>
     c.rewards = {"math": 1.0, "format_lenient": 0.2}
     c.optimizer.learning_rate = 1e-6
     c.eval.every, c.eval.k, c.eval.batch_size = 50, 8, 256

@@ -26,7 +26,7 @@ def concise(prompts, completions, **columns):
 def get_config():
     c = default.get_config()
     c.workdir = "runs/r1"
-    c.sft.steps = 0  # the cold start is a stage of its own here
+    c.cold_start.steps = 0  # the cold start is a stage of its own here
     c.stages = "cold_start,grpo,rejection_sft,final_grpo"
     c.stage = dict(
         cold_start=dict(

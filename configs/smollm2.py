@@ -17,8 +17,8 @@ def get_config():
     c.data.instruction = "Reply with only the final answer, written as '#### <number>'."
     c.data.eval_size = 128
     c.grpo.prompts_per_step, c.grpo.num_generations = 8, 8
-    c.grpo.max_new_tokens = 32
-    c.sampling.eos_ids = [2]  # <|im_end|>
+    c.sampling.max_new_tokens = 32
+    c.sampling.eos_ids = (2,)  # <|im_end|>
     c.rewards = {"math": 1.0}
     c.optimizer.learning_rate = 2e-6
     c.eval.every, c.eval.k = 50, 4

@@ -4,7 +4,9 @@
     rows, skipped = load_rows("data/train.jsonl", required=("question", "answer"))
     rows, skipped = load_rows("openai/gsm8k", config="main", split="train")  # where a hub is reachable
     it = PromptIterator(rows, batch_size=8, seed=0)
-    batch = it.next()            # list of row dicts; it.state() / PromptIterator.from_state(...) resume
+    batch = it.next()            # list of row dicts; it.state() / it.restore(state) resume
+    rows, position = it.batch(position)   # the same, pure: the position lives in the train state
+    task = load_task(cfg.data, seed=0)    # a run's training and held-out rows
 
 Rows are plain dicts. A row that lacks a required field (missing, None or empty) is skipped and
 counted, never raised on, so one bad line cannot stop a run.
@@ -13,6 +15,7 @@ counted, never raised on, so one bad line cannot stop a run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 from typing import Any, Sequence
@@ -147,7 +150,11 @@ class PromptIterator:
     """Seeded, resumable batches of rows: a new permutation every epoch; this host's share only.
 
     Host h of H takes the h-th block of each global-batch window of the permutation, so hosts read
-    disjoint prompts and, stacked in host order, form exactly the batch one host would read.
+    disjoint prompts and, stacked in host order, form exactly the batch one host would read. The
+    position is a small dict (`state()`), which the train state keeps and checkpoints:
+
+        rows, position = it.batch(position)   # pure: the same position gives the same rows
+        rows = it.next()                      # the same, advancing the iterator's own position
     """
 
     rows: Sequence[Row]
@@ -159,27 +166,68 @@ class PromptIterator:
     num_hosts: int = 1
 
     def __post_init__(self):
-        if self.batch_size * self.num_hosts > len(self.rows):
-            raise ValueError(f"batch_size={self.batch_size} x {self.num_hosts} hosts exceeds the "
-                             f"{len(self.rows)} rows of the dataset")
+        if self.batch_size < 1 or self.batch_size * self.num_hosts > len(self.rows):
+            raise ValueError(f"batch_size={self.batch_size} x {self.num_hosts} hosts must be in [1, "
+                             f"{len(self.rows)}], the rows of the dataset")
+        self._permutation: tuple[int, list[int]] | None = None  # (epoch, order): one shuffle per epoch
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self._permutation is None or self._permutation[0] != epoch:
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._permutation = (epoch, order)
+        return self._permutation[1]
+
+    def batch(self, state: dict[str, Any]) -> tuple[list[Row], dict[str, int]]:
+        """This host's rows at `state` (from `state()` or an earlier `batch`) and the next state."""
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data state was saved with seed {int(state['seed'])}, this run uses {self.seed}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        global_batch = self.batch_size * self.num_hosts
+        if position + global_batch > len(self.rows):  # drop the epoch's remainder
+            epoch, position = epoch + 1, 0
+        window = self._order(epoch)[position:position + global_batch]
+        rows = [self.rows[i] for i in window[self.host * self.batch_size:(self.host + 1) * self.batch_size]]
+        return rows, {"epoch": epoch, "position": position + global_batch, "seed": self.seed}
 
     def next(self) -> list[Row]:
-        global_batch = self.batch_size * self.num_hosts
-        if self.position + global_batch > len(self.rows):  # drop the epoch's remainder
-            self.epoch, self.position = self.epoch + 1, 0
-        window = self._order(self.epoch)[self.position:self.position + global_batch]
-        self.position += global_batch
-        return [self.rows[i] for i in window[self.host * self.batch_size:(self.host + 1) * self.batch_size]]
+        rows, state = self.batch(self.state())
+        self.epoch, self.position = state["epoch"], state["position"]
+        return rows
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
-    def restore(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"data state was saved with seed {state['seed']}, this run uses {self.seed}")
+    def restore(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data state was saved with seed {int(state['seed'])}, this run uses {self.seed}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's task: training and held-out rows from the config's `data` section
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The rows of a run: training prompts, held-out problems (never among the training prompts),
+    and how many rows were skipped for missing fields."""
+
+    train: list[Row]
+    eval: list[Row]
+    skipped: int
+
+
+def load_task(d, seed: int) -> Task:
+    """Training and held-out rows for a config's `data` section (`cfg.data`): `eval_size` prompts
+    held out of `split`, or a seeded sample of `eval_split` when it is set."""
+    options = {k: d[k] for k in ("digits", "digits_b", "ops")} if d.source == "synthetic:arithmetic" else {}
+    load = functools.partial(load_rows, d.source, config=d.config or None, n=d.synthetic_size,
+                             required=tuple(d.required_fields), **options)
+    rows, skipped = load(split=d.split, seed=seed)
+    if d.eval_split:  # a separate split (GSM8K's test)
+        held, more = load(split=d.eval_split, seed=seed + 1)
+        held = held if d.eval_size >= len(held) else split_rows(held, d.eval_size, seed)[1]
+        return Task(list(rows), list(held), skipped + more)
+    train, held = split_rows(rows, d.eval_size, seed, key=d.prompt_field)
+    return Task(train, held, skipped)

@@ -3,12 +3,13 @@
     params, cfg = load_hf("path/to/Qwen2.5-0.5B-Instruct", dtype="bfloat16")
     save_hf(params, cfg, "out/")   # transformers.AutoModelForCausalLM.from_pretrained("out/") works
 
-Safetensors files are read and written here directly (an 8-byte header length, a JSON header, raw
-little-endian data), which handles bfloat16 through ml_dtypes and memory-maps large files.
+Weights are read and written with the `safetensors` library (numpy arrays; bfloat16 through
+ml_dtypes), one tensor at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,18 +18,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-from grpo_jax.model import ModelConfig, Params, param_shapes
+from grpo_jax import model
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -39,11 +35,11 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
+# config.json <-> model.ModelConfig
 
 
-def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str | None = None) -> ModelConfig:
-    """Translate a transformers config.json dict (transformers 4 or 5 layout) into a ModelConfig."""
+def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str | None = None) -> model.ModelConfig:
+    """Translate a transformers config.json dict (transformers 4 or 5 layout) into a model.ModelConfig."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
         raise CheckpointError(
@@ -69,7 +65,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
     eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))
-    return ModelConfig(
+    return model.ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
@@ -93,7 +89,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
     )
 
 
-def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     """The config.json transformers needs to rebuild `cfg` (LlamaForCausalLM or Qwen2ForCausalLM)."""
     if cfg.architecture == "qwen2" and (not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
         raise CheckpointError("a qwen2 model has q/k/v biases and no o_proj/MLP biases; "
@@ -133,7 +129,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
 # Parameter name map
 
 
-def _name_map(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...], bool]]:
+def _name_map(cfg: model.ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...], bool]]:
     """(our path, HF name with {i} for the layer, HF shape, transposed) for every parameter.
 
     HF linear weights are [out, in]; our kernels are [in..., out...], so ours = W.T.reshape(...).
@@ -180,57 +176,46 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# safetensors
+# safetensors (the `safetensors` library; numpy arrays, bfloat16 through ml_dtypes)
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or n > os.path.getsize(path) - 8:
-            raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
+class _Tensors:
+    """The tensors of a checkpoint's safetensors files by name, each read when it is asked for, so
+    that loading holds one parameter at a time in host memory, not the whole checkpoint."""
+
+    def __init__(self, files: list[Path]):
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, Any] = {}
+        for path in files:
+            try:
+                f = self._stack.enter_context(safetensors.safe_open(path, framework="numpy"))
+            except (safetensors.SafetensorError, OSError, ValueError) as e:
+                self._stack.close()
+                raise CheckpointError(f"{path}: not a safetensors file this reader understands ({e})") from e
+            self._where.update(dict.fromkeys(f.keys(), f))
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._where[name].get_tensor(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def close(self) -> None:
+        self._stack.close()
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as (memory-mapped, read-only) numpy arrays."""
-    header, start = read_safetensors_header(path)
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        begin, end = info["data_offsets"]
-        out[name] = buf[start + begin:start + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
-
-
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write numpy arrays (float32, bfloat16, ...) as one safetensors file.
-
-    Written to a temporary name and renamed into place: readers never see half a file, and arrays
-    still memory-mapped from an older file at the same path stay valid.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, a in tensors.items():
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as the reference writer does
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
-        for a in tensors.values():
-            fh.write(np.ascontiguousarray(a).tobytes())
+def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """One safetensors file, written to a temporary name and renamed into place: readers never see
+    half a file."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                                metadata={"format": "pt"})
     os.replace(tmp, path)
 
 
@@ -274,14 +259,24 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         raise CheckpointError(f"could not fetch {path_or_id!r} from the hub: {e}") from e
 
 
+def load_config(path_or_id: str | os.PathLike, dtype: str = "float32", *, param_dtype: str | None = None,
+                **config_overrides: Any) -> model.ModelConfig:
+    """The model.ModelConfig of a Hugging Face folder (or hub id) from its config.json, without the weights."""
+    folder = resolve_checkpoint(path_or_id)
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder}: missing config.json")
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), dtype, param_dtype)
+    return cfg.replace(**config_overrides)
+
+
 def load_hf(
     path_or_id: str | os.PathLike,
     dtype: str = "float32",
     *,
     param_dtype: str | None = None,
-    shardings: Params | None = None,
+    shardings: model.Params | None = None,
     **config_overrides: Any,
-) -> tuple[Params, ModelConfig]:
+) -> tuple[model.Params, model.ModelConfig]:
     """Read a Hugging Face Llama/Qwen2 checkpoint folder (or hub id) into our parameters.
 
     Args:
@@ -290,21 +285,22 @@ def load_hf(
       param_dtype: storage dtype of the parameters; defaults to `dtype`.
       shardings: optional pytree of jax.sharding.Sharding like the parameters; each array is placed
         directly with it (so a large model never sits whole on one device).
-      **config_overrides: ModelConfig fields to override (e.g. remat="full").
+      **config_overrides: model.ModelConfig fields to override (e.g. remat="full").
 
     Returns:
       (params, cfg). Raises CheckpointError naming the problem for a bad folder.
     """
     folder = resolve_checkpoint(path_or_id)
-    if not (folder / "config.json").exists():
-        raise CheckpointError(f"{folder}: missing config.json")
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), dtype, param_dtype)
-    cfg = cfg.replace(**config_overrides)
-    tensors: dict[str, np.ndarray] = {}
-    for f in _weight_files(folder):
-        tensors.update(read_safetensors(f))
+    cfg = load_config(folder, dtype, param_dtype=param_dtype, **config_overrides)
+    tensors = _Tensors(_weight_files(folder))
+    try:
+        return _load_params(folder, cfg, tensors, shardings), cfg
+    finally:
+        tensors.close()
 
-    shapes = param_shapes(cfg)
+
+def _load_params(folder: Path, cfg: model.ModelConfig, tensors: _Tensors, shardings: model.Params | None) -> model.Params:
+    shapes = model.param_shapes(cfg)
     target = jnp.dtype(cfg.param_dtype)
     used, missing, params = set(), [], {}
     for path, name, hf_shape, transposed in _name_map(cfg):
@@ -316,10 +312,10 @@ def load_hf(
         want = _get(shapes, path).shape
         parts = []
         for n in names:
-            w = tensors[n]
-            if tuple(w.shape) != hf_shape:
-                raise CheckpointError(f"{folder}: tensor {n!r} has shape {tuple(w.shape)}, expected "
+            if tensors.shape(n) != hf_shape:
+                raise CheckpointError(f"{folder}: tensor {n!r} has shape {tensors.shape(n)}, expected "
                                       f"{hf_shape} for the model in config.json")
+            w = tensors[n]
             parts.append((w.T if transposed else w).astype(target))
         used.update(names)
         a = np.stack(parts) if len(names) > 1 or path[0] == "layers" else parts[0]
@@ -328,15 +324,15 @@ def load_hf(
         _set(params, path, jax.device_put(a, sharding) if sharding is not None else jnp.asarray(a))
     if missing:
         raise CheckpointError(f"{folder}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
-    extra = [n for n in tensors if n not in used and not _IGNORED.match(n)
+    extra = [n for n in tensors.names() if n not in used and not _IGNORED.match(n)
              and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     if extra:
         raise CheckpointError(f"{folder}: checkpoint has {len(extra)} tensors this {cfg.architecture} "
                               f"model does not use, e.g. {sorted(extra)[:5]}")
-    return params, cfg
+    return params
 
 
-def hf_state_dict(params: Params, cfg: ModelConfig, dtype: str | None = None) -> dict[str, np.ndarray]:
+def hf_state_dict(params: model.Params, cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, np.ndarray]:
     """Our parameters as HF-named numpy arrays (the inverse of load_hf's mapping)."""
     target = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     out = {}
@@ -350,8 +346,8 @@ def hf_state_dict(params: Params, cfg: ModelConfig, dtype: str | None = None) ->
 
 
 def save_hf(
-    params: Params,
-    cfg: ModelConfig,
+    params: model.Params,
+    cfg: model.ModelConfig,
     path: str | os.PathLike,
     *,
     dtype: str | None = None,
@@ -376,12 +372,12 @@ def save_hf(
     for stale in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
         stale.unlink()
     if len(shards) == 1:
-        write_safetensors(folder / "model.safetensors", state)
+        _write_tensors(folder / "model.safetensors", state)
     else:
         weight_map = {}
         for k, names in enumerate(shards):
             fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(folder / fname, {n: state[n] for n in names})
+            _write_tensors(folder / fname, {n: state[n] for n in names})
             weight_map.update({n: fname for n in names})
         index = {"metadata": {"total_size": sum(a.nbytes for a in state.values())}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

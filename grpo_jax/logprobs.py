@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from grpo_jax import model as M
+from grpo_jax import model
 
 Array = jax.Array
 
@@ -51,7 +51,7 @@ def token_logprobs(
 
     @jax.checkpoint  # backward recomputes each chunk's logits instead of storing them all
     def one_chunk(h_c, t_c):
-        logits = M.logits_from_hidden(head, h_c) / temperature  # [chunk, vocab] float32
+        logits = model.logits_from_hidden(head, h_c) / temperature  # [chunk, vocab] float32
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0] - lse
         if not with_entropy:
@@ -69,8 +69,8 @@ def token_logprobs(
 
 
 def completion_logprobs(
-    params: M.Params,
-    cfg: M.ModelConfig,
+    params: model.Params,
+    cfg: model.ModelConfig,
     prompt_ids: Array,
     prompt_mask: Array,
     completion_ids: Array,
@@ -92,7 +92,7 @@ def completion_logprobs(
     P = prompt_ids.shape[1]
     tokens = jnp.concatenate([prompt_ids, completion_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-    hidden, _ = M.forward(params, cfg, tokens, mask, return_hidden=True)
+    hidden, _ = model.forward(params, cfg, tokens, mask, return_hidden=True)
     # The hidden state at position t predicts token t + 1.
     hidden = hidden[:, P - 1:-1]
-    return token_logprobs(hidden, M.output_head(params, cfg), completion_ids, temperature, chunk, with_entropy)
+    return token_logprobs(hidden, model.output_head(params, cfg), completion_ids, temperature, chunk, with_entropy)

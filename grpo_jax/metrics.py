@@ -1,9 +1,32 @@
-"""TensorBoard scalars and text through tensorboardX (host 0 only)."""
+"""What a run logs: TensorBoard scalars and text through tensorboardX (host 0 only), and stopwatches.
+
+    writer = MetricWriter("runs/x/tb")
+    writer.write({"reward": 0.5, "samples": "..."}, step)   # numbers as scalars, strings as text
+    clock = Stopwatch(); ...; clock.lap("sampling")         # clock.laps["time/sampling_s"]
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+import time
+from typing import Any, Mapping
+
+
+class Stopwatch:
+    """Seconds between laps: `lap("update")` records `time/update_s` since the previous lap."""
+
+    def __init__(self):
+        self.start = self._last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"time/{name}_s"] = now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        """Seconds from the start to the last lap."""
+        return self._last - self.start
 
 
 class MetricWriter:
@@ -20,6 +43,13 @@ class MetricWriter:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and math.isfinite(float(v)):
                 self._w.add_scalar(k, float(v), step)
+
+    def write(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Numbers as scalars, strings as text."""
+        self.scalars(metrics, step)
+        for k, v in metrics.items():
+            if isinstance(v, str):
+                self.text(k, v, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self._w is not None:

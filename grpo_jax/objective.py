@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jax import shard_map
 from jax.sharding import Mesh, PartitionSpec as P
 
-from grpo_jax import loss as L
-from grpo_jax import model as M
-from grpo_jax.logprobs import completion_logprobs
+from grpo_jax import logprobs
+from grpo_jax import loss
+from grpo_jax import model
 
 Batch = dict[str, jax.Array]
 BATCH_AXES = ("data", "fsdp")
@@ -39,10 +39,10 @@ def sharded_loss_terms(
     logp: jax.Array,
     entropy: jax.Array | None,
     batch: Batch,
-    loss_cfg: L.LossConfig,
+    loss_cfg: loss.LossConfig,
     mesh: Mesh | None,
     batch_axes: tuple[str, ...] = BATCH_AXES,
-) -> tuple[jax.Array, jax.Array, L.Metrics]:
+) -> tuple[jax.Array, jax.Array, loss.Metrics]:
     """grpo_loss_terms over the batch shards of `mesh`, psum-reduced to global (sum, denom, metrics)."""
     inputs = {"logp": logp, "advantages": batch["advantages"], "completion_mask": batch["completion_mask"]}
     inputs.update({k: batch[k] for k in _PER_TOKEN_INPUTS if batch.get(k) is not None})
@@ -50,7 +50,7 @@ def sharded_loss_terms(
         inputs["entropy"] = entropy
 
     def local(x):
-        s, d, m = L.grpo_loss_terms(x.pop("logp"), x.pop("advantages"), x.pop("completion_mask"), loss_cfg, **x)
+        s, d, m = loss.grpo_loss_terms(x.pop("logp"), x.pop("advantages"), x.pop("completion_mask"), loss_cfg, **x)
         if mesh is None:
             return s, d, m
         return jax.lax.psum(s, batch_axes), jax.lax.psum(d, batch_axes), m.psum(batch_axes)
@@ -62,14 +62,14 @@ def sharded_loss_terms(
 
 
 def policy_loss_terms(
-    params: M.Params,
+    params: model.Params,
     batch: Batch,
-    model_cfg: M.ModelConfig,
-    loss_cfg: L.LossConfig,
+    model_cfg: model.ModelConfig,
+    loss_cfg: loss.LossConfig,
     mesh: Mesh | None = None,
-) -> tuple[jax.Array, jax.Array, L.Metrics]:
+) -> tuple[jax.Array, jax.Array, loss.Metrics]:
     """(loss_sum, denominator, metrics) of the policy `params` on `batch`."""
-    logp, entropy = completion_logprobs(
+    logp, entropy = logprobs.completion_logprobs(
         params, model_cfg, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
         batch["completion_mask"], loss_cfg.temperature, loss_cfg.logprob_chunk, with_entropy=True)
     return sharded_loss_terms(logp, entropy, batch, loss_cfg, mesh)
@@ -86,48 +86,56 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def accumulate(fn, params: model.Params, batch: Batch, num_microbatches: int = 1):
+    """The summed value, merged metrics and summed gradient of fn(params, micro-batch) -> (sum,
+    loss.Metrics) over `num_microbatches` micro-batches of `batch` (one `lax.scan`; the gradient
+    buffers are the only carry that grows with the model). Every loss here is a (sum, denominator)
+    pair, so dividing the totals by the whole batch's denominator afterwards is exact.
+
+    Returns ((total, metrics), grads)."""
+    grad_fn = jax.value_and_grad(fn, has_aux=True)
+    if num_microbatches == 1:
+        return grad_fn(params, batch)
+    micro = split_microbatches(batch, num_microbatches)
+    (_, metrics_shape), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+    carry = (jnp.zeros((), jnp.float32), loss.Metrics.identity_like(metrics_shape), jax.tree.map(jnp.zeros_like, params))
+
+    def body(carry, mb):
+        total, metrics, grads = carry
+        (s, m), g = grad_fn(params, mb)
+        return (total + s, metrics.merge(m), jax.tree.map(jnp.add, grads, g)), None
+
+    (total, metrics, grads), _ = jax.lax.scan(body, carry, micro)
+    return (total, metrics), grads
+
+
 def loss_and_grad(
-    params: M.Params,
+    params: model.Params,
     batch: Batch,
-    model_cfg: M.ModelConfig,
-    loss_cfg: L.LossConfig,
+    model_cfg: model.ModelConfig,
+    loss_cfg: loss.LossConfig,
     mesh: Mesh | None = None,
     num_microbatches: int = 1,
-) -> tuple[jax.Array, M.Params, dict[str, jax.Array]]:
+) -> tuple[jax.Array, model.Params, dict[str, jax.Array]]:
     """Loss, gradient and finalised metrics of the whole batch, accumulated over micro-batches.
 
     Jit it with model_cfg, loss_cfg, mesh and num_microbatches static.
     """
     batch = {k: v for k, v in batch.items() if v is not None}
-    denom = L.loss_denominator(batch["completion_mask"], batch.get("truncated"), loss_cfg)
+    denom = loss.loss_denominator(batch["completion_mask"], batch.get("truncated"), loss_cfg)
 
     def partial_sum(p, mb):
         s, _, m = policy_loss_terms(p, mb, model_cfg, loss_cfg, mesh)
         return s, m
 
-    grad_fn = jax.value_and_grad(partial_sum, has_aux=True)
-    if num_microbatches == 1:
-        (total, metrics), grads = grad_fn(params, batch)
-    else:
-        micro = split_microbatches(batch, num_microbatches)
-        (_, metrics_shape), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
-        carry = (jnp.zeros((), jnp.float32), L.Metrics.identity_like(metrics_shape),
-                 jax.tree.map(jnp.zeros_like, params))
-
-        def body(carry, mb):
-            total, metrics, grads = carry
-            (s, m), g = grad_fn(params, mb)
-            return (total + s, metrics.merge(m), jax.tree.map(jnp.add, grads, g)), None
-
-        (total, metrics, grads), _ = jax.lax.scan(body, carry, micro)
-
+    (total, metrics), grads = accumulate(partial_sum, params, batch, num_microbatches)
     scale = 1.0 / jnp.maximum(denom, 1e-9)
-    out = L.finalize_metrics(metrics)
+    out = loss.finalize_metrics(metrics)
     out["loss"] = total * scale
     return total * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), out
 
 
-def make_loss_and_grad(model_cfg: M.ModelConfig, loss_cfg: L.LossConfig, mesh: Mesh | None = None,
+def make_loss_and_grad(model_cfg: model.ModelConfig, loss_cfg: loss.LossConfig, mesh: Mesh | None = None,
                        num_microbatches: int = 1, **jit_kwargs: Any):
     """jax.jit(loss_and_grad) with the static settings bound: fn(params, batch)."""
     return jax.jit(functools.partial(loss_and_grad, model_cfg=model_cfg, loss_cfg=loss_cfg, mesh=mesh,

@@ -15,6 +15,10 @@ and a fingerprint of them chained with the previous stage's: a finished stage wh
 earlier stage's) have changed since is an error naming the change, never silently reused.
 
     python scripts/train.py --config=configs/r1_pipeline.py --config.stage.grpo.steps=300
+
+A GRPO config with `cold_start.steps > 0` is the two-stage pipeline `cold_start,grpo`: the cold start
+is an SFT stage of its own (the `cold_start` section holds its overrides), checkpointed and resumed
+like any stage, in WORKDIR/cold_start; the GRPO run itself is in WORKDIR/grpo.
 """
 
 from __future__ import annotations
@@ -29,12 +33,34 @@ from typing import Any, Callable
 import jax
 from ml_collections import ConfigDict
 
+from grpo_jax import checkpoint
+from grpo_jax import config
+from grpo_jax import policy
+from grpo_jax import trainer
+
 _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}  # replaced, not merged
 # Settings that do not change what a stage trains: where it lives, logging, evaluation, checkpoint
 # cadence, and how it executes (device mesh, rematerialisation, attention kernel, verifier processes).
 # Changing them never invalidates a stage.
 _UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "model.remat",
-              "model.attention", "verifier.workers")
+              "model.attention", "verifier.workers", "cold_start")  # a stage's cold_start.steps is always 0
+SETTINGS_VERSION = 2  # stage.json settings in today's field names (1: before the renames in grpo_jax.config)
+
+
+def expand(cfg: ConfigDict) -> ConfigDict:
+    """A GRPO config with `cold_start.steps > 0` as the pipeline `cold_start,grpo` (any other config
+    as it is): the cold start is an SFT stage with the `cold_start` overrides."""
+    if is_pipeline(cfg) or not cfg.cold_start.steps:
+        return cfg
+    if cfg.trainer != "grpo":
+        raise ValueError(f"cold_start.steps={cfg.cold_start.steps} with trainer={cfg.trainer!r}: only a GRPO run "
+                         "has a cold start")
+    out = copy.deepcopy(cfg)
+    with out.unlocked():
+        out.stages = "cold_start,grpo"
+        out.stage = {"cold_start": {"trainer": "sft", **cfg.cold_start.to_dict(), "cold_start": {"steps": 0}},
+                     "grpo": {"cold_start": {"steps": 0}}}
+    return out
 
 
 def is_pipeline(cfg: ConfigDict) -> bool:
@@ -42,6 +68,7 @@ def is_pipeline(cfg: ConfigDict) -> bool:
 
 
 def stage_names(cfg: ConfigDict) -> list[str]:
+    cfg = expand(cfg)
     names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     missing = [n for n in names if n not in cfg.get("stage", {})]
     if missing or len(set(names)) != len(names):
@@ -54,8 +81,9 @@ def _apply(target: ConfigDict, overrides: Any, where: str) -> None:
     for key, value in overrides.items():
         path = f"{where}.{key}" if where else key
         if key not in target:
-            raise ValueError(f"stage override {path!r}: the config has no such field; "
-                             f"fields here are {sorted(target.keys())}")
+            new = config.renamed(path)
+            raise ValueError(f"stage override {path!r}: " + (f"renamed {new!r}" if new else
+                             f"the config has no such field; fields here are {sorted(target.keys())}"))
         if isinstance(target[key], ConfigDict) and path not in _WHOLE:
             _apply(target[key], value, path)
         else:
@@ -65,6 +93,7 @@ def _apply(target: ConfigDict, overrides: Any, where: str) -> None:
 def stage_config(cfg: ConfigDict, name: str) -> ConfigDict:
     """The full config of stage `name`: the shared fields, its overrides, its workdir, and the
     previous stage's workdir as `init_from` (the first stage keeps `cfg.init_from`)."""
+    cfg = expand(cfg)
     names = stage_names(cfg)
     if name not in names:
         raise ValueError(f"no stage {name!r}; the stages are {names}")
@@ -78,26 +107,22 @@ def stage_config(cfg: ConfigDict, name: str) -> ConfigDict:
         out.resume = True
         if i > 0:
             out.init_from = os.path.join(cfg.workdir, names[i - 1])
-            out.eval.at_start = False  # the previous stage's final evaluation is of the same weights
-    if out.trainer not in ("grpo", "sft"):
-        raise ValueError(f"stage {name!r}: trainer={out.trainer!r}; expected 'grpo' or 'sft'")
-    return out
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+            # The previous stage's final evaluation is of the same weights, when it evaluates.
+            out.eval.at_start = not stage_config(cfg, names[i - 1]).eval.every
+    config.check(out)
+    if out.cold_start.steps:
+        raise ValueError(f"stage {name!r}: cold_start.steps={out.cold_start.steps}; in a pipeline the cold "
+                         "start is a stage of its own (trainer='sft')")
     return out
 
 
 def stage_settings(scfg: ConfigDict) -> dict[str, Any]:
     """The settings of a stage config that decide what it trains, flat and JSON-ready
     ({"optimizer.learning_rate": 1e-4, ...}); `_UNTRACKED` fields are left out."""
-    flat = _flat(json.loads(json.dumps(scfg.to_dict(), default=repr)))
+    return _tracked(config._flat(json.loads(json.dumps(scfg.to_dict(), default=repr))))
+
+
+def _tracked(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == u or k.startswith(u + ".") for u in _UNTRACKED)}
 
 
@@ -123,51 +148,77 @@ def _changed_error(name: str, workdir: str, old: dict[str, Any], new: dict[str, 
 def resolve(cfg: ConfigDict, stage: str | None = None) -> ConfigDict:
     """A plain config as it is; a pipeline's stage `stage` (default: the last) - for scripts that
     evaluate, sample or export one run."""
-    if not is_pipeline(cfg):
+    if not is_pipeline(expand(cfg)):
         if stage:
             raise ValueError(f"stage={stage!r} given, but the config has no stages")
         return cfg
     return stage_config(cfg, stage or stage_names(cfg)[-1])
 
 
-def load_policy(cfg: ConfigDict, stage: str | None = None, step: int | None = None, hf: str | None = None):
-    """A read-only TrainerBase holding the policy of a run (a pipeline's stage, default the last)
-    at checkpoint `step` (default: the latest), or of a Hugging Face folder / hub id `hf`, for
-    scripts that evaluate, sample or export it. Returns (trainer, a description of the source)."""
-    from grpo_jax.trainer import TrainerBase
+def _legacy_layout(cfg: ConfigDict) -> str | None:
+    """A message when cfg's workdir holds a run written before cold starts became a stage."""
+    if is_pipeline(cfg) or not is_pipeline(expand(cfg)):
+        return None
+    old = checkpoint.directory(cfg.workdir)
+    if os.path.isdir(old) and not os.path.isdir(os.path.join(cfg.workdir, "grpo")):
+        return (f"{old} was written before the cold start became a stage of its own (grpo_jax 0.1): this "
+                f"config now runs in {os.path.join(cfg.workdir, 'cold_start')} and {os.path.join(cfg.workdir, 'grpo')}. "
+                f"Move {old} into {os.path.join(cfg.workdir, 'grpo')}/ to evaluate or continue it there, "
+                "or start in a new workdir.")
+    return None
 
-    cfg = copy.deepcopy(resolve(cfg, stage))
-    with cfg.unlocked():
-        cfg.init_from = ""
-        if hf:
-            cfg.model.source = cfg.model.tokenizer = hf
-    trainer = TrainerBase(cfg, readonly=True)
-    if hf:
-        return trainer, hf
+
+def load_policy(cfg: ConfigDict, stage: str | None = None, step: int | None = None,
+                hf: str | None = None) -> tuple[policy.Policy, ConfigDict, str]:
+    """The policy of a run (a pipeline's stage, default the last) at checkpoint `step` (default:
+    the latest), or of a Hugging Face folder / hub id `hf`, for scripts that evaluate, sample or
+    export it: its parameters only, no training state. Returns (policy, the run's config, source)."""
+    legacy = None if hf else _legacy_layout(cfg)
+    if legacy:
+        raise SystemExit(legacy)
+    run = copy.deepcopy(resolve(cfg, stage))
+    with run.unlocked():
+        run.init_from = None
     try:
-        step = trainer.load_params(cfg.workdir, step)
+        pol, source = policy.load(run, workdir=None if hf else run.workdir, step=step, hf_path=hf)
     except FileNotFoundError:
-        trainer.close()
-        raise SystemExit(f"no checkpoint in {os.path.join(cfg.workdir, 'checkpoints')}; train first, or pass --hf=FOLDER")
-    return trainer, f"{cfg.workdir} step {step}"
+        raise SystemExit(f"no checkpoint in {checkpoint.directory(run.workdir)}; train first, or pass --hf=FOLDER")
+    return pol, run, source
 
 
-def make_trainer(cfg: ConfigDict, reward_fns: dict[str, Callable] | None = None):
-    """The trainer that `cfg.trainer` names."""
-    from grpo_jax.sft import SFTTrainer
-    from grpo_jax.trainer import GRPOTrainer
-
-    cls = {"grpo": GRPOTrainer, "sft": SFTTrainer}.get(cfg.trainer)
-    if cls is None:
-        raise ValueError(f"trainer={cfg.trainer!r}; expected 'grpo' or 'sft'")
-    return cls(cfg, reward_fns=reward_fns)
-
-
-def _final_eval(trainer, history: list[dict]) -> dict[str, float]:
+def _final_eval(stage_run: trainer.Trainer, history: list[dict]) -> dict[str, float]:
     last = history[-1] if history else {}
-    if last.get("step") == trainer.cfg.steps and "eval/pass@1" in last:
+    if last.get("step") == stage_run.cfg.steps and "eval/pass@1" in last:
         return {k: v for k, v in last.items() if k.startswith("eval/")}
-    return trainer.evaluate()
+    return stage_run.evaluate()
+
+
+def _same_stage(record: dict[str, Any], settings: dict[str, Any], stamp: str) -> bool:
+    """Whether a finished stage's marker matches its settings now. Markers from before fingerprints
+    are trusted; markers from before the field renames match when their settings, renamed, do."""
+    if "fingerprint" not in record or record["fingerprint"] == stamp:
+        return True
+    if record.get("settings_version", 1) < SETTINGS_VERSION:
+        old = _tracked(config.upgrade_settings(record.get("settings", {})))
+        if old == settings:
+            record["settings"] = old
+            return True
+    return False
+
+
+def run(cfg: ConfigDict, until_stage: str | None = None,
+        reward_fns: dict[str, Callable] | None = None) -> list[dict[str, Any]] | dict[str, Any]:
+    """Train `cfg`: a pipeline (or a GRPO config with a cold start) stage by stage, else one run.
+    Returns the stages' records, or the run's history."""
+    if is_pipeline(expand(cfg)):
+        return run_pipeline(cfg, until_stage, reward_fns)
+    if until_stage:
+        raise ValueError("until_stage needs a pipeline config (one with `stages`, or a cold start)")
+    t = trainer.Trainer(cfg, reward_fns=reward_fns)
+    try:
+        return t.run()
+    finally:
+        t.close()
 
 
 def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
@@ -177,6 +228,9 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
     Returns each finished stage's record (what stage.json holds): name, trainer, steps, seconds of
     the session that finished it, final evaluation, and the rejection-sampling summary if any.
     """
+    legacy = _legacy_layout(cfg)
+    if legacy:
+        raise ValueError(legacy)
     names = stage_names(cfg)
     if until_stage is not None and until_stage not in names:
         raise ValueError(f"until_stage={until_stage!r}; the stages are {names}")
@@ -190,7 +244,7 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
         if os.path.exists(marker):
             with open(marker) as f:
                 record = json.load(f)
-            if record.get("fingerprint", stamp) != stamp:  # markers from before fingerprints: trusted
+            if not _same_stage(record, settings, stamp):
                 raise _changed_error(name, scfg.workdir, record.get("settings", {}), settings, names[i + 1:])
             if lead:
                 print(f"== stage {name}: finished earlier, skipped", flush=True)
@@ -199,22 +253,23 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
                 print(f"== stage {name} ({scfg.trainer}, {scfg.steps} steps"
                       + (f", from {scfg.init_from}" if scfg.init_from else "") + ")", flush=True)
             t0 = time.perf_counter()
-            trainer = make_trainer(scfg, reward_fns)
+            stage_run = trainer.Trainer(scfg, reward_fns=reward_fns)
             try:
-                history = trainer.run()["history"]
-                if trainer.ckpt.latest_step() != trainer.step:  # the next stage starts from it
-                    trainer.save()
-                record = {"name": name, "trainer": scfg.trainer, "steps": trainer.step,
-                          "eval": _final_eval(trainer, history)}
+                history = stage_run.run()["history"]
+                if stage_run.checkpoints.latest_step() != stage_run.step:  # the next stage starts from it
+                    stage_run.save()
+                record = {"name": name, "trainer": scfg.trainer, "steps": stage_run.step,
+                          "eval": _final_eval(stage_run, history)}
                 summary = os.path.join(scfg.workdir, "rejection_samples.summary.json")
                 if os.path.exists(summary):
                     with open(summary) as f:
                         record["rejection_sampling"] = json.load(f)
                 if scfg.trainer == "sft":
-                    record["sft_sources"] = dict(trainer.sources)
+                    record["sft_sources"] = dict(stage_run.algorithm.sources)
             finally:
-                trainer.close()
-            record.update(seconds=time.perf_counter() - t0, fingerprint=stamp, settings=settings)
+                stage_run.close()
+            record.update(seconds=time.perf_counter() - t0, fingerprint=stamp, settings=settings,
+                          settings_version=SETTINGS_VERSION)
             if lead:
                 with open(marker + ".tmp", "w") as f:
                     json.dump(record, f, indent=2)
@@ -222,7 +277,7 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
                 print(f"== stage {name} done in {record['seconds']:.0f} s: "
                       + " ".join(f"{k}={v:.3f}" for k, v in record["eval"].items()), flush=True)
         records.append(record)
-        previous = record.get("fingerprint", stamp)
+        previous = stamp
         if name == until_stage:
             break
     return records

@@ -1,7 +1,7 @@
 """Rejection sampling (stage 3 of DeepSeek-R1): sample n completions per problem with a policy,
 keep the verified ones, and write them as an SFT dataset.
 
-    kept, summary = rejection_sample(trainer, rows, n=16, keep=4)   # trainer: any TrainerBase
+    kept, summary = rejection_sample(pol, scorer, rows, n=16, keep=4)   # a policy.Policy, a rewards.Scorer
     write_dataset(kept, summary, "runs/rs/rejection_samples.jsonl")  # read back by sft.data
 
 A completion is kept when its weighted reward (the `specs`, by default the eval verifier) reaches
@@ -19,9 +19,11 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from ml_collections import ConfigDict
 
-from grpo_jax import rewards as R
-from grpo_jax.trainer import all_hosts_json
+from grpo_jax import multihost
+from grpo_jax import policy
+from grpo_jax import rewards
 
 
 def select(rows: Sequence[dict], n: int, texts: Sequence[str], lengths: Sequence[int],
@@ -63,32 +65,37 @@ def summarize(kept: Sequence[dict], counts: dict[str, float]) -> dict[str, float
             "mean_length_chars": float(np.mean([len(r["completion"]) for r in kept])) if kept else 0.0}
 
 
-def rejection_sample(trainer, rows: Sequence[dict], *, n: int = 16, keep: int = 0, dedupe: bool = True,
-                     min_reward: float = 1.0, specs: Sequence[R.RewardSpec] | None = None,
-                     seed: int | None = None) -> tuple[list[dict], dict[str, float]]:
-    """n samples of each row with `trainer`'s policy and sampling settings, scored by `specs`
-    (default: the eval verifier), kept as in `select`. On several hosts each samples its block of
-    the rows and every host returns all of them."""
-    cfg, hosts, host = trainer.cfg, jax.process_count(), jax.process_index()
-    specs = list(specs or [R.RewardSpec(cfg.eval.reward, 1.0)])
+def rejection_sample(pol: policy.Policy, scorer: rewards.Scorer, rows: Sequence[dict], *, n: int = 16,
+                     keep: int = 0, dedupe: bool = True, min_reward: float = 1.0,
+                     specs: Sequence[rewards.RewardSpec] = (rewards.RewardSpec("math"),), seed: int = 13,
+                     batch_size: int | None = None) -> tuple[list[dict], dict[str, float]]:
+    """n samples of each row with `pol` (its sampling settings), `batch_size` problems per sampler
+    call, scored by `specs` and kept as in `select`. On several hosts each samples its block of the
+    rows and every host returns all of them."""
+    hosts, host = jax.process_count(), jax.process_index()
     # Hosts sample equal blocks in step (a remainder of fewer than `hosts` problems is left out).
     per_host = len(rows) // hosts
     block = list(rows[host * per_host:(host + 1) * per_host])
-    # As many completions per sampler call as evaluation makes (eval.batch_size prompts x eval.k).
-    batch = max(1, cfg.eval.batch_size * max(cfg.eval.k, 1) // (n * hosts))
-    key = jax.random.key(cfg.seed + 13 if seed is None else seed)
-    gen = trainer.sample_completions(block, n, trainer.sampling, key, batch_size=batch)
-    rewards, _, _ = trainer.score(specs, block, n, gen.texts, gen.lengths)
-    kept, counts = select(block, n, gen.texts, gen.lengths, gen.truncated, rewards, min_reward=min_reward,
+    gen = pol.sample(block, n, jax.random.key(seed), batch_size=batch_size)
+    scores, _, _ = scorer(list(specs), block, n, gen.texts, gen.lengths)
+    kept, counts = select(block, n, gen.texts, gen.lengths, gen.truncated, scores, min_reward=min_reward,
                           keep=keep, dedupe=dedupe)
-    kept = all_hosts_json(kept)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    kept = multihost.all_hosts_json(kept)
+    return kept, summarize(kept, multihost.host_sum(counts))
 
-        names = sorted(counts)
-        totals = multihost_utils.process_allgather(np.asarray([counts[k] for k in names], np.int64)).sum(0)
-        counts = dict(zip(names, (int(x) for x in totals)))
-    return kept, summarize(kept, counts)
+
+def from_config(pol: policy.Policy, scorer: rewards.Scorer, cfg: ConfigDict, rows: Sequence[dict],
+                n: int | None = None, keep: int | None = None) -> tuple[list[dict], dict[str, float]]:
+    """rejection_sample with a run config's settings (`rejection.*`; the eval verifier when
+    `rejection.rewards` is empty) over its first `rejection.max_problems` rows, as many completions
+    per sampler call as evaluation makes (eval.batch_size prompts x eval.k)."""
+    c = cfg.rejection
+    n = c.n if n is None else n
+    specs = [rewards.RewardSpec(k, w) for k, w in c.rewards.items()] or [rewards.RewardSpec(cfg.eval.reward)]
+    batch = max(1, cfg.eval.batch_size * max(cfg.eval.k, 1) // (n * jax.process_count()))
+    return rejection_sample(pol, scorer, rows[:c.max_problems] if c.max_problems else rows, n=n,
+                            keep=c.keep if keep is None else keep, dedupe=c.dedupe, min_reward=c.min_reward,
+                            specs=specs, seed=cfg.seed + 13, batch_size=batch)
 
 
 def write_dataset(kept: Sequence[dict], summary: dict[str, Any], path: str) -> None:
@@ -109,16 +116,13 @@ def summary_path(path: str) -> str:
     return os.path.splitext(path)[0] + ".summary.json"
 
 
-def load_or_sample(trainer) -> list[dict]:
-    """The SFT trainer's `rejection_samples` source: WORKDIR/rejection_samples.jsonl, sampled from
-    the trainer's current (starting) policy with `cfg.rejection` the first time."""
-    path = os.path.join(trainer.workdir, "rejection_samples.jsonl")
+def load_or_sample(pol: policy.Policy, scorer: rewards.Scorer, cfg: ConfigDict, rows: Sequence[dict],
+                   workdir: str) -> list[dict]:
+    """The SFT `rejection_samples` source: WORKDIR/rejection_samples.jsonl, sampled from `pol` (a
+    stage's starting policy) with `cfg.rejection` the first time, read back afterwards."""
+    path = os.path.join(workdir, "rejection_samples.jsonl")
     if not os.path.exists(path):
-        c = trainer.cfg.rejection
-        rows = trainer.train_rows[:c.max_problems] if c.max_problems else trainer.train_rows
-        specs = [R.RewardSpec(k, w) for k, w in c.rewards.items()] or None
-        kept, summary = rejection_sample(trainer, rows, n=c.n, keep=c.keep, dedupe=c.dedupe,
-                                         min_reward=c.min_reward, specs=specs)
+        kept, summary = from_config(pol, scorer, cfg, rows)
         write_dataset(kept, summary, path)
         if jax.process_index() == 0:
             print("rejection sampling: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from grpo_jax import verifiers as V
+from grpo_jax import verifiers
 
 RewardFn = Callable[..., list]
 
@@ -51,34 +51,34 @@ def _columns(columns: dict[str, Sequence[Any]], n: int, *names: str) -> list[lis
 def math_accuracy(prompts, completions, answer=None, **columns) -> list[float]:
     """1 when the completion's final answer (####, \\boxed{}, <answer>, "the answer is") equals `answer`."""
     (answers,) = _columns({"answer": answer, **columns}, len(completions), "answer")
-    return [V.math_reward(c, a) for c, a in zip(completions, answers)]
+    return [verifiers.math_reward(c, a) for c, a in zip(completions, answers)]
 
 
 def format_strict(prompts, completions, **columns) -> list[float]:
     """1 for exactly `<think>...</think>` then `<answer>...</answer>` (DeepSeek-R1 template)."""
-    return [V.format_reward(c, strict=True) for c in completions]
+    return [verifiers.format_reward(c, strict=True) for c in completions]
 
 
 def format_lenient(prompts, completions, **columns) -> list[float]:
     """1 when the four R1 tags appear in order, anything around them."""
-    return [V.format_reward(c, strict=False) for c in completions]
+    return [verifiers.format_reward(c, strict=False) for c in completions]
 
 
 def tag_count(prompts, completions, **columns) -> list[float]:
     """0.25 per R1 tag present exactly once."""
-    return [V.tag_count_reward(c) for c in completions]
+    return [verifiers.tag_count_reward(c) for c in completions]
 
 
 def countdown(prompts, completions, numbers=None, target=None, **columns) -> list[float]:
     """1 when the equation uses each of `numbers` once and evaluates to `target`."""
     nums, targets = _columns({"numbers": numbers, "target": target, **columns}, len(completions), "numbers", "target")
-    return [V.countdown_reward(c, n, t) for c, n, t in zip(completions, nums, targets)]
+    return [verifiers.countdown_reward(c, n, t) for c, n, t in zip(completions, nums, targets)]
 
 
 def code_tests(prompts, completions, tests=None, **columns) -> list[float | None]:
     """Fraction of `tests` (stdin/stdout pairs or assert strings) the completion's code passes."""
     (tests,) = _columns({"tests": tests, **columns}, len(completions), "tests")
-    return [None if t is None else V.code_reward(c, t) for c, t in zip(completions, tests)]
+    return [None if t is None else verifiers.code_reward(c, t) for c, t in zip(completions, tests)]
 
 
 def overlong_penalty(prompts, completions, completion_lengths=None, max_completion_length=None,
@@ -88,7 +88,7 @@ def overlong_penalty(prompts, completions, completion_lengths=None, max_completi
                                       "max_completion_length": max_completion_length,
                                       "overlong_buffer": overlong_buffer, **columns}, len(completions),
                                      "completion_lengths", "max_completion_length", "overlong_buffer")
-    return [V.overlong_penalty(int(n), int(m), int(b)) for n, m, b in zip(lengths, max_len, buf)]
+    return [verifiers.overlong_penalty(int(n), int(m), int(b)) for n, m, b in zip(lengths, max_len, buf)]
 
 
 REGISTRY: dict[str, RewardFn] = {
@@ -330,3 +330,77 @@ def score(
         metrics[f"rewards/{spec.name}/frac_none"] = 1.0 - valid.size / max(n, 1)
     metrics.update({f"rewards/{k}": float(v) for k, v in counts.items()})
     return total.astype(np.float32), per_fn, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring the completions of dataset rows
+
+
+@dataclasses.dataclass
+class Scorer:
+    """Scores n completions of each dataset row with reward functions: `score` with the rows' fields
+    as columns (each repeated n times) plus the completion lengths and length limit that the
+    overlong penalty reads. The verifier pool is started on first use, so code that never scores
+    (export, sampling) never starts one.
+
+        with Scorer(prompt_field="question", max_completion_length=256, workers=2) as scorer:
+            total, per_fn, metrics = scorer([RewardSpec("math")], rows, n, texts, lengths)
+
+    Args:
+      prompt_field: the rows' field passed to reward functions as the prompt.
+      max_completion_length, overlong_buffer: the `overlong` reward's settings, in tokens.
+      fns: callables by name, on top of the registry (a reward model, a lambda, ...).
+      workers: verifier processes (0: one per CPU), or -1 to score in this process.
+      timeout_s: wall-clock limit per item in the pool.
+    """
+
+    prompt_field: str
+    max_completion_length: int
+    overlong_buffer: int = 0
+    fns: dict[str, RewardFn] = dataclasses.field(default_factory=dict)
+    workers: int = 0
+    timeout_s: float = 10.0
+    _pool: VerifierPool | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg, fns: dict[str, RewardFn] | None = None) -> Scorer:
+        """The scorer of a run config (`data.prompt_field`, `sampling.max_new_tokens`,
+        `grpo.overlong_buffer`, `reward_functions`, `verifier`), with `fns` on top."""
+        own = {k: get_reward_fn(v) for k, v in cfg.reward_functions.items()}
+        return cls(cfg.data.prompt_field, cfg.sampling.max_new_tokens, cfg.grpo.overlong_buffer,
+                   {**own, **(fns or {})}, workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s)
+
+    @property
+    def pool(self) -> VerifierPool | None:
+        if self._pool is None and self.workers >= 0:
+            self._pool = VerifierPool(self.workers or None, self.timeout_s)
+        return self._pool
+
+    @property
+    def last_error(self) -> str | None:
+        return None if self._pool is None else self._pool.last_error
+
+    def columns(self, rows: Sequence[dict], n: int, lengths: Sequence[int]) -> dict[str, list]:
+        """The reward functions' keyword columns: each row's fields repeated n times, plus lengths."""
+        columns = {k: [r.get(k) for r in rows for _ in range(n)] for k in rows[0]}
+        columns.update(completion_lengths=[int(x) for x in lengths],
+                       max_completion_length=[self.max_completion_length] * len(lengths),
+                       overlong_buffer=[self.overlong_buffer] * len(lengths))
+        return columns
+
+    def __call__(self, specs: Sequence[RewardSpec], rows: Sequence[dict], n: int, texts: Sequence[str],
+                 lengths: Sequence[int]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+        """`score` of `texts` (the n completions of each row, adjacent)."""
+        prompts = [str(r[self.prompt_field]) for r in rows for _ in range(n)]
+        return score(specs, prompts, texts, self.columns(rows, n, lengths), pool=self.pool, fns=self.fns)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

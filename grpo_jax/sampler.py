@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grpo_jax import model as M
+from grpo_jax import model
 
 Array = jax.Array
 
@@ -152,7 +152,7 @@ def _rows(n: int, mesh: Mesh | None):
     return ("data", "fsdp")
 
 
-def _cache_specs(cfg: M.ModelConfig, mesh: Mesh | None, n: int) -> dict[str, P]:
+def _cache_specs(cfg: model.ModelConfig, mesh: Mesh | None, n: int) -> dict[str, P]:
     batch = _rows(n, mesh)
     heads = "tensor" if mesh is not None and cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
     return {"k": P(None, batch, None, heads, None), "v": P(None, batch, None, heads, None),
@@ -160,19 +160,19 @@ def _cache_specs(cfg: M.ModelConfig, mesh: Mesh | None, n: int) -> dict[str, P]:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_generations", "max_new_tokens", "mesh"))
-def prefill(params, prompt_ids, prompt_mask, *, cfg: M.ModelConfig, num_generations: int,
-            max_new_tokens: int, mesh: Mesh | None = None) -> tuple[Array, M.Cache]:
+def prefill(params, prompt_ids, prompt_mask, *, cfg: model.ModelConfig, num_generations: int,
+            max_new_tokens: int, mesh: Mesh | None = None) -> tuple[Array, model.Cache]:
     """Run each prompt once, then give each of its G samples a copy of its cache.
 
     Returns last-position logits [B * G, V] and a cache with room for max_new_tokens more tokens.
     """
     B, Pn = prompt_ids.shape
-    small = M.init_cache(cfg, B, Pn)
-    logits, small = M.forward(params, cfg, prompt_ids, prompt_mask, small)
+    small = model.init_cache(cfg, B, Pn)
+    logits, small = model.forward(params, cfg, prompt_ids, prompt_mask, small)
     rep = lambda x, axis: jnp.repeat(x, num_generations, axis=axis)
     N, S = B * num_generations, Pn + max_new_tokens
     specs = _cache_specs(cfg, mesh, N)
-    cache = M.init_cache(cfg, N, S)
+    cache = model.init_cache(cfg, N, S)
     cache = {
         "k": jax.lax.dynamic_update_slice(cache["k"], rep(small["k"], 1), (0, 0, 0, 0, 0)),
         "v": jax.lax.dynamic_update_slice(cache["v"], rep(small["v"], 1), (0, 0, 0, 0, 0)),
@@ -185,8 +185,8 @@ def prefill(params, prompt_ids, prompt_mask, *, cfg: M.ModelConfig, num_generati
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh"), donate_argnames=("cache",))
-def decode(params, cache: M.Cache, first_logits: Array, key: Array, *, cfg: M.ModelConfig,
-           sampling: SamplingConfig, mesh: Mesh | None = None) -> tuple[Array, Array, Array, Array, M.Cache]:
+def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: model.ModelConfig,
+           sampling: SamplingConfig, mesh: Mesh | None = None) -> tuple[Array, Array, Array, Array, model.Cache]:
     """Generate up to sampling.max_new_tokens tokens per row in one while_loop.
 
     Returns tokens [N, T], log-probabilities [N, T], lengths [N], done [N] (ended with EOS) and the
@@ -212,7 +212,7 @@ def decode(params, cache: M.Cache, first_logits: Array, key: Array, *, cfg: M.Mo
         done = done | jnp.isin(tok, eos)
         # The forward after the final token is wasted work (1 of max_new_tokens steps); the cache has
         # room for it, and skipping it would need a cond inside the loop.
-        logits, cache = M.forward(params, cfg, tok[:, None], active[:, None], cache)
+        logits, cache = model.forward(params, cfg, tok[:, None], active[:, None], cache)
         cache = {k: _constrain(v, mesh, specs[k]) for k, v in cache.items()}
         return step + 1, cache, logits[:, -1], tokens, done, logps, lengths
 
@@ -241,8 +241,8 @@ def gather_prompt_batch(prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -
 
 
 def sample(
-    params: M.Params,
-    model_cfg: M.ModelConfig,
+    params: model.Params,
+    model_cfg: model.ModelConfig,
     prompts: Sequence[Sequence[int]],
     num_generations: int,
     cfg: SamplingConfig,

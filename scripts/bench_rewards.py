@@ -17,7 +17,7 @@ import platform
 import random
 import time
 
-from grpo_jax import rewards as R
+from grpo_jax import rewards
 
 
 def make_latex_completions(n: int, seed: int = 0):
@@ -68,16 +68,16 @@ def main(argv=None) -> dict:
     make = make_completions if args.style == "gsm8k" else make_latex_completions
     completions, answers = make(args.n)
     prompts = [""] * args.n
-    spec = [R.RewardSpec("math")]
+    spec = [rewards.RewardSpec("math")]
     t = time.perf_counter()
-    with R.VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
+    with rewards.VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
         start_s = time.perf_counter() - t
-        pool.map(R.math_accuracy, prompts[:8], completions[:8], {"answer": answers[:8]})  # warm imports
+        pool.map(rewards.math_accuracy, prompts[:8], completions[:8], {"answer": answers[:8]})  # warm imports
         t = time.perf_counter()
-        total, _, metrics = R.score(spec, prompts, completions, {"answer": answers}, pool=pool)
+        total, _, metrics = rewards.score(spec, prompts, completions, {"answer": answers}, pool=pool)
         pool_s = time.perf_counter() - t
     t = time.perf_counter()
-    total_inproc, _, _ = R.score(spec, prompts, completions, {"answer": answers})
+    total_inproc, _, _ = rewards.score(spec, prompts, completions, {"answer": answers})
     inproc_s = time.perf_counter() - t
     assert (total == total_inproc).all()
     result = {

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import model as M
-from grpo_jax import sampler as S
+from grpo_jax import model
+from grpo_jax import sampler
 
 
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -47,15 +47,15 @@ def bench_one(params, cfg, batch, num_generations, prompt_len, new_tokens, repea
     rng = np.random.default_rng(seed)
     n_prompts = batch // num_generations
     prompts = rng.integers(0, cfg.vocab_size, size=(n_prompts, prompt_len)).tolist()
-    sc = S.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(), prompt_buckets=(prompt_len,))
-    ids, mask = (jnp.asarray(a) for a in S.pad_prompts(prompts, sc.prompt_buckets))
+    sc = sampler.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(), prompt_buckets=(prompt_len,))
+    ids, mask = (jnp.asarray(a) for a in sampler.pad_prompts(prompts, sc.prompt_buckets))
     key = jax.random.key(seed)
 
     t0 = time.perf_counter()
-    prefill = S.prefill.lower(params, ids, mask, cfg=cfg, num_generations=num_generations,
+    prefill = sampler.prefill.lower(params, ids, mask, cfg=cfg, num_generations=num_generations,
                               max_new_tokens=new_tokens).compile()
     logits, cache = prefill(params, ids, mask)
-    decode = S.decode.lower(params, cache, logits, key, cfg=cfg, sampling=sc).compile()
+    decode = sampler.decode.lower(params, cache, logits, key, cfg=cfg, sampling=sc).compile()
     compile_s = time.perf_counter() - t0
 
     def run(k):
@@ -93,7 +93,7 @@ def bench_one(params, cfg, batch, num_generations, prompt_len, new_tokens, repea
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=sorted(M.SHAPES))
+    ap.add_argument("--shape", default="tiny", choices=sorted(model.SHAPES))
     ap.add_argument("--batch", type=int, nargs="+", default=[8], help="completions per call")
     ap.add_argument("--num_generations", type=int, default=1, help="G: completions share a prompt's prefill")
     ap.add_argument("--prompt_len", type=int, default=32)
@@ -104,8 +104,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
 
-    cfg = M.SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.dtype)
-    params = jax.jit(M.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    cfg = model.SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.dtype)
+    params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     bw = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else measure_bandwidth(
         (1 << 30) if jax.default_backend() != "cpu" else (1 << 27))
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
         "params": cfg.num_params, "param_bytes": param_bytes, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "bandwidth_GBps": bw / 1e9, "runs": [],
     }
-    kv_tok = M.kv_cache_bytes_per_token(cfg)
+    kv_tok = model.kv_cache_bytes_per_token(cfg)
     for b in args.batch:
         run = bench_one(params, cfg, b, args.num_generations, args.prompt_len, args.new_tokens, args.repeats)
         avg_ctx = args.prompt_len + args.new_tokens / 2

@@ -14,6 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from grpo_jax import config  # noqa: E402
+
+config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
     "the run's ml-collections config file", lock_config=True)
@@ -28,18 +32,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from grpo_jax.pipeline import load_policy
+    from grpo_jax import pipeline
 
     logging.set_verbosity(logging.WARNING)
-    cfg = _CONFIG.value
-    with cfg.unlocked():
-        cfg.verifier.workers = -1  # nothing is scored
-    trainer, source = load_policy(cfg, _STAGE.value, _STEP.value)
-    try:
-        path = trainer.export_hf(_OUT.value, dtype=_DTYPE.value)
-        print(f"wrote {source} to {path}")
-    finally:
-        trainer.close()
+    pol, _, source = pipeline.load_policy(_CONFIG.value, _STAGE.value, _STEP.value)
+    print(f"wrote {source} to {pol.export_hf(_OUT.value, dtype=_DTYPE.value)}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python scripts/plot_metrics.py --workdir=runs/default --out=docs/default_run.png
 
+A workdir whose run has a cold start holds the GRPO stage in WORKDIR/grpo; that one is plotted.
+
 Needs matplotlib (in the `test` extra).
 """
 
@@ -35,9 +37,12 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = read_scalars(os.path.join(args.workdir, "tb"))
+    tb = os.path.join(args.workdir, "tb")
+    if not os.path.isdir(tb) and os.path.isdir(os.path.join(args.workdir, "grpo", "tb")):
+        tb = os.path.join(args.workdir, "grpo", "tb")  # a run with a cold start: its GRPO stage
+    s = read_scalars(tb) if os.path.isdir(tb) else {}
     if "reward" not in s:
-        raise SystemExit(f"no training metrics in {args.workdir}/tb")
+        raise SystemExit(f"no training metrics in {tb}")
     fig, ax = plt.subplots(figsize=(7, 4))
     for tag, label in (("rewards/math/mean", "train accuracy (sampled, moving avg)"),):
         if tag in s:

@@ -6,7 +6,7 @@ written as an SFT dataset (JSONL) with a summary beside it.
     python scripts/rejection_sample.py --hf=exports/teacher --output=traces.jsonl  # a teacher, for distillation
 
 The dataset feeds SFT (`--config.sft.data=rs.jsonl` with trainer="sft"). Sampling uses the run's
-settings (grpo.temperature, grpo.max_new_tokens, sampling.*); --config.rejection.* sets what is kept
+settings (sampling.*); --config.rejection.* sets what is kept
 (min_reward, rewards, dedupe, max_problems). See grpo_jax/rejection.py.
 """
 
@@ -18,6 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from grpo_jax import config  # noqa: E402
+
+config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
@@ -37,22 +41,14 @@ def main(argv):
 
     import jax
 
-    from grpo_jax import rejection
-    from grpo_jax import rewards as R
-    from grpo_jax.pipeline import load_policy
+    from grpo_jax import data, pipeline, rejection, rewards
 
     logging.set_verbosity(logging.WARNING)
-    trainer, source = load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
-    try:
-        c = trainer.cfg.rejection
-        rows = trainer.train_rows[:c.max_problems] if c.max_problems else trainer.train_rows
-        specs = [R.RewardSpec(k, w) for k, w in c.rewards.items()] or None
-        kept, summary = rejection.rejection_sample(
-            trainer, rows, n=c.n if _N.value is None else _N.value, keep=c.keep if _KEEP.value is None else _KEEP.value,
-            dedupe=c.dedupe, min_reward=c.min_reward, specs=specs)
-        rejection.write_dataset(kept, {"model": source, **summary}, _OUTPUT.value)
-    finally:
-        trainer.close()
+    pol, cfg, source = pipeline.load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
+    task = data.load_task(cfg.data, cfg.seed)
+    with rewards.Scorer.from_config(cfg) as scorer:
+        kept, summary = rejection.from_config(pol, scorer, cfg, task.train, n=_N.value, keep=_KEEP.value)
+    rejection.write_dataset(kept, {"model": source, **summary}, _OUTPUT.value)
     if jax.process_index() == 0:
         print(json.dumps({"model": source, "output": _OUTPUT.value, **summary}, indent=2))
 

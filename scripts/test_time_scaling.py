@@ -20,6 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from grpo_jax import config  # noqa: E402
+
+config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
     "the run's ml-collections config file", lock_config=True)
@@ -33,31 +37,28 @@ _OUTPUT = flags.DEFINE_string("output", None, "write the table as JSON here")
 _PLOT = flags.DEFINE_string("plot", None, "draw the curves into this PNG")
 
 
-def measure(trainer, rows, n: int, selectors) -> dict:
-    """Greedy pass@1 and the scaling curve of `trainer`'s policy on `rows` (all hosts' figures)."""
+def measure(pol, cfg, scorer, rows, n: int, selectors) -> dict:
+    """Greedy pass@1 and the scaling curve of the policy `pol` on `rows` (all hosts' figures)."""
     import jax
     import numpy as np
 
-    from grpo_jax import rewards as R
-    from grpo_jax import test_time as TT
-    from grpo_jax.trainer import all_hosts, all_hosts_json
-    from grpo_jax.verifiers import extract_answer, normalize_answer
+    from grpo_jax import evaluation, multihost, rewards, test_time, verifiers
 
-    cfg = trainer.cfg
-    greedy = trainer.evaluate(rows, k=0)["eval/pass@1"]
-    block = trainer._host_block(rows, jax.process_count())
+    greedy = evaluation.evaluate(pol, rows, scorer, **{**evaluation.settings(cfg), "k": 0})["eval/pass@1"]
+    block = multihost.host_block(rows, jax.process_count())
     batch = max(1, cfg.eval.batch_size * max(cfg.eval.k, 1) // (n * jax.process_count()))
-    gen = trainer.sample_completions(block, n, trainer.sampling, jax.random.key(cfg.seed + 7), batch_size=batch)
-    scores, _, _ = trainer.score([R.RewardSpec(cfg.eval.reward, 1.0)], block, n, gen.texts, gen.lengths)
-    correct = all_hosts(np.asarray(scores).reshape(len(block), n) > 0.5)
-    answers = all_hosts_json([[normalize_answer(extract_answer(t) or "") for t in gen.texts[i * n:(i + 1) * n]]
-                              for i in range(len(block))])
+    gen = pol.sample(block, n, jax.random.key(cfg.seed + 7), batch_size=batch)
+    scores, _, _ = scorer([rewards.RewardSpec(cfg.eval.reward, 1.0)], block, n, gen.texts, gen.lengths)
+    correct = multihost.all_hosts(np.asarray(scores).reshape(len(block), n) > 0.5)
+    answers = multihost.all_hosts_json(
+        [[verifiers.normalize_answer(verifiers.extract_answer(t) or "") for t in gen.texts[i * n:(i + 1) * n]]
+         for i in range(len(block))])
     chosen = {}
     for name in selectors:
-        s = gen.mean_logp if name == "logprob" else trainer.score([R.RewardSpec(name, 1.0)], block, n, gen.texts, gen.lengths)[0]
-        chosen[name] = all_hosts(np.asarray(s, np.float64).reshape(len(block), n))
+        s = gen.mean_logp if name == "logprob" else scorer([rewards.RewardSpec(name, 1.0)], block, n, gen.texts, gen.lengths)[0]
+        chosen[name] = multihost.all_hosts(np.asarray(s, np.float64).reshape(len(block), n))
     return {"problems": len(rows), "n": n, "greedy_pass@1": greedy,
-            "curve": TT.scaling_curve(correct, answers, chosen)}
+            "curve": test_time.scaling_curve(correct, answers, chosen)}
 
 
 def table(result: dict) -> str:
@@ -96,15 +97,14 @@ def main(argv):
 
     import jax
 
-    from grpo_jax.pipeline import load_policy
+    from grpo_jax import data, pipeline, rewards
 
     logging.set_verbosity(logging.WARNING)
-    trainer, source = load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
-    try:
-        rows = trainer.eval_rows[:_PROBLEMS.value] if _PROBLEMS.value else trainer.eval_rows
-        result = {"model": source, **measure(trainer, rows, _N.value, _SELECT.value)}
-    finally:
-        trainer.close()
+    pol, cfg, source = pipeline.load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
+    task = data.load_task(cfg.data, cfg.seed)
+    rows = task.eval[:_PROBLEMS.value] if _PROBLEMS.value else task.eval
+    with rewards.Scorer.from_config(cfg) as scorer:
+        result = {"model": source, **measure(pol, cfg, scorer, rows, _N.value, _SELECT.value)}
     if jax.process_index() != 0:
         return
     print(table(result))

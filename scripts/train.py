@@ -1,12 +1,13 @@
 """Train: GRPO, SFT (config trainer="sft"), or a pipeline of stages (a config with `stages`).
 
-    python scripts/train.py                                   # configs/default.py, CPU, offline
+    python scripts/train.py                                   # configs/default.py: cold start, then GRPO
     python scripts/train.py --config=configs/default.py --config.steps=50 --config.grpo.num_generations=16
     python scripts/train.py --config=configs/r1_pipeline.py   # cold start -> GRPO -> RS-SFT -> GRPO
     python scripts/train.py --config=configs/r1_pipeline.py --until_stage=grpo
 
-A pipeline run skips the stages it finished before and resumes an unfinished one, so rerunning the
-same command after an interruption carries on where it stopped.
+A pipeline run (and a GRPO run with a cold start, which is the pipeline cold_start -> grpo) skips
+the stages it finished before and resumes an unfinished one, so rerunning the same command after an
+interruption carries on where it stopped.
 
 Any config field can be overridden as --config.FIELD=value; a misspelt field or a value of the wrong
 type stops the run at once with a message naming it.
@@ -23,6 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from grpo_jax import config  # noqa: E402
+
+config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
@@ -51,18 +56,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _CONFIG.value
-    if pipeline.is_pipeline(cfg):
+    if pipeline.is_pipeline(pipeline.expand(cfg)):
         records = pipeline.run_pipeline(cfg, until_stage=_UNTIL_STAGE.value)
         if jax.process_index() == 0:
             print(pipeline.format_table(records))
         return
     if _UNTIL_STAGE.value:
-        raise app.UsageError("--until_stage needs a pipeline config (one with `stages`)")
-    trainer = pipeline.make_trainer(cfg)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
+        raise app.UsageError("--until_stage needs a pipeline config (one with `stages`, or a cold start)")
+    pipeline.run(cfg)
 
 
 if __name__ == "__main__":

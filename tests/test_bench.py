@@ -51,13 +51,13 @@ def test_bench_grpo_step_tiny(tmp_path):
 
 
 def test_update_flops_against_a_count_over_the_parameter_tree():
-    from grpo_jax import model as M
+    from grpo_jax import model
 
     mod = _load("bench_grpo_step")
     for name in ("tiny", "qwen2.5-0.5b"):
-        cfg = M.SHAPES[name]
+        cfg = model.SHAPES[name]
         # Every kernel and the (tied) embedding is a matmul weight; biases and norm scales are not.
-        weights = sum(math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(M.param_shapes(cfg))
+        weights = sum(math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(model.param_shapes(cfg))
                       if jax.tree_util.keystr(path).endswith(("['kernel']", "['embedding']")))
         B, S = 3, 20
         attention = 2 * 2 * 3 * cfg.num_layers * cfg.num_heads * cfg.head_dim * S * S / 2  # QK^T, AV; fwd+bwd

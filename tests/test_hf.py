@@ -11,25 +11,27 @@ import pytest
 import torch
 import transformers
 from conftest import left_padded_batch, tiny_hf_model
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from grpo_jax import hf
-from grpo_jax import model as M
+from grpo_jax import model
 
 
-def _logits(model, ids, mask):
+def _logits(hf_model, ids, mask):
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(ids),
+        return hf_model(input_ids=torch.as_tensor(ids),
                      attention_mask=torch.as_tensor(mask.astype(np.int64))).logits.float().numpy()
 
 
 def test_round_trip_through_transformers(hf_checkpoint, tmp_path):
-    model, folder = hf_checkpoint
+    hf_model, folder = hf_checkpoint
     params, cfg = hf.load_hf(folder)
     out = hf.save_hf(params, cfg, tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(back) is type(model)
+    assert type(back) is type(hf_model)
     ids, mask = left_padded_batch(cfg.vocab_size, [10, 6])
-    np.testing.assert_array_equal(_logits(back, ids, mask), _logits(model, ids, mask))
+    np.testing.assert_array_equal(_logits(back, ids, mask), _logits(hf_model, ids, mask))
     # And back into JAX: identical parameters.
     params2, cfg2 = hf.load_hf(out)
     assert cfg2 == cfg
@@ -37,43 +39,50 @@ def test_round_trip_through_transformers(hf_checkpoint, tmp_path):
 
 
 def test_sharded_bf16_checkpoint(tmp_path):
-    model = tiny_hf_model("qwen2")
-    model.save_pretrained(tmp_path / "src")
+    tiny_hf_model("qwen2").save_pretrained(tmp_path / "src")
     params, cfg = hf.load_hf(tmp_path / "src", dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     out = hf.save_hf(params, cfg, tmp_path / "out", max_shard_bytes=40_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
-    header, _ = hf.read_safetensors_header(out / shards[0])
-    assert {v["dtype"] for v in header.values()} == {"BF16"}
+    with safe_open(out / shards[0], framework="numpy") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert back.dtype == torch.bfloat16
     ids, mask = left_padded_batch(cfg.vocab_size, [8, 8])
-    ours, _ = M.forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    ours, _ = model.forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(ours), _logits(back, ids, mask), atol=0.1)
     params2, _ = hf.load_hf(out, dtype="bfloat16")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)),
                  params2, params)
 
 
-def test_safetensors_reader_matches_reference(tmp_path):
-    from safetensors.numpy import load_file, save_file
+def test_weights_are_read_and_written_by_the_safetensors_library(tmp_path, monkeypatch):
+    """save_hf writes through safetensors (bfloat16 via ml_dtypes) and load_hf reads through it:
+    what the library writes, we read exactly, and the reverse."""
+    params, cfg = hf.load_hf(_tiny_folder(tmp_path / "src"), dtype="bfloat16")
+    out = hf.save_hf(params, cfg, tmp_path / "out")
+    theirs = load_file(out / "model.safetensors")  # the library's own reader
+    assert theirs["model.embed_tokens.weight"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(theirs["model.embed_tokens.weight"], np.asarray(params["embedding"]))
+    # Tensors the library writes (a changed weight) come back through load_hf unchanged.
+    theirs["model.norm.weight"] = np.linspace(-3, 3, cfg.hidden_size).astype(ml_dtypes.bfloat16)
+    save_file(theirs, out / "model.safetensors", metadata={"format": "pt"})
+    back, _ = hf.load_hf(out, dtype="bfloat16")
+    np.testing.assert_array_equal(np.asarray(back["final_norm"]["scale"]), theirs["model.norm.weight"])
+    # No hand-written format code is left to drift from the reference implementation.
+    assert not any(hasattr(hf, name) for name in ("read_safetensors", "write_safetensors", "read_safetensors_header"))
+    calls = []
+    real = hf.safetensors.safe_open
+    monkeypatch.setattr(hf.safetensors, "safe_open", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    hf.load_hf(out)
+    assert calls == [out / "model.safetensors"]
 
-    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([1, -2], np.int64),
-               "c": np.ones((2, 2, 2), np.float16)}
-    save_file(tensors, tmp_path / "ref.safetensors")
-    ours = hf.read_safetensors(tmp_path / "ref.safetensors")
-    assert set(ours) == set(tensors)
-    for k in tensors:
-        np.testing.assert_array_equal(ours[k], tensors[k])
-    hf.write_safetensors(tmp_path / "ours.safetensors", tensors)
-    back = load_file(tmp_path / "ours.safetensors")
-    for k in tensors:
-        np.testing.assert_array_equal(back[k], tensors[k])
-    bf = {"x": np.linspace(-3, 3, 7).astype(ml_dtypes.bfloat16)}
-    hf.write_safetensors(tmp_path / "bf.safetensors", bf)
-    np.testing.assert_array_equal(hf.read_safetensors(tmp_path / "bf.safetensors")["x"], bf["x"])
+
+def _tiny_folder(path):
+    tiny_hf_model("qwen2").save_pretrained(path)
+    return path
 
 
 def test_load_places_on_given_shardings(hf_checkpoint):
@@ -131,14 +140,14 @@ def test_wrong_shapes(good):
 
 
 def test_missing_and_unexpected_tensors(good):
-    tensors = dict(hf.read_safetensors(good / "model.safetensors"))
+    tensors = load_file(good / "model.safetensors")
     tensors.pop("model.layers.1.self_attn.k_proj.weight")
-    hf.write_safetensors(good / "model.safetensors", tensors)
+    save_file(tensors, good / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(hf.CheckpointError, match=r"missing 1 tensors.*layers.1.self_attn.k_proj"):
         hf.load_hf(good)
     tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((32, 64), np.float32)
     tensors["model.layers.0.self_attn.q_norm.weight"] = np.zeros((16,), np.float32)
-    hf.write_safetensors(good / "model.safetensors", tensors)
+    save_file(tensors, good / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(hf.CheckpointError, match="does not use.*q_norm"):
         hf.load_hf(good)
 
@@ -154,8 +163,7 @@ def test_corrupt_file_and_bad_index(good):
 
 
 def test_sliding_window_rejected(tmp_path):
-    model = tiny_hf_model("qwen2")
-    model.save_pretrained(tmp_path)
+    tiny_hf_model("qwen2").save_pretrained(tmp_path)
     _edit_config(tmp_path, use_sliding_window=True, sliding_window=8)
     with pytest.raises(hf.CheckpointError, match="sliding-window"):
         hf.load_hf(tmp_path)

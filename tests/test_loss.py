@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import loss as L
+from grpo_jax import loss
 
 # --------------------------------------------------------------------------------------------------
 # Independent reference: loops and NumPy, straight from the formulas in the issue / papers.
@@ -85,8 +85,8 @@ def test_advantages_match_reference(estimator, scale, ddof):
     G = 4
     rewards = rng.choice([0.0, 0.5, 1.0], size=5 * G)
     rewards[:G] = 1.0  # one group with identical rewards
-    cfg = L.LossConfig(advantage_estimator=estimator, scale_rewards=scale, std_ddof=ddof, adv_eps=1e-4)
-    adv, metrics = L.compute_advantages(jnp.asarray(rewards), G, cfg)
+    cfg = loss.LossConfig(advantage_estimator=estimator, scale_rewards=scale, std_ddof=ddof, adv_eps=1e-4)
+    adv, metrics = loss.compute_advantages(jnp.asarray(rewards), G, cfg)
     effective = scale or {"grpo": "group", "dr_grpo": "none", "rloo": "none"}[estimator]
     want = ref_advantages(rewards, G, estimator, effective, ddof, 1e-4)
     np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-6)
@@ -97,7 +97,7 @@ def test_advantages_match_reference(estimator, scale, ddof):
 
 def test_seed_example_advantages():
     """The seeds' example group [1.0, 0.0, 0.5, 0.8]: mean 0.575, population std 0.3767."""
-    adv, _ = L.compute_advantages(jnp.asarray([1.0, 0.0, 0.5, 0.8]), 4, L.LossConfig(adv_eps=0.0))
+    adv, _ = loss.compute_advantages(jnp.asarray([1.0, 0.0, 0.5, 0.8]), 4, loss.LossConfig(adv_eps=0.0))
     r = np.array([1.0, 0.0, 0.5, 0.8])
     np.testing.assert_allclose(np.asarray(adv), (r - r.mean()) / r.std(), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(adv), [1.1284, -1.5266, -0.1991, 0.5974], atol=1e-4)
@@ -105,7 +105,7 @@ def test_seed_example_advantages():
 
 LOSS_CASES = [
     dict(agg=agg, kl=kl, level=level)
-    for agg in L.AGGREGATIONS for kl in L.KL_ESTIMATORS for level in ("token", "sequence")
+    for agg in loss.AGGREGATIONS for kl in loss.KL_ESTIMATORS for level in ("token", "sequence")
 ] + [
     dict(agg="token-mean", kl="k3", level="token", eps_high=0.28),  # DAPO clip-higher
     dict(agg="seq-mean-token-mean", kl="k3", level="token", dual_clip=3.0),
@@ -123,27 +123,27 @@ def test_loss_matches_reference(case, seed):
               beta=case.get("beta", 0.04), kl=case["kl"], agg=case["agg"], L_max=C + 3, level=case["level"],
               mask_truncated=case.get("mask_truncated", False))
     want = ref_loss(logp, old, ref, adv, mask, truncated, **kw)
-    cfg = L.LossConfig(clip_eps_low=0.2, clip_eps_high=case.get("eps_high"), dual_clip=kw["dual_clip"],
+    cfg = loss.LossConfig(clip_eps_low=0.2, clip_eps_high=case.get("eps_high"), dual_clip=kw["dual_clip"],
                        beta=kw["beta"], kl_estimator=kw["kl"], aggregation=kw["agg"], max_completion_length=C + 3,
                        importance_level=kw["level"], mask_truncated=kw["mask_truncated"])
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     # Garbage at padded positions must not leak into the loss.
     junk = np.where(mask, logp, 50.0)
-    s, d, metrics = L.grpo_loss_terms(f32(junk), f32(adv), jnp.asarray(mask), cfg, old_logp=f32(old),
+    s, d, metrics = loss.grpo_loss_terms(f32(junk), f32(adv), jnp.asarray(mask), cfg, old_logp=f32(old),
                                       ref_logp=f32(ref), truncated=jnp.asarray(truncated))
     np.testing.assert_allclose(float(s / d), want, rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(float(d), float(L.loss_denominator(jnp.asarray(mask), jnp.asarray(truncated), cfg)))
+    np.testing.assert_allclose(float(d), float(loss.loss_denominator(jnp.asarray(mask), jnp.asarray(truncated), cfg)))
 
 
 def test_metrics_match_reference():
     logp, old, ref, adv, mask, _ = random_batch(3, B=8, C=12, spread=0.5)
-    cfg = L.LossConfig(clip_eps_low=0.2, clip_eps_high=0.3)
+    cfg = loss.LossConfig(clip_eps_low=0.2, clip_eps_high=0.3)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     entropy = np.random.default_rng(0).uniform(0, 3, size=logp.shape)
     sampler = logp + np.random.default_rng(1).normal(0, 0.01, size=logp.shape)
-    _, _, m = L.grpo_loss_terms(f32(logp), f32(adv), jnp.asarray(mask), cfg, old_logp=f32(old), ref_logp=f32(ref),
+    _, _, m = loss.grpo_loss_terms(f32(logp), f32(adv), jnp.asarray(mask), cfg, old_logp=f32(old), ref_logp=f32(ref),
                                 entropy=f32(entropy), sampler_logp=f32(sampler))
-    m = {k: float(v) for k, v in L.finalize_metrics(m).items()}
+    m = {k: float(v) for k, v in loss.finalize_metrics(m).items()}
     rho = np.exp(logp - old)[mask]
     A = np.broadcast_to(adv[:, None], logp.shape)[mask]
     low, high = (rho < 0.8) & (A < 0), (rho > 1.3) & (A > 0)
@@ -165,21 +165,21 @@ def test_metrics_match_reference():
 
 
 def _grad_logp(logp, adv, mask, cfg, **kw):
-    f = lambda lp: (lambda s, d, _: s / d)(*L.grpo_loss_terms(lp, adv, mask, cfg, **kw))
+    f = lambda lp: (lambda s, d, _: s / d)(*loss.grpo_loss_terms(lp, adv, mask, cfg, **kw))
     return np.asarray(jax.grad(f)(logp))
 
 
 def test_gradient_raises_good_and_lowers_bad_completions():
     logp = jnp.full((2, 3), -1.0)
     mask = jnp.ones((2, 3), bool)
-    g = _grad_logp(logp, jnp.asarray([1.0, -1.0]), mask, L.LossConfig(beta=0.0))
+    g = _grad_logp(logp, jnp.asarray([1.0, -1.0]), mask, loss.LossConfig(beta=0.0))
     assert np.all(g[0] < 0)  # descending the loss raises log p of the positive-advantage completion
     assert np.all(g[1] > 0)  # and lowers it for the negative one
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_clipped_side_has_zero_gradient(level):
-    cfg = L.LossConfig(beta=0.0, clip_eps_low=0.2, importance_level=level)
+    cfg = loss.LossConfig(beta=0.0, clip_eps_low=0.2, importance_level=level)
     logp = jnp.zeros((2, 2))
     mask = jnp.ones((2, 2), bool)
     # rho = e^0.5 > 1.2 with A > 0, and rho = e^-0.5 < 0.8 with A < 0: both clipped.
@@ -192,29 +192,29 @@ def test_clipped_side_has_zero_gradient(level):
 
 
 def test_dual_clip_caps_negative_advantage_loss():
-    cfg = L.LossConfig(beta=0.0, dual_clip=3.0)
+    cfg = loss.LossConfig(beta=0.0, dual_clip=3.0)
     logp, old = jnp.asarray([[2.0]]), jnp.asarray([[0.0]])  # rho = e^2 = 7.4 > c = 3
-    s, d, _ = L.grpo_loss_terms(logp, jnp.asarray([-1.0]), jnp.ones((1, 1)), cfg, old_logp=old)
+    s, d, _ = loss.grpo_loss_terms(logp, jnp.asarray([-1.0]), jnp.ones((1, 1)), cfg, old_logp=old)
     assert float(s / d) == pytest.approx(3.0)  # -c * A
     assert np.all(_grad_logp(logp, jnp.asarray([-1.0]), jnp.ones((1, 1)), cfg, old_logp=old) == 0)
 
 
 def test_identical_rewards_give_no_policy_gradient():
-    adv, _ = L.compute_advantages(jnp.asarray([0.7] * 4 + [1.0, 0.0, 1.0, 0.0]), 4, L.LossConfig())
+    adv, _ = loss.compute_advantages(jnp.asarray([0.7] * 4 + [1.0, 0.0, 1.0, 0.0]), 4, loss.LossConfig())
     assert np.all(np.asarray(adv[:4]) == 0.0)
     logp = jnp.asarray(np.random.default_rng(0).uniform(-3, -1, size=(8, 5)), jnp.float32)
-    g = _grad_logp(logp, adv, jnp.ones((8, 5), bool), L.LossConfig(beta=0.0))
+    g = _grad_logp(logp, adv, jnp.ones((8, 5), bool), loss.LossConfig(beta=0.0))
     np.testing.assert_array_equal(g[:4], 0.0)
     assert np.all(g[4:] != 0)
 
 
-@pytest.mark.parametrize("kl", sorted(L.KL_ESTIMATORS))
+@pytest.mark.parametrize("kl", sorted(loss.KL_ESTIMATORS))
 def test_kl_is_zero_when_policy_equals_reference(kl):
     logp = jnp.asarray(np.random.default_rng(0).uniform(-3, -1, size=(3, 4)), jnp.float32)
-    cfg = L.LossConfig(beta=1.0, kl_estimator=kl)
+    cfg = loss.LossConfig(beta=1.0, kl_estimator=kl)
     zero_adv, mask = jnp.zeros(3), jnp.ones((3, 4), bool)
-    s, d, m = L.grpo_loss_terms(logp, zero_adv, mask, cfg, ref_logp=logp)
-    assert float(s) == 0.0 and float(L.finalize_metrics(m)["kl"]) == 0.0
+    s, d, m = loss.grpo_loss_terms(logp, zero_adv, mask, cfg, ref_logp=logp)
+    assert float(s) == 0.0 and float(loss.finalize_metrics(m)["kl"]) == 0.0
     if kl != "k1":  # k1's gradient is 1 everywhere; k2 and k3 have their minimum at policy == reference
         np.testing.assert_allclose(_grad_logp(logp, zero_adv, mask, cfg, ref_logp=logp), 0.0, atol=1e-7)
 
@@ -225,24 +225,24 @@ def test_k3_is_an_unbiased_nonnegative_kl_estimate():
     p = rng.dirichlet(np.ones(6))
     q = rng.dirichlet(np.ones(6))
     log_ratio = np.log(q) - np.log(p)
-    k3 = np.asarray(L.KL_ESTIMATORS["k3"](jnp.asarray(log_ratio)))
+    k3 = np.asarray(loss.KL_ESTIMATORS["k3"](jnp.asarray(log_ratio)))
     assert np.all(k3 >= 0)
     assert float((p * k3).sum()) == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-5)
 
 
 def test_beta_positive_needs_reference():
     with pytest.raises(ValueError, match="beta=0.04 > 0 needs ref_logp"):
-        L.grpo_loss_terms(jnp.zeros((1, 1)), jnp.zeros(1), jnp.ones((1, 1)), L.LossConfig())
+        loss.grpo_loss_terms(jnp.zeros((1, 1)), jnp.zeros(1), jnp.ones((1, 1)), loss.LossConfig())
 
 
 def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match="aggregation='mean'"):
-        L.LossConfig(aggregation="mean")
+        loss.LossConfig(aggregation="mean")
     with pytest.raises(ValueError, match="max_completion_length"):
-        L.LossConfig(aggregation="seq-mean-token-sum-norm")
+        loss.LossConfig(aggregation="seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="dual_clip=0.5"):
-        L.LossConfig(dual_clip=0.5)
+        loss.LossConfig(dual_clip=0.5)
     with pytest.raises(ValueError, match="num_generations=3"):
-        L.compute_advantages(jnp.zeros(8), 3, L.LossConfig())
+        loss.compute_advantages(jnp.zeros(8), 3, loss.LossConfig())
     with pytest.raises(ValueError, match="at least 2 completions"):
-        L.compute_advantages(jnp.zeros(4), 1, L.LossConfig(advantage_estimator="rloo"))
+        loss.compute_advantages(jnp.zeros(4), 1, loss.LossConfig(advantage_estimator="rloo"))

@@ -8,41 +8,41 @@ import torch
 from conftest import left_padded_batch, tiny_hf_model
 
 from grpo_jax import hf
-from grpo_jax import model as M
+from grpo_jax import model
 
 
-def torch_logits(model, ids, mask):
+def torch_logits(hf_model, ids, mask):
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask.astype(np.int64))).logits.numpy()
+        return hf_model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask.astype(np.int64))).logits.numpy()
 
 
 @pytest.mark.parametrize("attention", ["einsum", "xla"])
 def test_logit_parity_left_padded(hf_checkpoint, attention):
-    model, folder = hf_checkpoint
+    hf_model, folder = hf_checkpoint
     params, cfg = hf.load_hf(folder, attention=attention)
     ids, mask = left_padded_batch(cfg.vocab_size, [17, 9, 3, 13])
-    ref = torch_logits(model, ids, mask)
-    ours, _ = jax.jit(M.forward, static_argnums=1)(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    ref = torch_logits(hf_model, ids, mask)
+    ours, _ = jax.jit(model.forward, static_argnums=1)(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
     ours = np.asarray(ours)
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     np.testing.assert_allclose(ours[mask], ref[mask], atol=1e-4, rtol=1e-4)
     # Padding must not leak into real tokens: row 2 alone gives the same logits as inside the batch.
-    alone, _ = M.forward(params, cfg, jnp.asarray(ids[2:3, -3:]))
+    alone, _ = model.forward(params, cfg, jnp.asarray(ids[2:3, -3:]))
     np.testing.assert_allclose(np.asarray(alone)[0], ours[2, -3:], atol=1e-5)
 
 
 def test_positions_matter_and_match(hf_checkpoint):
     """Guard against parity that holds because rope does nothing: RoPE is relative, so a gap in the
     positions must change the logits, and ours must follow transformers' explicit position_ids."""
-    model, folder = hf_checkpoint
+    hf_model, folder = hf_checkpoint
     params, cfg = hf.load_hf(folder)
     ids = np.random.default_rng(1).integers(1, cfg.vocab_size, size=(2, 12))
     pos = np.arange(12)[None].repeat(2, 0) + np.where(np.arange(12) >= 6, 5, 0)
     with torch.no_grad():
-        plain = model(input_ids=torch.as_tensor(ids)).logits.numpy()
-        gapped = model(input_ids=torch.as_tensor(ids), position_ids=torch.as_tensor(pos)).logits.numpy()
+        plain = hf_model(input_ids=torch.as_tensor(ids)).logits.numpy()
+        gapped = hf_model(input_ids=torch.as_tensor(ids), position_ids=torch.as_tensor(pos)).logits.numpy()
     assert np.abs(gapped[:, 6:] - plain[:, 6:]).max() > 1e-2
-    ours, _ = M.forward(params, cfg, jnp.asarray(ids), positions=jnp.asarray(pos))
+    ours, _ = model.forward(params, cfg, jnp.asarray(ids), positions=jnp.asarray(pos))
     np.testing.assert_allclose(np.asarray(ours), gapped, atol=1e-4, rtol=1e-4)
 
 
@@ -64,17 +64,17 @@ def test_rope_inv_freq_matches_transformers(rope):
         ref, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(hf_cfg)
     else:
         ref, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
-    np.testing.assert_allclose(M.rope_inv_freq(cfg), ref.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(model.rope_inv_freq(cfg), ref.numpy(), rtol=1e-6)
 
 
 def _decode_against_full(params, cfg, ids, mask, prefill_chunks):
     """Prefill the left-padded prompts (in chunks) then decode the rest token by token; every step's
     logits must equal those of one full forward pass over the whole sequence."""
-    full, _ = M.forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    full, _ = model.forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
     full = np.asarray(full)
     B, T = ids.shape
-    cache = M.init_cache(cfg, B, T + 3)  # room to spare: unused slots must stay invisible
-    step = jax.jit(M.forward, static_argnums=1, donate_argnames="cache")
+    cache = model.init_cache(cfg, B, T + 3)  # room to spare: unused slots must stay invisible
+    step = jax.jit(model.forward, static_argnums=1, donate_argnames="cache")
     out, start = [], 0
     for end in prefill_chunks + list(range(prefill_chunks[-1] + 1, T + 1)):
         logits, cache = step(params, cfg, jnp.asarray(ids[:, start:end]), jnp.asarray(mask[:, start:end]), cache)
@@ -88,10 +88,10 @@ def _decode_against_full(params, cfg, ids, mask, prefill_chunks):
 
 @pytest.mark.parametrize("chunks", [[8], [3, 8]], ids=["prefill", "chunked-prefill"])
 def test_cached_decoding_matches_full_forward(chunks):
-    model = tiny_hf_model("llama")
+    hf_model = tiny_hf_model("llama")
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        hf_model.save_pretrained(d)
         params, cfg = hf.load_hf(d)
     prompts, pmask = left_padded_batch(cfg.vocab_size, [8, 5, 2])
     cont = np.random.default_rng(3).integers(1, cfg.vocab_size, size=(3, 6))
@@ -101,13 +101,13 @@ def test_cached_decoding_matches_full_forward(chunks):
 
 
 def test_remat_and_bf16():
-    cfg = M.SHAPES["tiny"]
-    params = M.init_params(cfg, jax.random.key(0))
+    cfg = model.SHAPES["tiny"]
+    params = model.init_params(cfg, jax.random.key(0))
     ids, mask = left_padded_batch(cfg.vocab_size, [7, 4])
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
 
     def loss(p, c):
-        logits, _ = M.forward(p, c, ids, mask)
+        logits, _ = model.forward(p, c, ids, mask)
         return jnp.sum(jax.nn.log_softmax(logits)[..., 3] * mask)
 
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
@@ -119,11 +119,11 @@ def test_remat_and_bf16():
 
     bf = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    logits16, _ = M.forward(p16, bf, ids, mask)
-    logits32, _ = M.forward(params, cfg, ids, mask)
+    logits16, _ = model.forward(p16, bf, ids, mask)
+    logits32, _ = model.forward(params, cfg, ids, mask)
     assert logits16.dtype == jnp.float32  # the head accumulates in float32
     assert np.abs(np.asarray(logits16 - logits32))[np.asarray(mask)].max() < 0.05
-    cache = M.init_cache(bf, 2, 16)
+    cache = model.init_cache(bf, 2, 16)
     assert cache["k"].dtype == jnp.bfloat16
 
 
@@ -133,8 +133,8 @@ def test_packed_attention_matches_masked_einsum():
     and on a mask with holes, it must give the real tokens the masked einsum's values and gradients."""
     from grpo_jax.logprobs import completion_logprobs
 
-    cfg = M.SHAPES["tiny"]
-    params = M.init_params(cfg, jax.random.key(1))
+    cfg = model.SHAPES["tiny"]
+    params = model.init_params(cfg, jax.random.key(1))
     prompts, pmask = left_padded_batch(cfg.vocab_size, [9, 4, 1, 6])
     rng = np.random.default_rng(5)
     comp = jnp.asarray(rng.integers(1, cfg.vocab_size, size=(4, 7)))
@@ -156,36 +156,36 @@ def test_packed_attention_matches_masked_einsum():
 
     holes = jnp.asarray(rng.random((3, 12)) < 0.6).at[:, -1].set(True)
     ids = jnp.asarray(rng.integers(1, cfg.vocab_size, size=(3, 12)))
-    forward = jax.jit(M.forward, static_argnums=1)
+    forward = jax.jit(model.forward, static_argnums=1)
     ref, _ = forward(params, cfg, ids, holes)
     out, _ = forward(params, cfg.replace(attention="xla"), ids, holes)
     np.testing.assert_allclose(np.asarray(out)[np.asarray(holes)], np.asarray(ref)[np.asarray(holes)], atol=2e-5)
 
 
 def test_param_count_and_logical_axes():
-    for name, cfg in M.SHAPES.items():
+    for name, cfg in model.SHAPES.items():
         if name != "tiny":
             continue
-        shapes = M.param_shapes(cfg)
+        shapes = model.param_shapes(cfg)
         assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == cfg.num_params
-        axes = M.param_logical_axes(cfg)
+        axes = model.param_logical_axes(cfg)
         assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) == \
             jax.tree.structure(shapes)
         assert tuple(axes["layers"]["attn"]["q_proj"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
     # Published sizes (transformers' count for these configs).
-    assert M.SHAPES["qwen2.5-0.5b"].num_params == 494_032_768
-    assert M.SHAPES["qwen2.5-1.5b"].num_params == 1_543_714_304
-    assert M.SHAPES["smollm2-135m"].num_params == 134_515_008
+    assert model.SHAPES["qwen2.5-0.5b"].num_params == 494_032_768
+    assert model.SHAPES["qwen2.5-1.5b"].num_params == 1_543_714_304
+    assert model.SHAPES["smollm2-135m"].num_params == 134_515_008
 
 
 def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match="num_kv_heads=3"):
-        M.SHAPES["tiny"].replace(num_kv_heads=3)
+        model.SHAPES["tiny"].replace(num_kv_heads=3)
     with pytest.raises(ValueError, match="remat='some'"):
-        M.SHAPES["tiny"].replace(remat="some")
+        model.SHAPES["tiny"].replace(remat="some")
     with pytest.raises(ValueError, match="attention='flash'"):
-        M.SHAPES["tiny"].replace(attention="flash")
+        model.SHAPES["tiny"].replace(attention="flash")
     with pytest.raises(ValueError, match="attention='cudnn' needs dtype bfloat16 or float16, got dtype='float32'"):
-        M.SHAPES["tiny"].replace(attention="cudnn")
+        model.SHAPES["tiny"].replace(attention="cudnn")
     with pytest.raises(ValueError, match="rope_type='yarn'"):
-        M.SHAPES["tiny"].replace(rope_scaling=(("factor", 4.0), ("rope_type", "yarn")))
+        model.SHAPES["tiny"].replace(rope_scaling=(("factor", 4.0), ("rope_type", "yarn")))

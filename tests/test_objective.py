@@ -13,9 +13,9 @@ import torch
 from conftest import left_padded_batch, tiny_hf_model
 
 from grpo_jax import hf, logprobs
-from grpo_jax import loss as L
-from grpo_jax import model as M
-from grpo_jax import objective as O
+from grpo_jax import loss
+from grpo_jax import model
+from grpo_jax import objective
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -45,8 +45,8 @@ def test_chunked_logprobs_equal_full_log_softmax(chunk, temperature):
 
 
 def test_completion_logprobs_match_transformers(tmp_path):
-    model = tiny_hf_model("qwen2")
-    model.save_pretrained(tmp_path)
+    hf_model = tiny_hf_model("qwen2")
+    hf_model.save_pretrained(tmp_path)
     params, cfg = hf.load_hf(tmp_path)
     prompts, pmask = left_padded_batch(cfg.vocab_size, [6, 3, 5])
     rng = np.random.default_rng(1)
@@ -58,7 +58,7 @@ def test_completion_logprobs_match_transformers(tmp_path):
     ids = np.concatenate([prompts, comp], 1)
     mask = np.concatenate([pmask, cmask], 1)
     with torch.no_grad():
-        logits = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask.astype(np.int64))).logits
+        logits = hf_model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask.astype(np.int64))).logits
     ref = torch.log_softmax(logits[:, prompts.shape[1] - 1:-1] / T, -1)
     want = torch.gather(ref, -1, torch.as_tensor(comp)[..., None])[..., 0].numpy()
     want_ent = -(ref.exp() * ref).sum(-1).numpy()
@@ -69,7 +69,7 @@ def test_completion_logprobs_match_transformers(tmp_path):
 def test_logprob_memory_is_chunked():
     """The compiled loss never holds [batch, length, vocab] float32 logits: its temporaries stay far
     below the size of that array."""
-    cfg = M.SHAPES["tiny"].replace(vocab_size=32768)
+    cfg = model.SHAPES["tiny"].replace(vocab_size=32768)
     B, Tn, chunk = 8, 256, 128
     full_logits_bytes = B * Tn * cfg.vocab_size * 4  # 268 MB
     h = jax.ShapeDtypeStruct((B, Tn, cfg.hidden_size), jnp.float32)
@@ -107,15 +107,15 @@ def _policy_batch(cfg, B=8, P=6, C=7, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    return M.init_params(M.SHAPES["tiny"], jax.random.key(0))
+    return model.init_params(model.SHAPES["tiny"], jax.random.key(0))
 
 
-@pytest.mark.parametrize("aggregation", sorted(L.AGGREGATIONS))
+@pytest.mark.parametrize("aggregation", sorted(loss.AGGREGATIONS))
 def test_microbatch_invariance(aggregation, tiny_params):
-    cfg, params = M.SHAPES["tiny"], tiny_params
+    cfg, params = model.SHAPES["tiny"], tiny_params
     batch = _policy_batch(cfg)
-    lcfg = L.LossConfig(aggregation=aggregation, max_completion_length=7, mask_truncated=True)
-    (l1, g1, m1), *rest = [O.make_loss_and_grad(cfg, lcfg, None, n)(params, batch) for n in (1, 2, 4)]
+    lcfg = loss.LossConfig(aggregation=aggregation, max_completion_length=7, mask_truncated=True)
+    (l1, g1, m1), *rest = [objective.make_loss_and_grad(cfg, lcfg, None, n)(params, batch) for n in (1, 2, 4)]
     for ln, gn, mn in rest:
         np.testing.assert_allclose(float(ln), float(l1), rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), gn, g1)
@@ -124,7 +124,7 @@ def test_microbatch_invariance(aggregation, tiny_params):
     # The loss is the formula's value on the whole batch.
     lp, _ = jax.jit(logprobs.completion_logprobs, static_argnums=1)(
         params, cfg, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
-    s, d, _ = L.grpo_loss_terms(lp, batch["advantages"], batch["completion_mask"], lcfg,
+    s, d, _ = loss.grpo_loss_terms(lp, batch["advantages"], batch["completion_mask"], lcfg,
                                 old_logp=batch["old_logp"], ref_logp=batch["ref_logp"], truncated=batch["truncated"])
     np.testing.assert_allclose(float(l1), float(s / d), rtol=1e-6)
 
@@ -133,24 +133,24 @@ WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import sys; sys.path.insert(0, "tests")
     from test_objective import _policy_batch
-    from grpo_jax import model as M, loss as L, objective as O, sharding as S
+    from grpo_jax import model, loss, objective, sharding
     assert jax.device_count() == 8
-    cfg = M.SHAPES["tiny"]
-    params = M.init_params(cfg, jax.random.key(0))
+    cfg = model.SHAPES["tiny"]
+    params = model.init_params(cfg, jax.random.key(0))
     batch = _policy_batch(cfg, B=16)
     worst = 0.0
     # Every aggregation on the (2, 2, 2) mesh with and without micro-batches, and on one other mesh
     # each, so that every mesh shape is covered without compiling all 15 pairs.
-    assert len(L.AGGREGATIONS) == 3
-    for agg, other in zip(sorted(L.AGGREGATIONS), [(8, 1, 1), (2, 4, 1), (4, 2, 1)]):
-        lcfg = L.LossConfig(aggregation=agg, max_completion_length=7, mask_truncated=True)
-        l0, g0, m0 = O.make_loss_and_grad(cfg, lcfg, None)(params, batch)
+    assert len(loss.AGGREGATIONS) == 3
+    for agg, other in zip(sorted(loss.AGGREGATIONS), [(8, 1, 1), (2, 4, 1), (4, 2, 1)]):
+        lcfg = loss.LossConfig(aggregation=agg, max_completion_length=7, mask_truncated=True)
+        l0, g0, m0 = objective.make_loss_and_grad(cfg, lcfg, None)(params, batch)
         for shape in [other, (2, 2, 2)]:
-            mesh = S.make_mesh(*shape)
-            p = S.shard_params(params, cfg, mesh)
-            b = {k: jax.device_put(v, S.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+            mesh = sharding.make_mesh(*shape)
+            p = sharding.shard_params(params, cfg, mesh)
+            b = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
             for n in ((1, 2) if shape == (2, 2, 2) else (1,)):
-                l, g, m = O.make_loss_and_grad(cfg, lcfg, mesh, n)(p, b)
+                l, g, m = objective.make_loss_and_grad(cfg, lcfg, mesh, n)(p, b)
                 err = max([abs(float(l) - float(l0))] + [float(jnp.abs(x - y).max()) for x, y in
                            zip(jax.tree.leaves(g), jax.tree.leaves(g0))])
                 assert err < 1e-6, (agg, shape, n, err)

@@ -15,13 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from grpo_jax import pipeline  # noqa: E402
-from grpo_jax.trainer import TrainerBase  # noqa: E402
+from grpo_jax import policy  # noqa: E402
+from grpo_jax import trainer  # noqa: E402
 from test_trainer import tiny_config  # noqa: E402
 
 
 def two_stage(workdir):
     c = tiny_config(workdir, steps=2)
-    c.sft.steps = 0
     c.eval.every, c.checkpoint.every = 0, 0  # the pipeline still saves each stage's end
     c.stages = "sft,grpo"
     c.stage = dict(sft=dict(trainer="sft", steps=3, sft=dict(data="demonstrations", batch_size=8),
@@ -37,15 +37,9 @@ def brevity(prompts, completions, **columns):
 
 
 def params_of(workdir):
-    cfg = tiny_config(workdir)
-    with cfg.unlocked():
-        cfg.workdir = str(workdir)
-    tr = TrainerBase(cfg, readonly=True)
-    try:
-        step = tr.load_params(str(workdir))
-        return step, jax.device_get(tr.params)
-    finally:
-        tr.close()
+    """(step, parameters) of a run's latest checkpoint, read as a policy: no training state."""
+    pol, source = policy.load(tiny_config(workdir), workdir=str(workdir))
+    return int(source.rsplit(" ", 1)[1]), jax.device_get(pol.params)
 
 
 def assert_same(a, b):
@@ -58,8 +52,10 @@ def test_stage_configs_merge_overrides_and_chain_workdirs(tmp_path):
     sft, grpo = pipeline.stage_config(c, "sft"), pipeline.stage_config(c, "grpo")
     assert sft.trainer == "sft" and sft.steps == 3 and sft.optimizer.learning_rate == 3e-3
     assert sft.optimizer.b2 == c.optimizer.b2 and sft.sft.batch_size == 8  # merged field by field
-    assert sft.workdir == os.path.join(str(tmp_path), "sft") and sft.init_from == "" and sft.resume
-    assert grpo.init_from == sft.workdir and not grpo.eval.at_start
+    assert sft.workdir == os.path.join(str(tmp_path), "sft") and sft.init_from is None and sft.resume
+    assert grpo.init_from == sft.workdir and grpo.eval.at_start  # the sft stage evaluates nothing (eval.every=0)
+    c.stage.sft.eval = {"every": 3}
+    assert not pipeline.stage_config(c, "grpo").eval.at_start  # its last evaluation is of the same weights
     assert dict(grpo.rewards) == {"math": 1.0, "brevity": 0.5}  # replaced whole, not merged
     assert "stages" not in grpo and "stage" not in grpo
     assert pipeline.resolve(c).workdir == grpo.workdir and pipeline.resolve(c, "sft").workdir == sft.workdir
@@ -80,9 +76,9 @@ def test_two_stages_run_and_resume_between_stages_like_an_uninterrupted_run(tmp_
 
     # The grpo stage started from the sft stage's final parameters.
     sft_step, sft_params = params_of(tmp_path / "full" / "sft")
-    g = TrainerBase(pipeline.stage_config(two_stage(tmp_path / "full"), "grpo"), readonly=True)
+    g = trainer.Trainer(pipeline.stage_config(two_stage(tmp_path / "full"), "grpo"))
     try:
-        assert sft_step == 3 and g.init_step == 3
+        assert sft_step == 3 and g.source == f"{tmp_path / 'full' / 'sft'} step 3"
         assert_same(jax.device_get(g.params), sft_params)
     finally:
         g.close()
@@ -130,3 +126,35 @@ def test_train_script_runs_a_pipeline_until_a_stage(tmp_path):
     record = json.load(open(tmp_path / "cold_start" / "stage.json"))
     assert record["steps"] == 2 and record["trainer"] == "sft"
     assert "| cold_start | sft | 2 |" in out.stdout and not os.path.exists(tmp_path / "grpo")
+
+
+def test_a_cold_start_is_an_sft_stage_checkpointed_and_resumed_like_any(tmp_path, capsys):
+    """cold_start.steps > 0 in a GRPO config runs the SFT stage code (trainer="sft") in
+    WORKDIR/cold_start, then GRPO in WORKDIR/grpo. Interrupted inside the cold start, the same
+    command resumes it from its checkpoint and ends where the uninterrupted run does."""
+    def cold(workdir):
+        c = tiny_config(workdir, steps=2)
+        c.eval.every, c.checkpoint.every = 0, 2
+        c.cold_start.steps = 4
+        return c
+
+    full = pipeline.run(cold(tmp_path / "full"))
+    assert [(r["name"], r["trainer"], r["steps"]) for r in full] == [("cold_start", "sft", 4), ("grpo", "grpo", 2)]
+    assert list(full[0]["sft_sources"]) == ["demonstrations"]  # sft.data of the cold_start section
+    assert pipeline.stage_config(cold(tmp_path), "cold_start").optimizer.b2 == 0.999  # its own optimizer
+
+    part = cold(tmp_path / "part")
+    stage = trainer.Trainer(pipeline.stage_config(part, "cold_start"))
+    try:
+        stage.run(until=2)  # killed after step 2 of the cold start, its checkpoint written
+    finally:
+        stage.close()
+    assert os.path.isdir(tmp_path / "part" / "cold_start" / "checkpoints" / "2")
+    capsys.readouterr()
+    rest = pipeline.run(part)
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert [r["steps"] for r in rest] == [4, 2]
+    assert_same(params_of(tmp_path / "part" / "cold_start")[1], params_of(tmp_path / "full" / "cold_start")[1])
+    assert_same(params_of(tmp_path / "part" / "grpo")[1], params_of(tmp_path / "full" / "grpo")[1])
+    # evaluate.py and export_hf.py find the GRPO stage's policy in the same workdir.
+    assert pipeline.resolve(part).workdir == str(tmp_path / "part" / "grpo")

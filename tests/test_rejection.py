@@ -11,9 +11,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import base  # noqa: E402
+from grpo_jax import policy  # noqa: E402
 from grpo_jax import rejection  # noqa: E402
-from grpo_jax.trainer import Completions, TrainerBase  # noqa: E402
+from grpo_jax import rewards  # noqa: E402
+from grpo_jax import trainer  # noqa: E402
 
 ROWS = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 3?", "answer": "5"},
         {"question": "What is 9 + 9?", "answer": "18"}]
@@ -23,28 +24,24 @@ OUTPUTS = {
     "What is 2 + 3?": [("#### 5", 7, True), ("#### 6", 7, False), ("#### 7", 7, False), ("5", 2, False)],
     "What is 9 + 9?": [("#### 18", 8, False), ("#### 18 ", 9, False), ("\\boxed{18}", 11, False), ("#### 81", 8, False)],
 }
+SCORER = rewards.Scorer(prompt_field="question", max_completion_length=16, workers=-1)  # the real verifier
 
 
 class StubPolicy:
-    """Returns the known outputs; scoring is the real trainer's (verifier, columns)."""
-
-    score = TrainerBase.score
-    reward_columns = TrainerBase.reward_columns
+    """Returns the known outputs in place of a policy's samples."""
 
     def __init__(self):
-        self.cfg = base.get_config()
-        self.pool, self.reward_fns, self.sampling = None, {}, None
         self.calls = []
 
-    def sample_completions(self, rows, n, scfg, key, batch_size=None):
+    def sample(self, rows, n, key, sampling=None, batch_size=None):
         self.calls.append((len(rows), n))
         out = [OUTPUTS[r["question"]][i] for r in rows for i in range(n)]
-        return Completions([t for t, _, _ in out], np.array([n for _, n, _ in out]),
-                           np.array([c for _, _, c in out]), np.zeros(len(out)))
+        return policy.Completions([t for t, _, _ in out], np.array([n for _, n, _ in out]),
+                                  np.array([c for _, _, c in out]), np.zeros(len(out)))
 
 
 def test_keeps_exactly_the_verified_completions():
-    kept, summary = rejection.rejection_sample(StubPolicy(), ROWS, n=4, dedupe=False)
+    kept, summary = rejection.rejection_sample(StubPolicy(), SCORER, ROWS, n=4, dedupe=False)
     # Verified and ended with EOS: "#### 2" twice and "so #### 2"; "#### 5" was cut off (truncated),
     # "5" has no final-answer marker; all three 18s (#### and \boxed{}).
     assert [(r["question"], r["completion"]) for r in kept] == [
@@ -58,35 +55,34 @@ def test_keeps_exactly_the_verified_completions():
 
 
 def test_dedupe_and_best_k():
-    kept, summary = rejection.rejection_sample(StubPolicy(), ROWS, n=4, dedupe=True)
+    kept, summary = rejection.rejection_sample(StubPolicy(), SCORER, ROWS, n=4, dedupe=True)
     assert [r["completion"] for r in kept] == ["#### 2", "so #### 2", "#### 18", "\\boxed{18}"]
     assert summary["duplicates"] == 2  # the second "#### 2", and "#### 18 " (same text once stripped)
-    kept, _ = rejection.rejection_sample(StubPolicy(), ROWS, n=4, keep=1)
+    kept, _ = rejection.rejection_sample(StubPolicy(), SCORER, ROWS, n=4, keep=1)
     assert [r["completion"] for r in kept] == ["#### 2", "#### 18"]  # the shortest of the best reward
 
 
 def test_min_reward_and_other_reward_functions():
-    kept, summary = rejection.rejection_sample(StubPolicy(), ROWS, n=4, dedupe=False, min_reward=1.5,
-                                               specs=[rejection.R.RewardSpec("math", 1.0),
-                                                      rejection.R.RewardSpec("overlong", 1.0)])
+    kept, summary = rejection.rejection_sample(StubPolicy(), SCORER, ROWS, n=4, dedupe=False, min_reward=1.5,
+                                               specs=[rewards.RewardSpec("math", 1.0),
+                                                      rewards.RewardSpec("overlong", 1.0)])
     assert kept == [] and summary["problems_solved"] == 0  # math + overlong (0 here) never reaches 1.5
 
 
 def test_written_dataset_is_what_sft_reads(tmp_path):
     from test_sft import sft_config
 
-    from grpo_jax.sft import SFTTrainer
-
-    kept, summary = rejection.rejection_sample(StubPolicy(), ROWS, n=4)
+    kept, summary = rejection.rejection_sample(StubPolicy(), SCORER, ROWS, n=4)
     path = str(tmp_path / "rs.jsonl")
     rejection.write_dataset(kept, summary, path)
     assert json.load(open(rejection.summary_path(path)))["samples_kept"] == 4
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
     cfg = sft_config(tmp_path / "run", path, steps=1)
     cfg.sft.batch_size = 4  # the whole dataset
-    tr = SFTTrainer(cfg)
+    tr = trainer.Trainer(cfg)
     try:
-        assert [(r["question"], r["completion"]) for r in tr.data.rows] == [(r["question"], r["completion"]) for r in kept]
+        rows = tr.algorithm.examples(tr.state).rows
+        assert [(r["question"], r["completion"]) for r in rows] == [(r["question"], r["completion"]) for r in kept]
         assert np.isfinite(tr.train_step()["loss"])
     finally:
         tr.close()
@@ -97,23 +93,22 @@ def test_sft_stage_samples_its_starting_policy_once(tmp_path):
     dataset and summary into its workdir, and reads the file (not a new sample) when resumed."""
     from test_sft import sft_config
 
-    from grpo_jax.sft import SFTTrainer
-
     cfg = sft_config(tmp_path, "rejection_samples,demonstrations", steps=1)
     cfg.rejection.n, cfg.rejection.max_problems, cfg.rejection.min_reward = 2, 8, 0.0  # keep whatever ended
-    tr = SFTTrainer(cfg)
+    tr = trainer.Trainer(cfg)
     try:
-        n_rows = len(tr.data.rows)
+        n_rows = len(tr.algorithm.examples(tr.state).rows)
         summary = json.load(open(tmp_path / "rejection_samples.summary.json"))
         assert summary["problems"] == 8 and summary["samples"] == 16
-        assert tr.sources["rejection_samples"] == summary["samples_kept"] == 16 - summary["truncated"] - summary["duplicates"]
-        assert n_rows == summary["samples_kept"] + len(tr.train_rows)
+        assert tr.algorithm.sources["rejection_samples"] == summary["samples_kept"] == \
+            16 - summary["truncated"] - summary["duplicates"]
+        assert n_rows == summary["samples_kept"] + len(tr.task.train)
     finally:
         tr.close()
     with open(tmp_path / "rejection_samples.jsonl", "a") as f:  # a marker row: read back, not resampled
         f.write(json.dumps({"question": "marker", "answer": "0", "completion": "x"}) + "\n")
-    tr = SFTTrainer(cfg)
+    tr = trainer.Trainer(cfg)
     try:
-        assert tr.data.rows[summary["samples_kept"]]["question"] == "marker"
+        assert tr.algorithm.examples(tr.state).rows[summary["samples_kept"]]["question"] == "marker"
     finally:
         tr.close()

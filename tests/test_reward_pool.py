@@ -6,15 +6,15 @@ import time
 import numpy as np
 import pytest
 
-from grpo_jax import rewards as R
-from grpo_jax import verifiers as V
+from grpo_jax import rewards
+from grpo_jax import verifiers
 
 TIMEOUT = 3.0
 
 
 @pytest.fixture(scope="module")
 def pool():
-    with R.VerifierPool(num_workers=2, timeout_s=TIMEOUT, memory_mb=2048) as p:
+    with rewards.VerifierPool(num_workers=2, timeout_s=TIMEOUT, memory_mb=2048) as p:
         yield p
 
 
@@ -48,13 +48,13 @@ HOSTILE_MATH = [
 def test_hostile_math_completions(pool):
     n = len(HOSTILE_MATH)
     t = time.monotonic()
-    rewards, stats = pool.map(R.math_accuracy, [""] * n, HOSTILE_MATH, {"answer": ["42"] * n})
+    values, stats = pool.map(rewards.math_accuracy, [""] * n, HOSTILE_MATH, {"answer": ["42"] * n})
     elapsed = time.monotonic() - t
-    assert rewards == [0.0] * n
+    assert values == [0.0] * n
     # Each item is bounded by the timeout; items run two at a time.
     assert elapsed < TIMEOUT * n / 2 + 30, (elapsed, stats)
     # The pool still scores correctly afterwards.
-    ok, _ = pool.map(R.math_accuracy, ["", ""], ["#### 42", "\\boxed{41}"], {"answer": ["42", "42"]})
+    ok, _ = pool.map(rewards.math_accuracy, ["", ""], ["#### 42", "\\boxed{41}"], {"answer": ["42", "42"]})
     assert ok == [1.0, 0.0]
 
 
@@ -62,12 +62,12 @@ def test_verifiers_are_fast_on_hostile_text_in_process():
     """The extraction and normalisation themselves are linear: no regex backtracking blow-up."""
     for text in HOSTILE_MATH:
         t = time.monotonic()
-        ans = V.extract_answer(text)
+        ans = verifiers.extract_answer(text)
         if ans is not None:
-            V.normalize_answer(ans)
-        V.format_reward(text)
-        V.tag_count_reward(text)
-        V.countdown_reward(text, [1, 2], 3)
+            verifiers.normalize_answer(ans)
+        verifiers.format_reward(text)
+        verifiers.tag_count_reward(text)
+        verifiers.countdown_reward(text, [1, 2], 3)
         assert time.monotonic() - t < 1.0, repr(text[:40])
 
 
@@ -92,17 +92,17 @@ def memory_bomb(prompts, completions, **columns):
 
 
 def test_hangs_crashes_errors_are_counted_and_scored_zero(pool):
-    rewards, stats = pool.map(sleeps_forever, ["", ""], ["a", "b"], {})
-    assert rewards == [0.0, 0.0] and stats["timeouts"] == 2
-    rewards, stats = pool.map(dies, [""] * 3, ["a", "b", "c"], {})
-    assert rewards == [0.0] * 3 and stats["crashes"] == 3
-    rewards, stats = pool.map(raises_on_odd, [""] * 4, ["a", "bb", "ccc", "dddd"], {})
-    assert rewards == [0.0, 1.0, 0.0, 1.0] and stats["errors"] == 2
+    values, stats = pool.map(sleeps_forever, ["", ""], ["a", "b"], {})
+    assert values == [0.0, 0.0] and stats["timeouts"] == 2
+    values, stats = pool.map(dies, [""] * 3, ["a", "b", "c"], {})
+    assert values == [0.0] * 3 and stats["crashes"] == 3
+    values, stats = pool.map(raises_on_odd, [""] * 4, ["a", "bb", "ccc", "dddd"], {})
+    assert values == [0.0, 1.0, 0.0, 1.0] and stats["errors"] == 2
     assert "bad completion" in pool.last_error
-    rewards, stats = pool.map(memory_bomb, [""], ["x"], {})
-    assert rewards == [0.0] and stats["errors"] + stats["crashes"] == 1
+    values, stats = pool.map(memory_bomb, [""], ["x"], {})
+    assert values == [0.0] and stats["errors"] + stats["crashes"] == 1
     # score() reports the counters with the rewards.
-    total, _, m = R.score([R.RewardSpec("math"), R.RewardSpec("test_reward_pool:raises_on_odd")],
+    total, _, m = rewards.score([rewards.RewardSpec("math"), rewards.RewardSpec("test_reward_pool:raises_on_odd")],
                           ["", ""], ["#### 1", "#### 12"], {"answer": ["1", "12"]}, pool=pool)
     np.testing.assert_allclose(total, [2.0, 1.0])  # "#### 12" has odd length: its error scores 0
     assert m["rewards/errors"] == 1
@@ -110,7 +110,7 @@ def test_hangs_crashes_errors_are_counted_and_scored_zero(pool):
 
 def test_score_without_pool_surfaces_errors_clearly():
     with pytest.raises(RuntimeError, match="reward function 'test_reward_pool:raises_on_odd' raised ValueError"):
-        R.score([R.RewardSpec("test_reward_pool:raises_on_odd")], [""], ["a"], {})
+        rewards.score([rewards.RewardSpec("test_reward_pool:raises_on_odd")], [""], ["a"], {})
 
 
 # ---- untrusted code --------------------------------------------------------------------------------
@@ -140,11 +140,11 @@ def test_hostile_code_is_contained(name, tmp_path, monkeypatch):
     with open(victim, "w") as fh:
         fh.write("keep")
     t = time.monotonic()
-    r = V.run_python(HOSTILE_CODE[name], timeout_s=2.0, memory_mb=256, max_output=1 << 16)
+    r = verifiers.run_python(HOSTILE_CODE[name], timeout_s=2.0, memory_mb=256, max_output=1 << 16)
     assert time.monotonic() - t < 6.0
     assert "s3cret" not in r["stdout"]
     assert len(r["stdout"]) <= 1 << 16
     assert not os.path.exists("/tmp/grpo_sandbox_escape")
     assert open(victim).read() == "keep"
     # The reward for such code against a real test is 0.
-    assert V.code_reward(HOSTILE_CODE[name], [{"input": "", "output": "42"}], timeout_s=2.0, memory_mb=256) == 0.0
+    assert verifiers.code_reward(HOSTILE_CODE[name], [{"input": "", "output": "42"}], timeout_s=2.0, memory_mb=256) == 0.0

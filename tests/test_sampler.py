@@ -10,7 +10,7 @@ import transformers
 from conftest import tiny_hf_model
 
 from grpo_jax import hf, logprobs
-from grpo_jax import sampler as S
+from grpo_jax import sampler
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def random_prompts(lengths, vocab=256, seed=0):
 
 
 def hf_generate(model, prompts, bucket, new, eos=None, pad=0):
-    ids, mask = S.pad_prompts(prompts, (bucket,), pad)
+    ids, mask = sampler.pad_prompts(prompts, (bucket,), pad)
     with torch.no_grad():
         out = model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
                              attention_mask=torch.as_tensor(mask.astype(np.int64)), max_new_tokens=new,
@@ -40,8 +40,8 @@ def hf_generate(model, prompts, bucket, new, eos=None, pad=0):
 def test_greedy_matches_transformers_generate(tiny):
     model, params, cfg = tiny
     prompts = random_prompts([7, 3, 12, 1])
-    sc = S.SamplingConfig(max_new_tokens=12, greedy=True, prompt_buckets=(16,))
-    r = S.sample(params, cfg, prompts, 3, sc, jax.random.key(0))
+    sc = sampler.SamplingConfig(max_new_tokens=12, greedy=True, prompt_buckets=(16,))
+    r = sampler.sample(params, cfg, prompts, 3, sc, jax.random.key(0))
     want = hf_generate(model, prompts, 16, 12)
     got = np.asarray(r.tokens)
     for g in range(3):  # the G copies of a prompt share its prefill and, greedy, its completion
@@ -52,14 +52,14 @@ def test_greedy_matches_transformers_generate(tiny):
 def test_eos_stops_rows_and_pads_after(tiny):
     model, params, cfg = tiny
     prompts = random_prompts([5, 9, 2, 11], seed=3)
-    free = np.asarray(S.sample(params, cfg, prompts, 1, S.SamplingConfig(max_new_tokens=10, greedy=True,
+    free = np.asarray(sampler.sample(params, cfg, prompts, 1, sampler.SamplingConfig(max_new_tokens=10, greedy=True,
                                                                          prompt_buckets=(16,)), jax.random.key(0)).tokens)
     # Pick as EOS the first token some row emits for the first time after step 0, so that row stops early.
     row, step = next((i, t) for t in range(1, 8) for i in range(len(prompts)) if free[i, t] not in free[i, :t])
     eos = int(free[row, step])
     pad = 255
-    sc = S.SamplingConfig(max_new_tokens=10, greedy=True, eos_ids=(eos, 254), pad_id=pad, prompt_buckets=(16,))
-    r = S.sample(params, cfg, prompts, 1, sc, jax.random.key(0))
+    sc = sampler.SamplingConfig(max_new_tokens=10, greedy=True, eos_ids=(eos, 254), pad_id=pad, prompt_buckets=(16,))
+    r = sampler.sample(params, cfg, prompts, 1, sc, jax.random.key(0))
     got = np.asarray(r.tokens)
     np.testing.assert_array_equal(got, hf_generate(model, prompts, 16, 10, eos=[eos, 254], pad=pad))
     for i in range(len(prompts)):
@@ -78,8 +78,8 @@ def test_eos_stops_rows_and_pads_after(tiny):
 def test_sampler_logprobs_equal_teacher_forced(tiny, settings):
     _, params, cfg = tiny
     prompts = random_prompts([6, 13, 2], seed=5)
-    sc = S.SamplingConfig(max_new_tokens=9, eos_ids=(7,), prompt_buckets=(16,), **settings)
-    r = S.sample(params, cfg, prompts, 4, sc, jax.random.key(2))
+    sc = sampler.SamplingConfig(max_new_tokens=9, eos_ids=(7,), prompt_buckets=(16,), **settings)
+    r = sampler.sample(params, cfg, prompts, 4, sc, jax.random.key(2))
     lp, _ = logprobs.completion_logprobs(params, cfg, r.prompt_ids, r.prompt_mask, r.tokens, r.mask,
                                          temperature=sc.temperature)
     m = np.asarray(r.mask)
@@ -89,10 +89,10 @@ def test_sampler_logprobs_equal_teacher_forced(tiny, settings):
 def test_reproducible_and_distinct_samples(tiny):
     _, params, cfg = tiny
     prompts = random_prompts([4, 8])
-    sc = S.SamplingConfig(max_new_tokens=8, prompt_buckets=(16,))
-    a = S.sample(params, cfg, prompts, 4, sc, jax.random.key(7))
-    b = S.sample(params, cfg, prompts, 4, sc, jax.random.key(7))
-    c = S.sample(params, cfg, prompts, 4, sc, jax.random.key(8))
+    sc = sampler.SamplingConfig(max_new_tokens=8, prompt_buckets=(16,))
+    a = sampler.sample(params, cfg, prompts, 4, sc, jax.random.key(7))
+    b = sampler.sample(params, cfg, prompts, 4, sc, jax.random.key(7))
+    c = sampler.sample(params, cfg, prompts, 4, sc, jax.random.key(8))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
@@ -102,13 +102,13 @@ def test_reproducible_and_distinct_samples(tiny):
 
 def test_prompt_buckets_avoid_recompiles(tiny):
     _, params, cfg = tiny
-    sc = S.SamplingConfig(max_new_tokens=4, prompt_buckets=(8, 16))
-    S.sample(params, cfg, random_prompts([3, 5]), 2, sc, jax.random.key(0))
-    before = S.decode._cache_size(), S.prefill._cache_size()
-    S.sample(params, cfg, random_prompts([7, 1], seed=1), 2, sc, jax.random.key(1))  # same bucket (8)
-    assert (S.decode._cache_size(), S.prefill._cache_size()) == before
+    sc = sampler.SamplingConfig(max_new_tokens=4, prompt_buckets=(8, 16))
+    sampler.sample(params, cfg, random_prompts([3, 5]), 2, sc, jax.random.key(0))
+    before = sampler.decode._cache_size(), sampler.prefill._cache_size()
+    sampler.sample(params, cfg, random_prompts([7, 1], seed=1), 2, sc, jax.random.key(1))  # same bucket (8)
+    assert (sampler.decode._cache_size(), sampler.prefill._cache_size()) == before
     with pytest.raises(ValueError, match="prompt of 17 tokens is longer than the largest prompt bucket 16"):
-        S.pad_prompts(random_prompts([17]), sc.prompt_buckets)
+        sampler.pad_prompts(random_prompts([17]), sc.prompt_buckets)
 
 
 # ---- the sampling distribution -------------------------------------------------------------------
@@ -139,9 +139,9 @@ def expected_distribution(logits, temperature, top_k, top_p):
 def test_empirical_token_frequencies(temperature, top_k, top_p):
     logits = np.array([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -1.0], np.float32)
     n = 40_000
-    sc = S.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    sc = sampler.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     keys = jax.random.split(jax.random.key(1234), n)
-    draw = jax.jit(jax.vmap(lambda k: S.choose_tokens(k, jnp.asarray(logits)[None], sc)[0][0]))
+    draw = jax.jit(jax.vmap(lambda k: sampler.choose_tokens(k, jnp.asarray(logits)[None], sc)[0][0]))
     counts = np.bincount(np.asarray(draw(keys)), minlength=len(logits))
     q = expected_distribution(logits.astype(np.float64), temperature, top_k, top_p)
     assert np.all(counts[q == 0] == 0), (counts, q)  # filtered tokens are never drawn
@@ -155,17 +155,17 @@ def test_empirical_token_frequencies(temperature, top_k, top_p):
 
 def test_reported_logprob_is_the_tempered_one():
     logits = jnp.asarray([[3.0, 1.0, 0.0, -2.0]])
-    sc = S.SamplingConfig(temperature=0.5, top_k=2)
-    tok, lp = S.choose_tokens(jax.random.key(0), logits, sc)
+    sc = sampler.SamplingConfig(temperature=0.5, top_k=2)
+    tok, lp = sampler.choose_tokens(jax.random.key(0), logits, sc)
     want = jax.nn.log_softmax(logits / 0.5)[0, int(tok[0])]
     assert float(lp[0]) == pytest.approx(float(want), abs=1e-6)
 
 
 def test_bad_settings_name_the_value():
     with pytest.raises(ValueError, match="top_p=1.5"):
-        S.SamplingConfig(top_p=1.5)
+        sampler.SamplingConfig(top_p=1.5)
     with pytest.raises(ValueError, match="temperature=0"):
-        S.SamplingConfig(temperature=0)
+        sampler.SamplingConfig(temperature=0)
 
 
 # ---- the real model ------------------------------------------------------------------------------
@@ -180,8 +180,8 @@ def test_smollm2_greedy_matches_transformers(smollm2_dir):
                for q in questions]
     prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    sc = S.SamplingConfig(max_new_tokens=16, greedy=True, eos_ids=(eos,), pad_id=pad, prompt_buckets=(64,))
-    r = S.sample(params, cfg, prompts, 1, sc, jax.random.key(0))
+    sc = sampler.SamplingConfig(max_new_tokens=16, greedy=True, eos_ids=(eos,), pad_id=pad, prompt_buckets=(64,))
+    r = sampler.sample(params, cfg, prompts, 1, sc, jax.random.key(0))
     want = hf_generate(model, prompts, 64, 16, eos=eos, pad=pad)
     np.testing.assert_array_equal(np.asarray(r.tokens), want)
     texts = tok.batch_decode(np.asarray(r.tokens), skip_special_tokens=True)

@@ -16,24 +16,26 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from grpo_jax import model as M  # noqa: E402
-from grpo_jax import sft as SFT  # noqa: E402
-from grpo_jax.tokenizer import CharTokenizer  # noqa: E402
+from grpo_jax import model  # noqa: E402
+from grpo_jax import sft  # noqa: E402
+from grpo_jax import tokenizer  # noqa: E402
+from grpo_jax import train_state  # noqa: E402
+from grpo_jax import trainer  # noqa: E402
 from test_trainer import tiny_config  # noqa: E402
 
-TOK = CharTokenizer()
+TOK = tokenizer.CharTokenizer()
 PAIRS = [("What is 1 + 2?", "#### 3"), ("What is 47 + 8?", "#### 55"), ("Hi", "a much longer completion"),
          ("What is 9 - 9?", "")]
 
 
 def tiny_model():
-    cfg = M.SHAPES["tiny"].replace(vocab_size=len(TOK), dtype="float32", param_dtype="float32")
-    return M.init_params(cfg, jax.random.key(0)), cfg
+    cfg = model.SHAPES["tiny"].replace(vocab_size=len(TOK), dtype="float32", param_dtype="float32")
+    return model.init_params(cfg, jax.random.key(0)), cfg
 
 
 def batch_of(pairs, max_tokens=32):
-    comps, cut = SFT.encode_completions(TOK, [c for _, c in pairs], TOK.eos_token_id, max_tokens)
-    batch = SFT.make_batch([TOK.encode(p) for p, _ in pairs], comps, TOK.pad_token_id, (16, 32), (8, 16, 32))
+    comps, cut = sft.encode_completions(TOK, [c for _, c in pairs], TOK.eos_token_id, max_tokens)
+    batch = sft.make_batch([TOK.encode(p) for p, _ in pairs], comps, TOK.pad_token_id, (16, 32), (8, 16, 32))
     return batch, cut
 
 
@@ -42,7 +44,7 @@ def reference_nll(params, cfg, pairs, width=48):
 
     Each sequence starts at position 0 and is right-padded to `width` (one compile): under the causal
     mask the padding after it cannot change its logits."""
-    forward = jax.jit(lambda p, seq: M.forward(p, cfg, seq, jnp.ones_like(seq, bool))[0])
+    forward = jax.jit(lambda p, seq: model.forward(p, cfg, seq, jnp.ones_like(seq, bool))[0])
     total, count = 0.0, 0
     for prompt, completion in pairs:
         p = TOK.encode(prompt)
@@ -61,7 +63,7 @@ def test_loss_is_the_completion_token_nll_and_masks_prompt_and_padding():
     assert cut == 0 and batch["completion_ids"].shape[1] == 32 and batch["prompt_ids"].shape[1] == 16
     tokens = batch["completion_mask"].sum()
     assert tokens == sum(len(c) + 1 for _, c in PAIRS)  # EOS is a target: the model learns to stop
-    loss_terms = jax.jit(lambda p, b: SFT.sft_loss_terms(p, cfg, b))
+    loss_terms = jax.jit(lambda p, b: sft.sft_loss_terms(p, cfg, b))
     loss = float(loss_terms(params, batch)) / tokens
     assert loss == pytest.approx(reference_nll(params, cfg, PAIRS), rel=1e-5)
     # Changing prompt tokens changes the context, never adds targets: the loss stays the reference's.
@@ -72,20 +74,24 @@ def test_loss_is_the_completion_token_nll_and_masks_prompt_and_padding():
 
 
 def test_cut_completions_keep_no_eos():
-    ids, cut = SFT.encode_completions(TOK, ["abcdef", "ab"], TOK.eos_token_id, 4)
+    ids, cut = sft.encode_completions(TOK, ["abcdef", "ab"], TOK.eos_token_id, 4)
     assert cut == 1 and ids[0] == TOK.encode("abcd", add_special_tokens=False)
     assert ids[1] == TOK.encode("ab", add_special_tokens=False) + [TOK.eos_token_id]
 
 
 def test_micro_batches_give_the_whole_batch_mean():
+    from grpo_jax import sharding
+
     params, cfg = tiny_model()
     batch, _ = batch_of(PAIRS)  # very different token counts per row: a mean of means would differ
     tx = optax.sgd(0.1)
+    mesh = sharding.make_mesh()
     outs = []
     for n in (1, 2, 4):
-        p, _, m = jax.jit(lambda p, s, b, n=n: SFT.sft_update(p, s, b, model_cfg=cfg, tx=tx, num_microbatches=n))(
-            params, tx.init(params), batch)
-        outs.append((float(m["loss"]), p))
+        state = train_state.create(jax.tree.map(jnp.copy, params), tx, mesh, seed=0,
+                                   data={"epoch": 0, "position": 0, "seed": 0})
+        state, m = jax.jit(lambda s, b, n=n: sft.update(s, b, model_cfg=cfg, tx=tx, num_microbatches=n))(state, batch)
+        outs.append((float(m["loss"]), state.params))
     for loss, p in outs[1:]:
         assert loss == pytest.approx(outs[0][0], rel=1e-6)
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(outs[0][1])):
@@ -101,54 +107,54 @@ def write_pairs(path, rows):
 def sft_config(workdir, data, steps=30):
     c = tiny_config(workdir, steps=steps)
     c.trainer = "sft"
-    c.sft.data, c.sft.batch_size, c.sft.steps = data, 8, 0
-    c.grpo.max_new_tokens = 10  # `#### 15` and its EOS fit uncut; evaluation decodes as far
+    c.sft.data, c.sft.batch_size = data, 8
+    c.sampling.max_new_tokens = 10  # `#### 15` and its EOS fit uncut; evaluation decodes as far
     c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = 3e-3, 1, "constant"
     c.eval.every, c.checkpoint.every = 0, steps
     return c
 
 
 def dataset_loss(tr):
-    rows = tr.data.rows
-    comps, _ = SFT.encode_completions(tr.tokenizer, [r["completion"] for r in rows], tr.sampling.eos_ids[0], tr.max_tokens)
-    batch = SFT.make_batch(tr.prompt_ids(rows), comps, tr.sampling.pad_id, tr.sampling.prompt_buckets, tr.completion_buckets)
-    return float(SFT.sft_loss_terms(tr.params, tr.model_cfg, batch)) / batch["completion_mask"].sum()
+    algo, pol = tr.algorithm, tr.current_policy()
+    rows = algo.examples(tr.state).rows
+    comps, _ = sft.encode_completions(pol.tokenizer, [r["completion"] for r in rows], pol.sampling.eos_ids[0], algo.max_tokens)
+    batch = sft.make_batch(pol.prompt_ids(rows), comps, pol.sampling.pad_id, pol.sampling.prompt_buckets,
+                           algo.completion_buckets)
+    return float(sft.sft_loss_terms(pol.params, pol.model_cfg, batch)) / batch["completion_mask"].sum()
 
 
 def test_sft_trainer_learns_a_teacher_file_and_skips_bad_rows(tmp_path):
-    from grpo_jax.sft import SFTTrainer
-
     # A distillation file with its own completion field name; two rows lack what SFT needs.
     rows = [{"question": f"What is {a} + {b}?", "response": f"#### {a + b}"} for a in range(4) for b in range(4)]
     rows += [{"question": "What is 1 + 1?"}, {"question": "", "response": "#### 2"}]
     write_pairs(tmp_path / "teacher.jsonl", rows)
     cfg = sft_config(tmp_path / "run", str(tmp_path / "teacher.jsonl"), steps=120)
     cfg.sft.completion_field = "response"
-    tr = SFTTrainer(cfg)
+    tr = trainer.Trainer(cfg)
     try:
-        assert len(tr.data.rows) == 16 and tr.skipped_rows == 2 and tr.sources == {str(tmp_path / "teacher.jsonl"): 16}
+        algo = tr.algorithm
+        assert len(algo.examples(tr.state).rows) == 16 and algo.skipped_rows == 2
+        assert algo.sources == {str(tmp_path / "teacher.jsonl"): 16}
         before = dataset_loss(tr)
         history = tr.run()["history"]
         after = dataset_loss(tr)
         assert after < 0.2 * before, (before, after)
         assert history[-1]["data/skipped_rows"] == 2 and history[-1]["frac_cut"] == 0.0
-        assert tr.ckpt.latest_step() == 120
+        assert tr.checkpoints.latest_step() == 120
         # Greedy decoding now writes the teacher's format (`#### N`) for every training prompt; the
         # random-weight model before training writes arbitrary characters.
-        greedy = dataclasses.replace(tr.sampling, greedy=True)
-        texts = tr.sample_completions(rows[:16], 1, greedy, jax.random.key(0)).texts
+        pol = tr.current_policy()
+        texts = pol.sample(rows[:16], 1, jax.random.key(0), dataclasses.replace(pol.sampling, greedy=True)).texts
         assert all(re.fullmatch(r"#### \d+", t) for t in texts), texts
     finally:
         tr.close()
 
 
 def test_sft_resume_reproduces_the_uninterrupted_run(tmp_path):
-    from grpo_jax.sft import SFTTrainer
-
     def run(workdir, until=None, resume=False):
         cfg = sft_config(workdir, "demonstrations", steps=4)
         cfg.checkpoint.every, cfg.resume = 2, resume
-        tr = SFTTrainer(cfg)
+        tr = trainer.Trainer(cfg)
         try:
             losses = [h["loss"] for h in tr.run(until=until)["history"]]
             return losses, jax.device_get(tr.params)

@@ -12,40 +12,40 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax import sharding
-from grpo_jax import model as M
+from grpo_jax import model
 
 WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from grpo_jax import model as M, sharding as S
+    from grpo_jax import model, sharding
     assert jax.device_count() == 8, jax.devices()
-    cfg = M.SHAPES["tiny"].replace(vocab_size=256, intermediate_size=96)
-    params = M.init_params(cfg, jax.random.key(0))
+    cfg = model.SHAPES["tiny"].replace(vocab_size=256, intermediate_size=96)
+    params = model.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, 256, size=(8, 10)))
     mask = jnp.asarray(np.arange(10)[None] >= rng.integers(0, 6, size=(8, 1)))
-    want = np.asarray(M.forward(params, cfg, ids, mask)[0])
-    fwd = jax.jit(M.forward, static_argnums=1)
+    want = np.asarray(model.forward(params, cfg, ids, mask)[0])
+    fwd = jax.jit(model.forward, static_argnums=1)
     for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8)]:
-        mesh = S.make_mesh(*shape)
-        p = S.shard_params(params, cfg, mesh)
-        b = S.batch_sharding(mesh)
+        mesh = sharding.make_mesh(*shape)
+        p = sharding.shard_params(params, cfg, mesh)
+        b = sharding.batch_sharding(mesh)
         got, _ = fwd(p, cfg, jax.device_put(ids, b), jax.device_put(mask, b))
         err = float(np.abs(np.asarray(got) - want)[np.asarray(mask)].max())
         assert err < 1e-5, (shape, err)
         q = p["layers"]["attn"]["q_proj"]["kernel"]
         print(shape, "max err", err, "q_proj spec", q.sharding.spec, "shards", len(q.addressable_shards))
-    mesh = S.make_mesh(1, 2, 4)
-    spec = S.param_shardings(cfg, mesh)["layers"]["attn"]["k_proj"]["kernel"].spec
+    mesh = sharding.make_mesh(1, 2, 4)
+    spec = sharding.param_shardings(cfg, mesh)["layers"]["attn"]["k_proj"]["kernel"].spec
     assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None), spec  # 2 kv heads: not split 4 ways
     # The sampler under a mesh: rows split over data x fsdp, KV heads over tensor; same tokens as on
     # one device (greedy), and the same log-probabilities.
-    from grpo_jax import sampler as Smp
+    from grpo_jax import sampler
     prompts = [list(rng.integers(1, 256, n)) for n in (3, 7, 5, 2)]
-    sc = Smp.SamplingConfig(max_new_tokens=6, greedy=True, prompt_buckets=(8,))
-    ref = Smp.sample(params, cfg, prompts, 2, sc, jax.random.key(0))
+    sc = sampler.SamplingConfig(max_new_tokens=6, greedy=True, prompt_buckets=(8,))
+    ref = sampler.sample(params, cfg, prompts, 2, sc, jax.random.key(0))
     for shape in [(8, 1, 1), (2, 2, 2)]:
-        mesh = S.make_mesh(*shape)
-        r = Smp.sample(S.shard_params(params, cfg, mesh), cfg, prompts, 2, sc, jax.random.key(0), mesh=mesh)
+        mesh = sharding.make_mesh(*shape)
+        r = sampler.sample(sharding.shard_params(params, cfg, mesh), cfg, prompts, 2, sc, jax.random.key(0), mesh=mesh)
         assert np.array_equal(np.asarray(r.tokens), np.asarray(ref.tokens)), shape
         assert np.abs(np.asarray(r.logprobs) - np.asarray(ref.logprobs)).max() < 1e-5, shape
         assert len(r.tokens.sharding.device_set) == 8
@@ -67,6 +67,6 @@ def test_mesh_errors_name_the_sizes():
 
 
 def test_default_rules_cover_every_logical_axis():
-    specs = jax.tree.leaves(M.param_logical_axes(M.SHAPES["tiny"]), is_leaf=lambda x: isinstance(x, P))
+    specs = jax.tree.leaves(model.param_logical_axes(model.SHAPES["tiny"]), is_leaf=lambda x: isinstance(x, P))
     used = {axis for spec in specs for axis in spec}
     assert used <= {name for name, _ in sharding.DEFAULT_RULES}

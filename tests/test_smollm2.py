@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from grpo_jax import hf
-from grpo_jax import model as M
+from grpo_jax import model
 
 MESSAGES = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
             [{"role": "user", "content": "Write a haiku about rain."}]]
@@ -42,7 +42,7 @@ def test_logits_match_transformers_on_chat_prompt(smollm2):
     assert not mask.all()  # the two prompts differ in length: the batch is left-padded
     with torch.no_grad():
         want = ref(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask.astype(np.int64))).logits.numpy()
-    got, _ = jax.jit(M.forward, static_argnums=1)(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    got, _ = jax.jit(model.forward, static_argnums=1)(params, cfg, jnp.asarray(ids), jnp.asarray(mask))
     got = np.asarray(got)
     # Real weights give logits up to ~40 and the sum order differs between XLA and torch: max error
     # measured 1.4e-4 (mean 1.5e-5).
@@ -59,8 +59,8 @@ def test_greedy_decoding_gives_the_same_text(smollm2):
                             max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
     want = want[:, ids.shape[1]:].numpy()
 
-    step = jax.jit(M.forward, static_argnums=1, donate_argnames="cache")
-    cache = M.init_cache(cfg, ids.shape[0], ids.shape[1] + new)
+    step = jax.jit(model.forward, static_argnums=1, donate_argnames="cache")
+    cache = model.init_cache(cfg, ids.shape[0], ids.shape[1] + new)
     logits, cache = step(params, cfg, jnp.asarray(ids), jnp.asarray(mask), cache)
     out = []
     for _ in range(new):

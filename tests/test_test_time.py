@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from grpo_jax import test_time as TT  # noqa: E402
+from grpo_jax import test_time  # noqa: E402
 
 
 def brute_force(n, k, fn):
@@ -27,26 +27,26 @@ def test_pass_at_k_matches_its_closed_form_and_subset_enumeration():
             correct = [i < c for i in range(n)]
             for k in range(1, n + 1):
                 closed = 1 - math.comb(n - c, k) / math.comb(n, k)
-                assert TT.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12)
-                assert TT.pass_at_k(n, c, k) == pytest.approx(
+                assert test_time.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12)
+                assert test_time.pass_at_k(n, c, k) == pytest.approx(
                     brute_force(n, k, lambda s: any(correct[i] for i in s)), abs=1e-12)
-    assert TT.pass_at_k(16, 0, 8) == 0.0 and TT.pass_at_k(16, 9, 8) == 1.0
+    assert test_time.pass_at_k(16, 0, 8) == 0.0 and test_time.pass_at_k(16, 9, 8) == 1.0
     with pytest.raises(ValueError, match="k=5"):
-        TT.pass_at_k(4, 1, 5)
+        test_time.pass_at_k(4, 1, 5)
 
 
 def test_majority_vote_hand_computed_cases():
     answers, correct = ["3", "5", "3", "", "5"], [True, False, True, False, False]
-    assert TT.majority_vote(answers) == "3"  # 2 votes each: the answer given first wins
-    assert TT.majority_vote(["", ""]) is None
-    assert TT.majority_correct(answers, correct)
-    assert not TT.majority_correct(["5", "3", "5"], [False, True, False])
-    assert TT.maj_at_k(answers, correct, 5) == 1.0
-    assert TT.maj_at_k(answers, correct, 1) == pytest.approx(2 / 5)  # maj@1 is the sampled accuracy
+    assert test_time.majority_vote(answers) == "3"  # 2 votes each: the answer given first wins
+    assert test_time.majority_vote(["", ""]) is None
+    assert test_time.majority_correct(answers, correct)
+    assert not test_time.majority_correct(["5", "3", "5"], [False, True, False])
+    assert test_time.maj_at_k(answers, correct, 5) == 1.0
+    assert test_time.maj_at_k(answers, correct, 1) == pytest.approx(2 / 5)  # maj@1 is the sampled accuracy
     # k = 2, the ten pairs by hand: {0,1} 3  {0,2} 3  {0,3} 3  {0,4} 3  {1,2} 5 (first)  {1,3} 5
     # {1,4} 5  {2,3} 3  {2,4} 3  {3,4} 5  -> 6 of 10 majorities are the correct "3".
-    assert TT.maj_at_k(answers, correct, 2) == pytest.approx(0.6)
-    assert TT.maj_at_k(["", "", ""], [False] * 3, 2) == 0.0
+    assert test_time.maj_at_k(answers, correct, 2) == pytest.approx(0.6)
+    assert test_time.maj_at_k(["", "", ""], [False] * 3, 2) == 0.0
 
 
 def test_maj_at_k_exact_and_monte_carlo_agree_with_enumeration():
@@ -54,12 +54,12 @@ def test_maj_at_k_exact_and_monte_carlo_agree_with_enumeration():
     answers = [str(x) for x in rng.integers(0, 4, 16)]
     answers[3] = ""
     correct = [a == "2" for a in answers]
-    exact = brute_force(16, 8, lambda s: TT.majority_correct([answers[i] for i in s], [correct[i] for i in s]))
-    assert TT.maj_at_k(answers, correct, 8, trials=20000) == pytest.approx(exact, abs=1e-12)  # enumerates
-    assert TT.maj_at_k(answers, correct, 8, trials=2000) == pytest.approx(exact, abs=0.03)  # samples
+    exact = brute_force(16, 8, lambda s: test_time.majority_correct([answers[i] for i in s], [correct[i] for i in s]))
+    assert test_time.maj_at_k(answers, correct, 8, trials=20000) == pytest.approx(exact, abs=1e-12)  # enumerates
+    assert test_time.maj_at_k(answers, correct, 8, trials=2000) == pytest.approx(exact, abs=0.03)  # samples
     for k in (1, 2, 3):
-        assert TT.maj_at_k(answers, correct, k) == pytest.approx(brute_force(
-            16, k, lambda s: TT.majority_correct([answers[i] for i in s], [correct[i] for i in s])), abs=1e-12)
+        assert test_time.maj_at_k(answers, correct, k) == pytest.approx(brute_force(
+            16, k, lambda s: test_time.majority_correct([answers[i] for i in s], [correct[i] for i in s])), abs=1e-12)
 
 
 def test_best_of_k_matches_enumeration_and_is_pass_at_k_when_the_verifier_picks():
@@ -71,17 +71,17 @@ def test_best_of_k_matches_enumeration_and_is_pass_at_k_when_the_verifier_picks(
             def pick(s):
                 best = max(s, key=lambda i: (scores[i], -i))
                 return correct[best]
-            assert TT.best_of_k(scores, correct, k) == pytest.approx(brute_force(n, k, pick), abs=1e-12)
-            assert TT.best_of_k(correct.astype(float), correct, k) == pytest.approx(
-                TT.pass_at_k(n, int(correct.sum()), k), abs=1e-12)
+            assert test_time.best_of_k(scores, correct, k) == pytest.approx(brute_force(n, k, pick), abs=1e-12)
+            assert test_time.best_of_k(correct.astype(float), correct, k) == pytest.approx(
+                test_time.pass_at_k(n, int(correct.sum()), k), abs=1e-12)
 
 
 def test_scaling_curve_rows():
     correct = np.array([[True, False, False, False], [False, False, False, False]])
     answers = [["1", "2", "2", "3"], ["", "", "", ""]]
-    curve = TT.scaling_curve(correct, answers, {"first": np.array([[4.0, 3, 2, 1], [0, 0, 0, 0]])})
+    curve = test_time.scaling_curve(correct, answers, {"first": np.array([[4.0, 3, 2, 1], [0, 0, 0, 0]])})
     assert [r["k"] for r in curve] == [1, 2, 4]
-    assert TT.default_ks(12) == [1, 2, 4, 8, 12]
+    assert test_time.default_ks(12) == [1, 2, 4, 8, 12]
     assert curve[0]["pass@k"] == pytest.approx(1 / 8) and curve[-1]["pass@k"] == pytest.approx(0.5)
     assert curve[-1]["maj@k"] == 0.0  # "2" wins the vote of all four
     assert curve[-1]["best@k/first"] == pytest.approx(0.5)  # the top-scored sample is the correct one
@@ -90,17 +90,17 @@ def test_scaling_curve_rows():
 def test_script_on_a_trained_checkpoint_writes_table_and_plot(tmp_path):
     from test_trainer import tiny_config
 
-    from grpo_jax import trainer as T
+    from grpo_jax import trainer
 
     cfg = tiny_config(tmp_path, steps=1)
     cfg.eval.every = 0
-    tr = T.Trainer(cfg)
+    tr = trainer.Trainer(cfg)
     tr.run()
     tr.close()
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "test_time_scaling.py"), f"--config={ROOT}/configs/base.py",
          f"--config.workdir={tmp_path}", "--config.steps=1", "--config.data.digits=1", "--config.data.ops=+",
-         "--config.data.synthetic_size=200", "--config.data.eval_size=8", "--config.grpo.max_new_tokens=6",
+         "--config.data.synthetic_size=200", "--config.data.eval_size=8", "--config.sampling.max_new_tokens=6",
          "--config.verifier.workers=-1", "--config.eval.batch_size=8", "--n=4", "--select=logprob,math",
          f"--output={tmp_path}/tts.json", f"--plot={tmp_path}/tts.png"],
         capture_output=True, text=True, cwd=ROOT, timeout=300)

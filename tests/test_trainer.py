@@ -13,7 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import base  # noqa: E402
-from grpo_jax import trainer as T  # noqa: E402
+from grpo_jax import config  # noqa: E402
+from grpo_jax import grpo  # noqa: E402
+from grpo_jax import policy  # noqa: E402
+from grpo_jax import sampler  # noqa: E402
+from grpo_jax import train_state  # noqa: E402
+from grpo_jax import trainer  # noqa: E402
 
 
 def tiny_config(workdir, steps=3):
@@ -21,8 +26,8 @@ def tiny_config(workdir, steps=3):
     c.workdir = str(workdir)
     c.steps = steps
     c.data.digits, c.data.ops, c.data.synthetic_size, c.data.eval_size = 1, "+", 200, 8
-    c.grpo.prompts_per_step, c.grpo.num_generations, c.grpo.max_new_tokens = 2, 4, 6
-    c.sft.steps, c.sft.batch_size, c.sft.learning_rate = 3, 8, 1e-3
+    c.grpo.prompts_per_step, c.grpo.num_generations, c.sampling.max_new_tokens = 2, 4, 6
+    c.sft.batch_size = 8  # cold_start.steps > 0 makes a run the pipeline cold_start -> grpo
     c.optimizer.learning_rate = 1e-3
     c.eval.every, c.eval.k, c.eval.batch_size = 2, 2, 8
     c.checkpoint.every = 2
@@ -32,7 +37,7 @@ def tiny_config(workdir, steps=3):
 
 
 def test_end_to_end_writes_metrics_checkpoints_and_evaluates(tmp_path):
-    tr = T.Trainer(tiny_config(tmp_path))
+    tr = trainer.Trainer(tiny_config(tmp_path))
     out = tr.run()
     tr.close()
     hist = out["history"]
@@ -51,19 +56,19 @@ def test_end_to_end_writes_metrics_checkpoints_and_evaluates(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    full = T.Trainer(tiny_config(tmp_path / "full", steps=4))
+    full = trainer.Trainer(tiny_config(tmp_path / "full", steps=4))
     full.cfg.eval.every = 0
     h_full = full.run()["history"]
     p_full = jax.device_get(full.params)
     full.close()
 
-    part = T.Trainer(tiny_config(tmp_path / "part", steps=4))
+    part = trainer.Trainer(tiny_config(tmp_path / "part", steps=4))
     part.cfg.eval.every = 0
     part.run(until=2)  # interrupted after step 2 (checkpointed there)
     part.close()
     cfg = tiny_config(tmp_path / "part", steps=4)
     cfg.eval.every, cfg.resume = 0, True
-    resumed = T.Trainer(cfg)
+    resumed = trainer.Trainer(cfg)
     h_res = resumed.run()["history"]
     assert resumed.step == 4 and [h["step"] for h in h_res] == [3, 4]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), p_full)
@@ -72,23 +77,45 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     resumed.close()
 
 
-def test_non_finite_update_is_skipped(tmp_path):
-    tr = T.Trainer(tiny_config(tmp_path, steps=1))
-    before = jax.device_get(tr.params)
+def test_update_is_a_pure_function_of_state_and_batch(tmp_path):
+    """grpo.update without any trainer: a jitted, donated (state, batch) -> (state, metrics) that
+    takes one optimizer step, and skips it (state unchanged) when the loss is not finite."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from grpo_jax import model, sharding
+
+    cfg = tiny_config(tmp_path)
+    model_cfg = model.SHAPES["tiny"].replace(vocab_size=32)
+    mesh = sharding.make_mesh()
+    params = sharding.shard_params(model.init_params(model_cfg, jax.random.key(0)), model_cfg, mesh)
+    tx, _ = train_state.make_optimizer(cfg.optimizer, 10)
+    update = jax.jit(functools.partial(grpo.update, model_cfg=model_cfg, loss_cfg=config.loss_config(cfg), mesh=mesh,
+                                       num_microbatches=1, tx=tx), donate_argnums=0)
+
+    def state_of(p):
+        return train_state.create(jax.tree.map(jnp.copy, p), tx, mesh, seed=0,
+                                  data={"epoch": 0, "position": 0, "seed": 0})
+
     batch = {"prompt_ids": np.ones((2, 4), np.int32), "prompt_mask": np.ones((2, 4), bool),
              "completion_ids": np.ones((2, 3), np.int32), "completion_mask": np.ones((2, 3), bool),
-             "advantages": np.array([np.nan, 1.0], np.float32), "old_logp": np.zeros((2, 3), np.float32),
+             "advantages": np.array([-1.0, 1.0], np.float32), "old_logp": np.zeros((2, 3), np.float32),
              "ref_logp": np.zeros((2, 3), np.float32)}
-    tr.params, tr.opt_state, m = tr._update(tr.params, tr.opt_state, batch)
+    before = jax.device_get(params)
+    state, m = update(state_of(params), batch)
+    assert float(m["update_skipped"]) == 0.0 and np.isfinite(float(m["loss"]))
+    assert int(state.step) == 0  # the update changes parameters and optimizer state, not the step count
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                                                         jax.tree.leaves(before)))
+    # The same inputs give the same state: nothing outside (state, batch) enters.
+    again, _ = update(state_of(params), batch)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params), jax.device_get(state.params))
+    bad = {**batch, "advantages": np.array([np.nan, 1.0], np.float32)}
+    state, m = update(state_of(params), bad)
     assert float(m["update_skipped"]) == 1.0
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tr.params), before)
-    tr.close()
-
-
-def test_pass_at_k_unbiased_estimator():
-    assert T.pass_at_k(4, 0, 2) == 0.0 and T.pass_at_k(4, 4, 1) == 1.0
-    assert T.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert T.pass_at_k(4, 1, 2) == pytest.approx(1 - (3 * 2) / (4 * 3))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    assert update._cache_size() == 1  # one compile for fresh and updated states alike
 
 
 def test_command_line_overrides_and_typos(tmp_path):
@@ -99,12 +126,15 @@ def test_command_line_overrides_and_typos(tmp_path):
     r = subprocess.run([sys.executable, script, "--config.steps=abc"], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert r.returncode != 0 and "steps" in r.stderr
-    r = subprocess.run([sys.executable, script, "--config.steps=1", "--config.sft.steps=1", "--config.eval.every=0",
+    r = subprocess.run([sys.executable, script, "--config.grpo.max_new_tokens=4"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)  # an old field name: the message names the new one
+    assert r.returncode != 0 and "renamed 'sampling.max_new_tokens'" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, script, "--config.steps=1", "--config.cold_start.steps=1", "--config.eval.every=0",
                         "--config.grpo.prompts_per_step=2", "--config.grpo.num_generations=2",
                         f"--config.workdir={tmp_path / 'run'}", "--config.verifier.workers=-1"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 1/1" in r.stdout and "cold start: 1 SFT steps" in r.stdout
+    assert "step 1/1" in r.stdout and "== stage cold_start (sft, 1 steps)" in r.stdout
 
 
 def raising_reward(prompts, completions, **columns):
@@ -118,9 +148,9 @@ def raising_reward(prompts, completions, **columns):
 
 
 def test_raising_reward_and_bad_rows_do_not_stop_the_run(tmp_path, capsys):
-    from grpo_jax import data as D
+    from grpo_jax import data
 
-    rows = D.arithmetic_rows(60, seed=0, digits=1, ops="+")
+    rows = data.arithmetic_rows(60, seed=0, digits=1, ops="+")
     bad = [{"question": "What is 1 + 1?", "answer": None}, {"question": "", "answer": "3"},
            {"question": "What is 2 + 2?"}, {"answer": "4"}, {"question": "What is 3 + 3?", "answer": " "}]
     path = tmp_path / "rows.jsonl"
@@ -129,7 +159,7 @@ def test_raising_reward_and_bad_rows_do_not_stop_the_run(tmp_path, capsys):
     cfg.data.source = str(path)
     cfg.rewards = {"math": 1.0, "test_trainer:raising_reward": 1.0}
     cfg.verifier.workers = 1
-    tr = T.Trainer(cfg)
+    tr = trainer.Trainer(cfg)
     before = jax.device_get(tr.params)
     hist = tr.run()["history"]
     after = jax.device_get(tr.params)
@@ -152,11 +182,11 @@ import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import jax
 from test_trainer import tiny_config
-from grpo_jax import trainer as T
+from grpo_jax import trainer
 cfg = tiny_config(sys.argv[1], steps=2)
 cfg.mesh.data, cfg.mesh.fsdp = int(sys.argv[2]), int(sys.argv[3])
 cfg.eval.every, cfg.checkpoint.every = 2, 0
-tr = T.Trainer(cfg)
+tr = trainer.Trainer(cfg)
 hist = tr.run()["history"]
 tr.close()
 keys = ("loss", "reward", "kl", "entropy", "grad_norm", "eval/pass@1", "eval/pass@2", "eval/maj@2")
@@ -223,26 +253,25 @@ def test_export_loads_in_transformers_and_evaluates_like_the_checkpoint(tmp_path
     import torch
     import transformers
 
-    from grpo_jax import sampler as S
-
     cfg = tiny_config(tmp_path / "run", steps=2)
     cfg.eval.every = 0
-    tr = T.Trainer(cfg)
+    tr = trainer.Trainer(cfg)
     tr.run()
     want = tr.evaluate()
-    folder = tr.export_hf(str(tmp_path / "hf"))
-    row = tr.eval_rows[0]
-    ids = tr.prompt_ids([row])[0]
-    greedy = dataclasses.replace(tr.sampling, greedy=True)
-    ours = S.sample(tr.params, tr.model_cfg, [ids], 1, greedy, jax.random.key(0))
+    pol = tr.current_policy()
+    folder = pol.export_hf(str(tmp_path / "hf"))
+    row = tr.task.eval[0]
+    ids = pol.prompt_ids([row])[0]
+    greedy = dataclasses.replace(pol.sampling, greedy=True)
+    ours = sampler.sample(pol.params, pol.model_cfg, [ids], 1, greedy, jax.random.key(0))
     ours = np.asarray(ours.tokens[0, :int(ours.lengths[0])]).tolist()
     tr.close()
 
-    tok = T.load_tokenizer(cfg.model.__class__(dict(tokenizer=folder)))
+    tok = policy.load_tokenizer(cfg.model.__class__(dict(tokenizer=folder)))
     assert isinstance(tok, transformers.PreTrainedTokenizerFast)
     assert tok(row["question"])["input_ids"] == ids
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    out = model.generate(torch.tensor([ids]), max_new_tokens=cfg.grpo.max_new_tokens, do_sample=False,
+    out = model.generate(torch.tensor([ids]), max_new_tokens=cfg.sampling.max_new_tokens, do_sample=False,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     assert out[0, len(ids):].tolist()[:len(ours)] == ours
 
@@ -256,7 +285,7 @@ def test_export_loads_in_transformers_and_evaluates_like_the_checkpoint(tmp_path
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         got = json.loads(r.stdout[r.stdout.index("{"):])
-        assert got["problems"] == len(tr.eval_rows)
+        assert got["problems"] == len(tr.task.eval)
         assert {k: got[k] for k in want} == want, (extra, got, want)
 
 
@@ -265,16 +294,17 @@ def test_shipped_configs_load_and_differ_where_they_should(name):
     import importlib
 
     from grpo_jax import pipeline
-    from grpo_jax import rewards as R
+    from grpo_jax import rewards
 
     module = importlib.import_module(f"configs.{name}")
     c = module.get_config()
-    stages = [pipeline.stage_config(c, s) for s in pipeline.stage_names(c)] if pipeline.is_pipeline(c) else [c]
+    config.check(c)
+    stages = [pipeline.stage_config(c, s) for s in pipeline.stage_names(c)] if pipeline.is_pipeline(pipeline.expand(c)) else [c]
     for s in stages:
-        T.loss_config(s)  # every loss setting is valid
-        T.make_optimizer(s.optimizer, s.steps)
+        config.loss_config(s)  # every loss setting is valid
+        train_state.make_optimizer(s.optimizer, s.steps)
         for fn in s.reward_functions.values():
-            R.get_reward_fn(fn)
+            rewards.get_reward_fn(fn)
     if name == "r1_pipeline":
         assert [s.trainer for s in stages] == ["sft", "grpo", "sft", "grpo"]
         assert stages[2].sft.data == "rejection_samples,demonstrations" and stages[1].init_from == stages[0].workdir
@@ -285,7 +315,11 @@ def test_shipped_configs_load_and_differ_where_they_should(name):
         assert "overlong" in c.rewards
     if name == "dr_grpo":
         assert (c.grpo.advantage_estimator, c.grpo.aggregation) == ("dr_grpo", "seq-mean-token-sum-norm")
-        assert T.loss_config(c).scale_rewards is None  # the estimator's own choice: no std division
+        assert config.loss_config(c).scale_rewards is None  # the estimator's own choice: no std division
+    if name == "default":  # the cold start is a stage of its own, with the cold_start overrides
+        assert [s.trainer for s in stages] == ["sft", "grpo"] and stages[0].steps == 600
+        assert stages[0].optimizer.b2 == 0.999 and stages[0].optimizer.warmup_steps == 0
+        assert stages[1].init_from == stages[0].workdir and stages[1].optimizer.b2 == c.optimizer.b2
 
 
 def test_smollm2_config_builds_offline(tmp_path, smollm2_dir):
@@ -293,11 +327,12 @@ def test_smollm2_config_builds_offline(tmp_path, smollm2_dir):
 
     c = smollm2.get_config()
     c.workdir, c.verifier.workers = str(tmp_path), -1
-    tr = T.Trainer(c)
+    tr = trainer.Trainer(c)
     try:
-        assert tr.sampling.eos_ids == (tr.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
-        ids = tr.prompt_ids(tr.eval_rows[:1])[0]
-        text = tr.tokenizer.decode(ids)
+        pol = tr.policy
+        assert pol.sampling.eos_ids == (pol.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+        ids = pol.prompt_ids(tr.task.eval[:1])[0]
+        text = pol.tokenizer.decode(ids)
         assert "<|im_start|>user" in text and c.data.instruction in text and text.endswith("<|im_start|>assistant\n")
     finally:
         tr.close()
@@ -327,12 +362,12 @@ def test_plot_metrics_draws_reward_and_eval_curves(tmp_path):
 def test_model_overrides_pad_the_vocabulary_never_shrink_it():
     from ml_collections import ConfigDict
 
-    from grpo_jax.trainer import load_model
+    from grpo_jax import model
 
     mcfg = ConfigDict(dict(source="shape:tiny", overrides={"vocab_size": 128}, dtype="float32",
-                           param_dtype="float32", remat="none"))
-    params, cfg = load_model(mcfg, 100, jax.random.key(0))
-    assert cfg.vocab_size == 128 and params["embedding"].shape == (128, cfg.hidden_size)
+                           param_dtype="float32", remat="none", attention="einsum"))
+    cfg = policy.model_config(mcfg, 100)
+    assert cfg.vocab_size == 128 and model.param_shapes(cfg)["embedding"].shape == (128, cfg.hidden_size)
     mcfg.overrides = {"vocab_size": 64}
     with pytest.raises(ValueError, match="vocab_size=64 is smaller than the tokenizer's 100"):
-        load_model(mcfg, 100, jax.random.key(0))
+        policy.model_config(mcfg, 100)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from grpo_jax import rewards as R
-from grpo_jax import verifiers as V
+from grpo_jax import rewards
+from grpo_jax import verifiers
 
 # (gold answer, completion, expected reward). Numbers, fractions, LaTeX, units, tuples, malformed.
 ANSWER_TABLE = [
@@ -85,7 +85,7 @@ ANSWER_TABLE = [
 
 @pytest.mark.parametrize("gold,completion,expected", ANSWER_TABLE)
 def test_answer_table(gold, completion, expected):
-    assert V.math_reward(completion, gold) == expected
+    assert verifiers.math_reward(completion, gold) == expected
 
 
 def test_answer_table_is_large_and_balanced():
@@ -95,8 +95,8 @@ def test_answer_table_is_large_and_balanced():
 
 
 def test_gold_in_gsm8k_format_is_extracted():
-    assert V.math_reward("#### 8", "Janet has 5+3 apples.\n#### 8") == 1.0
-    assert V.math_reward("#### 8", "Janet has 5+3 apples.\n#### 9") == 0.0
+    assert verifiers.math_reward("#### 8", "Janet has 5+3 apples.\n#### 8") == 1.0
+    assert verifiers.math_reward("#### 8", "Janet has 5+3 apples.\n#### 9") == 0.0
 
 
 @pytest.mark.parametrize("completion,strict,lenient,tags", [
@@ -113,9 +113,9 @@ def test_gold_in_gsm8k_format_is_extracted():
     ("", 0, 0, 0.0),
 ])
 def test_format_rewards(completion, strict, lenient, tags):
-    assert V.format_reward(completion, strict=True) == strict
-    assert V.format_reward(completion, strict=False) == lenient
-    assert V.tag_count_reward(completion) == tags
+    assert verifiers.format_reward(completion, strict=True) == strict
+    assert verifiers.format_reward(completion, strict=False) == lenient
+    assert verifiers.tag_count_reward(completion) == tags
 
 
 @pytest.mark.parametrize("completion,numbers,target,expected", [
@@ -137,24 +137,24 @@ def test_format_rewards(completion, strict, lenient, tags):
     ("", [6, 4], 10, 0.0),
 ])
 def test_countdown(completion, numbers, target, expected):
-    assert V.countdown_reward(completion, numbers, target) == expected
+    assert verifiers.countdown_reward(completion, numbers, target) == expected
 
 
 def test_code_reward_stdio_and_asserts():
     solution = "```python\nn = int(input())\nprint(n * 2)\n```"
-    assert V.code_reward(solution, [{"input": "3", "output": "6"}, {"input": "5\n", "output": "10\n"}]) == 1.0
-    assert V.code_reward(solution, [{"input": "3", "output": "6"}, {"input": "5", "output": "11"}]) == 0.5
+    assert verifiers.code_reward(solution, [{"input": "3", "output": "6"}, {"input": "5\n", "output": "10\n"}]) == 1.0
+    assert verifiers.code_reward(solution, [{"input": "3", "output": "6"}, {"input": "5", "output": "11"}]) == 0.5
     fn = "Here:\n```python\ndef add(a, b):\n    return a + b\n```"
-    assert V.code_reward(fn, ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5"]) == pytest.approx(2 / 3)
+    assert verifiers.code_reward(fn, ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5"]) == pytest.approx(2 / 3)
     # Exiting early with status 0 does not pass assert tests.
-    assert V.code_reward("import os\nos._exit(0)", ["assert False"]) == 0.0
-    assert V.code_reward("import sys\nsys.exit(0)", ["assert False"]) == 0.0
-    assert V.code_reward(None, ["assert True"]) == 0.0
+    assert verifiers.code_reward("import os\nos._exit(0)", ["assert False"]) == 0.0
+    assert verifiers.code_reward("import sys\nsys.exit(0)", ["assert False"]) == 0.0
+    assert verifiers.code_reward(None, ["assert True"]) == 0.0
 
 
 @pytest.mark.parametrize("length,expected", [(0, 0.0), (80, 0.0), (90, -0.5), (100, -1.0), (101, -1.0)])
 def test_overlong_penalty(length, expected):
-    assert V.overlong_penalty(length, max_length=100, buffer=20) == pytest.approx(expected)
+    assert verifiers.overlong_penalty(length, max_length=100, buffer=20) == pytest.approx(expected)
 
 
 # ---- the interface -------------------------------------------------------------------------------
@@ -165,19 +165,19 @@ def not_applicable_on_odd(prompts, completions, **columns):
 
 
 def test_registry_and_module_function():
-    assert R.get_reward_fn("math") is R.math_accuracy
-    assert R.get_reward_fn("test_verifiers:not_applicable_on_odd") is not None
+    assert rewards.get_reward_fn("math") is rewards.math_accuracy
+    assert rewards.get_reward_fn("test_verifiers:not_applicable_on_odd") is not None
     with pytest.raises(ValueError, match="unknown reward function 'maths'"):
-        R.get_reward_fn("maths")
+        rewards.get_reward_fn("maths")
     with pytest.raises(ValueError, match="cannot be imported"):
-        R.get_reward_fn("no_such_module:fn")
+        rewards.get_reward_fn("no_such_module:fn")
 
 
 def test_score_weights_none_and_metrics():
     completions = ["#### 3", "#### 4", "<think>a</think><answer>3</answer>", "oops"]
     columns = {"answer": ["3", "3", "3", "3"]}
-    total, per_fn, m = R.score([R.RewardSpec("math", 1.0), R.RewardSpec("format_strict", 0.5),
-                                R.RewardSpec("odd", 2.0)], [""] * 4, completions, columns,
+    total, per_fn, m = rewards.score([rewards.RewardSpec("math", 1.0), rewards.RewardSpec("format_strict", 0.5),
+                                rewards.RewardSpec("odd", 2.0)], [""] * 4, completions, columns,
                                fns={"odd": not_applicable_on_odd})
     np.testing.assert_allclose(per_fn["math"], [1, 0, 1, 0])
     np.testing.assert_allclose(per_fn["format_strict"], [0, 0, 1, 0])
@@ -191,13 +191,13 @@ def test_score_weights_none_and_metrics():
 
 def test_missing_column_is_a_clear_error():
     with pytest.raises(KeyError, match="column 'answer'"):
-        R.math_accuracy([""], ["#### 1"])
+        rewards.math_accuracy([""], ["#### 1"])
 
 
 def test_huge_and_tiny_exponents_neither_overflow_nor_hang():
     # Found by the default run: "1e999" made float(Fraction) raise OverflowError inside the verifier.
-    assert not V.answers_match("5", "1e999") and V.answers_match("1e999", "1e999")
-    assert not V.answers_match("5", "1e999999999")  # never builds 10**999999999
-    assert V.to_number("1e999999999") is None and V.to_number("2.5e3") == 2500
-    assert V.answers_match("0.3333333", "1/3") and V.answers_match("100", "100.00001")
-    assert not V.answers_match("100", "100.001") and V.answers_match("0", "1e-12")
+    assert not verifiers.answers_match("5", "1e999") and verifiers.answers_match("1e999", "1e999")
+    assert not verifiers.answers_match("5", "1e999999999")  # never builds 10**999999999
+    assert verifiers.to_number("1e999999999") is None and verifiers.to_number("2.5e3") == 2500
+    assert verifiers.answers_match("0.3333333", "1/3") and verifiers.answers_match("100", "100.00001")
+    assert not verifiers.answers_match("100", "100.001") and verifiers.answers_match("0", "1e-12")
