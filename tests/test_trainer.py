@@ -87,6 +87,7 @@ def test_update_is_a_pure_function_of_state_and_batch(tmp_path):
     from grpo_jax import model, sharding
 
     cfg = tiny_config(tmp_path)
+    cfg.optimizer.warmup_steps = 0  # the first update moves the weights
     model_cfg = model.SHAPES["tiny"].replace(vocab_size=32)
     mesh = sharding.make_mesh()
     params = sharding.shard_params(model.init_params(model_cfg, jax.random.key(0)), model_cfg, mesh)
@@ -99,7 +100,7 @@ def test_update_is_a_pure_function_of_state_and_batch(tmp_path):
                                   data={"epoch": 0, "position": 0, "seed": 0})
 
     batch = {"prompt_ids": np.ones((2, 4), np.int32), "prompt_mask": np.ones((2, 4), bool),
-             "completion_ids": np.ones((2, 3), np.int32), "completion_mask": np.ones((2, 3), bool),
+             "completion_ids": np.array([[3, 4, 5], [6, 7, 8]], np.int32), "completion_mask": np.ones((2, 3), bool),
              "advantages": np.array([-1.0, 1.0], np.float32), "old_logp": np.zeros((2, 3), np.float32),
              "ref_logp": np.zeros((2, 3), np.float32)}
     before = jax.device_get(params)
