@@ -1,3 +1,3 @@
 """grpo_jax: Group Relative Policy Optimization for language models in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

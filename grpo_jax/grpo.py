@@ -71,7 +71,7 @@ class GRPO:
     def __post_init__(self):
         statics = dict(model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh,
                        num_microbatches=self.num_microbatches, tx=self.tx)
-        self.update = jax.jit(functools.partial(update, **statics), donate_argnums=0)
+        self.update_fn = jax.jit(functools.partial(update, **statics), donate_argnums=0)
         self.reference = jax.jit(logprobs.completion_logprobs, static_argnums=(1, 6, 7))
 
     @classmethod
@@ -108,6 +108,10 @@ class GRPO:
 
     def step(self, state: train_state.TrainState,
              clock: metrics.Stopwatch | None = None) -> tuple[train_state.TrainState, dict[str, Any]]:
+        """One step: G completions of each of this host's prompts from the state's policy, their
+        rewards r (host), group advantages A_i = (r_i - mean(r)) / std(r) (or the configured
+        estimator), then num_iterations x minibatches updates of the clipped surrogate. Returns the
+        next state and the step's metrics; `clock` gets a lap per phase."""
         clock = clock or metrics.Stopwatch()
         G, mesh, step = self.num_generations, self.policy.mesh, int(state.step)
         rows, next_data = self.prompts.batch(state.data)
@@ -156,7 +160,7 @@ class GRPO:
             for m in range(mb):
                 idx = jnp.asarray(np.sort(order[m * n // mb:(m + 1) * n // mb]))
                 part = jax.tree.map(lambda x: x[idx], batch) if mb > 1 else batch
-                state, out = self.update(state, part)
+                state, out = self.update_fn(state, part)
                 all_metrics.append(out)
         return state, {k: float(np.mean([float(m[k]) for m in all_metrics])) for k in all_metrics[0]}
 

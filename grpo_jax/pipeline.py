@@ -173,6 +173,7 @@ def load_policy(cfg: ConfigDict, stage: str | None = None, step: int | None = No
     """The policy of a run (a pipeline's stage, default the last) at checkpoint `step` (default:
     the latest), or of a Hugging Face folder / hub id `hf`, for scripts that evaluate, sample or
     export it: its parameters only, no training state. Returns (policy, the run's config, source)."""
+    config.check(cfg)
     legacy = None if hf else _legacy_layout(cfg)
     if legacy:
         raise SystemExit(legacy)

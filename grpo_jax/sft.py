@@ -139,9 +139,9 @@ class SFT:
         self.tx, self.schedule = train_state.make_optimizer(self.cfg.optimizer, self.cfg.steps)
         self.max_tokens = c.max_completion_tokens or self.policy.sampling.max_new_tokens
         self.completion_buckets = completion_buckets(self.policy.sampling.prompt_buckets, self.max_tokens)
-        self.update = jax.jit(functools.partial(update, model_cfg=self.policy.model_cfg, tx=self.tx,
-                                                num_microbatches=c.microbatches, chunk=self.cfg.grpo.logprob_chunk),
-                              donate_argnums=0)
+        self.update_fn = jax.jit(functools.partial(update, model_cfg=self.policy.model_cfg, tx=self.tx,
+                                                   num_microbatches=c.microbatches, chunk=self.cfg.grpo.logprob_chunk),
+                                 donate_argnums=0)
         self.skipped_rows = self.task.skipped
         self.sources: dict[str, int] = {}
         self._examples: data.PromptIterator | None = None
@@ -201,10 +201,11 @@ class SFT:
 
     def step(self, state: train_state.TrainState,
              clock: metrics.Stopwatch | None = None) -> tuple[train_state.TrainState, dict[str, Any]]:
+        """One step: the next batch of examples, one update on their completion-token NLL."""
         clock = clock or metrics.Stopwatch()
         rows, next_data = self.examples(state).batch(state.data)
         batch, cut = self.batch(rows)
-        state, out = self.update(state, multihost.global_batch(batch, self.policy.mesh))
+        state, out = self.update_fn(state, multihost.global_batch(batch, self.policy.mesh))
         out = {k: float(v) for k, v in out.items()}
         clock.lap("update")
         state = train_state.advance(state, next_data, self.policy.mesh)
