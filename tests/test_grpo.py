@@ -46,3 +46,29 @@ def test_a_step_is_a_function_of_the_state(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.ref_params), start)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(after.params)),
                                                          jax.tree.leaves(start)))
+
+
+def test_a_checkpoint_holds_exactly_the_train_state(tmp_path):
+    import dataclasses
+
+    from grpo_jax import checkpoint
+
+    assert [f.name for f in dataclasses.fields(train_state.TrainState)] == \
+        ["step", "params", "opt_state", "rng", "data", "ref_params"]
+    cfg = tiny_config(tmp_path)
+    pol, _ = policy.load(cfg)
+    algo = grpo.GRPO.from_config(cfg, pol.replace(params=None), rewards.Scorer("question", 6, workers=-1),
+                                 data.load_task(cfg.data, cfg.seed))
+    state = train_state.create(pol.params, algo.tx, pol.mesh, seed=1, data={"epoch": 2, "position": 6, "seed": 0},
+                               ref_params=algo.reference_params(pol.params))
+    state = state.replace(step=state.step + 5)
+    ckpt = checkpoint.Checkpoints(str(tmp_path), keep=1)
+    try:
+        ckpt.save(state)
+        assert ckpt.latest_step() == 5
+        like = jax.tree.map(jnp.zeros_like, state)  # structure, dtypes and shardings only
+        back = ckpt.restore(like)
+    finally:
+        ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(state))
+    assert jax.tree.structure(back) == jax.tree.structure(state)
