@@ -79,10 +79,13 @@ class GRPO:
         g, hosts = cfg.grpo, jax.process_count()
         if g.prompts_per_step % hosts:
             raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} (global) does not split over {hosts} hosts")
-        n = g.prompts_per_step * g.num_generations
-        if n % g.minibatches:
-            raise ValueError(f"{n} completions per step (grpo.prompts_per_step x grpo.num_generations) do not "
-                             f"split into grpo.minibatches={g.minibatches}")
+        n, shards = g.prompts_per_step * g.num_generations, pol.mesh.shape["data"] * pol.mesh.shape["fsdp"]
+        if n % (g.minibatches * g.microbatches * shards):
+            raise ValueError(
+                f"grpo.prompts_per_step x grpo.num_generations = {g.prompts_per_step} x {g.num_generations} = {n} "
+                f"completions per step must split into grpo.minibatches={g.minibatches} x grpo.microbatches="
+                f"{g.microbatches} parts of equal rows over the mesh's data x fsdp = {shards} devices (mesh.data, "
+                f"mesh.fsdp); {n} is not a multiple of {g.minibatches * g.microbatches * shards}")
         tx, schedule = train_state.make_optimizer(cfg.optimizer, cfg.steps * g.num_iterations * g.minibatches)
         prompts = data.PromptIterator(task.train, g.prompts_per_step // hosts, seed=cfg.seed,
                                       host=jax.process_index(), num_hosts=hosts)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -204,6 +205,11 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
     tok = load_tokenizer(mcfg)
     model_cfg = model_config(mcfg, len(tok))  # HF tokenizers: added tokens included
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    replicated = sharding.replicated_dims(model_cfg, mesh)
+    if replicated:  # each device then holds these weights whole: say so, once
+        warnings.warn(f"mesh {dict(mesh.shape)} does not divide {len(replicated)} weight dimensions, which are "
+                      "replicated instead: " + "; ".join(replicated[:8]) + (" ..." if len(replicated) > 8 else ""),
+                      stacklevel=2)
     run = None if hf_path else workdir or cfg.get("init_from") or None
     if run:
         params, step = checkpoint.restore_params(run, abstract_params(model_cfg, mesh), step)

@@ -68,6 +68,23 @@ def param_shardings(cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_R
         model.param_logical_axes(cfg), model.param_shapes(cfg), is_leaf=lambda x: isinstance(x, P))
 
 
+def replicated_dims(cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> list[str]:
+    """Every parameter dimension that the rules would split but the mesh does not divide (so it is
+    replicated instead), e.g. "layers/attn/k_proj/kernel: kv_heads 2 over tensor 4"."""
+    out = []
+    flat = jax.tree_util.tree_flatten_with_path(model.param_logical_axes(cfg), is_leaf=lambda x: isinstance(x, P))[0]
+    shapes = jax.tree.leaves(model.param_shapes(cfg))
+    for (path, logical), s in zip(flat, shapes):
+        spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+        for name, dim, axes in zip(logical, s.shape, tuple(spec) + (None,) * (len(s.shape) - len(spec))):
+            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+            if size > 1 and dim % size:
+                where = "/".join(str(getattr(k, "key", k)) for k in path)
+                out.append(f"{where}: {name} {dim} over {' x '.join(names)} {size}")
+    return out
+
+
 def shard_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> model.Params:
     """Place (or re-place) parameters on the mesh according to the rules."""
     return jax.device_put(params, param_shardings(cfg, mesh, rules))

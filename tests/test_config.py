@@ -83,3 +83,51 @@ def test_stage_markers_written_before_the_renames_still_match():
     # A marker written by this version is compared by fingerprint alone.
     assert not pipeline._same_stage({"fingerprint": "0" * 16, "settings": now, "settings_version": 2}, now,
                                     pipeline.fingerprint(now))
+
+
+MESH_CHECKS = """
+import sys, warnings
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax
+from test_trainer import tiny_config
+from grpo_jax import data, grpo, policy, rewards
+assert jax.device_count() == 4
+cfg = tiny_config({workdir!r})
+cfg.mesh.data, cfg.mesh.tensor = 1, 4
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pol, _ = policy.load(cfg)
+print("WARN", " | ".join(str(w.message) for w in caught))
+cfg = tiny_config({workdir!r})
+cfg.grpo.prompts_per_step, cfg.grpo.num_generations = 1, 2  # 2 completions on 4 data-parallel devices
+pol, _ = policy.load(cfg)
+try:
+    grpo.GRPO.from_config(cfg, pol, rewards.Scorer("question", 6, workers=-1), data.load_task(cfg.data, cfg.seed))
+except ValueError as e:
+    print("ERROR", e)
+"""
+
+
+def test_mesh_mismatches_are_named_before_any_work(tmp_path):
+    """A weight dimension the mesh cannot split is named in a warning (it is replicated); a batch
+    that does not split over the data-parallel devices stops at set-up, naming the fields."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    code = MESH_CHECKS.format(root=ROOT, tests=os.path.join(ROOT, "tests"), workdir=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warn = r.stdout.split("WARN", 1)[1].split("\n", 1)[0]
+    assert "layers/attn/k_proj/kernel: kv_heads 2 over tensor 4" in warn and "q_proj" not in warn
+    error = r.stdout.split("ERROR", 1)[1]
+    assert "grpo.prompts_per_step x grpo.num_generations = 1 x 2 = 2" in error and "data x fsdp = 4" in error
+
+
+def test_minibatches_that_do_not_split_the_batch_stop_at_set_up(tmp_path):
+    from test_trainer import tiny_config
+
+    from grpo_jax import data, grpo, policy, rewards
+
+    cfg = tiny_config(tmp_path)
+    cfg.grpo.minibatches = 3  # 2 prompts x 4 completions = 8 rows
+    pol, _ = policy.load(cfg)
+    with pytest.raises(ValueError, match=r"= 8 completions per step must split into grpo.minibatches=3"):
+        grpo.GRPO.from_config(cfg, pol, rewards.Scorer("question", 6, workers=-1), data.load_task(cfg.data, cfg.seed))
