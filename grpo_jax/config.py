@@ -42,11 +42,12 @@ UNSET_WAS = {
 }
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config or dict as {"section.field": value}."""
     out = {}
     for k, v in (d.items() if isinstance(d, (dict, ConfigDict)) else ()):
         if isinstance(v, (dict, ConfigDict)) and len(v):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -69,7 +70,7 @@ def _rename_message(path: str, new: str) -> str:
 
 def check(cfg: ConfigDict) -> None:
     """Stop on old field names and on old "unset" sentinels, naming the field and what to write."""
-    for path, value in _flat(cfg).items():
+    for path, value in flatten(cfg).items():
         new = renamed(path)
         if new is not None:
             raise ValueError(_rename_message(path, new))

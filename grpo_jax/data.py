@@ -178,10 +178,13 @@ class PromptIterator:
             self._permutation = (epoch, order)
         return self._permutation[1]
 
-    def batch(self, state: dict[str, Any]) -> tuple[list[Row], dict[str, int]]:
-        """This host's rows at `state` (from `state()` or an earlier `batch`) and the next state."""
+    def _check_seed(self, state: dict[str, Any]) -> None:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data state was saved with seed {int(state['seed'])}, this run uses {self.seed}")
+
+    def batch(self, state: dict[str, Any]) -> tuple[list[Row], dict[str, int]]:
+        """This host's rows at `state` (from `state()` or an earlier `batch`) and the next state."""
+        self._check_seed(state)
         epoch, position = int(state["epoch"]), int(state["position"])
         global_batch = self.batch_size * self.num_hosts
         if position + global_batch > len(self.rows):  # drop the epoch's remainder
@@ -199,8 +202,7 @@ class PromptIterator:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
     def restore(self, state: dict[str, Any]) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"data state was saved with seed {int(state['seed'])}, this run uses {self.seed}")
+        self._check_seed(state)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 

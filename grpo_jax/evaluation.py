@@ -28,6 +28,12 @@ def settings(cfg: ConfigDict) -> dict[str, Any]:
     return dict(k=cfg.eval.k, batch_size=cfg.eval.batch_size, reward=cfg.eval.reward, seed=cfg.seed + 7)
 
 
+def prompts_per_call(cfg: ConfigDict, n: int) -> int:
+    """Prompts per sampler call (per host) for n samples each: as many completions per call as
+    evaluation makes (eval.batch_size prompts x eval.k)."""
+    return max(1, cfg.eval.batch_size * max(cfg.eval.k, 1) // (n * jax.process_count()))
+
+
 def evaluate(pol: policy.Policy, rows: Sequence[dict], scorer: rewards.Scorer, *, k: int, batch_size: int,
              reward: str = "math", seed: int = 0) -> dict[str, float]:
     """pass@1 (greedy), and for k > 0 `eval/pass@k`, `eval/maj@k` and `eval/mean@1_sampled`.

@@ -119,7 +119,7 @@ def stage_config(cfg: ConfigDict, name: str) -> ConfigDict:
 def stage_settings(scfg: ConfigDict) -> dict[str, Any]:
     """The settings of a stage config that decide what it trains, flat and JSON-ready
     ({"optimizer.learning_rate": 1e-4, ...}); `_UNTRACKED` fields are left out."""
-    return _tracked(config._flat(json.loads(json.dumps(scfg.to_dict(), default=repr))))
+    return _tracked(config.flatten(json.loads(json.dumps(scfg.to_dict(), default=repr))))
 
 
 def _tracked(flat: dict[str, Any]) -> dict[str, Any]:

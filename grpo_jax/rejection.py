@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from grpo_jax import evaluation
 from grpo_jax import multihost
 from grpo_jax import policy
 from grpo_jax import rewards
@@ -92,10 +93,9 @@ def from_config(pol: policy.Policy, scorer: rewards.Scorer, cfg: ConfigDict, row
     c = cfg.rejection
     n = c.n if n is None else n
     specs = [rewards.RewardSpec(k, w) for k, w in c.rewards.items()] or [rewards.RewardSpec(cfg.eval.reward)]
-    batch = max(1, cfg.eval.batch_size * max(cfg.eval.k, 1) // (n * jax.process_count()))
     return rejection_sample(pol, scorer, rows[:c.max_problems] if c.max_problems else rows, n=n,
                             keep=c.keep if keep is None else keep, dedupe=c.dedupe, min_reward=c.min_reward,
-                            specs=specs, seed=cfg.seed + 13, batch_size=batch)
+                            specs=specs, seed=cfg.seed + 13, batch_size=evaluation.prompts_per_call(cfg, n))
 
 
 def write_dataset(kept: Sequence[dict], summary: dict[str, Any], path: str) -> None:

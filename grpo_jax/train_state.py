@@ -42,22 +42,19 @@ def create(params, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int, d
            ref_params=None) -> TrainState:
     """A fresh state at step 0. Everything not yet on the mesh is replicated there, so that a jitted
     update sees the same shardings on its first call as on later ones (no second compile)."""
-    return place(TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
-                            rng=jax.random.key_data(jax.random.key(seed)), data=data, ref_params=ref_params), mesh)
+    on_mesh = lambda tree: sharding.on_mesh(tree, mesh)
+    return TrainState(step=on_mesh(np.int32(0)), params=params, opt_state=on_mesh(tx.init(params)),
+                      rng=on_mesh(jax.random.key_data(jax.random.key(seed))), data=_data_on_mesh(data, mesh),
+                      ref_params=ref_params)
 
 
-def place(state: TrainState, mesh: Mesh) -> TrainState:
-    """The state with everything not yet on the mesh (host step and data position, a fresh optax
-    state's counters) replicated there."""
-    state = state.replace(step=np.asarray(state.step, np.int32),
-                          data={k: np.asarray(v, np.int32) for k, v in state.data.items()})
-    return state.replace(**{k: sharding.on_mesh(getattr(state, k), mesh) for k in ("step", "opt_state", "rng", "data")})
+def _data_on_mesh(data: dict[str, int], mesh: Mesh) -> dict[str, jax.Array]:
+    return sharding.on_mesh({k: np.asarray(v, np.int32) for k, v in data.items()}, mesh)
 
 
 def advance(state: TrainState, data: dict[str, int], mesh: Mesh) -> TrainState:
     """The state after a step: one more step, the data iterator at `data`."""
-    return state.replace(step=state.step + 1,
-                         data=sharding.on_mesh({k: np.asarray(v, np.int32) for k, v in data.items()}, mesh))
+    return state.replace(step=state.step + 1, data=_data_on_mesh(data, mesh))
 
 
 def step_key(state: TrainState) -> jax.Array:

@@ -46,8 +46,7 @@ def measure(pol, cfg, scorer, rows, n: int, selectors) -> dict:
 
     greedy = evaluation.evaluate(pol, rows, scorer, **{**evaluation.settings(cfg), "k": 0})["eval/pass@1"]
     block = multihost.host_block(rows, jax.process_count())
-    batch = max(1, cfg.eval.batch_size * max(cfg.eval.k, 1) // (n * jax.process_count()))
-    gen = pol.sample(block, n, jax.random.key(cfg.seed + 7), batch_size=batch)
+    gen = pol.sample(block, n, jax.random.key(cfg.seed + 7), batch_size=evaluation.prompts_per_call(cfg, n))
     scores, _, _ = scorer([rewards.RewardSpec(cfg.eval.reward, 1.0)], block, n, gen.texts, gen.lengths)
     correct = multihost.all_hosts(np.asarray(scores).reshape(len(block), n) > 0.5)
     answers = multihost.all_hosts_json(
