@@ -38,7 +38,10 @@ def get_config() -> ConfigDict:
     c.sampling = ConfigDict(dict(
         max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
         eos_ids=(),  # empty: the tokenizer's EOS token
-        prompt_buckets=(16, 32, 64, 128, 256, 512, 1024)))
+        prompt_buckets=(16, 32, 64, 128, 256, 512, 1024),
+        # "inference": sample from a compute-dtype copy of the weights split over mesh.tensor only
+        # (made once per rollout, no weight traffic per token); "training": the stored layout.
+        weights="inference"))
 
     c.grpo = ConfigDict(dict(
         prompts_per_step=8, num_generations=8, num_iterations=1, minibatches=1, microbatches=1,

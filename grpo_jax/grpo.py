@@ -9,7 +9,10 @@
 `update` is the pure function the step jits and donates: the GRPO loss of `batch` (grpo_jax.objective,
 grpo_jax.loss) and one optimizer step on the train state. The old policy of the clipped ratio is the
 sampler's log-probabilities; the reference log-probabilities (beta > 0) come from `state.ref_params`,
-the frozen policy the run started from.
+the frozen policy the run started from, in micro-batches of the update's size (`reference_logprobs`).
+
+Completions are trimmed to the bucket of the longest one before the reference pass and the update:
+their cost follows the tokens sampled, not `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from grpo_jax import multihost
 from grpo_jax import objective
 from grpo_jax import policy
 from grpo_jax import rewards
+from grpo_jax import sampler
 from grpo_jax import sharding
 from grpo_jax import train_state
 
 Batch = dict[str, jax.Array]
+_SEQUENCES = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 
 
 def update(state: train_state.TrainState, batch: Batch, *, model_cfg: model.ModelConfig, loss_cfg: loss.LossConfig,
@@ -46,6 +51,20 @@ def update(state: train_state.TrainState, batch: Batch, *, model_cfg: model.Mode
     loss_value, grads, out = objective.loss_and_grad(state.params, batch, model_cfg, loss_cfg, mesh, num_microbatches)
     state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx)
     return state, {**out, **opt_metrics}
+
+
+def reference_logprobs(ref_params: model.Params, batch: Batch, *, model_cfg: model.ModelConfig,
+                       loss_cfg: loss.LossConfig, mesh, num_microbatches: int) -> jax.Array:
+    """log π_ref(o_t | q, o_<t) [B, C] of the batch's completions, `num_microbatches` rows groups at a
+    time (lax.map: one micro-batch's activations live at once, as in the update)."""
+    def one(mb):
+        return logprobs.completion_logprobs(ref_params, model_cfg, mb["prompt_ids"], mb["prompt_mask"],
+                                            mb["completion_ids"], mb["completion_mask"], loss_cfg.temperature,
+                                            loss_cfg.logprob_chunk, mesh=mesh)[0]
+
+    if num_microbatches == 1:
+        return one(batch)
+    return objective.merge_microbatches(jax.lax.map(one, objective.split_microbatches(batch, num_microbatches)))
 
 
 @dataclasses.dataclass
@@ -72,7 +91,11 @@ class GRPO:
         statics = dict(model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh,
                        num_microbatches=self.num_microbatches, tx=self.tx)
         self.update_fn = jax.jit(functools.partial(update, **statics), donate_argnums=0)
-        self.reference = jax.jit(logprobs.completion_logprobs, static_argnums=(1, 6, 7))
+        # The reference pass sees all of a step's rows at once: as many micro-batches as the
+        # updates split them into, so that its activations are no larger than one update's.
+        self.reference = jax.jit(functools.partial(
+            reference_logprobs, model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh,
+            num_microbatches=self.minibatches * self.num_microbatches))
 
     @classmethod
     def from_config(cls, cfg: ConfigDict, pol: policy.Policy, scorer: rewards.Scorer, task: data.Task) -> GRPO:
@@ -119,14 +142,15 @@ class GRPO:
         G, mesh, step = self.num_generations, self.policy.mesh, int(state.step)
         rows, next_data = self.prompts.batch(state.data)
         rollout = self.policy.replace(params=state.params).rollout(rows, G, train_state.step_key(state))
+        all_lengths = multihost.all_rows(rollout.lengths)
+        C = self.trimmed_length(int(all_lengths.max()))
         batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                 "completion_ids": rollout.tokens, "completion_mask": rollout.mask,
-                 "truncated": rollout.truncated, "old_logp": rollout.logprobs, "sampler_logp": rollout.logprobs}
+                 "completion_ids": rollout.tokens[:, :C], "completion_mask": rollout.mask[:, :C],
+                 "truncated": rollout.truncated, "old_logp": rollout.logprobs[:, :C],
+                 "sampler_logp": rollout.logprobs[:, :C]}
         if state.ref_params is not None:
             # Dispatched before the host scores: the device computes it while the verifiers run.
-            batch["ref_logp"], _ = self.reference(state.ref_params, self.policy.model_cfg, batch["prompt_ids"],
-                                                  batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"],
-                                                  self.loss_cfg.temperature, self.loss_cfg.logprob_chunk)
+            batch["ref_logp"] = self.reference(state.ref_params, {k: batch[k] for k in _SEQUENCES})
         lengths = multihost.local_rows(rollout.lengths)  # this host's rows
         texts = self.policy.decode(multihost.local_rows(rollout.tokens), lengths)
         clock.lap("sampling")
@@ -146,7 +170,8 @@ class GRPO:
         clock.lap("update")
 
         state = train_state.advance(state, next_data, mesh)
-        out = self._metrics(update_metrics, adv_metrics, reward_metrics, total, rollout)
+        out = self._metrics(update_metrics, adv_metrics, reward_metrics, total, all_lengths, rollout)
+        out["completion_length/padded"] = float(C)
         out["learning_rate"] = float(self.schedule((step + 1) * self.updates_per_step))
         if self.samples_every and (step + 1) % self.samples_every == 0:
             out["samples"] = "\n\n".join(
@@ -167,9 +192,16 @@ class GRPO:
                 all_metrics.append(out)
         return state, {k: float(np.mean([float(m[k]) for m in all_metrics])) for k in all_metrics[0]}
 
-    def _metrics(self, update_metrics, adv_metrics, reward_metrics, total: np.ndarray, rollout) -> dict[str, float]:
+    def trimmed_length(self, longest: int) -> int:
+        """The completion length the update pads to: the smallest completion bucket (the prompt
+        buckets below max_new_tokens, and max_new_tokens) that holds the longest completion."""
+        s = self.policy.sampling
+        return sampler.bucket_length(max(longest, 1), sampler.completion_buckets(s.prompt_buckets, s.max_new_tokens))
+
+    def _metrics(self, update_metrics, adv_metrics, reward_metrics, total: np.ndarray, lengths: np.ndarray,
+                 rollout) -> dict[str, float]:
         # Advantage and per-function reward metrics are this host's; the headline ones cover all hosts.
-        total, lens = multihost.all_hosts(total), multihost.all_rows(rollout.lengths).astype(np.float64)
+        total, lens = multihost.all_hosts(total), lengths.astype(np.float64)
         return {
             **update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **reward_metrics,
             "data/skipped_rows": float(self.skipped_rows),

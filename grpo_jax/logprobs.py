@@ -7,39 +7,59 @@ The unembedding runs over chunks of `chunk` tokens inside a rematerialised scan,
 logits that exist at any time are [chunk, vocab] (forward and backward), never
 [batch, length, vocab]: for Qwen2.5's 152k vocabulary, 64 x 512 completion tokens would otherwise be
 20 GB of logits.
+
+On a mesh the scan runs inside a `shard_map` over the batch axes: each device takes its own rows
+(chunk / (data x fsdp) tokens per step), so it runs the head on 1/(data x fsdp) of the batch and
+accumulates its share of the head's gradient locally, reduced once after the scan. The head's vocab
+axis stays split over tensor, with a vocab-parallel log-softmax (Megatron-LM, Shoeybi et al. 2019):
+the max and the sum of exponentials are reduced over tensor, and each target's logit comes from the
+device that holds it.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import shard_map
+from jax.sharding import Mesh, PartitionSpec as P
 
 from grpo_jax import model
+from grpo_jax import partitioning
 
 Array = jax.Array
 
 
-def token_logprobs(
-    hidden: Array,
-    head: Array,
-    targets: Array,
-    temperature: float = 1.0,
-    chunk: int = 1024,
-    with_entropy: bool = False,
-) -> tuple[Array, Array | None]:
-    """log softmax(hidden @ head / temperature)[targets], computed chunk by chunk.
+def _log_softmax_at(logits: Array, targets: Array, with_entropy: bool, vocab_axis) -> tuple[Array, Array | None]:
+    """log softmax(logits)[targets] and the entropy, for logits [n, V] or their vocab shard [n, V / tp]
+    on the devices of `vocab_axis` (then the sums over the vocabulary span the shards)."""
+    total = (lambda x: x) if vocab_axis is None else (lambda x: jax.lax.psum(x, vocab_axis))
+    # The max only keeps exp() in range; lse does not depend on it, so no gradient flows through it.
+    m = jax.lax.stop_gradient(logits).max(-1)
+    if vocab_axis is not None:
+        m = jax.lax.pmax(m, vocab_axis)
+    e = jnp.exp(logits - m[:, None])
+    z = total(e.sum(-1))
+    lse = m + jnp.log(z)
+    first = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * logits.shape[-1]
+    local = targets - first
+    here = (local >= 0) & (local < logits.shape[-1])
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+    logp = total(jnp.where(here, picked, 0.0)) - lse
+    if not with_entropy:
+        return logp, None
+    return logp, lse - total((e * logits).sum(-1)) / z
 
-    Args:
-      hidden: [..., d] final hidden states (position t predicts targets[t]).
-      head: [d, vocab] unembedding matrix.
-      targets: [...] int token ids.
-      temperature: the sampling temperature.
-      chunk: tokens per chunk.
-      with_entropy: also return the entropy of each position's distribution.
 
-    Returns:
-      (logp [...] float32, entropy [...] float32 or None).
-    """
+def _chunked(hidden: Array, head: Array, targets: Array, temperature: float, chunk: int, with_entropy: bool,
+             vocab_axis=None, row_axes: tuple[str, ...] = ()) -> tuple[Array, Array | None]:
+    """token_logprobs on one device's rows: the tokens flattened and scanned `chunk` at a time. Inside
+    a shard_map over `row_axes` the head is first cast to per-device ("varying"): its gradient then
+    accumulates locally over the chunks and is summed over the devices once, not once per chunk."""
+    if row_axes:
+        head = jax.lax.pcast(head, row_axes, to="varying")
     lead = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
@@ -51,13 +71,8 @@ def token_logprobs(
 
     @jax.checkpoint  # backward recomputes each chunk's logits instead of storing them all
     def one_chunk(h_c, t_c):
-        logits = model.logits_from_hidden(head, h_c) / temperature  # [chunk, vocab] float32
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        logp = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0] - lse
-        if not with_entropy:
-            return logp, None
-        probs = jax.nn.softmax(logits, axis=-1)
-        return logp, lse - (probs * logits).sum(-1)
+        logits = model.logits_from_hidden(head, h_c) / temperature  # [chunk, vocab (/ tp)] float32
+        return _log_softmax_at(logits, t_c, with_entropy, vocab_axis)
 
     def body(_, xs):
         return None, one_chunk(*xs)
@@ -66,6 +81,43 @@ def token_logprobs(
     logp = logp.reshape(-1)[:n].reshape(lead)
     ent = None if ent is None else ent.reshape(-1)[:n].reshape(lead)
     return logp, ent
+
+
+def token_logprobs(
+    hidden: Array,
+    head: Array,
+    targets: Array,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    with_entropy: bool = False,
+    mesh: Mesh | None = None,
+) -> tuple[Array, Array | None]:
+    """log softmax(hidden @ head / temperature)[targets], computed chunk by chunk.
+
+    Args:
+      hidden: [batch, ..., d] final hidden states (position t predicts targets[..., t]).
+      head: [d, vocab] unembedding matrix.
+      targets: [batch, ...] int token ids.
+      temperature: the sampling temperature.
+      chunk: tokens per scan step over the whole batch (each of the data x fsdp devices takes
+        chunk / (data x fsdp) of its own rows' tokens).
+      with_entropy: also return the entropy of each position's distribution.
+      mesh: the (data, fsdp, tensor) mesh (static under jit): rows stay split over data x fsdp and
+        the vocabulary over tensor.
+
+    Returns:
+      (logp [batch, ...] float32, entropy [batch, ...] float32 or None).
+    """
+    if mesh is None or mesh.size == 1:
+        return _chunked(hidden, head, targets, temperature, chunk, with_entropy)
+    rows = partitioning.to_mesh_spec(("activation_batch",), targets.shape[:1], mesh)[0]
+    vocab = partitioning.to_mesh_spec(("activation_vocab",), head.shape[1:], mesh)[0]
+    shards = math.prod(mesh.shape[a] for a in partitioning.mesh_axes(rows))
+    local = functools.partial(_chunked, temperature=temperature, chunk=max(1, chunk // shards),
+                              with_entropy=with_entropy, vocab_axis=vocab,
+                              row_axes=partitioning.mesh_axes(rows))
+    return shard_map(local, mesh=mesh, in_specs=(P(rows), P(None, vocab), P(rows)),
+                     out_specs=(P(rows), P(rows) if with_entropy else None))(hidden, head, targets)
 
 
 def completion_logprobs(
@@ -78,13 +130,14 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk: int = 1024,
     with_entropy: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[Array, Array | None]:
     """Log-probabilities [B, C] of completion tokens given their prompts, in one teacher-forced pass.
 
     Args:
       prompt_ids, prompt_mask: [B, P], left-padded prompts.
       completion_ids, completion_mask: [B, C], right-padded completions (mask 0 after EOS).
-      temperature, chunk, with_entropy: as in token_logprobs.
+      temperature, chunk, with_entropy, mesh: as in token_logprobs (mesh: static under jit).
 
     Returns:
       (logp [B, C], entropy [B, C] or None); values at padded positions are meaningless, mask them.
@@ -92,7 +145,8 @@ def completion_logprobs(
     P = prompt_ids.shape[1]
     tokens = jnp.concatenate([prompt_ids, completion_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-    hidden, _ = model.forward(params, cfg, tokens, mask, return_hidden=True)
+    hidden, _ = model.forward(params, cfg, tokens, mask, return_hidden=True, mesh=mesh)
     # The hidden state at position t predicts token t + 1.
     hidden = hidden[:, P - 1:-1]
-    return token_logprobs(hidden, model.output_head(params, cfg), completion_ids, temperature, chunk, with_entropy)
+    return token_logprobs(hidden, model.output_head(params, cfg), completion_ids, temperature, chunk, with_entropy,
+                          mesh)

@@ -24,6 +24,7 @@ keeps rotary positions right, and `mask` hides the padding slots from attention.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -31,6 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from grpo_jax import partitioning
 
 Array = jax.Array
 Params = Any  # nested dict of arrays
@@ -201,6 +205,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, sin, cos, attn_mask, kv_cache, layer, index, seq_lengths):
@@ -223,9 +228,11 @@ class Attention(nn.Module):
                 kernel_init=_init(("embed", heads_axis, "head_dim")),
                 bias_init=_init((heads_axis, "head_dim"), nn.initializers.zeros))(x)
 
-        q = apply_rope(proj("q_proj", H, "heads"), sin, cos)
-        k = apply_rope(proj("k_proj", K, "kv_heads"), sin, cos)
-        v = proj("v_proj", K, "kv_heads")
+        heads = lambda y, axis: partitioning.constrain(
+            y, ("activation_batch", "activation_length", axis, None), self.mesh)
+        q = heads(apply_rope(proj("q_proj", H, "heads"), sin, cos), "activation_heads")
+        k = heads(apply_rope(proj("k_proj", K, "kv_heads"), sin, cos), "activation_kv_heads")
+        v = heads(proj("v_proj", K, "kv_heads"), "activation_kv_heads")
 
         if kv_cache is not None:
             ck, cv = kv_cache
@@ -248,6 +255,7 @@ class Attention(nn.Module):
             scores = jnp.where(attn_mask[:, None, None], scores, _MASK_VALUE)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H, D)
+        out = heads(out, "activation_heads")
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt, name="o_proj",
             kernel_init=_init(("heads", "head_dim", "embed")),
@@ -257,6 +265,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -269,6 +278,7 @@ class MLP(nn.Module):
 
         h = nn.silu(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
         h = h * dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        h = partitioning.constrain(h, ("activation_batch", "activation_length", "activation_mlp"), self.mesh)
         return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
 
 
@@ -276,32 +286,50 @@ class Block(nn.Module):
     """Pre-norm decoder layer. Fits nn.scan: carry (x, kv_cache, layer) -> (carry, None)."""
 
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, carry, sin, cos, attn_mask, index, seq_lengths):
         x, kv_cache, layer = carry
         cfg = self.cfg
+        residual = lambda y: partitioning.constrain(y, partitioning.RESIDUAL, self.mesh)
+        x = residual(x)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                                     name=name)
-        h, kv_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), sin, cos, attn_mask, kv_cache, layer, index,
-                                                 seq_lengths)
-        x = x + h
-        x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+        h, kv_cache = Attention(cfg, self.mesh, name="attn")(norm("attn_norm")(x), sin, cos, attn_mask, kv_cache,
+                                                            layer, index, seq_lengths)
+        x = residual(x + h)
+        x = residual(x + MLP(cfg, self.mesh, name="mlp")(norm("mlp_norm")(x)))
         return (x, kv_cache, layer + 1), None
 
 
 class Transformer(nn.Module):
+    """The decoder. With a mesh, activations are constrained by logical axis names
+    (grpo_jax.partitioning): rows over data x fsdp, heads and MLP over tensor."""
+
     cfg: ModelConfig
+    mesh: Mesh | None = None
+    pin_weights: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions, attn_mask, kv_cache, index, return_hidden, seq_lengths=None):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
-        x = jnp.take(embed, tokens, axis=0).astype(dt)
+        # The lookup reads whole rows: gather the table's fsdp split first (XLA cannot go from the
+        # table's layout to batch-split rows without replicating the result).
+        table = partitioning.constrain(embed, ("vocab", None), self.mesh)
+        x = partitioning.constrain(jnp.take(table, tokens, axis=0).astype(dt), partitioning.RESIDUAL, self.mesh)
         sin, cos = rope_sin_cos(cfg, positions)
 
         block = Block
+        if self.pin_weights and self.mesh is not None and self.mesh.size > 1:
+            # Pin each layer's weights to their stored (fsdp-split) layout inside the scan body: the
+            # constraint's transpose then pins their gradients too, so the backward scan reduce-
+            # scatters each layer's gradient and carries only this device's shard of it, instead of
+            # all-reducing full-size gradient buffers.
+            block = nn.map_variables(block, "params", trans_in_fn=functools.partial(_pin_layer, cfg=cfg, mesh=self.mesh),
+                                     mutable=False)
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layers = nn.scan(
@@ -311,17 +339,33 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast,) * 5,
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
+        )(cfg, self.mesh, name="layers")
         (x, kv_cache, _), _ = layers((x, kv_cache, jnp.zeros((), jnp.int32)), sin, cos, attn_mask, index,
                                      seq_lengths)
-        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
+        x = partitioning.constrain(RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x), partitioning.RESIDUAL,
+                                   self.mesh)
         if return_hidden:
             return x, kv_cache
         if cfg.tie_word_embeddings:
             head = embed.T
         else:
             head = self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
-        return logits_from_hidden(head, x), kv_cache
+        logits = logits_from_hidden(head, x)
+        return partitioning.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"),
+                                      self.mesh), kv_cache
+
+
+@functools.lru_cache(maxsize=32)
+def _layer_axes(cfg: ModelConfig) -> Params:
+    """Logical axes of one layer's parameters (the stacked ones without their leading `layers`)."""
+    stacked = param_logical_axes(cfg)["layers"]
+    return jax.tree.map(lambda spec: tuple(spec)[1:], stacked, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def _pin_layer(variables: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
+    """One layer's parameters constrained to their layout on `mesh` (map_variables' trans_in_fn)."""
+    pin = lambda x, names: partitioning.constrain(x, names, mesh)
+    return {"params": jax.tree.map(pin, dict(variables["params"]), _layer_axes(cfg))}
 
 
 def logits_from_hidden(head: Array, hidden: Array) -> Array:
@@ -377,15 +421,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
 
 
 def _forward_packed(params: Params, cfg: ModelConfig, tokens: Array, mask: Array, positions: Array,
-                    return_hidden: bool) -> Array:
+                    return_hidden: bool, mesh: Mesh | None, pin_weights: bool) -> Array:
     """Cache-free forward with each row's real tokens moved to its front, so that attention is causal
     plus a key length per row, the form fused kernels take (jax.nn.dot_product_attention); outputs
     are moved back to the input layout. Real tokens get exactly what the masked einsum gives them."""
     order = jnp.argsort(~mask, axis=1, stable=True)  # [B, T]: real tokens first, in their order
     take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)
     lengths = jnp.maximum(mask.sum(axis=1, dtype=jnp.int32), 1)  # an all-padding row: no all-masked rows
-    out, _ = Transformer(cfg).apply({"params": params}, take(tokens, order), take(positions, order), None,
-                                 None, 0, return_hidden, lengths)
+    out, _ = Transformer(cfg, mesh, pin_weights).apply({"params": params}, take(tokens, order), take(positions, order), None,
+                                       None, 0, return_hidden, lengths)
     return take(out, jnp.argsort(order, axis=1)[..., None])
 
 
@@ -403,6 +447,8 @@ def forward(
     *,
     positions: Array | None = None,
     return_hidden: bool = False,
+    mesh: Mesh | None = None,
+    pin_weights: bool = True,
 ) -> tuple[Array, Cache | None]:
     """Run the decoder on tokens [batch, seq].
 
@@ -415,6 +461,11 @@ def forward(
       positions: rotary positions [batch, seq]; by default counted from the mask (and from the
         cache's per-row `pos` when decoding).
       return_hidden: return final-norm hidden states [batch, seq, d] instead of logits.
+      mesh: the (data, fsdp, tensor) mesh the parameters live on (static under jit); activations are
+        then constrained to it (grpo_jax.partitioning), so fsdp splits the batch, not d_model.
+      pin_weights: with a mesh, hold each layer's weights to the training layout inside the layer
+        scan (so their gradients are reduce-scattered per layer); False uses the weights wherever
+        they are, e.g. the sampler's inference copy, which must not be gathered per token.
 
     Returns:
       (logits [batch, seq, vocab] float32, or hidden states; the updated cache or None).
@@ -426,11 +477,11 @@ def forward(
         if positions is None:
             positions = offsets
         if cfg.attention != "einsum":
-            return _forward_packed(params, cfg, tokens, mask, positions, return_hidden), None
+            return _forward_packed(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights), None
         causal = jnp.tril(jnp.ones((T, T), bool))
-        attn_mask = causal[None] & mask[:, None, :]  # [B, T, T]
-        out, _ = Transformer(cfg).apply({"params": params}, tokens, positions, attn_mask, None, 0,
-                                        return_hidden)
+        attn_mask = partitioning.constrain(causal[None] & mask[:, None, :], ("activation_batch", None, None), mesh)
+        out, _ = Transformer(cfg, mesh, pin_weights).apply({"params": params}, tokens, positions, attn_mask, None, 0,
+                                              return_hidden)
         return out, None
 
     index = cache["index"]
@@ -440,9 +491,9 @@ def forward(
     key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))  # [B, S]
     slots = jnp.arange(S)
     causal = slots[None, :] <= (index + jnp.arange(T))[:, None]  # [T, S]
-    attn_mask = causal[None] & key_mask[:, None, :]
-    out, (k, v) = Transformer(cfg).apply({"params": params}, tokens, positions, attn_mask,
-                                         (cache["k"], cache["v"]), index, return_hidden)
+    attn_mask = partitioning.constrain(causal[None] & key_mask[:, None, :], ("activation_batch", None, None), mesh)
+    out, (k, v) = Transformer(cfg, mesh, pin_weights).apply({"params": params}, tokens, positions, attn_mask,
+                                               (cache["k"], cache["v"]), index, return_hidden)
     new_cache = {
         "k": k,
         "v": v,

@@ -71,7 +71,7 @@ def policy_loss_terms(
     """(loss_sum, denominator, metrics) of the policy `params` on `batch`."""
     logp, entropy = logprobs.completion_logprobs(
         params, model_cfg, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-        batch["completion_mask"], loss_cfg.temperature, loss_cfg.logprob_chunk, with_entropy=True)
+        batch["completion_mask"], loss_cfg.temperature, loss_cfg.logprob_chunk, with_entropy=True, mesh=mesh)
     return sharded_loss_terms(logp, entropy, batch, loss_cfg, mesh)
 
 
@@ -84,6 +84,11 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
         return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+    """The inverse of split_microbatches for one array: [n, B / n, ...] -> [B, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def accumulate(fn, params: model.Params, batch: Batch, num_microbatches: int = 1):

@@ -40,10 +40,11 @@ from grpo_jax import trainer
 
 _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}  # replaced, not merged
 # Settings that do not change what a stage trains: where it lives, logging, evaluation, checkpoint
-# cadence, and how it executes (device mesh, rematerialisation, attention kernel, verifier processes).
+# cadence, and how it executes (device mesh, rematerialisation, attention kernel, the sampler's weight
+# layout, verifier processes).
 # Changing them never invalidates a stage.
 _UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "model.remat",
-              "model.attention", "verifier.workers", "cold_start")  # a stage's cold_start.steps is always 0
+              "model.attention", "sampling.weights", "verifier.workers", "cold_start")  # a stage's cold_start.steps is always 0
 SETTINGS_VERSION = 2  # stage.json settings in today's field names (1: before the renames in grpo_jax.config)
 
 

@@ -88,9 +88,25 @@ class Policy:
     mesh: Mesh
     prompt: PromptFormat
     sampling: sampler.SamplingConfig
+    # "inference": sample from a copy in the compute dtype split over tensor only (sampler.
+    # inference_params), made once per rollout; "training": from the weights as they are stored
+    # (for a model whose tensor shard does not fit on a device beside the KV cache).
+    sampling_weights: str = "inference"
+    is_inference_copy: bool = False
+
+    def __post_init__(self):
+        if self.sampling_weights not in ("inference", "training"):
+            raise ValueError(f"sampling.weights={self.sampling_weights!r}; expected 'inference' or 'training'")
 
     def replace(self, **fields) -> Policy:
         return dataclasses.replace(self, **fields)
+
+    def for_sampling(self) -> Policy:
+        """This policy with the weights sampling reads (see `sampling_weights`); free it after use."""
+        if self.is_inference_copy or self.sampling_weights == "training":
+            return self
+        params, model_cfg = sampler.inference_params(self.params, self.model_cfg, self.mesh)
+        return self.replace(params=params, model_cfg=model_cfg, is_inference_copy=True)
 
     def prompt_ids(self, rows: Sequence[dict]) -> list[list[int]]:
         return [self.prompt.ids(r, self.tokenizer) for r in rows]
@@ -98,7 +114,8 @@ class Policy:
     def rollout(self, rows: Sequence[dict], n: int, key: jax.Array,
                 sampling: sampler.SamplingConfig | None = None) -> sampler.Rollout:
         """n completions of each of this host's rows (all hosts' rows in the returned arrays)."""
-        return sampler.sample(self.params, self.model_cfg, self.prompt_ids(rows), n, sampling or self.sampling,
+        pol = self.for_sampling()
+        return sampler.sample(pol.params, pol.model_cfg, self.prompt_ids(rows), n, sampling or self.sampling,
                               key, mesh=self.mesh)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
@@ -110,9 +127,10 @@ class Policy:
         """n completions of each of this host's `rows`, `batch_size` rows per sampler call (on several
         hosts every host calls this with its own block of rows, in step)."""
         batch = batch_size or len(rows)
+        pol = self.for_sampling()  # one copy for all batches
         texts, lengths, truncated, mean_logp = [], [], [], []
         for start in range(0, len(rows), batch):
-            r = self.rollout(rows[start:start + batch], n, jax.random.fold_in(key, start), sampling)
+            r = pol.rollout(rows[start:start + batch], n, jax.random.fold_in(key, start), sampling)
             toks, lens = multihost.local_rows(r.tokens), multihost.local_rows(r.lengths)
             logp, mask = multihost.local_rows(r.logprobs), multihost.local_rows(r.mask)
             texts += self.decode(toks, lens)
@@ -183,7 +201,7 @@ def abstract_params(model_cfg: model.ModelConfig, mesh: Mesh) -> model.Params:
 def _source_params(mcfg: ConfigDict, model_cfg: model.ModelConfig, mesh: Mesh, seed: int) -> model.Params:
     """Random weights of a named shape (seeded), or an HF checkpoint placed straight onto the mesh."""
     if mcfg.source.startswith("shape:"):
-        return sharding.shard_params(model.init_params(model_cfg, jax.random.key(seed)), model_cfg, mesh)
+        return sharding.init_params(model_cfg, mesh, jax.random.key(seed))
     params, _ = hf.load_hf(_hf_source(mcfg), dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
                            shardings=sharding.param_shardings(model_cfg, mesh), remat=model_cfg.remat,
                            attention=model_cfg.attention)
@@ -219,4 +237,4 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
         source = mcfg.source + (f" (random, seed {cfg.seed})" if mcfg.source.startswith("shape:") else "")
     d = cfg.data
     return Policy(params, model_cfg, tok, mesh, PromptFormat(d.template, d.prompt_field, d.instruction),
-                  config.sampling_config(cfg, tok)), source
+                  config.sampling_config(cfg, tok), cfg.sampling.weights), source

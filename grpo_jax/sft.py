@@ -83,11 +83,6 @@ def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
     return {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": comp, "completion_mask": cmask}
 
 
-def completion_buckets(prompt_buckets: Sequence[int], max_tokens: int) -> tuple[int, ...]:
-    """Completion lengths to pad to: the prompt buckets below `max_tokens`, and `max_tokens`."""
-    return tuple(sorted({b for b in prompt_buckets if b < max_tokens} | {max_tokens}))
-
-
 # --------------------------------------------------------------------------------------------------
 # Loss and update (jitted)
 
@@ -138,7 +133,7 @@ class SFT:
             raise ValueError(f"sft.batch_size={c.batch_size} (global) does not split over {hosts} hosts")
         self.tx, self.schedule = train_state.make_optimizer(self.cfg.optimizer, self.cfg.steps)
         self.max_tokens = c.max_completion_tokens or self.policy.sampling.max_new_tokens
-        self.completion_buckets = completion_buckets(self.policy.sampling.prompt_buckets, self.max_tokens)
+        self.completion_buckets = sampler.completion_buckets(self.policy.sampling.prompt_buckets, self.max_tokens)
         self.update_fn = jax.jit(functools.partial(update, model_cfg=self.policy.model_cfg, tx=self.tx,
                                                    num_microbatches=c.microbatches, chunk=self.cfg.grpo.logprob_chunk),
                                  donate_argnums=0)

@@ -1,12 +1,14 @@
-"""Device mesh and logical-axis sharding rules.
+"""The device mesh and where parameters and batches live on it.
 
-Parameters carry logical axis names (model.param_logical_axes); `DEFAULT_RULES` maps them onto a mesh
-with axes (data, fsdp, tensor): the batch is split over data x fsdp, weights are split over fsdp
-(ZeRO-3 style) on their `embed` dimension and over tensor on heads / MLP / vocab (Megatron style).
+Parameters carry logical axis names (model.param_logical_axes); grpo_jax.partitioning's rules map them
+onto a mesh with axes (data, fsdp, tensor): the batch is split over data x fsdp, weights are split
+over fsdp (ZeRO-3 style) on their `embed` dimension and over tensor on heads / MLP / vocab (Megatron
+style). The inference layout used for sampling keeps only the tensor split.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -15,22 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grpo_jax import model
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-Rules = Sequence[tuple[str, Any]]
-DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
-    ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-)
-
+from grpo_jax import partitioning
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (all by default); one size may be -1 (the rest)."""
@@ -46,29 +33,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh (data, fsdp, tensor)={tuple(sizes)} needs {int(np.prod(sizes))} devices, "
                          f"have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(sizes), partitioning.MESH_AXES)
 
 
-def logical_to_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> P:
-    """Map a logical PartitionSpec to mesh axes, replicating any dimension the mesh does not divide
-    (e.g. Qwen2.5-0.5B's 2 KV heads on a tensor axis of 4)."""
-    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
-    out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        out.append(axes if size > 1 and dim % size == 0 else None)
-    return P(*out)
-
-
-def param_shardings(cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> model.Params:
+def param_shardings(cfg: model.ModelConfig, mesh: Mesh, rules: partitioning.Rules = partitioning.RULES) -> model.Params:
     """NamedSharding for every parameter (a pytree like the parameters)."""
     return jax.tree.map(
-        lambda logical, s: NamedSharding(mesh, logical_to_spec(logical, s.shape, mesh, rules)),
+        lambda logical, s: NamedSharding(mesh, partitioning.to_mesh_spec(logical, s.shape, mesh, rules)),
         model.param_logical_axes(cfg), model.param_shapes(cfg), is_leaf=lambda x: isinstance(x, P))
 
 
-def replicated_dims(cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> list[str]:
+def replicated_dims(cfg: model.ModelConfig, mesh: Mesh, rules: partitioning.Rules = partitioning.RULES) -> list[str]:
     """Every parameter dimension that the rules would split but the mesh does not divide (so it is
     replicated instead), e.g. "layers/attn/k_proj/kernel: kv_heads 2 over tensor 4"."""
     out = []
@@ -77,15 +52,22 @@ def replicated_dims(cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_R
     for (path, logical), s in zip(flat, shapes):
         spec = nn.logical_to_mesh_axes(tuple(logical), rules)
         for name, dim, axes in zip(logical, s.shape, tuple(spec) + (None,) * (len(s.shape) - len(spec))):
-            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-            size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+            names = partitioning.mesh_axes(axes)
+            size = math.prod(mesh.shape[a] for a in names)
             if size > 1 and dim % size:
                 where = "/".join(str(getattr(k, "key", k)) for k in path)
                 out.append(f"{where}: {name} {dim} over {' x '.join(names)} {size}")
     return out
 
 
-def shard_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> model.Params:
+def init_params(cfg: model.ModelConfig, mesh: Mesh, key: jax.Array) -> model.Params:
+    """model.init_params created in place on the mesh: each device computes only its own shard
+    (jit with out_shardings), so no device ever holds a whole model. The values do not depend on
+    the mesh (JAX's partitionable threefry)."""
+    return jax.jit(model.init_params, static_argnums=0, out_shardings=param_shardings(cfg, mesh))(cfg, key)
+
+
+def shard_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh, rules: partitioning.Rules = partitioning.RULES) -> model.Params:
     """Place (or re-place) parameters on the mesh according to the rules."""
     return jax.device_put(params, param_shardings(cfg, mesh, rules))
 

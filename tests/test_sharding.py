@@ -11,6 +11,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from grpo_jax import partitioning
 from grpo_jax import sharding
 from grpo_jax import model
 
@@ -69,4 +70,4 @@ def test_mesh_errors_name_the_sizes():
 def test_default_rules_cover_every_logical_axis():
     specs = jax.tree.leaves(model.param_logical_axes(model.SHAPES["tiny"]), is_leaf=lambda x: isinstance(x, P))
     used = {axis for spec in specs for axis in spec}
-    assert used <= {name for name, _ in sharding.DEFAULT_RULES}
+    assert used <= {name for name, _ in partitioning.RULES}

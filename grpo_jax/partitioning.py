@@ -1,0 +1,77 @@
+"""Logical axis names and the rules that map them onto the (data, fsdp, tensor) mesh: the one place
+that decides how parameters and activations are laid out.
+
+Parameters name their dimensions (`embed`, `heads`, `mlp`, `vocab`, ...; model.param_logical_axes);
+activations name theirs with an `activation_` prefix, because the two must map differently: a weight's
+`embed` dimension is split over fsdp (ZeRO-3: each device stores 1/fsdp of every weight), while an
+activation's embed dimension stays whole and its batch is split over data x fsdp. Without the
+activation constraints XLA resolves the conflict in favour of the weights and runs fsdp as a
+tensor-parallel split of d_model (full-batch activations on every device, all-reduced per layer);
+with them it all-gathers each layer's weights for its use and reduce-scatters the gradients.
+
+    x = partitioning.constrain(x, ("activation_batch", "activation_length", "activation_embed"), mesh)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # mesh axes that split the rows of a batch
+
+Rules = Sequence[tuple[str, Any]]
+RULES: Rules = (
+    # parameters: ZeRO-3 over fsdp on `embed`, Megatron over tensor on heads / MLP / vocab
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    # activations: rows over data x fsdp, the same tensor split as the weights that make them
+    ("batch", BATCH),
+    ("activation_batch", BATCH),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+# Inference (sampling) layout of the weights: split over tensor only, whole on every data and fsdp
+# device, so a decode step reads local weights instead of all-gathering every layer per token.
+INFERENCE_RULES: Rules = tuple((name, None if name == "embed" else axes) for name, axes in RULES)
+
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # [batch, seq, d]
+
+
+def mesh_axes(axes: Any) -> tuple[str, ...]:
+    """The mesh axis names of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def to_mesh_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = RULES) -> P:
+    """Map logical axis names to a PartitionSpec of mesh axes, replicating any dimension the mesh does
+    not divide (e.g. Qwen2.5-0.5B's 2 KV heads on a tensor axis of 4, or a batch of 1)."""
+    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        size = math.prod(mesh.shape[a] for a in mesh_axes(axes))
+        out.append(axes if size > 1 and dim % size == 0 else None)
+    return P(*out)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], mesh: Mesh | None, rules: Rules = RULES) -> jax.Array:
+    """with_sharding_constraint of x by logical axis names; the identity without a mesh (or on one
+    device)."""
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, to_mesh_spec(logical, x.shape, mesh, rules)))
