@@ -160,8 +160,9 @@ class GRPO:
 
         # The device runs in order: advantages computed there would wait for the reference pass.
         jax.block_until_ready(batch.get("ref_logp"))
-        advantages, adv_metrics = loss.compute_advantages(jnp.asarray(total), G, self.loss_cfg)  # groups never span hosts
-        batch["advantages"] = multihost.global_rows(np.asarray(advantages), mesh)
+        # Over every host's rewards: scale_rewards="batch" divides by the std of the global batch.
+        advantages, adv_metrics = loss.compute_advantages(jnp.asarray(multihost.all_hosts(total)), G, self.loss_cfg)
+        batch["advantages"] = multihost.place_rows(np.asarray(advantages), mesh)
         batch = sharding.shard_batch(batch, mesh)
         clock.lap("ref_logprobs")
 
@@ -200,7 +201,7 @@ class GRPO:
 
     def _metrics(self, update_metrics, adv_metrics, reward_metrics, total: np.ndarray, lengths: np.ndarray,
                  rollout) -> dict[str, float]:
-        # Advantage and per-function reward metrics are this host's; the headline ones cover all hosts.
+        # Per-function reward metrics are this host's; the headline ones cover all hosts.
         total, lens = multihost.all_hosts(total), lengths.astype(np.float64)
         return {
             **update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **reward_metrics,

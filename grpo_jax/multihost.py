@@ -37,10 +37,20 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 
 def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """The inverse of local_rows: each host's rows stacked in process order, split over data x fsdp."""
+    """The inverse of local_rows: each host's rows stacked in process order, split over data x fsdp.
+
+    Every device gets its rows by their index in that global order, whichever host they came from:
+    a topology-aware mesh need not give each host a contiguous block of the batch axis, so a host's
+    own rows are not in general its own devices' rows."""
+    return place_rows(all_hosts(np.asarray(x)), mesh)
+
+
+def place_rows(full: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A [rows, ...] array that every host holds whole, as one array split over data x fsdp: each
+    device takes its rows by index."""
     if jax.process_count() == 1:
-        return jax.numpy.asarray(x)
-    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(x)), np.asarray(x))
+        return jax.numpy.asarray(full)
+    return jax.make_array_from_callback(full.shape, sharding.batch_sharding(mesh, full.ndim), lambda idx: full[idx])
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -58,7 +58,7 @@ def sharded_loss_terms(
     if mesh is None:
         return local(inputs)
     axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return shard_map(local, mesh=mesh, in_specs=(P(axes),), out_specs=P(), check_vma=False)(inputs)
+    return shard_map(local, mesh=mesh, in_specs=(P(axes),), out_specs=P())(inputs)
 
 
 def policy_loss_terms(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -305,16 +306,23 @@ def sample(
         ids, mask = gather_prompt_batch(prompts, cfg)
     else:
         ids, mask = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
+    n = len(ids) * num_generations
     if mesh is None:
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     else:
+        # Rows that do not split over data x fsdp get copies of the last prompt appended (and dropped
+        # from the result), so that the rollout and its cache are split, never replicated. Row i's
+        # draws do not depend on the number of rows (partitionable threefry counts by index).
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        extra = -len(ids) % (shards // math.gcd(shards, num_generations))
+        ids, mask = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask))
         row = NamedSharding(mesh, P(_rows(len(ids), mesh), None))
         ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
     logits, cache = prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
                             max_new_tokens=cfg.max_new_tokens, mesh=mesh)
     tokens, logps, lengths, done, _ = decode(params, cache, logits, key, cfg=model_cfg, sampling=cfg, mesh=mesh)
     completion_mask = jnp.arange(cfg.max_new_tokens)[None, :] < lengths[:, None]
-    return Rollout(
+    rollout = Rollout(
         prompt_ids=jnp.repeat(ids, num_generations, axis=0),
         prompt_mask=jnp.repeat(mask, num_generations, axis=0),
         tokens=tokens,
@@ -323,3 +331,4 @@ def sample(
         lengths=lengths,
         truncated=~done,
     )
+    return rollout if len(lengths) == n else jax.tree.map(lambda x: x[:n], rollout)

@@ -50,6 +50,14 @@ WORKER = textwrap.dedent("""
         assert np.array_equal(np.asarray(r.tokens), np.asarray(ref.tokens)), shape
         assert np.abs(np.asarray(r.logprobs) - np.asarray(ref.logprobs)).max() < 1e-5, shape
         assert len(r.tokens.sharding.device_set) == 8
+    # 3 prompts x G=2 = 6 rows do not split over 8 devices: the sampler pads the rows (and drops the
+    # padding) instead of replicating the rollout; the rows it returns are the single-device ones.
+    ref3 = sampler.sample(params, cfg, prompts[:3], 2, sc, jax.random.key(1))
+    for shape in [(8, 1, 1), (2, 2, 2)]:
+        mesh = sharding.make_mesh(*shape)
+        r = sampler.sample(sharding.shard_params(params, cfg, mesh), cfg, prompts[:3], 2, sc, jax.random.key(1), mesh=mesh)
+        assert r.tokens.shape == (6, 6), r.tokens.shape
+        assert np.array_equal(np.asarray(r.tokens), np.asarray(ref3.tokens)), shape
     print("OK")
 """)
 
