@@ -83,6 +83,12 @@ class Collective:
     loops: tuple[str, ...]  # the while instructions it sits in, outermost first
     text: str
     as_all_reduce: bool = False  # a reduce-scatter printed as all-reduce + dynamic-slice (CPU)
+    narrowed: bool = False  # float32 on XLA:CPU, bfloat16 in the program (and on GPU / TPU)
+
+    @property
+    def logical_bytes(self) -> int:
+        """Result bytes per device in the dtype the program asked for (half of `bytes` if narrowed)."""
+        return self.bytes // 2 if self.narrowed else self.bytes
 
     @property
     def bytes(self) -> int:
@@ -175,47 +181,76 @@ class Program:
         return ins.op == "fusion" and bool(called) and any(
             i.op == "dynamic-slice" for i in self.computations.get(called.group(1), []))
 
-    def _scattered(self, ins: Instruction) -> list[bool]:
-        """For each result of an all-reduce: whether it is only dynamic-sliced to this device's part,
-        i.e. a reduce-scatter in the form the CPU backend leaves it (GPU and TPU compilers rewrite
-        the pair into one reduce-scatter op: XLA's ReduceScatterCreator)."""
-        users = self._users(ins.computation)
+    def _called(self, ins: Instruction) -> list[Instruction]:
+        called = re.search(r"calls=%?([\w.\-]+)", ins.text)
+        return self.computations.get(called.group(1), []) if called else []
+
+    def _is_cast(self, ins: Instruction) -> bool:
+        """An element-wise dtype change or relayout (convert, bitcast, copy, or a fusion of only those)."""
+        passive = ("parameter", "convert", "bitcast", "copy", "tuple", "get-tuple-element")
+        return ins.op in passive[1:4] or (ins.op == "fusion" and all(i.op in passive for i in self._called(ins)))
+
+    def _only_sliced(self, name: str, users: dict[str, list[Instruction]], depth: int = 0) -> bool:
+        """Whether every use of `name` (through casts) takes a dynamic slice of it."""
+        if not users.get(name) or depth > 4:
+            return False
+        return all(self._slices(u) or (self._is_cast(u) and self._only_sliced(u.name, users, depth + 1))
+                   for u in users[name])
+
+    def _narrowed(self, name: str, users: dict[str, list[Instruction]], operand: Instruction | None) -> bool:
+        """A float32 collective whose values are bfloat16 in the program: XLA:CPU has no bfloat16
+        collectives and promotes them (its operand is a round trip through bf16, or every use
+        converts the result to bf16). GPU and TPU move these in bfloat16."""
+        if operand is not None and operand.op == "fusion" and any(
+                i.op == "convert" and any(a.dtype == "bf16" for a in i.result) for i in self._called(operand)):
+            return True
+        uses = users.get(name, [])
+        return bool(uses) and all(self._is_cast(u) and any(a.dtype == "bf16" for a in u.result) for u in uses)
+
+    def _outputs(self, ins: Instruction, users: dict[str, list[Instruction]]) -> list[str | None]:
+        """The names under which each result of `ins` is used (itself, or its get-tuple-elements)."""
         if len(ins.result) == 1:
-            outs = [ins.name]
-        else:
-            outs = [None] * len(ins.result)
-            for u in users.get(ins.name, []):
-                if u.op == "get-tuple-element":
-                    outs[int(re.search(r"index=(\d+)", u.text).group(1))] = u.name
-        return [bool(o and users.get(o)) and all(self._slices(u) for u in users[o]) for o in outs]
+            return [ins.name]
+        outs: list[str | None] = [None] * len(ins.result)
+        for u in users.get(ins.name, []):
+            if u.op == "get-tuple-element":
+                outs[int(re.search(r"index=(\d+)", u.text).group(1))] = u.name
+        return outs
 
     def instructions(self):
+        """Every instruction of every computation the entry reaches."""
         for comp, instrs in self.computations.items():
             if comp in self.count:
                 yield from instrs
 
     def collectives(self) -> list[Collective]:
         out = []
-        for ins in self.instructions():
-            op = ins.op[:-len("-start")] if ins.op.endswith("-start") else ins.op
-            if op not in COLLECTIVES:
+        for comp in self.count:
+            instrs = self.computations.get(comp, [])
+            if not any(i.op.split("-start")[0] in COLLECTIVES for i in instrs):
                 continue
-            result = ins.result
-            if ins.op.endswith("-start") and len(result) > 1:
-                result = result[len(result) // 2:]  # async start: (operands..., results...)
-            where = (_group_size(ins.text), self.count[ins.computation], bool(self.loops[ins.computation]),
-                     self.loops[ins.computation], ins.text)
-            if op != "all-reduce":
-                out.append(Collective(op, tuple(result), *where))
-                continue
-            # one entry per reduced array: a combined all-reduce mixes gradients that are then sliced
-            # to this device's shard (reduce-scatters) with ones that stay whole (true all-reduces)
-            for a, scattered in zip(result, self._scattered(ins)):
-                if scattered:
-                    out.append(Collective("reduce-scatter", (Array(a.dtype, (a.bytes // _itemsize(a.dtype) // where[0],)),),
-                                          *where, as_all_reduce=True))
-                else:
-                    out.append(Collective("all-reduce", (a,), *where))
+            users, by_name = self._users(comp), {i.name: i for i in instrs}
+            for ins in instrs:
+                op = ins.op[:-len("-start")] if ins.op.endswith("-start") else ins.op
+                if op not in COLLECTIVES:
+                    continue
+                result = ins.result
+                if ins.op.endswith("-start") and len(result) > 1:
+                    result = result[len(result) // 2:]  # async start: (operands..., results...)
+                operands = re.findall(r"%([\w.\-]+)", ins.text.split(ins.op + "(", 1)[1].split(")", 1)[0])
+                where = (_group_size(ins.text), self.count[comp], bool(self.loops[comp]), self.loops[comp], ins.text)
+                outs = self._outputs(ins, users)
+                for k, a in enumerate(result):
+                    name = outs[k] if k < len(outs) else None
+                    operand = by_name.get(operands[k]) if k < len(operands) else None
+                    narrowed = a.dtype == "f32" and bool(name) and self._narrowed(name, users, operand)
+                    # a combined all-reduce mixes gradients then sliced to this device's shard
+                    # (reduce-scatters) with ones that stay whole (true all-reduces): one entry each
+                    if op == "all-reduce" and name and self._only_sliced(name, users):
+                        shard = Array(a.dtype, (a.bytes // _itemsize(a.dtype) // where[0],))
+                        out.append(Collective("reduce-scatter", (shard,), *where, as_all_reduce=True, narrowed=narrowed))
+                    else:
+                        out.append(Collective(op, (a,), *where, narrowed=narrowed))
         return out
 
     def while_loops(self) -> list[WhileLoop]:
@@ -258,11 +293,14 @@ def while_loops(hlo_text: str) -> list[WhileLoop]:
     return Program(hlo_text).while_loops()
 
 
-def collective_bytes(ops: list[Collective], wire: bool = True) -> dict[str, int]:
-    """Bytes per device per call of the program, by op kind (loop trip counts applied)."""
+def collective_bytes(ops: list[Collective], wire: bool = True, logical: bool = False) -> dict[str, int]:
+    """Bytes per device per call of the program, by op kind (loop trip counts applied): ring wire
+    bytes or result bytes; `logical`: in the dtypes the program asked for (bf16 collectives that
+    XLA:CPU promotes to f32 counted at 2 bytes)."""
     out: dict[str, int] = {}
     for c in ops:
-        out[c.op] = out.get(c.op, 0) + c.count * (c.wire_bytes if wire else c.bytes)
+        n = c.wire_bytes if wire else c.bytes
+        out[c.op] = out.get(c.op, 0) + c.count * (n // 2 if logical and c.narrowed else n)
     return out
 
 

@@ -116,8 +116,10 @@ def token_logprobs(
     local = functools.partial(_chunked, temperature=temperature, chunk=max(1, chunk // shards),
                               with_entropy=with_entropy, vocab_axis=vocab,
                               row_axes=partitioning.mesh_axes(rows))
+    # The head enters in the compute dtype (each chunk casts it anyway): it is gathered over fsdp in
+    # that dtype, once per call, and its gradient is accumulated over the chunks in it.
     return shard_map(local, mesh=mesh, in_specs=(P(rows), P(None, vocab), P(rows)),
-                     out_specs=(P(rows), P(rows) if with_entropy else None))(hidden, head, targets)
+                     out_specs=(P(rows), P(rows) if with_entropy else None))(hidden, head.astype(hidden.dtype), targets)
 
 
 def completion_logprobs(

@@ -316,10 +316,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
-        # The lookup reads whole rows: gather the table's fsdp split first (XLA cannot go from the
-        # table's layout to batch-split rows without replicating the result).
-        table = partitioning.constrain(embed, ("vocab", None), self.mesh)
-        x = partitioning.constrain(jnp.take(table, tokens, axis=0).astype(dt), partitioning.RESIDUAL, self.mesh)
+        x = partitioning.constrain(embed_lookup(embed, tokens, self.mesh).astype(dt), partitioning.RESIDUAL, self.mesh)
         sin, cos = rope_sin_cos(cfg, positions)
 
         block = Block
@@ -331,7 +328,7 @@ class Transformer(nn.Module):
             block = nn.map_variables(block, "params", trans_in_fn=functools.partial(_pin_layer, cfg=cfg, mesh=self.mesh),
                                      mutable=False)
         if cfg.remat != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -363,9 +360,52 @@ def _layer_axes(cfg: ModelConfig) -> Params:
 
 
 def _pin_layer(variables: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
-    """One layer's parameters constrained to their layout on `mesh` (map_variables' trans_in_fn)."""
-    pin = lambda x, names: partitioning.constrain(x, names, mesh)
+    """One layer's parameters in the compute dtype, constrained to their stored layout on `mesh`
+    (map_variables' trans_in_fn). The cast comes first (every use casts anyway), so the weights are
+    all-gathered in the compute dtype (bfloat16: half the bytes of float32 master weights) and
+    their gradients reduced in it, as mixed-precision FSDP does (PyTorch FSDP's MixedPrecision with
+    param_dtype = reduce_dtype = bfloat16); accumulation over micro-batches and the optimizer
+    stay in the parameters' dtype."""
+    pin = lambda x, names: partitioning.constrain(x.astype(cfg.dtype), names, mesh)
     return {"params": jax.tree.map(pin, dict(variables["params"]), _layer_axes(cfg))}
+
+
+def embed_lookup(table: Array, tokens: Array, mesh: Mesh | None) -> Array:
+    """table[tokens]: rows of the embedding [vocab, d] for token ids [batch, seq] -> [batch, seq, d].
+
+    On a mesh the table stays where it is stored (vocab over tensor, d over fsdp) and nothing of its
+    size moves: each device looks up its d-slice of the ids of every device in its fsdp group (ids are
+    all-gathered, a few KB), an all-to-all over fsdp then hands each device all of d for its own rows,
+    and a vocab split over tensor is a masked lookup summed over tensor. The gradient is a scatter-add
+    into the local shard. (XLA's own partitioning of the gather replicates the table or the result.)"""
+    if mesh is None or mesh.size == 1:
+        return jnp.take(table, tokens, axis=0)
+    vocab_ax, embed_ax = partitioning.to_mesh_spec(("vocab", "embed"), table.shape, mesh)
+    row_ax = partitioning.to_mesh_spec(("activation_batch", None), tokens.shape, mesh)[0]
+    if embed_ax is not None and embed_ax not in partitioning.mesh_axes(row_ax):
+        # rows not split over fsdp (a batch the mesh does not divide): gather the table's d
+        table = partitioning.constrain(table, ("vocab", None), mesh)
+        embed_ax = None
+    rows_split_by_embed = embed_ax is not None
+
+    def local(tab, ids):  # tab [V / tp, d / fsdp], ids [rows here, seq]
+        if rows_split_by_embed:
+            ids = jax.lax.all_gather(ids, embed_ax, axis=0, tiled=True)  # the fsdp group's rows
+        if vocab_ax is None:
+            x = jnp.take(tab, ids, axis=0)
+        else:
+            first = jax.lax.axis_index(vocab_ax) * tab.shape[0]
+            here = (ids >= first) & (ids < first + tab.shape[0])
+            x = jnp.take(tab, jnp.clip(ids - first, 0, tab.shape[0] - 1), axis=0)
+            x = jax.lax.psum(jnp.where(here[..., None], x, 0), vocab_ax)
+        if embed_ax is None:
+            return x
+        # [the group's rows, seq, d / fsdp] -> [my rows, seq, d]
+        return jax.lax.all_to_all(x, embed_ax, split_axis=0, concat_axis=2, tiled=True)
+
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(vocab_ax, embed_ax), P(row_ax, None)),
+                         out_specs=P(row_ax, None, None))(table, tokens)
 
 
 def logits_from_hidden(head: Array, hidden: Array) -> Array:
