@@ -217,6 +217,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+    return out
 
 
 if __name__ == "__main__":

@@ -71,3 +71,24 @@ def test_bench_grpo_update_memory_ahead_of_time():
     assert run["update_temp_gib"] > 0 and run["update_peak_estimate_gib"] >= run["update_arguments_gib"]
     # bf16 model state is the parameters plus AdamW's two moments (same dtype) and its step count.
     assert math.isclose(run["params_and_optimizer_gib"] * 2**30, 3 * 4 * run["params"] + 4 * 2, rel_tol=1e-6)
+
+
+def test_bench_layout_tiny(tmp_path):
+    """The AOT layout benchmark on 8 simulated devices (a subprocess: the device count is fixed when
+    JAX starts): ZeRO-3 traffic, the head on 1/8 of the tokens, no weight gathers while decoding."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "layout.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, str(SCRIPTS / "bench_layout.py"), "--out", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    u = res["update"]
+    assert 0.8 < u["collective_over_ideal"] < 1.2, u
+    assert u["head_rows_per_device_per_microbatch"] * 8 == u["head_rows_of_microbatch"]
+    assert u["parameters_GiB"] > 0 and u["temporaries_GiB"] > 0
+    assert res["sampling"]["decode_loop_weight_all_gathers"] == 0
