@@ -173,10 +173,11 @@ def inference_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh | 
     inference layout (partitioning.INFERENCE_RULES: split over tensor only). Returns the copy and
     the config to run it with (param_dtype = dtype); the copy gives the same logits as `params`."""
     run_cfg = cfg.replace(param_dtype=cfg.dtype)
-    if mesh is None:
+    if mesh is None or mesh.shape["fsdp"] == 1:  # the layouts agree: only the dtype may change
         if cfg.param_dtype == cfg.dtype:
             return params, cfg
-        return _cast(params, cfg.dtype), run_cfg
+        if mesh is None:
+            return _cast(params, cfg.dtype), run_cfg
     out = sharding.param_shardings(cfg, mesh, partitioning.INFERENCE_RULES)
     return jax.jit(_cast, static_argnums=1, out_shardings=out)(params, cfg.dtype), run_cfg
 
