@@ -54,10 +54,14 @@ def _log_softmax_at(logits: Array, targets: Array, with_entropy: bool, vocab_axi
 
 
 def _chunked(hidden: Array, head: Array, targets: Array, temperature: float, chunk: int, with_entropy: bool,
-             vocab_axis=None, row_axes: tuple[str, ...] = ()) -> tuple[Array, Array | None]:
-    """token_logprobs on one device's rows: the tokens flattened and scanned `chunk` at a time. Inside
-    a shard_map over `row_axes` the head is first cast to per-device ("varying"): its gradient then
-    accumulates locally over the chunks and is summed over the devices once, not once per chunk."""
+             vocab_axis=None, row_axes: tuple[str, ...] = (), gather_axis: str | None = None) -> tuple[Array, Array | None]:
+    """token_logprobs on one device's rows: the tokens flattened and scanned `chunk` at a time.
+
+    Inside the shard_map, the head's fsdp shards are all-gathered once (`gather_axis`; the transpose is
+    a reduce-scatter of its gradient) and the head is cast to per-device ("varying") over the other
+    row axes, so its gradient accumulates locally over the chunks and is reduced once, not per chunk."""
+    if gather_axis:
+        head = jax.lax.all_gather(head, gather_axis, axis=0, tiled=True)
     if row_axes:
         head = jax.lax.pcast(head, row_axes, to="varying")
     lead = targets.shape
@@ -112,13 +116,17 @@ def token_logprobs(
         return _chunked(hidden, head, targets, temperature, chunk, with_entropy)
     rows = partitioning.to_mesh_spec(("activation_batch",), targets.shape[:1], mesh)[0]
     vocab = partitioning.to_mesh_spec(("activation_vocab",), head.shape[1:], mesh)[0]
-    shards = math.prod(mesh.shape[a] for a in partitioning.mesh_axes(rows))
+    embed = partitioning.to_mesh_spec(("embed",), head.shape[:1], mesh)[0]
+    row_axes = partitioning.mesh_axes(rows)
+    if embed not in row_axes:  # gathered by shard_map instead (rows not split over fsdp)
+        embed = None
+    shards = math.prod(mesh.shape[a] for a in row_axes)
     local = functools.partial(_chunked, temperature=temperature, chunk=max(1, chunk // shards),
                               with_entropy=with_entropy, vocab_axis=vocab,
-                              row_axes=partitioning.mesh_axes(rows))
-    # The head enters in the compute dtype (each chunk casts it anyway): it is gathered over fsdp in
-    # that dtype, once per call, and its gradient is accumulated over the chunks in it.
-    return shard_map(local, mesh=mesh, in_specs=(P(rows), P(None, vocab), P(rows)),
+                              row_axes=tuple(a for a in row_axes if a != embed), gather_axis=embed)
+    # The head enters in its stored layout and the compute dtype (each chunk casts it anyway): it is
+    # all-gathered over fsdp in that dtype once per call, and its gradient accumulated in it.
+    return shard_map(local, mesh=mesh, in_specs=(P(rows), P(embed, vocab), P(rows)),
                      out_specs=(P(rows), P(rows) if with_entropy else None))(hidden, head.astype(hidden.dtype), targets)
 
 
