@@ -67,6 +67,9 @@ LOSS_WORKER = COMMON + textwrap.dedent("""
         scattered = sum(o.bytes for o in inside if o.op == "reduce-scatter")
         layer_weights = sum(int(np.prod(s.shape[1:])) * 4 for s in jax.tree.leaves(model.param_shapes(cfg)["layers"]))
         assert scattered >= layer_weights // 8 * 0.9, (shape, scattered, layer_weights)
+        # XLA:CPU prints the layers' reduce-scatters as all-reduce + slice (counted above); the LM
+        # head's, explicit in the log-probability shard_map, is a reduce-scatter op on every backend.
+        assert [o for o in ops if o.op == "reduce-scatter" and not o.as_all_reduce and o.result[0].shape[-1] == V], ops
         # 3. No activation is all-reduced: with tensor = 1 nothing [rows, length, ...] is summed.
         acts = [a.shape for o in ops if o.op == "all-reduce" for a in o.result
                 if len(a.shape) >= 2 and a.shape[0] in (B, per_device) and a.shape[1] in (PL + C, C)]
