@@ -116,7 +116,7 @@ class Policy:
         """n completions of each of this host's rows (all hosts' rows in the returned arrays)."""
         pol = self.for_sampling()
         return sampler.sample(pol.params, pol.model_cfg, self.prompt_ids(rows), n, sampling or self.sampling,
-                              key, mesh=self.mesh)
+                              key, mesh=self.mesh, gather_weights=self.sampling_weights == "inference")
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
         """Completion texts of token rows [N, T] cut at their lengths (special tokens dropped)."""

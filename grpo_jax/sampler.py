@@ -186,6 +186,18 @@ def _cast(params: model.Params, dtype: str) -> model.Params:
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
+def _sampling_weights(params: model.Params, cfg: model.ModelConfig, mesh: Mesh | None, gather: bool) -> model.Params:
+    """Inside prefill and decode: the weights in the compute dtype and the inference layout, made
+    before the decode loop, so the loop reads local bf16 weights whatever layout they came in (a
+    no-op for the copy `inference_params` makes). `gather=False` keeps them as they are."""
+    if not gather:
+        return params
+    params = _cast(params, cfg.dtype)
+    if mesh is None or mesh.size == 1:
+        return params
+    return jax.lax.with_sharding_constraint(params, sharding.param_shardings(cfg, mesh, partitioning.INFERENCE_RULES))
+
+
 def _cache_specs(cfg: model.ModelConfig, mesh: Mesh | None, n: int) -> dict[str, P]:
     batch = _rows(n, mesh)
     heads = "tensor" if mesh is not None and cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
@@ -193,13 +205,14 @@ def _cache_specs(cfg: model.ModelConfig, mesh: Mesh | None, n: int) -> dict[str,
             "mask": P(batch, None), "pos": P(batch), "index": P()}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_generations", "max_new_tokens", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cfg", "num_generations", "max_new_tokens", "mesh", "gather_weights"))
 def prefill(params, prompt_ids, prompt_mask, *, cfg: model.ModelConfig, num_generations: int,
-            max_new_tokens: int, mesh: Mesh | None = None) -> tuple[Array, model.Cache]:
+            max_new_tokens: int, mesh: Mesh | None = None, gather_weights: bool = True) -> tuple[Array, model.Cache]:
     """Run each prompt once, then give each of its G samples a copy of its cache.
 
     Returns last-position logits [B * G, V] and a cache with room for max_new_tokens more tokens.
     """
+    params = _sampling_weights(params, cfg, mesh, gather_weights)
     B, Pn = prompt_ids.shape
     small = model.init_cache(cfg, B, Pn)
     hidden, small = model.forward(params, cfg, prompt_ids, prompt_mask, small, return_hidden=True, mesh=mesh,
@@ -221,14 +234,19 @@ def prefill(params, prompt_ids, prompt_mask, *, cfg: model.ModelConfig, num_gene
     return rep(last, 0), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh", "gather_weights"), donate_argnames=("cache",))
 def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: model.ModelConfig,
-           sampling: SamplingConfig, mesh: Mesh | None = None) -> tuple[Array, Array, Array, Array, model.Cache]:
+           sampling: SamplingConfig, mesh: Mesh | None = None,
+           gather_weights: bool = True) -> tuple[Array, Array, Array, Array, model.Cache]:
     """Generate up to sampling.max_new_tokens tokens per row in one while_loop.
+
+    The weights are brought to the compute dtype and the inference layout once, before the loop
+    (`gather_weights=False`: used as they come, e.g. a model whose tensor shard does not fit).
 
     Returns tokens [N, T], log-probabilities [N, T], lengths [N], done [N] (ended with EOS) and the
     final cache (returned so that the donated cache buffers are updated in place).
     """
+    params = _sampling_weights(params, cfg, mesh, gather_weights)
     N, T = first_logits.shape[0], sampling.max_new_tokens
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
     specs = _cache_specs(cfg, mesh, N)
@@ -285,6 +303,7 @@ def sample(
     cfg: SamplingConfig,
     key: Array,
     mesh: Mesh | None = None,
+    gather_weights: bool = True,
 ) -> Rollout:
     """Sample `num_generations` completions for each prompt (lists of token ids).
 
@@ -297,6 +316,9 @@ def sample(
       cfg: sampling settings.
       key: PRNG key; the same key gives the same rollout.
       mesh: optional (data, fsdp, tensor) mesh; rows are split over data x fsdp.
+      gather_weights: read the weights in the compute dtype and the inference layout (split over
+        tensor only), converted once per prefill and decode (pass `inference_params`' copy to make
+        it once per rollout); False reads them as they are.
 
     Returns:
       A Rollout of len(prompts) * G rows, the G samples of each prompt adjacent.
@@ -320,8 +342,9 @@ def sample(
         row = NamedSharding(mesh, P(_rows(len(ids), mesh), None))
         ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
     logits, cache = prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
-                            max_new_tokens=cfg.max_new_tokens, mesh=mesh)
-    tokens, logps, lengths, done, _ = decode(params, cache, logits, key, cfg=model_cfg, sampling=cfg, mesh=mesh)
+                            max_new_tokens=cfg.max_new_tokens, mesh=mesh, gather_weights=gather_weights)
+    tokens, logps, lengths, done, _ = decode(params, cache, logits, key, cfg=model_cfg, sampling=cfg, mesh=mesh,
+                                             gather_weights=gather_weights)
     completion_mask = jnp.arange(cfg.max_new_tokens)[None, :] < lengths[:, None]
     rollout = Rollout(
         prompt_ids=jnp.repeat(ids, num_generations, axis=0),
