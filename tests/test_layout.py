@@ -39,7 +39,8 @@ COMMON = textwrap.dedent("""
 """)
 
 LOSS_WORKER = COMMON + textwrap.dedent("""
-    for shape in [(1, 8, 1), (2, 4, 1)]:
+    base = cfg
+    for shape, cfg in [((1, 8, 1), base), ((2, 4, 1), base), ((1, 8, 1), base.replace(remat="full"))]:
         mesh = mesh_of(shape)
         params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh))
         rows = lambda n, dt: jax.ShapeDtypeStruct((B, n) if n else (B,), dt, sharding=sharding.batch_sharding(mesh, 2 if n else 1))
@@ -81,7 +82,7 @@ LOSS_WORKER = COMMON + textwrap.dedent("""
         biggest = max(int(np.prod(a.shape)) for a in logits)
         assert biggest <= chunk * V // 8, (shape, biggest, chunk * V // 8)
         assert not [o for o in ops if o.in_loop and o.count == chunk and o.op != "reduce-scatter"]
-        print(shape, "residual", residual[0], "scattered", scattered, "logits", biggest)
+        print(shape, cfg.remat, "residual", residual[0], "scattered", scattered, "logits", biggest)
     print("OK")
 """)
 
