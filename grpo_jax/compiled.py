@@ -177,9 +177,7 @@ class Program:
         """Whether ins takes a dynamic slice of its operand (itself, or inside its fused computation)."""
         if ins.op == "dynamic-slice":
             return True
-        called = re.search(r"calls=%?([\w.\-]+)", ins.text)
-        return ins.op == "fusion" and bool(called) and any(
-            i.op == "dynamic-slice" for i in self.computations.get(called.group(1), []))
+        return ins.op == "fusion" and any(i.op == "dynamic-slice" for i in self._called(ins))
 
     def _called(self, ins: Instruction) -> list[Instruction]:
         called = re.search(r"calls=%?([\w.\-]+)", ins.text)

@@ -172,18 +172,10 @@ def inference_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh | 
     compute: the cast the forward pass would do at every use, done once) and, on a mesh, in the
     inference layout (partitioning.INFERENCE_RULES: split over tensor only). Returns the copy and
     the config to run it with (param_dtype = dtype); the copy gives the same logits as `params`."""
-    run_cfg = cfg.replace(param_dtype=cfg.dtype)
-    if mesh is None or mesh.shape["fsdp"] == 1:  # the layouts agree: only the dtype may change
-        if cfg.param_dtype == cfg.dtype:
-            return params, cfg
-        if mesh is None:
-            return _cast(params, cfg.dtype), run_cfg
-    out = sharding.param_shardings(cfg, mesh, partitioning.INFERENCE_RULES)
-    return jax.jit(_cast, static_argnums=1, out_shardings=out)(params, cfg.dtype), run_cfg
-
-
-def _cast(params: model.Params, dtype: str) -> model.Params:
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+    if (mesh is None or mesh.shape["fsdp"] == 1) and cfg.param_dtype == cfg.dtype:
+        return params, cfg  # already the layout and dtype sampling reads
+    copy = jax.jit(_sampling_weights, static_argnums=(1, 2, 3))(params, cfg, mesh, True)
+    return copy, cfg.replace(param_dtype=cfg.dtype)
 
 
 def _sampling_weights(params: model.Params, cfg: model.ModelConfig, mesh: Mesh | None, gather: bool) -> model.Params:
@@ -192,7 +184,7 @@ def _sampling_weights(params: model.Params, cfg: model.ModelConfig, mesh: Mesh |
     no-op for the copy `inference_params` makes). `gather=False` keeps them as they are."""
     if not gather:
         return params
-    params = _cast(params, cfg.dtype)
+    params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)
     if mesh is None or mesh.size == 1:
         return params
     return jax.lax.with_sharding_constraint(params, sharding.param_shardings(cfg, mesh, partitioning.INFERENCE_RULES))

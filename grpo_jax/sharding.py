@@ -48,15 +48,14 @@ def replicated_dims(cfg: model.ModelConfig, mesh: Mesh, rules: partitioning.Rule
     replicated instead), e.g. "layers/attn/k_proj/kernel: kv_heads 2 over tensor 4"."""
     out = []
     flat = jax.tree_util.tree_flatten_with_path(model.param_logical_axes(cfg), is_leaf=lambda x: isinstance(x, P))[0]
-    shapes = jax.tree.leaves(model.param_shapes(cfg))
-    for (path, logical), s in zip(flat, shapes):
-        spec = nn.logical_to_mesh_axes(tuple(logical), rules)
-        for name, dim, axes in zip(logical, s.shape, tuple(spec) + (None,) * (len(s.shape) - len(spec))):
-            names = partitioning.mesh_axes(axes)
-            size = math.prod(mesh.shape[a] for a in names)
-            if size > 1 and dim % size:
+    for (path, logical), s in zip(flat, jax.tree.leaves(model.param_shapes(cfg))):
+        wanted = tuple(nn.logical_to_mesh_axes(tuple(logical), rules))
+        placed = tuple(partitioning.to_mesh_spec(logical, s.shape, mesh, rules))
+        for name, dim, want, got in zip(logical, s.shape, wanted + (None,) * len(s.shape), placed):
+            names = partitioning.mesh_axes(want)
+            if got is None and math.prod(mesh.shape[a] for a in names) > 1:
                 where = "/".join(str(getattr(k, "key", k)) for k in path)
-                out.append(f"{where}: {name} {dim} over {' x '.join(names)} {size}")
+                out.append(f"{where}: {name} {dim} over {' x '.join(names)} {math.prod(mesh.shape[a] for a in names)}")
     return out
 
 
