@@ -25,6 +25,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from grpo_jax import rollout_correction
+
 Array = jax.Array
 
 
@@ -36,7 +38,12 @@ class LossConfig:
       advantage_estimator: "grpo" (r - mean) / std, "dr_grpo" r - mean, "rloo" r - mean of the others.
       scale_rewards: divide advantages by the std of the "group", of the whole "batch", or "none";
         None picks the estimator's own choice ("group" for grpo, "none" for dr_grpo and rloo).
-      std_ddof: 0 for the population std (DeepSeekMath, TRL), 1 for the sample std.
+      std_ddof: the std of the advantages' denominator: 0, the default, the population std
+        sqrt(Σ (r - mean)² / G); 1 the sample std sqrt(Σ (r - mean)² / (G - 1)), which is what TRL
+        (torch.std), verl (torch.std) and Tunix (ddof=1) use. With 0, advantages are sqrt(G / (G - 1))
+        times theirs (1.07 at G = 8). The default stays 0 because every figure in the README was
+        measured with it and Adam's step hardly depends on that constant scale; set 1 to reproduce
+        TRL's, verl's or Tunix's advantages exactly.
       adv_eps: ε in (r - mean) / (std + ε).
       clip_eps_low, clip_eps_high: PPO clip range [1 - ε_low, 1 + ε_high]; ε_high defaults to ε_low
         (DAPO's clip-higher sets it larger, e.g. 0.28).
@@ -53,6 +60,11 @@ class LossConfig:
       temperature: sampling temperature; log-probabilities are computed from logits / temperature.
       logprob_chunk: tokens per chunk when computing log-probabilities from hidden states, so
         [batch, length, vocab] float32 logits never exist at once.
+      rollout_correction: None, or how the trainer/sampler mismatch is corrected: one of
+        grpo_jax.rollout_correction.MODES ("token_truncate": TIS; "sequence_mask": MIS; ...). Needs
+        the sampler's log-probabilities (`sampler_logp`).
+      rollout_correction_max, rollout_correction_min: the caps C_max and C_min of the weights
+        (None: no cap on that side).
     """
 
     advantage_estimator: str = "grpo"
@@ -70,11 +82,14 @@ class LossConfig:
     mask_truncated: bool = False
     temperature: float = 1.0
     logprob_chunk: int = 1024
+    rollout_correction: str | None = None
+    rollout_correction_max: float | None = 2.0
+    rollout_correction_min: float | None = None
 
     def __post_init__(self):
         def one_of(name, value, allowed):
             if value not in allowed:
-                raise ValueError(f"{name}={value!r}; expected one of {sorted(allowed)}")
+                raise ValueError(f"{name}={value!r}; expected one of {sorted(allowed, key=str)}")
 
         one_of("advantage_estimator", self.advantage_estimator, ADVANTAGES)
         one_of("scale_rewards", self.scale_rewards, {None, "group", "batch", "none"})
@@ -94,6 +109,11 @@ class LossConfig:
             raise ValueError(f"beta={self.beta} must be >= 0")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
+        one_of("rollout_correction", self.rollout_correction, {None, *rollout_correction.MODES})
+        lo, hi = self.rollout_correction_min, self.rollout_correction_max
+        if (lo is not None and lo < 0) or (hi is not None and hi <= 0) or (None not in (lo, hi) and lo >= hi):
+            raise ValueError(f"rollout_correction_min={lo}, rollout_correction_max={hi}: expected "
+                             "0 <= min < max (either may be None: no cap on that side)")
 
     @property
     def eps_high(self) -> float:
@@ -286,12 +306,15 @@ def grpo_loss_terms(
       advantages: [B] one advantage per completion.
       completion_mask: [B, C] 1 for completion tokens, 0 for padding.
       cfg: the loss settings.
-      old_logp: [B, C] log π_old (the policy that sampled, or the previous iterate when reusing a
-        batch for several updates); None means on-policy: π_old = stop_gradient(π_θ), ratio 1.
+      old_logp: [B, C] log π_old, the trainer's own log-probabilities before the step's first update
+        (grpo_jax.grpo recomputes them when a batch serves several updates); None means on-policy:
+        π_old = stop_gradient(π_θ), and the ratio is exactly 1 whatever the precision.
       ref_logp: [B, C] log π_ref of the frozen reference; needed when cfg.beta > 0.
       truncated: [B] bool, completions cut at the length limit without EOS.
       entropy: [B, C] per-token entropy of π_θ, only for metrics.
-      sampler_logp: [B, C] log-probabilities the sampler reported, only for the mismatch metric.
+      sampler_logp: [B, C] log-probabilities the sampler reported: the mismatch metrics against
+        π_old (grpo_jax.rollout_correction) and, with cfg.rollout_correction, the capped importance
+        weight π_old / π_samp of each token's policy-gradient term.
 
     Returns:
       (loss_sum, denominator, metrics). The loss is loss_sum / denominator.
@@ -312,12 +335,29 @@ def grpo_loss_terms(
     surrogate = jnp.minimum(ratio * A, clipped * A)
     if cfg.dual_clip is not None:
         surrogate = jnp.where(A < 0, jnp.maximum(surrogate, cfg.dual_clip * A), surrogate)
-    per_token = -surrogate
 
     sums, counts, mins, maxs = {}, {}, {}, {}
 
     def mean_metric(name, x):
         sums[name], counts[name] = _masked_mean_parts(x, mask)
+
+    if sampler_logp is not None:
+        means, highs = rollout_correction.metrics(old, sampler_logp.astype(jnp.float32), mask, cfg.clip_eps_low,
+                                                  cfg.eps_high)
+        for name, (total, n) in means.items():
+            sums[name], counts[name] = total, n
+        maxs.update(highs)
+    if cfg.rollout_correction is not None:
+        if sampler_logp is None:
+            raise ValueError(f"rollout_correction={cfg.rollout_correction!r} needs sampler_logp (the sampler's "
+                             "log-probabilities of the completion tokens)")
+        weight, corrected = rollout_correction.importance_weights(
+            old, sampler_logp.astype(jnp.float32), mask, cfg.rollout_correction, cfg.rollout_correction_max,
+            cfg.rollout_correction_min)
+        surrogate = surrogate * weight
+        mean_metric("mismatch/is_weight_mean", weight)
+        mean_metric("mismatch/frac_corrected", corrected)
+    per_token = -surrogate
 
     if cfg.beta > 0:
         if ref_logp is None:
@@ -340,9 +380,6 @@ def grpo_loss_terms(
     maxs["ratio_max"] = jnp.where(mask > 0, r, -big).max()
     if entropy is not None:
         mean_metric("entropy", jax.lax.stop_gradient(entropy.astype(jnp.float32)))
-    if sampler_logp is not None:
-        mean_metric("sampler_logp_abs_diff",
-                    jnp.abs(jax.lax.stop_gradient(logp) - sampler_logp.astype(jnp.float32)))
     seq = (mask.sum(axis=1) > 0).astype(jnp.float32)
     a = advantages.astype(jnp.float32)
     sums["advantage_mean"], counts["advantage_mean"] = (a * seq).sum(), seq.sum()

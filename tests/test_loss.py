@@ -140,7 +140,7 @@ def test_metrics_match_reference():
     cfg = loss.LossConfig(clip_eps_low=0.2, clip_eps_high=0.3)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     entropy = np.random.default_rng(0).uniform(0, 3, size=logp.shape)
-    sampler = logp + np.random.default_rng(1).normal(0, 0.01, size=logp.shape)
+    sampler = old + np.random.default_rng(1).normal(0, 0.15, size=logp.shape)
     _, _, m = loss.grpo_loss_terms(f32(logp), f32(adv), jnp.asarray(mask), cfg, old_logp=f32(old), ref_logp=f32(ref),
                                 entropy=f32(entropy), sampler_logp=f32(sampler))
     m = {k: float(v) for k, v in loss.finalize_metrics(m).items()}
@@ -152,10 +152,15 @@ def test_metrics_match_reference():
         "clip_frac_low": low.mean(), "clip_frac_high": high.mean(), "clip_frac": (low | high).mean(),
         "ratio_mean": rho.mean(), "ratio_min": rho.min(), "ratio_max": rho.max(),
         "kl": (np.exp(x) - x - 1).mean(), "entropy": entropy[mask].mean(),
-        "sampler_logp_abs_diff": np.abs(sampler - logp)[mask].mean(),
+        # The mismatch is the trainer's old policy against the sampler (not the moving π_θ).
+        "mismatch/logp_abs_diff_mean": np.abs(old - sampler)[mask].mean(),
+        "mismatch/logp_abs_diff_max": np.abs(old - sampler)[mask].max(),
+        "mismatch/token_mult_prob_error": np.exp(np.abs(old - sampler))[mask].mean(),
+        "mismatch/frac_outside_clip": ((np.exp(old - sampler) < 0.8) | (np.exp(old - sampler) > 1.3))[mask].mean(),
+        "mismatch/seq_log_ratio_abs_max": max(abs((old - sampler)[i][mask[i]].mean()) for i in range(8) if mask[i].any()),
         "advantage_mean": adv.mean(), "advantage_std": adv.std(), "completion_length": mask.sum(1).mean(),
     }
-    assert low.any() and high.any()
+    assert low.any() and high.any() and 0 < want["mismatch/frac_outside_clip"] < 1
     for k, v in want.items():
         assert m[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
@@ -246,3 +251,65 @@ def test_config_errors_name_the_value():
         loss.compute_advantages(jnp.zeros(8), 3, loss.LossConfig())
     with pytest.raises(ValueError, match="at least 2 completions"):
         loss.compute_advantages(jnp.zeros(4), 1, loss.LossConfig(advantage_estimator="rloo"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler/trainer mismatch: capped importance weights (grpo_jax.rollout_correction)
+
+# log π_old - log π_samp per token; C_max = 2
+_DIFF = np.log(np.array([[3.0, 0.5], [3.0, 1.0], [4.0, 0.25]]))
+_WANT_WEIGHTS = {
+    "token_truncate": [[2.0, 0.5], [2.0, 1.0], [2.0, 0.25]],  # clip(w_t, 0, 2)
+    "token_mask": [[0.0, 0.5], [0.0, 1.0], [0.0, 0.25]],  # w_t > 2 -> 0
+    "sequence_truncate": [[1.5, 1.5], [2.0, 2.0], [1.0, 1.0]],  # Π_t w_t = 1.5, 3, 1 -> clip
+    "sequence_mask": [[1.5, 1.5], [0.0, 0.0], [1.0, 1.0]],  # sequence 1 (w = 3 > 2) dropped
+}
+
+
+@pytest.mark.parametrize("mode", sorted(_WANT_WEIGHTS))
+def test_rollout_correction_weights_the_policy_gradient(mode):
+    """On-policy (ratio 1), token-mean: loss = -Σ A_i w_it / N and d loss / d logp = -A_i w_it / N, with
+    w the capped π_old / π_samp of the mode; the KL term is not reweighted."""
+    logp = jnp.asarray([[-1.0, -2.0], [-0.5, -1.5], [-3.0, -0.2]])
+    sampler = logp - _DIFF
+    adv = jnp.asarray([1.0, -2.0, 0.5])
+    mask = jnp.ones((3, 2), bool)
+    cfg = loss.LossConfig(beta=0.0, aggregation="token-mean", rollout_correction=mode, rollout_correction_max=2.0)
+    w = np.asarray(_WANT_WEIGHTS[mode])
+    s, d, m = loss.grpo_loss_terms(logp, adv, mask, cfg, sampler_logp=sampler)
+    np.testing.assert_allclose(float(s / d), -(np.asarray(adv)[:, None] * w).sum() / 6, rtol=1e-5)
+    np.testing.assert_allclose(_grad_logp(logp, adv, mask, cfg, sampler_logp=sampler),
+                               -np.asarray(adv)[:, None] * w / 6, rtol=1e-5, atol=1e-7)
+    out = loss.finalize_metrics(m)
+    changed = {"token_truncate": 3, "token_mask": 3, "sequence_truncate": 2, "sequence_mask": 2}[mode]
+    assert float(out["mismatch/frac_corrected"]) == pytest.approx(changed / 6)
+    assert float(out["mismatch/is_weight_mean"]) == pytest.approx(w.mean(), rel=1e-5)
+
+
+def test_rollout_correction_lower_cap_and_kl_untouched():
+    logp = jnp.asarray([[-1.0, -2.0]])
+    sampler = logp - np.log(np.array([[0.1, 1.0]]))  # w = 0.1, 1
+    ref = logp + 0.3
+    kw = dict(aggregation="token-mean", beta=0.5, rollout_correction_max=None, rollout_correction_min=0.5)
+    plain = loss.LossConfig(aggregation="token-mean", beta=0.5)
+    s0, d0, _ = loss.grpo_loss_terms(logp, jnp.asarray([0.0]), jnp.ones((1, 2), bool), plain, ref_logp=ref)
+    for mode, w0 in (("token_truncate", 0.5), ("token_mask", 0.0)):
+        cfg = loss.LossConfig(rollout_correction=mode, **kw)
+        # Zero advantage: only the KL term is left, and it is not reweighted.
+        s, d, _ = loss.grpo_loss_terms(logp, jnp.asarray([0.0]), jnp.ones((1, 2), bool), cfg, ref_logp=ref,
+                                       sampler_logp=sampler)
+        assert float(s / d) == pytest.approx(float(s0 / d0))
+        s, d, _ = loss.grpo_loss_terms(logp, jnp.asarray([1.0]), jnp.ones((1, 2), bool), cfg, ref_logp=ref,
+                                       sampler_logp=sampler)
+        kl = np.exp(0.3) - 0.3 - 1  # k3 at log π_ref - log π = 0.3
+        assert float(s / d) == pytest.approx((-(w0 + 1.0) + 2 * 0.5 * kl) / 2, rel=1e-5)
+
+
+def test_rollout_correction_settings_are_checked():
+    with pytest.raises(ValueError, match="rollout_correction='tis'"):
+        loss.LossConfig(rollout_correction="tis")
+    with pytest.raises(ValueError, match="rollout_correction_min=3.0, rollout_correction_max=2.0"):
+        loss.LossConfig(rollout_correction="token_mask", rollout_correction_min=3.0)
+    with pytest.raises(ValueError, match="needs sampler_logp"):
+        loss.grpo_loss_terms(jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2), bool),
+                             loss.LossConfig(beta=0.0, rollout_correction="token_truncate"))
