@@ -51,7 +51,14 @@ def get_config() -> ConfigDict:
         clip_eps_low=0.2, clip_eps_high=placeholder(float),  # unset: the same as clip_eps_low
         dual_clip=placeholder(float),  # c > 1 caps negative-advantage losses; unset: off
         beta=0.04, kl_estimator="k3", aggregation="seq-mean-token-mean", importance_level="token",
-        mask_truncated=False, overlong_buffer=0, logprob_chunk=1024))
+        mask_truncated=False, overlong_buffer=0, logprob_chunk=1024,
+        # The sampler/trainer mismatch (grpo_jax.rollout_correction): None (measured, not corrected),
+        # "token_truncate" (TIS), "token_mask", "sequence_truncate" or "sequence_mask" (MIS), with
+        # the weights capped to [rollout_correction_min, rollout_correction_max].
+        rollout_correction=placeholder(str), rollout_correction_max=2.0, rollout_correction_min=placeholder(float),
+        # DAPO's dynamic sampling: keep only groups whose rewards differ, sampling prompts_per_step more
+        # prompts per round until the batch is full or max_sampling_rounds rounds are done.
+        dynamic_sampling=False, max_sampling_rounds=3))
 
     c.rewards = ConfigDict({"math": 1.0})  # reward function name -> weight
     c.reward_functions = ConfigDict()  # your own: name -> "package.module:function" (name it in rewards)
@@ -83,7 +90,8 @@ def get_config() -> ConfigDict:
 
     c.optimizer = ConfigDict(dict(
         learning_rate=1e-6, warmup_steps=10, schedule="cosine", final_lr_fraction=0.1,
-        b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0))
+        b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0,
+        max_nonfinite_updates=10))  # this many consecutive updates with a NaN/inf loss or gradient stop the run
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ConfigDict(dict(every=50, keep=3))

@@ -110,7 +110,9 @@ def loss_config(cfg: ConfigDict) -> loss.LossConfig:
         clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, dual_clip=g.dual_clip,
         beta=g.beta, kl_estimator=g.kl_estimator, aggregation=g.aggregation,
         max_completion_length=s.max_new_tokens, importance_level=g.importance_level,
-        mask_truncated=g.mask_truncated, temperature=s.temperature, logprob_chunk=g.logprob_chunk)
+        mask_truncated=g.mask_truncated, temperature=s.temperature, logprob_chunk=g.logprob_chunk,
+        rollout_correction=g.rollout_correction, rollout_correction_max=g.rollout_correction_max,
+        rollout_correction_min=g.rollout_correction_min)
 
 
 def sampling_config(cfg: ConfigDict, tokenizer) -> sampler.SamplingConfig:

@@ -7,9 +7,24 @@
     state, metrics = update(state, batch, model_cfg=..., loss_cfg=..., mesh=..., num_microbatches=1, tx=tx)
 
 `update` is the pure function the step jits and donates: the GRPO loss of `batch` (grpo_jax.objective,
-grpo_jax.loss) and one optimizer step on the train state. The old policy of the clipped ratio is the
-sampler's log-probabilities; the reference log-probabilities (beta > 0) come from `state.ref_params`,
-the frozen policy the run started from, in micro-batches of the update's size (`reference_logprobs`).
+grpo_jax.loss) and one optimizer step on the train state; a batch in which no token carries a non-zero
+advantage makes no step (its gradient is rounding noise, or the KL term alone, which Adam would
+turn into a full-size step).
+
+The old policy of the clipped ratio is the trainer's own, never the sampler's log-probabilities
+(which differ in bfloat16; grpo_jax.rollout_correction measures and can correct that): with one
+update per rollout it is π_θ itself under stop_gradient, so the ratio is exactly 1; with several
+(num_iterations > 1 or minibatches > 1) the trainer's forward computes it once, before the first
+update. The reference log-probabilities (beta > 0) come from `state.ref_params`, the frozen policy
+the run started from, stored in the compute dtype. Both passes run in micro-batches of the
+update's size (`batch_logprobs`).
+
+Dynamic sampling (DAPO, Yu et al. 2025): with `dynamic_sampling`, groups whose G rewards are all
+equal (no advantage, no gradient) are dropped and more prompts are sampled, prompts_per_step at a
+time, until prompts_per_step groups with signal fill the batch or `max_sampling_rounds` rounds
+are done (the rest is then filled with groups without signal, which add no gradient). Each round
+reads the next prompts of the data iterator and its own key (fold_in(step key, round)), so a step
+is deterministic and a resumed run repeats it exactly.
 
 Completions are trimmed to the bucket of the longest one before the reference pass and the update:
 their cost follows the tokens sampled, not `max_new_tokens`.
@@ -19,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,25 +61,76 @@ _SEQUENCES = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 
 def update(state: train_state.TrainState, batch: Batch, *, model_cfg: model.ModelConfig, loss_cfg: loss.LossConfig,
            mesh, num_microbatches: int, tx) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the GRPO loss of `batch` (objective.loss_and_grad's batch layout); a
-    non-finite loss or gradient leaves the state as it was (metrics["update_skipped"] = 1)."""
+    """One optimizer step on the GRPO loss of `batch` (objective.loss_and_grad's batch layout). The
+    state is left as it was when the loss or gradient is not finite (metrics["update_nonfinite"]) or
+    when no token carries advantage (metrics["update_no_signal"]); update_skipped counts both."""
     loss_value, grads, out = objective.loss_and_grad(state.params, batch, model_cfg, loss_cfg, mesh, num_microbatches)
-    state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx)
-    return state, {**out, **opt_metrics}
+    signal = loss.has_signal(batch["advantages"], batch["completion_mask"], batch.get("truncated"), loss_cfg)
+    state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx, skip=~signal)
+    return state, {**out, **opt_metrics, "update_no_signal": (~signal).astype(jnp.float32)}
 
 
-def reference_logprobs(ref_params: model.Params, batch: Batch, *, model_cfg: model.ModelConfig,
-                       loss_cfg: loss.LossConfig, mesh, num_microbatches: int) -> jax.Array:
-    """log π_ref(o_t | q, o_<t) [B, C] of the batch's completions, `num_microbatches` rows groups at a
-    time (lax.map: one micro-batch's activations live at once, as in the update)."""
+def batch_logprobs(params: model.Params, batch: Batch, *, model_cfg: model.ModelConfig, loss_cfg: loss.LossConfig,
+                   mesh, num_microbatches: int) -> jax.Array:
+    """log π(o_t | q, o_<t) [B, C] of the batch's completions under `params` (the reference, or the
+    policy before its first update), `num_microbatches` rows groups at a time (lax.map: one
+    micro-batch's activations live at once, as in the update)."""
     def one(mb):
-        return logprobs.completion_logprobs(ref_params, model_cfg, mb["prompt_ids"], mb["prompt_mask"],
+        return logprobs.completion_logprobs(params, model_cfg, mb["prompt_ids"], mb["prompt_mask"],
                                             mb["completion_ids"], mb["completion_mask"], loss_cfg.temperature,
                                             loss_cfg.logprob_chunk, mesh=mesh)[0]
 
     if num_microbatches == 1:
         return one(batch)
     return objective.merge_microbatches(jax.lax.map(one, objective.split_microbatches(batch, num_microbatches)))
+
+
+@dataclasses.dataclass
+class Groups:
+    """This host's completions of a step, the G of each prompt adjacent, as numpy rows."""
+
+    rows: list[dict]  # the prompts' dataset rows
+    prompt_ids: np.ndarray  # [N, P] left-padded
+    prompt_mask: np.ndarray
+    tokens: np.ndarray  # [N, T] right-padded
+    mask: np.ndarray
+    logprobs: np.ndarray  # [N, T] the sampler's
+    truncated: np.ndarray  # [N] bool
+    lengths: np.ndarray  # [N]
+    texts: list[str]
+    rewards: np.ndarray | None = None  # [N] weighted total
+    per_fn: dict[str, np.ndarray] | None = None  # [N] per reward function (NaN: None)
+    counts: dict[str, int] | None = None  # the verifier pool's timeouts, crashes, errors
+
+    def signal(self, G: int) -> np.ndarray:
+        """[prompts] bool: the groups whose rewards are not all equal."""
+        r = self.rewards.reshape(-1, G)
+        return r.max(axis=1) != r.min(axis=1)
+
+    def select(self, groups: np.ndarray, G: int) -> Groups:
+        """The completions of the prompts `groups` (indices into this Groups' prompts)."""
+        idx = (np.asarray(groups, np.int64)[:, None] * G + np.arange(G)).reshape(-1)
+        arrays = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+                  if isinstance(getattr(self, f.name), np.ndarray)}
+        return dataclasses.replace(self, rows=[self.rows[i] for i in groups], texts=[self.texts[i] for i in idx],
+                                   per_fn={k: v[idx] for k, v in self.per_fn.items()}, **arrays)
+
+    @staticmethod
+    def concat(parts: Sequence[Groups], pad_id: int) -> Groups:
+        """One Groups of several (prompts left-padded to the widest)."""
+        if len(parts) == 1:
+            return parts[0]
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        left = lambda x, fill: np.pad(x, ((0, 0), (P - x.shape[1], 0)), constant_values=fill)
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
+        return Groups(
+            rows=[r for p in parts for r in p.rows],
+            prompt_ids=np.concatenate([left(p.prompt_ids, pad_id) for p in parts]),
+            prompt_mask=np.concatenate([left(p.prompt_mask, False) for p in parts]),
+            tokens=cat("tokens"), mask=cat("mask"), logprobs=cat("logprobs"), truncated=cat("truncated"),
+            lengths=cat("lengths"), texts=[t for p in parts for t in p.texts], rewards=cat("rewards"),
+            per_fn={k: np.concatenate([p.per_fn[k] for p in parts]) for k in parts[0].per_fn},
+            counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts})
 
 
 @dataclasses.dataclass
@@ -85,17 +151,22 @@ class GRPO:
     seed: int = 0
     skipped_rows: int = 0
     samples_every: int = 0
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 1
+    max_nonfinite_updates: int = 10
     name = "GRPO"
 
     def __post_init__(self):
-        statics = dict(model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh,
-                       num_microbatches=self.num_microbatches, tx=self.tx)
-        self.update_fn = jax.jit(functools.partial(update, **statics), donate_argnums=0)
-        # The reference pass sees all of a step's rows at once: as many micro-batches as the
-        # updates split them into, so that its activations are no larger than one update's.
-        self.reference = jax.jit(functools.partial(
-            reference_logprobs, model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh,
-            num_microbatches=self.minibatches * self.num_microbatches))
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"grpo.max_sampling_rounds={self.max_sampling_rounds}; expected >= 1")
+        statics = dict(model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh)
+        self.update_fn = jax.jit(functools.partial(update, num_microbatches=self.num_microbatches, tx=self.tx,
+                                                   **statics), donate_argnums=0)
+        # The reference and old-policy passes see all of a step's rows at once: as many micro-batches
+        # as the updates split them into, so that their activations are no larger than one update's.
+        self.logprobs_fn = jax.jit(functools.partial(
+            batch_logprobs, num_microbatches=self.minibatches * self.num_microbatches, **statics))
+        self.nonfinite = train_state.NonFiniteStop(self.max_nonfinite_updates)
 
     @classmethod
     def from_config(cls, cfg: ConfigDict, pol: policy.Policy, scorer: rewards.Scorer, task: data.Task) -> GRPO:
@@ -114,7 +185,8 @@ class GRPO:
                                       host=jax.process_index(), num_hosts=hosts)
         return cls(pol, scorer, [rewards.RewardSpec(k, w) for k, w in cfg.rewards.items()], prompts,
                    config.loss_config(cfg), tx, schedule, g.num_generations, g.num_iterations, g.minibatches,
-                   g.microbatches, cfg.seed, task.skipped, cfg.log.samples_every)
+                   g.microbatches, cfg.seed, task.skipped, cfg.log.samples_every, g.dynamic_sampling,
+                   g.max_sampling_rounds if g.dynamic_sampling else 1, cfg.optimizer.max_nonfinite_updates)
 
     @property
     def updates_per_step(self) -> int:
@@ -124,8 +196,14 @@ class GRPO:
         return self.prompts.state()
 
     def reference_params(self, params):
-        """The frozen reference of the KL term: a copy of the starting policy, only when beta > 0."""
-        return jax.tree.map(jnp.copy, params) if self.loss_cfg.beta > 0 else None
+        """The frozen reference of the KL term, only when beta > 0: a copy of the starting policy in
+        the compute dtype (it only runs forward, and the forward computes in that dtype anyway), in
+        the policy's layout."""
+        if self.loss_cfg.beta <= 0:
+            return None
+        dtype = jnp.dtype(self.policy.model_cfg.dtype)
+        cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        return jax.jit(lambda t: jax.tree.map(cast, t), out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
 
     def before_training(self, state: train_state.TrainState, say: Callable[[str], None]) -> None:
         pass
@@ -140,28 +218,28 @@ class GRPO:
         next state and the step's metrics; `clock` gets a lap per phase."""
         clock = clock or metrics.Stopwatch()
         G, mesh, step = self.num_generations, self.policy.mesh, int(state.step)
-        rows, next_data = self.prompts.batch(state.data)
-        rollout = self.policy.replace(params=state.params).rollout(rows, G, train_state.step_key(state))
-        all_lengths = multihost.all_rows(rollout.lengths)
-        C = self.trimmed_length(int(all_lengths.max()))
-        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                 "completion_ids": rollout.tokens[:, :C], "completion_mask": rollout.mask[:, :C],
-                 "truncated": rollout.truncated, "old_logp": rollout.logprobs[:, :C],
-                 "sampler_logp": rollout.logprobs[:, :C]}
+        sampled, next_data, rounds = self._sample(state, clock)
+        groups = self._batch_groups(sampled) if self.dynamic_sampling else sampled
+        C = self.trimmed_length(multihost.host_max([int(groups.lengths.max(initial=0))])[0])
+        batch = multihost.global_batch({
+            "prompt_ids": groups.prompt_ids, "prompt_mask": groups.prompt_mask,
+            "completion_ids": groups.tokens[:, :C], "completion_mask": groups.mask[:, :C],
+            "truncated": groups.truncated, "sampler_logp": groups.logprobs[:, :C]}, mesh)
+        # Dispatched before the host scores: the device computes them while the verifiers run.
+        seqs = {k: batch[k] for k in _SEQUENCES}
+        if self.updates_per_step > 1:  # else π_old = stop_gradient(π_θ) in the loss: the ratio is exactly 1
+            batch["old_logp"] = self.logprobs_fn(state.params, seqs)
         if state.ref_params is not None:
-            # Dispatched before the host scores: the device computes it while the verifiers run.
-            batch["ref_logp"] = self.reference(state.ref_params, {k: batch[k] for k in _SEQUENCES})
-        lengths = multihost.local_rows(rollout.lengths)  # this host's rows
-        texts = self.policy.decode(multihost.local_rows(rollout.tokens), lengths)
-        clock.lap("sampling")
-
-        total, _, reward_metrics = self.scorer(self.specs, rows, G, texts, lengths)
-        clock.lap("rewards")
+            batch["ref_logp"] = self.logprobs_fn(state.ref_params, seqs)
+        if groups.rewards is None:
+            self._score(groups)
+            clock.lap("rewards")
 
         # The device runs in order: advantages computed there would wait for the reference pass.
-        jax.block_until_ready(batch.get("ref_logp"))
+        jax.block_until_ready((batch.get("old_logp"), batch.get("ref_logp")))
         # Over every host's rewards: scale_rewards="batch" divides by the std of the global batch.
-        advantages, adv_metrics = loss.compute_advantages(jnp.asarray(multihost.all_hosts(total)), G, self.loss_cfg)
+        total = multihost.all_hosts(groups.rewards)
+        advantages, adv_metrics = loss.compute_advantages(jnp.asarray(total), G, self.loss_cfg)
         batch["advantages"] = multihost.place_rows(np.asarray(advantages), mesh)
         batch = sharding.shard_batch(batch, mesh)
         clock.lap("ref_logprobs")
@@ -171,17 +249,59 @@ class GRPO:
         clock.lap("update")
 
         state = train_state.advance(state, next_data, mesh)
-        out = self._metrics(update_metrics, adv_metrics, reward_metrics, total, all_lengths, rollout)
+        out = {**update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **self._sample_metrics(sampled)}
         out["completion_length/padded"] = float(C)
-        out["learning_rate"] = float(self.schedule((step + 1) * self.updates_per_step))
+        if self.dynamic_sampling:
+            all_signal = multihost.all_hosts(sampled.signal(G))
+            out.update({"dynamic_sampling/rounds": float(rounds),
+                        "dynamic_sampling/kept_fraction": float(all_signal.mean()),
+                        "dynamic_sampling/filled_without_signal": float(adv_metrics["frac_reward_zero_std"])})
         if self.samples_every and (step + 1) % self.samples_every == 0:
             out["samples"] = "\n\n".join(
-                f"**prompt** {rows[i // G][self.policy.prompt.field]!r}\n**completion** {texts[i]!r}\n"
-                f"**reward** {total[i]:.3f}" for i in range(min(4, len(texts))))
+                f"**prompt** {groups.rows[i // G][self.policy.prompt.field]!r}\n**completion** {groups.texts[i]!r}\n"
+                f"**reward** {groups.rewards[i]:.3f}" for i in range(min(4, len(groups.texts))))
         return state, out
 
+    def _sample(self, state: train_state.TrainState, clock: metrics.Stopwatch) -> tuple[Groups, dict[str, int], int]:
+        """This host's completions of the step (every round's, scored when dynamic sampling needs
+        the rewards to decide), the data iterator's next position, and the number of rounds."""
+        G = self.num_generations
+        pol = self.policy.replace(params=state.params).for_sampling()  # one sampling copy for every round
+        key, position, rounds = train_state.step_key(state), state.data, []
+        while True:
+            rows, position = self.prompts.batch(position)
+            rollout = pol.rollout(rows, G, key if not rounds else jax.random.fold_in(key, len(rounds)))
+            local = [multihost.local_rows(x) for x in (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens,
+                                                      rollout.mask, rollout.logprobs, rollout.truncated,
+                                                      rollout.lengths)]
+            part = Groups(rows, *local, texts=self.policy.decode(local[2], local[6]))
+            rounds.append(part)
+            clock.lap("sampling")
+            if not self.dynamic_sampling:
+                return part, position, 1
+            self._score(part)
+            clock.lap("rewards")
+            enough = sum(int(p.signal(G).sum()) for p in rounds) >= len(rows)
+            # The sampler is one program over all hosts: every host samples in every round, until all
+            # have enough groups with signal.
+            if multihost.all_hosts(np.asarray([enough])).all() or len(rounds) >= self.max_sampling_rounds:
+                return Groups.concat(rounds, self.policy.sampling.pad_id), position, len(rounds)
+
+    def _batch_groups(self, sampled: Groups) -> Groups:
+        """prompts_per_step // hosts groups of `sampled`: those with signal first, in sampling order,
+        then (only when the rounds ran out) groups without signal, which carry no advantage."""
+        signal = sampled.signal(self.num_generations)
+        order = np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])
+        return sampled.select(np.sort(order[:self.prompts.batch_size]), self.num_generations)
+
+    def _score(self, groups: Groups) -> None:
+        total, per_fn, m = self.scorer(self.specs, groups.rows, self.num_generations, groups.texts, groups.lengths)
+        groups.rewards, groups.per_fn = total, per_fn
+        groups.counts = {k.split("/", 1)[1]: m[k] for k in m if k.count("/") == 1}  # rewards/errors, ...
+
     def _updates(self, state, batch: Batch, step: int):
-        """num_iterations passes over the batch, each in `minibatches` updates of a seeded shuffle."""
+        """num_iterations passes over the batch, each in `minibatches` updates of a seeded shuffle.
+        Metrics: the mean over the updates (`*_max` / `*_min`: the max / min)."""
         n, mb = batch["completion_ids"].shape[0], self.minibatches  # all hosts' completions
         all_metrics = []
         for it in range(self.num_iterations):
@@ -191,7 +311,11 @@ class GRPO:
                 part = jax.tree.map(lambda x: x[idx], batch) if mb > 1 else batch
                 state, out = self.update_fn(state, part)
                 all_metrics.append(out)
-        return state, {k: float(np.mean([float(m[k]) for m in all_metrics])) for k in all_metrics[0]}
+        all_metrics = [{k: float(v) for k, v in m.items()} for m in all_metrics]
+        for m in all_metrics:
+            self.nonfinite.observe(m["update_nonfinite"], step + 1)
+        reduce = lambda k: max if k.endswith("_max") else min if k.endswith("_min") else np.mean
+        return state, {k: float(reduce(k)([m[k] for m in all_metrics])) for k in all_metrics[0]}
 
     def trimmed_length(self, longest: int) -> int:
         """The completion length the update pads to: the smallest completion bucket (the prompt
@@ -199,17 +323,17 @@ class GRPO:
         s = self.policy.sampling
         return sampler.bucket_length(max(longest, 1), sampler.completion_buckets(s.prompt_buckets, s.max_new_tokens))
 
-    def _metrics(self, update_metrics, adv_metrics, reward_metrics, total: np.ndarray, lengths: np.ndarray,
-                 rollout) -> dict[str, float]:
-        # Per-function reward metrics are this host's; the headline ones cover all hosts.
-        total, lens = multihost.all_hosts(total), lengths.astype(np.float64)
+    def _sample_metrics(self, sampled: Groups) -> dict[str, float]:
+        """Rewards and lengths of every completion sampled this step (all rounds; per-function
+        rewards and verifier failures: this host's)."""
+        total, lens = multihost.all_hosts(sampled.rewards), multihost.all_hosts(sampled.lengths).astype(np.float64)
         return {
-            **update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **reward_metrics,
+            **rewards.reward_metrics(sampled.per_fn, sampled.counts),
             "data/skipped_rows": float(self.skipped_rows),
             "reward": float(total.mean()), "reward_std": float(total.std()),
             "completion_length/mean": lens.mean(), "completion_length/min": lens.min(),
             "completion_length/max": lens.max(), "completion_tokens": lens.sum(),
-            "frac_truncated": float(multihost.all_rows(rollout.truncated).mean()),
+            "frac_truncated": float(multihost.all_hosts(sampled.truncated).mean()),
         }
 
     def summary(self, m: dict[str, float]) -> str:

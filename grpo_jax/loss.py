@@ -280,6 +280,13 @@ def loss_mask(completion_mask: Array, truncated: Array | None, cfg: LossConfig) 
     return mask
 
 
+def has_signal(advantages: Array, completion_mask: Array, truncated: Array | None, cfg: LossConfig) -> Array:
+    """[] bool: does any completion in the loss carry a non-zero advantage? Without one the
+    policy-gradient term is zero and the gradient is rounding noise (or the KL term alone)."""
+    in_loss = loss_mask(completion_mask, truncated, cfg).sum(axis=1) > 0
+    return jnp.any(in_loss & (advantages != 0))
+
+
 def loss_denominator(completion_mask: Array, truncated: Array | None, cfg: LossConfig) -> Array:
     """The aggregation's denominator; it depends only on masks, so it can be computed for the whole
     batch before splitting it into micro-batches."""

@@ -95,7 +95,9 @@ def accumulate(fn, params: model.Params, batch: Batch, num_microbatches: int = 1
     """The summed value, merged metrics and summed gradient of fn(params, micro-batch) -> (sum,
     loss.Metrics) over `num_microbatches` micro-batches of `batch` (one `lax.scan`; the gradient
     buffers are the only carry that grows with the model). Every loss here is a (sum, denominator)
-    pair, so dividing the totals by the whole batch's denominator afterwards is exact.
+    pair, so dividing the totals by the whole batch's denominator afterwards is exact. The buffers are
+    float32 whatever the parameters are stored in: bfloat16 sums of many micro-batches lose the small
+    ones.
 
     Returns ((total, metrics), grads)."""
     grad_fn = jax.value_and_grad(fn, has_aux=True)
@@ -103,12 +105,13 @@ def accumulate(fn, params: model.Params, batch: Batch, num_microbatches: int = 1
         return grad_fn(params, batch)
     micro = split_microbatches(batch, num_microbatches)
     (_, metrics_shape), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
-    carry = (jnp.zeros((), jnp.float32), loss.Metrics.identity_like(metrics_shape), jax.tree.map(jnp.zeros_like, params))
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+    carry = (jnp.zeros((), jnp.float32), loss.Metrics.identity_like(metrics_shape), zeros)
 
     def body(carry, mb):
         total, metrics, grads = carry
         (s, m), g = grad_fn(params, mb)
-        return (total + s, metrics.merge(m), jax.tree.map(jnp.add, grads, g)), None
+        return (total + s, metrics.merge(m), jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)), None
 
     (total, metrics, grads), _ = jax.lax.scan(body, carry, micro)
     return (total, metrics), grads

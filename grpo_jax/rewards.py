@@ -306,7 +306,7 @@ def score(
     """
     n = len(completions)
     total = np.zeros(n, np.float64)
-    per_fn, metrics = {}, {}
+    per_fn = {}
     counts = {"timeouts": 0, "crashes": 0, "errors": 0}
     for spec in specs:
         fn = (fns or {}).get(spec.name) or get_reward_fn(spec.name)
@@ -324,12 +324,20 @@ def score(
         r = np.array([np.nan if v is None or not math.isfinite(float(v)) else float(v) for v in values], np.float64)
         per_fn[spec.name] = r.astype(np.float32)
         total += spec.weight * np.nan_to_num(r, nan=0.0)
-        valid = r[~np.isnan(r)]
-        metrics[f"rewards/{spec.name}/mean"] = float(valid.mean()) if valid.size else float("nan")
-        metrics[f"rewards/{spec.name}/std"] = float(valid.std()) if valid.size else float("nan")
-        metrics[f"rewards/{spec.name}/frac_none"] = 1.0 - valid.size / max(n, 1)
+    return total.astype(np.float32), per_fn, reward_metrics(per_fn, counts)
+
+
+def reward_metrics(per_fn: dict[str, np.ndarray], counts: dict[str, int]) -> dict[str, float]:
+    """Each function's mean and std over its non-None (NaN) values and its fraction of None, and the
+    pool's counts (timeouts, crashes, errors)."""
+    metrics = {}
+    for name, r in per_fn.items():
+        valid = r[~np.isnan(r)].astype(np.float64)
+        metrics[f"rewards/{name}/mean"] = float(valid.mean()) if valid.size else float("nan")
+        metrics[f"rewards/{name}/std"] = float(valid.std()) if valid.size else float("nan")
+        metrics[f"rewards/{name}/frac_none"] = 1.0 - valid.size / max(r.size, 1)
     metrics.update({f"rewards/{k}": float(v) for k, v in counts.items()})
-    return total.astype(np.float32), per_fn, metrics
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ class SFT:
                                                    num_microbatches=c.microbatches, chunk=self.cfg.grpo.logprob_chunk),
                                  donate_argnums=0)
         self.skipped_rows = self.task.skipped
+        self.nonfinite = train_state.NonFiniteStop(self.cfg.optimizer.max_nonfinite_updates)
         self.sources: dict[str, int] = {}
         self._examples: data.PromptIterator | None = None
 
@@ -204,8 +205,8 @@ class SFT:
         out = {k: float(v) for k, v in out.items()}
         clock.lap("update")
         state = train_state.advance(state, next_data, self.policy.mesh)
-        out.update({"learning_rate": float(self.schedule(int(state.step))), "frac_cut": cut / len(rows),
-                    "data/skipped_rows": float(self.skipped_rows)})
+        self.nonfinite.observe(out["update_nonfinite"], int(state.step))
+        out.update({"frac_cut": cut / len(rows), "data/skipped_rows": float(self.skipped_rows)})
         return state, out
 
     def summary(self, m: dict[str, float]) -> str:

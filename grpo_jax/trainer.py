@@ -56,6 +56,7 @@ class Trainer:
         self.workdir = cfg.workdir
         os.makedirs(self.workdir, exist_ok=True)
         pol, self.source = policy.load(cfg)
+        train_state.check_precision(pol.params, cfg.optimizer.learning_rate)
         self.policy = pol.replace(params=None)  # the state's parameters are the policy's
         self.task = data.load_task(cfg.data, cfg.seed)
         self.scorer = rewards.Scorer.from_config(cfg, reward_fns)
