@@ -1,14 +1,17 @@
 """Whole GRPO steps on one accelerator: time split, completion tokens/s, MFU, compile time, memory.
 
     python scripts/bench_grpo_step.py --shape qwen2.5-0.5b --dtype bfloat16 --remat full --prompts 4 16 \\
-        --num_generations 16 --prompt_len 128 --new_tokens 256 --out bench_grpo_step.json  # a GPU
+        --num_generations 16 --prompt_len 128 --new_tokens 256 --out bench_grpo_step.json  # a GPU: bf16 compute,
+                                                                                          # float32 master weights
     python scripts/bench_grpo_step.py                                                    # tiny, CPU
 
 Each step is `Trainer.train_step` (the training loop's own GRPO step, nothing bypassed): sample G
 completions of every prompt with the KV-cache sampler, decode them to text and score them (a seeded
 random reward, as in shared/anchors/anchor_bench.py, so advantages are non-zero), group advantages,
-reference log-probabilities (beta > 0), and one jitted, donated AdamW update whose old policy is the
-sampler's log-probabilities (GRPO with num_iterations = 1 needs no second old-policy pass). Weights are
+reference log-probabilities (beta > 0), and one jitted, donated AdamW update (one update per rollout:
+the old policy is π_θ under stop_gradient, so no old-policy pass). Precision is what people train
+with: float32 master weights and optimizer state (--param_dtype) and compute in --dtype (bfloat16 on
+an accelerator; the reference is stored in it). Weights are
 random in the named shape (grpo_jax.model.SHAPES), prompts are random tokens of exactly --prompt_len,
 and EOS is disabled so every completion is --new_tokens long, like TRL's anchor.
 
@@ -88,7 +91,7 @@ def make_config(args, prompts: int, workdir: str):
     # vocabulary as the real checkpoints are; the tiny shape uses the char tokenizer.
     c.model.tokenizer = "qwen2" if shape.vocab_size > 100_000 else "char"
     c.model.overrides = {"vocab_size": shape.vocab_size} if c.model.tokenizer == "qwen2" else {}
-    c.model.dtype = c.model.param_dtype = args.dtype
+    c.model.dtype, c.model.param_dtype = args.dtype, args.param_dtype
     c.model.remat, c.model.attention = args.remat, args.attention
     c.grpo.prompts_per_step, c.grpo.num_generations = prompts, args.num_generations
     c.sampling.max_new_tokens, c.grpo.beta, c.grpo.microbatches = args.new_tokens, args.beta, args.microbatches
@@ -166,7 +169,7 @@ def update_memory(args, prompts: int) -> dict:
 
     cfg = make_config(args, prompts, "")
     shape = model.SHAPES[args.shape]
-    model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.dtype, remat=args.remat, attention=args.attention)
+    model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, attention=args.attention)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     tx, _ = train_state.make_optimizer(cfg.optimizer, 1)
     params = jax.eval_shape(lambda k: model.init_params(model_cfg, k), jax.random.key(0))
@@ -178,7 +181,7 @@ def update_memory(args, prompts: int) -> dict:
     batch = {"prompt_ids": jax.ShapeDtypeStruct((B, P), jnp.int32), "prompt_mask": jax.ShapeDtypeStruct((B, P), bool),
              "completion_ids": i32, "completion_mask": jax.ShapeDtypeStruct((B, C), bool),
              "advantages": jax.ShapeDtypeStruct((B,), jnp.float32), "truncated": jax.ShapeDtypeStruct((B,), bool),
-             "old_logp": f32, "sampler_logp": f32}
+             "sampler_logp": f32}
     if args.beta > 0:
         batch["ref_logp"] = f32
     update = jax.jit(functools.partial(grpo.update, model_cfg=model_cfg, loss_cfg=config.loss_config(cfg), mesh=mesh,
@@ -202,7 +205,9 @@ def update_memory(args, prompts: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", choices=sorted(model.SHAPES))
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="compute dtype (model.dtype): bfloat16 on accelerators")
+    ap.add_argument("--param_dtype", default="float32",
+                    help="storage dtype of the weights (model.param_dtype): float32 master weights")
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"],
                     help="attention of the update and log-prob passes (model.ModelConfig.attention)")
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": getattr(dev, "device_kind", dev.platform), "backend": dev.platform,
         "jax": jax.__version__, "host": platform.processor() or platform.machine(),
-        "shape": args.shape, "dtype": args.dtype,
+        "shape": args.shape, "dtype": args.dtype, "param_dtype": args.param_dtype,
         "remat": args.remat, "attention": args.attention, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
         "peak_tflops": args.peak_tflops or None,
         "runs": [(update_memory if args.memory_only else bench_one)(args, p) for p in args.prompts],

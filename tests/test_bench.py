@@ -66,11 +66,13 @@ def test_update_flops_against_a_count_over_the_parameter_tree():
 
 def test_bench_grpo_update_memory_ahead_of_time():
     res = _load("bench_grpo_step").main(["--memory_only", "--prompts", "2", "--num_generations", "2",
-                                         "--prompt_len", "8", "--new_tokens", "6"])
+                                         "--prompt_len", "8", "--new_tokens", "6", "--dtype", "bfloat16"])
     run = res["runs"][0]
     assert run["update_temp_gib"] > 0 and run["update_peak_estimate_gib"] >= run["update_arguments_gib"]
-    # bf16 model state is the parameters plus AdamW's two moments (same dtype) and its step count.
-    assert math.isclose(run["params_and_optimizer_gib"] * 2**30, 3 * 4 * run["params"] + 4 * 2, rel_tol=1e-6)
+    # bf16 compute, float32 master weights: the parameters and AdamW's two float32 moments, plus a few
+    # scalars (step counts, the injected hyperparameters).
+    state_bytes = run["params_and_optimizer_gib"] * 2**30
+    assert 3 * 4 * run["params"] <= state_bytes < 3 * 4 * run["params"] + 64
 
 
 def test_bench_layout_tiny(tmp_path):
