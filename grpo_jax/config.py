@@ -42,6 +42,17 @@ UNSET_WAS = {
 }
 
 
+# Fields added since pipelines first recorded their settings, with the value that behaves as before:
+# a stage finished before a field existed matches a config that leaves the field at that value.
+ADDED = {
+    "grpo.rollout_correction": None,
+    "grpo.rollout_correction_max": 2.0,
+    "grpo.rollout_correction_min": None,
+    "grpo.dynamic_sampling": False,
+    "grpo.max_sampling_rounds": 3,
+}
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config or dict as {"section.field": value}."""
     out = {}
@@ -94,13 +105,14 @@ def check_argv(argv: Sequence[str]) -> None:
 
 
 def upgrade_settings(flat: dict[str, Any]) -> dict[str, Any]:
-    """Flat settings saved before the renames (pipeline stage markers) in today's names and values."""
+    """Flat settings saved before the renames and additions (pipeline stage markers) in today's names
+    and values."""
     out = {}
     for path, value in flat.items():
         path = renamed(path) or path
         old = UNSET_WAS.get(path)
         out[path] = None if old is not None and value == old[0] else value
-    return out
+    return {**ADDED, **out}
 
 
 def loss_config(cfg: ConfigDict) -> loss.LossConfig:

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 
 class Stopwatch:
-    """Seconds between laps: `lap("update")` records `time/update_s` since the previous lap."""
+    """Seconds between laps: `lap("update")` adds the time since the previous lap to `time/update_s`
+    (a phase that recurs, such as sampling rounds, sums)."""
 
     def __init__(self):
         self.start = self._last = time.perf_counter()
@@ -21,7 +22,8 @@ class Stopwatch:
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self.laps[f"time/{name}_s"] = now - self._last
+        key = f"time/{name}_s"
+        self.laps[key] = self.laps.get(key, 0.0) + now - self._last
         self._last = now
 
     def total(self) -> float:

@@ -44,8 +44,11 @@ _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}
 # layout, verifier processes).
 # Changing them never invalidates a stage.
 _UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "model.remat",
-              "model.attention", "sampling.weights", "verifier.workers", "cold_start")  # a stage's cold_start.steps is always 0
-SETTINGS_VERSION = 2  # stage.json settings in today's field names (1: before the renames in grpo_jax.config)
+              "model.attention", "sampling.weights", "verifier.workers", "optimizer.max_nonfinite_updates",
+              "cold_start")  # a stage's cold_start.steps is always 0
+# stage.json settings in today's field names and fields (1: before the renames in grpo_jax.config; 2:
+# before the fields of config.ADDED)
+SETTINGS_VERSION = 3
 
 
 def expand(cfg: ConfigDict) -> ConfigDict:

@@ -118,7 +118,7 @@ def main(argv=None):
     batch = {"prompt_ids": row((rows, P_len), jnp.int32), "prompt_mask": row((rows, P_len), bool),
              "completion_ids": row((rows, C), jnp.int32), "completion_mask": row((rows, C), bool),
              "truncated": row((rows,), bool), "advantages": row((rows,), jnp.float32),
-             "old_logp": row((rows, C), jnp.float32), "sampler_logp": row((rows, C), jnp.float32)}
+             "sampler_logp": row((rows, C), jnp.float32)}  # one update per rollout: no old_logp
     if args.beta > 0:
         batch["ref_logp"] = row((rows, C), jnp.float32)
     loss_cfg = loss.LossConfig(beta=args.beta, logprob_chunk=args.logprob_chunk, max_completion_length=C)
@@ -177,12 +177,15 @@ def main(argv=None):
     resident = param_b + opt_b
     # ---- the reference pass ----------------------------------------------------------------------
     if args.beta > 0 and "reference" not in args.skip:
-        ref = jax.jit(functools.partial(grpo.reference_logprobs, model_cfg=cfg, loss_cfg=loss_cfg, mesh=mesh,
+        ref = jax.jit(functools.partial(grpo.batch_logprobs, model_cfg=cfg, loss_cfg=loss_cfg, mesh=mesh,
                                         num_microbatches=args.microbatches))
         seqs = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-        rmem = compiled.memory(ref.lower(params, seqs).compile())
+        # The reference is stored in the compute dtype (grpo.GRPO.reference_params), in the policy's layout.
+        ref_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(args.dtype), sharding=x.sharding),
+                                  params)
+        rmem = compiled.memory(ref.lower(ref_params, seqs).compile())
         out["reference"] = {"peak_GiB": rmem["peak"] / GiB, "with_resident_state_GiB": (rmem["peak"] + resident) / GiB}
-        resident += param_b  # the reference weights stay for the run
+        resident += per_device(ref_params)  # the reference weights stay for the run
         print(json.dumps({"reference": out["reference"]}, indent=1), flush=True)
 
     # ---- sampling --------------------------------------------------------------------------------

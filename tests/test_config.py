@@ -81,8 +81,25 @@ def test_stage_markers_written_before_the_renames_still_match():
     changed = {**old, "grpo.beta": 0.5}
     assert not pipeline._same_stage({"fingerprint": "0" * 16, "settings": changed}, now, pipeline.fingerprint(now))
     # A marker written by this version is compared by fingerprint alone.
-    assert not pipeline._same_stage({"fingerprint": "0" * 16, "settings": now, "settings_version": 2}, now,
-                                    pipeline.fingerprint(now))
+    assert not pipeline._same_stage({"fingerprint": "0" * 16, "settings": now,
+                                     "settings_version": pipeline.SETTINGS_VERSION}, now, pipeline.fingerprint(now))
+
+
+def test_stage_markers_written_before_a_field_existed_still_match():
+    """Fields added later (config.ADDED) are absent from older markers; at the value that behaves as
+    before the stage matches, at any other it has changed."""
+    c = base.get_config()
+    c.stages, c.stage = "a", {"a": {"trainer": "grpo"}}
+    now = pipeline.stage_settings(pipeline.stage_config(c, "a"))
+    old = {k: v for k, v in now.items() if k not in config.ADDED}
+    assert len(old) == len(now) - len(config.ADDED)
+    record = {"fingerprint": "0" * 16, "settings": old, "settings_version": 2}
+    assert pipeline._same_stage(record, now, pipeline.fingerprint(now))
+    c.stage = {"a": {"trainer": "grpo", "grpo": {"dynamic_sampling": True}}}
+    changed = pipeline.stage_settings(pipeline.stage_config(c, "a"))
+    assert changed["grpo.dynamic_sampling"] is True
+    assert not pipeline._same_stage({"fingerprint": "0" * 16, "settings": old, "settings_version": 2}, changed,
+                                    pipeline.fingerprint(changed))
 
 
 MESH_CHECKS = """
