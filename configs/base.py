@@ -21,6 +21,9 @@ def get_config() -> ConfigDict:
         source="shape:tiny",  # "shape:NAME" (random weights), "smollm2", an HF folder or hub id
         overrides={},  # ModelConfig fields for shape: sources (e.g. num_layers)
         tokenizer="char",  # "char", "qwen2", "smollm2", or an HF folder / hub id
+        # Compute and storage dtypes. GPU/TPU: dtype="bfloat16", param_dtype="float32" (float32 master
+        # weights, optimizer state and gradient sums; bf16 matmuls). bf16 storage refuses learning
+        # rates its weights cannot represent (train_state.check_precision).
         dtype="float32", param_dtype="float32", remat="none",
         attention="einsum"))  # cache-free passes: "einsum", "xla" or "cudnn" (see model.ModelConfig)
 

@@ -143,7 +143,6 @@ class GRPO:
     prompts: data.PromptIterator
     loss_cfg: loss.LossConfig
     tx: Any
-    schedule: Callable[[int], Any]
     num_generations: int
     num_iterations: int = 1
     minibatches: int = 1
@@ -180,11 +179,11 @@ class GRPO:
                 f"completions per step must split into grpo.minibatches={g.minibatches} x grpo.microbatches="
                 f"{g.microbatches} parts of equal rows over the mesh's data x fsdp = {shards} devices (mesh.data, "
                 f"mesh.fsdp); {n} is not a multiple of {g.minibatches * g.microbatches * shards}")
-        tx, schedule = train_state.make_optimizer(cfg.optimizer, cfg.steps * g.num_iterations * g.minibatches)
+        tx, _ = train_state.make_optimizer(cfg.optimizer, cfg.steps * g.num_iterations * g.minibatches)
         prompts = data.PromptIterator(task.train, g.prompts_per_step // hosts, seed=cfg.seed,
                                       host=jax.process_index(), num_hosts=hosts)
         return cls(pol, scorer, [rewards.RewardSpec(k, w) for k, w in cfg.rewards.items()], prompts,
-                   config.loss_config(cfg), tx, schedule, g.num_generations, g.num_iterations, g.minibatches,
+                   config.loss_config(cfg), tx, g.num_generations, g.num_iterations, g.minibatches,
                    g.microbatches, cfg.seed, task.skipped, cfg.log.samples_every, g.dynamic_sampling,
                    g.max_sampling_rounds if g.dynamic_sampling else 1, cfg.optimizer.max_nonfinite_updates)
 

@@ -131,7 +131,7 @@ class SFT:
         c, hosts = self.cfg.sft, jax.process_count()
         if c.batch_size % hosts:
             raise ValueError(f"sft.batch_size={c.batch_size} (global) does not split over {hosts} hosts")
-        self.tx, self.schedule = train_state.make_optimizer(self.cfg.optimizer, self.cfg.steps)
+        self.tx, _ = train_state.make_optimizer(self.cfg.optimizer, self.cfg.steps)
         self.max_tokens = c.max_completion_tokens or self.policy.sampling.max_new_tokens
         self.completion_buckets = sampler.completion_buckets(self.policy.sampling.prompt_buckets, self.max_tokens)
         self.update_fn = jax.jit(functools.partial(update, model_cfg=self.policy.model_cfg, tx=self.tx,

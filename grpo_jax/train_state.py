@@ -98,7 +98,11 @@ def make_optimizer(opt: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
                                   [warmup]) if warmup else optax.constant_schedule(peak)
     else:
         raise ValueError(f"optimizer.schedule={opt.schedule!r}; expected 'cosine' or 'constant'")
-    adamw = optax.inject_hyperparams(optax.adamw)(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+    # Only the rate is injected (a float32 array in the state); the rest stay Python floats, so the
+    # arithmetic is exactly optax.adamw's.
+    static = ("b1", "b2", "eps", "eps_root", "weight_decay", "mu_dtype", "mask", "nesterov")
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=static)(lr, b1=opt.b1, b2=opt.b2,
+                                                                      weight_decay=opt.weight_decay)
     return in_float32(optax.chain(optax.clip_by_global_norm(opt.max_grad_norm), adamw)), lr
 
 

@@ -11,13 +11,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from grpo_jax import data  # noqa: E402
 from grpo_jax import grpo  # noqa: E402
-from grpo_jax import policy  # noqa: E402
-from grpo_jax import rewards  # noqa: E402
-from grpo_jax import train_state  # noqa: E402
 from grpo_jax import trainer  # noqa: E402
-from test_on_policy import _record, constant  # noqa: E402
+from test_on_policy import _record, _setup, constant  # noqa: E402
 from test_trainer import tiny_config  # noqa: E402
 
 
@@ -32,15 +28,8 @@ def odd_first_operand(prompts, completions, **columns):
 
 
 def _algo(tmp_path, reward, rounds):
-    cfg = tiny_config(tmp_path)
-    cfg.grpo.dynamic_sampling, cfg.grpo.max_sampling_rounds, cfg.grpo.prompts_per_step = True, rounds, 4
-    cfg.optimizer.warmup_steps = 0
-    pol, _ = policy.load(cfg)
-    task = data.load_task(cfg.data, cfg.seed)
-    scorer = rewards.Scorer(cfg.data.prompt_field, cfg.sampling.max_new_tokens, workers=-1, fns={"math": reward})
-    algo = grpo.GRPO.from_config(cfg, pol.replace(params=None), scorer, task)
-    state = train_state.create(pol.params, algo.tx, pol.mesh, seed=cfg.seed + 1, data=algo.initial_data(),
-                               ref_params=algo.reference_params(pol.params))
+    cfg, _, algo, state = _setup(tmp_path, reward, dtype="float32", dynamic_sampling=True, max_sampling_rounds=rounds,
+                                 prompts_per_step=4)
     return cfg, algo, state
 
 
@@ -77,7 +66,7 @@ def test_rounds_stop_at_the_cap(tmp_path):
     assert out["update_no_signal"] == 1.0  # a full batch of groups without signal: no step
     with pytest.raises(ValueError, match="max_sampling_rounds=0"):
         grpo.GRPO(**{**{f: getattr(algo, f) for f in ("policy", "scorer", "specs", "prompts", "loss_cfg", "tx",
-                                                       "schedule", "num_generations")}, "max_sampling_rounds": 0})
+                                                       "num_generations")}, "max_sampling_rounds": 0})
 
 
 def test_dynamic_sampling_resumes_bit_for_bit(tmp_path):

@@ -213,3 +213,22 @@ def test_reference_is_stored_in_the_compute_dtype(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(state.ref_params)} == {jnp.dtype(jnp.bfloat16)}
     jax.tree.map(lambda r, p: np.testing.assert_array_equal(np.asarray(r), np.asarray(p.astype(jnp.bfloat16))),
                  state.ref_params, state.params)
+
+
+def test_float32_optimizer_is_exactly_optax_adamw():
+    """For float32 weights the float32 wrapper and the injected rate change no bit of AdamW's steps."""
+    cfg = _opt_cfg()
+    tx, schedule = train_state.make_optimizer(cfg, 20)
+    plain = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    key = jax.random.key(0)
+    start = {"w": jax.random.normal(key, (257,))}
+    out = []
+    for t in (tx, plain):
+        p, s = start, t.init(start)
+        step = jax.jit(t.update)
+        for i in range(6):
+            u, s = step({"w": jax.random.normal(jax.random.fold_in(key, i), (257,))}, s, p)
+            p = optax.apply_updates(p, u)
+        out.append(np.asarray(p["w"]))
+    np.testing.assert_array_equal(out[0], out[1])
