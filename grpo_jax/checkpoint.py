@@ -61,7 +61,9 @@ class Checkpoints:
                 params=ocp.args.StandardRestore(_target(params)), state=ocp.args.StandardRestore(_target(rest))))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint {step} in {self.manager.directory} does not match this run's train "
-                             f"state (a different model, optimizer or reference setting?): {str(e)[:800]}") from e
+                             f"state (a different model, optimizer or reference setting, or a checkpoint from a "
+                             f"grpo_jax before 2026-11-30, whose optimizer state had another layout: its parameters "
+                             f"still start a new run with --config.init_from=RUN_WORKDIR): {str(e)[:800]}") from e
         return train_state.from_items(out["params"], out["state"])
 
     def close(self) -> None:
