@@ -87,20 +87,41 @@ def batch_logprobs(params: model.Params, batch: Batch, *, model_cfg: model.Model
 
 @dataclasses.dataclass
 class Groups:
-    """This host's completions of a step, the G of each prompt adjacent, as numpy rows."""
+    """This host's completions of a step, the G of each prompt adjacent. What the host reads (texts,
+    lengths, rewards) is numpy rows; the sequences that make the batch are the sampler's device
+    arrays (`rollout`, every host's rows) when the groups are one round as sampled, so they never
+    leave the devices, or this host's numpy rows when dynamic sampling selects and concatenates
+    groups of several rounds."""
 
     rows: list[dict]  # the prompts' dataset rows
-    prompt_ids: np.ndarray  # [N, P] left-padded
-    prompt_mask: np.ndarray
-    tokens: np.ndarray  # [N, T] right-padded
-    mask: np.ndarray
-    logprobs: np.ndarray  # [N, T] the sampler's
-    truncated: np.ndarray  # [N] bool
-    lengths: np.ndarray  # [N]
     texts: list[str]
+    lengths: np.ndarray  # [N] tokens, EOS included
+    truncated: np.ndarray  # [N] bool
+    rollout: sampler.Rollout | None = None
+    prompt_ids: np.ndarray | None = None  # [N, P] left-padded (without `rollout`)
+    prompt_mask: np.ndarray | None = None
+    tokens: np.ndarray | None = None  # [N, T] right-padded
+    mask: np.ndarray | None = None
+    logprobs: np.ndarray | None = None  # [N, T] the sampler's
     rewards: np.ndarray | None = None  # [N] weighted total
     per_fn: dict[str, np.ndarray] | None = None  # [N] per reward function (NaN: None)
     counts: dict[str, int] | None = None  # the verifier pool's timeouts, crashes, errors
+
+    @classmethod
+    def sampled(cls, rows: list[dict], rollout: sampler.Rollout, decode, on_host: bool) -> Groups:
+        """This host's groups of a rollout; `on_host`: with the sequences copied to the host."""
+        local = {k: multihost.local_rows(getattr(rollout, k)) for k in
+                 (("prompt_ids", "prompt_mask", "tokens", "mask", "logprobs") if on_host else ("tokens",))}
+        lengths = multihost.local_rows(rollout.lengths)
+        return cls(rows, decode(local["tokens"], lengths), lengths, multihost.local_rows(rollout.truncated),
+                   rollout=None if on_host else rollout, **(local if on_host else {}))
+
+    def batch(self, C: int, mesh) -> Batch:
+        """The sequences as a global batch over the mesh, completions cut to C tokens."""
+        src = self if self.rollout is None else self.rollout
+        arrays = {"prompt_ids": src.prompt_ids, "prompt_mask": src.prompt_mask, "completion_ids": src.tokens[:, :C],
+                  "completion_mask": src.mask[:, :C], "truncated": src.truncated, "sampler_logp": src.logprobs[:, :C]}
+        return arrays if self.rollout is not None else multihost.global_batch(arrays, mesh)
 
     def signal(self, G: int) -> np.ndarray:
         """[prompts] bool: the groups whose rewards are not all equal."""
@@ -124,11 +145,11 @@ class Groups:
         left = lambda x, fill: np.pad(x, ((0, 0), (P - x.shape[1], 0)), constant_values=fill)
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
         return Groups(
-            rows=[r for p in parts for r in p.rows],
+            rows=[r for p in parts for r in p.rows], texts=[t for p in parts for t in p.texts],
+            lengths=cat("lengths"), truncated=cat("truncated"),
             prompt_ids=np.concatenate([left(p.prompt_ids, pad_id) for p in parts]),
             prompt_mask=np.concatenate([left(p.prompt_mask, False) for p in parts]),
-            tokens=cat("tokens"), mask=cat("mask"), logprobs=cat("logprobs"), truncated=cat("truncated"),
-            lengths=cat("lengths"), texts=[t for p in parts for t in p.texts], rewards=cat("rewards"),
+            tokens=cat("tokens"), mask=cat("mask"), logprobs=cat("logprobs"), rewards=cat("rewards"),
             per_fn={k: np.concatenate([p.per_fn[k] for p in parts]) for k in parts[0].per_fn},
             counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts})
 
@@ -220,10 +241,7 @@ class GRPO:
         sampled, next_data, rounds = self._sample(state, clock)
         groups = self._batch_groups(sampled) if self.dynamic_sampling else sampled
         C = self.trimmed_length(multihost.host_max([int(groups.lengths.max(initial=0))])[0])
-        batch = multihost.global_batch({
-            "prompt_ids": groups.prompt_ids, "prompt_mask": groups.prompt_mask,
-            "completion_ids": groups.tokens[:, :C], "completion_mask": groups.mask[:, :C],
-            "truncated": groups.truncated, "sampler_logp": groups.logprobs[:, :C]}, mesh)
+        batch = groups.batch(C, mesh)
         # Dispatched before the host scores: the device computes them while the verifiers run.
         seqs = {k: batch[k] for k in _SEQUENCES}
         if self.updates_per_step > 1:  # else π_old = stop_gradient(π_θ) in the loss: the ratio is exactly 1
@@ -270,10 +288,7 @@ class GRPO:
         while True:
             rows, position = self.prompts.batch(position)
             rollout = pol.rollout(rows, G, key if not rounds else jax.random.fold_in(key, len(rounds)))
-            local = [multihost.local_rows(x) for x in (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens,
-                                                      rollout.mask, rollout.logprobs, rollout.truncated,
-                                                      rollout.lengths)]
-            part = Groups(rows, *local, texts=self.policy.decode(local[2], local[6]))
+            part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling)
             rounds.append(part)
             clock.lap("sampling")
             if not self.dynamic_sampling:
