@@ -60,3 +60,43 @@ def test_global_rows_follow_device_indices_not_process_order():
     outs = [p.communicate(timeout=300) for p in procs]
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"OK {i}" in out, out[-2000:] + err[-4000:]
+
+
+GRPO_WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+    sys.path.insert(0, "tests")
+    import numpy as np
+    from grpo_jax import data, grpo, multihost, policy, rewards, train_state
+    from test_dynamic_sampling import odd_first_operand
+    from test_trainer import tiny_config
+    cfg = tiny_config(sys.argv[3])
+    cfg.grpo.prompts_per_step, cfg.grpo.dynamic_sampling, cfg.grpo.max_sampling_rounds = 4, True, 6
+    cfg.grpo.num_iterations = 2  # the trainer's old log-probabilities, over both hosts' rows
+    pol, _ = policy.load(cfg)
+    task = data.load_task(cfg.data, cfg.seed)
+    scorer = rewards.Scorer(cfg.data.prompt_field, cfg.sampling.max_new_tokens, workers=-1,
+                            fns={"math": odd_first_operand})
+    algo = grpo.GRPO.from_config(cfg, pol.replace(params=None), scorer, task)
+    state = train_state.create(pol.params, algo.tx, pol.mesh, seed=1, data=algo.initial_data(),
+                               ref_params=algo.reference_params(pol.params))
+    for _ in range(2):
+        state, m = algo.step(state)
+        # Every host sampled as many rounds, and every group of the global batch has signal.
+        rounds = multihost.all_hosts(np.asarray([m["dynamic_sampling/rounds"]]))
+        assert rounds[0] == rounds[1] and m["frac_reward_zero_std"] == 0.0, (rounds, m)
+        assert m["update_skipped"] == 0.0 and m["update_nonfinite"] == 0.0, m
+    print("OK", jax.process_index(), int(state.data["position"]))
+""")
+
+
+def test_grpo_steps_with_dynamic_sampling_on_two_hosts(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", GRPO_WORKER, str(i), port, str(tmp_path / "run")], env=env,
+                              cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {i}" in out, out[-2000:] + err[-4000:]
