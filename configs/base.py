@@ -25,6 +25,7 @@ def get_config() -> ConfigDict:
         # weights, optimizer state and gradient sums; bf16 matmuls). bf16 storage refuses learning
         # rates its weights cannot represent (train_state.check_precision).
         dtype="float32", param_dtype="float32", remat="none",
+        residual_dtype=placeholder(str),  # the residual stream (unset: dtype); see model.ModelConfig
         attention="einsum"))  # cache-free passes: "einsum", "xla" or "cudnn" (see model.ModelConfig)
 
     c.data = ConfigDict(dict(

@@ -45,6 +45,7 @@ UNSET_WAS = {
 # Fields added since pipelines first recorded their settings, with the value that behaves as before:
 # a stage finished before a field existed matches a config that leaves the field at that value.
 ADDED = {
+    "model.residual_dtype": None,
     "grpo.rollout_correction": None,
     "grpo.rollout_correction_max": 2.0,
     "grpo.rollout_correction_min": None,

@@ -80,6 +80,11 @@ class ModelConfig:
     architecture: str = "llama"  # "llama" | "qwen2": only changes the HF names written by save_hf
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
+    # The residual stream between layers (None: the compute dtype). "float32" with bfloat16 compute
+    # keeps the running sum of the layers' outputs unrounded: the sampler's and the trainer's
+    # log-probabilities then differ by a third less (scripts/bench_mismatch.py), for twice the
+    # memory of the residual activations (the remat checkpoints).
+    residual_dtype: str | None = None
     remat: str = "none"  # "none" | "full" | "dots": activation checkpointing of each layer
     # Attention of cache-free passes (training, reference and old log-probabilities): "einsum" (scores
     # [B, H, T, S] in memory, any mask), or jax.nn.dot_product_attention over rows packed to the left,
@@ -99,6 +104,9 @@ class ModelConfig:
             raise ValueError(f"remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
         if self.attention not in _ATTENTION:
             raise ValueError(f"attention={self.attention!r}; expected one of {list(_ATTENTION)}")
+        if self.residual_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"residual_dtype={self.residual_dtype!r}; expected None (the compute dtype), "
+                             "'float32', 'bfloat16' or 'float16'")
         if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={self.dtype!r}")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
@@ -316,7 +324,9 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
-        x = partitioning.constrain(embed_lookup(embed, tokens, self.mesh).astype(dt), partitioning.RESIDUAL, self.mesh)
+        residual_dt = jnp.dtype(cfg.residual_dtype or cfg.dtype)  # the layers' outputs add onto x in this dtype
+        x = partitioning.constrain(embed_lookup(embed, tokens, self.mesh).astype(residual_dt), partitioning.RESIDUAL,
+                                   self.mesh)
         sin, cos = rope_sin_cos(cfg, positions)
 
         block = Block

@@ -177,7 +177,8 @@ def _hf_source(mcfg: ConfigDict) -> str:
 def model_config(mcfg: ConfigDict, vocab_size: int) -> model.ModelConfig:
     """The ModelConfig of `model.source` without its weights: a named shape (`shape:NAME`, the
     vocabulary from the tokenizer unless `overrides` pads it) or an HF folder's config.json."""
-    execution = dict(dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, remat=mcfg.remat, attention=mcfg.attention)
+    execution = dict(dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, residual_dtype=mcfg.residual_dtype,
+                     remat=mcfg.remat, attention=mcfg.attention)
     if not mcfg.source.startswith("shape:"):
         return hf.load_config(_hf_source(mcfg), **execution)
     name = mcfg.source.split(":", 1)[1]
@@ -204,7 +205,7 @@ def _source_params(mcfg: ConfigDict, model_cfg: model.ModelConfig, mesh: Mesh, s
         return sharding.init_params(model_cfg, mesh, jax.random.key(seed))
     params, _ = hf.load_hf(_hf_source(mcfg), dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
                            shardings=sharding.param_shardings(model_cfg, mesh), remat=model_cfg.remat,
-                           attention=model_cfg.attention)
+                           attention=model_cfg.attention, residual_dtype=model_cfg.residual_dtype)
     return params
 
 

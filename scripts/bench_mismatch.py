@@ -2,6 +2,7 @@
 
     python scripts/bench_mismatch.py                                   # SmolLM2-135M, bf16 compute
     python scripts/bench_mismatch.py --dtype=float32
+    python scripts/bench_mismatch.py --config.model.residual_dtype=float32   # bf16 compute, float32 residual stream
     python scripts/bench_mismatch.py --config=configs/default.py --prompts=16 --new_tokens=16
 
 Samples --num_generations completions of --prompts training prompts of the config's task (its
@@ -64,7 +65,8 @@ def main(argv):
     cfg = _CONFIG.value
     cfg.model.dtype, cfg.model.param_dtype = _DTYPE.value, _PARAM_DTYPE.value
     cfg.sampling.max_new_tokens = _NEW_TOKENS.value
-    result = {"dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype, "model": cfg.model.source,
+    result = {"dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
+              "residual_dtype": cfg.model.residual_dtype or cfg.model.dtype, "model": cfg.model.source,
               "prompts": _PROMPTS.value, "num_generations": _G.value, "new_tokens": _NEW_TOKENS.value,
               "device": jax.devices()[0].device_kind, "host": platform.processor() or platform.machine(),
               **measure(cfg, _PROMPTS.value, _G.value, _SEED.value)}

@@ -127,6 +127,24 @@ def test_remat_and_bf16():
     assert cache["k"].dtype == jnp.bfloat16
 
 
+def test_float32_residual_stream_with_bf16_compute():
+    """residual_dtype="float32": the layer scan carries the residual stream in float32 (what the
+    remat checkpoints hold), in the full forward and in the cached decode alike."""
+    cfg = model.SHAPES["tiny"].replace(dtype="bfloat16")
+    params = model.init_params(cfg, jax.random.key(1))
+    ids, mask = (jnp.asarray(a) for a in left_padded_batch(cfg.vocab_size, [16, 11, 13, 9]))
+    for residual in (None, "float32"):
+        c = cfg.replace(residual_dtype=residual)
+        for fn in (lambda p: model.forward(p, c, ids, mask)[0],
+                   lambda p: model.forward(p, c, ids, mask, model.init_cache(c, 4, 20))[0]):
+            jaxpr = jax.make_jaxpr(fn)(params)
+            carries = [v.aval.dtype for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"
+                       for v in e.outvars if v.aval.shape == (4, 16, cfg.hidden_size)]
+            assert carries == [jnp.dtype(residual or "bfloat16")], carries
+    with pytest.raises(ValueError, match="residual_dtype='fp32'"):
+        cfg.replace(residual_dtype="fp32")
+
+
 def test_packed_attention_matches_masked_einsum():
     """attention="xla" packs each row's real tokens to the front and runs causal attention with key
     lengths (the form cuDNN's fused kernel takes); on left-padded prompts + right-padded completions,
