@@ -51,7 +51,7 @@ def get_config() -> ConfigDict:
         prompts_per_step=8, num_generations=8, num_iterations=1, minibatches=1, microbatches=1,
         advantage_estimator="grpo",
         scale_rewards=placeholder(str),  # "group", "batch" or "none"; unset: the estimator's own choice
-        std_ddof=0,
+        std_ddof=0,  # 0: population std (the default here); 1: sample std, as in TRL, verl and Tunix
         clip_eps_low=0.2, clip_eps_high=placeholder(float),  # unset: the same as clip_eps_low
         dual_clip=placeholder(float),  # c > 1 caps negative-advantage losses; unset: off
         beta=0.04, kl_estimator="k3", aggregation="seq-mean-token-mean", importance_level="token",
