@@ -353,6 +353,8 @@ def grpo_loss_terms(
                                                   cfg.eps_high)
         for name, (total, n) in means.items():
             sums[name], counts[name] = total, n
+        # The metric's name before grpo_jax.rollout_correction, kept for existing dashboards.
+        sums["sampler_logp_abs_diff"], counts["sampler_logp_abs_diff"] = means["mismatch/logp_abs_diff_mean"]
         maxs.update(highs)
     if cfg.rollout_correction is not None:
         if sampler_logp is None:

@@ -177,7 +177,8 @@ def _hf_source(mcfg: ConfigDict) -> str:
 def model_config(mcfg: ConfigDict, vocab_size: int) -> model.ModelConfig:
     """The ModelConfig of `model.source` without its weights: a named shape (`shape:NAME`, the
     vocabulary from the tokenizer unless `overrides` pads it) or an HF folder's config.json."""
-    execution = dict(dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, residual_dtype=mcfg.residual_dtype,
+    # residual_dtype is optional: a model section written before it existed leaves it unset.
+    execution = dict(dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, residual_dtype=mcfg.get("residual_dtype"),
                      remat=mcfg.remat, attention=mcfg.attention)
     if not mcfg.source.startswith("shape:"):
         return hf.load_config(_hf_source(mcfg), **execution)

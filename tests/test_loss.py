@@ -154,6 +154,7 @@ def test_metrics_match_reference():
         "kl": (np.exp(x) - x - 1).mean(), "entropy": entropy[mask].mean(),
         # The mismatch is the trainer's old policy against the sampler (not the moving π_θ).
         "mismatch/logp_abs_diff_mean": np.abs(old - sampler)[mask].mean(),
+        "sampler_logp_abs_diff": np.abs(old - sampler)[mask].mean(),  # its older name
         "mismatch/logp_abs_diff_max": np.abs(old - sampler)[mask].max(),
         "mismatch/token_mult_prob_error": np.exp(np.abs(old - sampler))[mask].mean(),
         "mismatch/frac_outside_clip": ((np.exp(old - sampler) < 0.8) | (np.exp(old - sampler) > 1.3))[mask].mean(),
