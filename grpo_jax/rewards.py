@@ -9,9 +9,11 @@ where `columns` are the dataset's other fields (e.g. `answer`), one value per co
 "not applicable" and is left out of sums and means. Built-ins are found by name (`REGISTRY`); a user's
 own function is named "module:function".
 
-`score` runs each function one completion at a time in a `VerifierPool`: persistent worker processes,
-a wall-clock limit per item enforced from the parent (a worker that hangs or dies is killed and
-replaced, the item scores 0 and is counted), so neither a hang nor a crash reaches the trainer.
+`score` runs each function over the completions in a `verifier_pool.VerifierPool`: persistent worker
+processes fed in chunks, with a wall-clock limit per item enforced from the parent (a worker that
+hangs or dies is killed and replaced, the item scores 0 and is counted), so neither a hang nor a
+crash reaches the trainer. A function marked with `in_process` (a reward model on the accelerator,
+which should see the whole batch at once) is called in the trainer's process with all completions.
 """
 
 from __future__ import annotations
@@ -19,18 +21,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import multiprocessing as mp
-import os
 import pickle
-import time
-from multiprocessing.connection import wait
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from grpo_jax import verifier_pool
 from grpo_jax import verifiers
 
-RewardFn = Callable[..., list]
+RewardFn = verifier_pool.RewardFn
 
 # --------------------------------------------------------------------------------------------------
 # Built-in reward functions (batch interface over the per-item verifiers)
@@ -102,6 +101,17 @@ REGISTRY: dict[str, RewardFn] = {
 }
 
 
+def in_process(fn: RewardFn) -> RewardFn:
+    """Mark a reward function to run in the trainer's process on the whole batch (e.g. one that
+    loads a reward model): no worker, no timeout, so only for trusted code.
+
+        @rewards.in_process
+        def preference(prompts, completions, **columns): return model_scores(prompts, completions)
+    """
+    fn.grpo_in_process = True
+    return fn
+
+
 def get_reward_fn(name: str) -> RewardFn:
     """A built-in by name, or a user's function as "package.module:function"."""
     if name in REGISTRY:
@@ -117,152 +127,6 @@ def get_reward_fn(name: str) -> RewardFn:
         return fn
     raise ValueError(f"unknown reward function {name!r}; built-ins are {sorted(REGISTRY)}, "
                      "or name your own as 'module:function'")
-
-
-# --------------------------------------------------------------------------------------------------
-# Worker pool
-
-
-def _worker_main(conn, memory_mb: int) -> None:
-    """Worker loop: receive (fn, prompt, completion, columns), send back the reward or the error."""
-    import resource
-
-    if memory_mb:
-        limit = memory_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    conn.send("ready")
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        fn, prompt, completion, columns = msg
-        try:
-            value = fn([prompt], [completion], **{k: [v] for k, v in columns.items()})[0]
-            out = ("ok", None if value is None else float(value))
-        except BaseException as e:  # noqa: BLE001 - a reward error must come back, not kill the worker
-            out = ("error", f"{type(e).__name__}: {str(e)[:300]}")
-        try:
-            conn.send(out)
-        except (BrokenPipeError, OSError):
-            return
-
-
-class VerifierPool:
-    """Persistent worker processes that score one completion at a time under a wall-clock limit.
-
-    Args:
-      num_workers: processes (default: the number of CPUs).
-      timeout_s: wall-clock limit per item; past it the worker is killed and replaced.
-      memory_mb: address-space limit of each worker (a memory bomb raises MemoryError there).
-    """
-
-    def __init__(self, num_workers: int | None = None, timeout_s: float = 10.0, memory_mb: int = 4096):
-        self.num_workers = num_workers or os.cpu_count() or 1
-        self.timeout_s = timeout_s
-        self.memory_mb = memory_mb
-        self.last_error: str | None = None
-        # spawn, not fork: the parent runs JAX's threads, which a fork would copy in a broken state.
-        self._ctx = mp.get_context("spawn")
-        self._workers = [self._launch() for _ in range(self.num_workers)]
-        for proc, conn in self._workers:
-            self._await_ready(proc, conn)
-
-    def _launch(self):
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.memory_mb), daemon=True)
-        proc.start()
-        child.close()
-        return proc, parent
-
-    @staticmethod
-    def _await_ready(proc, conn, timeout_s: float = 300.0) -> None:
-        # A worker that dies before it serves anything would otherwise be replaced once per item,
-        # each replacement re-importing the main script: fail once, loudly, with the usual cause.
-        try:
-            ok = conn.poll(timeout_s) and conn.recv() == "ready"
-        except (EOFError, OSError):
-            ok = False
-        if not ok:
-            proc.join(1)
-            proc.kill()
-            raise RuntimeError(
-                f"a verifier worker did not start (exit code {proc.exitcode}). Worker processes are "
-                "spawned and re-import the main script: put the script's work under "
-                "`if __name__ == '__main__':`, or score in this process (the trainer's "
-                "verifier.workers=-1).")
-
-    def _replace(self, i: int) -> None:
-        proc, conn = self._workers[i]
-        proc.kill()
-        proc.join(5)
-        conn.close()
-        self._workers[i] = self._launch()
-        self._await_ready(*self._workers[i])
-
-    def map(self, fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
-            columns: dict[str, Sequence[Any]]) -> tuple[list[float | None], dict[str, int]]:
-        """fn on each (prompt, completion, row of columns); (rewards, counts of timeouts/crashes/errors)."""
-        n = len(completions)
-        results: list[float | None] = [0.0] * n
-        stats = {"timeouts": 0, "crashes": 0, "errors": 0}
-        pending = list(range(n))[::-1]
-        busy: dict[int, tuple[int, float]] = {}  # worker -> (item, deadline)
-        while pending or busy:
-            for w in range(self.num_workers):
-                if w not in busy and pending:
-                    i = pending.pop()
-                    row = {k: v[i] for k, v in columns.items()}
-                    try:
-                        self._workers[w][1].send((fn, prompts[i], completions[i], row))
-                    except (BrokenPipeError, OSError):
-                        self._replace(w)
-                        self._workers[w][1].send((fn, prompts[i], completions[i], row))
-                    busy[w] = (i, time.monotonic() + self.timeout_s)
-            conns = {self._workers[w][1]: w for w in busy}
-            next_deadline = min(d for _, d in busy.values())
-            ready = wait(list(conns), timeout=max(0.0, next_deadline - time.monotonic()))
-            for conn in ready:
-                w = conns[conn]
-                i, _ = busy.pop(w)
-                try:
-                    status, value = conn.recv()
-                except (EOFError, OSError):  # the worker died (segfault, OOM kill, os._exit)
-                    stats["crashes"] += 1
-                    self._replace(w)
-                    continue
-                if status == "ok":
-                    results[i] = value
-                else:
-                    stats["errors"] += 1
-                    self.last_error = value
-            now = time.monotonic()
-            for w, (i, deadline) in list(busy.items()):
-                if now >= deadline:
-                    busy.pop(w)
-                    stats["timeouts"] += 1
-                    self._replace(w)
-        return results, stats
-
-    def close(self) -> None:
-        for proc, conn in self._workers:
-            try:
-                conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            proc.join(1)
-            if proc.is_alive():
-                proc.kill()
-            conn.close()
-        self._workers = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,7 +152,7 @@ def score(
     prompts: Sequence[str],
     completions: Sequence[str],
     columns: dict[str, Sequence[Any]],
-    pool: VerifierPool | None = None,
+    pool: verifier_pool.VerifierPool | None = None,
     fns: dict[str, RewardFn] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
     """Weighted sum of several reward functions.
@@ -297,7 +161,8 @@ def score(
       specs: reward function names and weights.
       prompts, completions: one entry per completion.
       columns: dataset fields, one value per completion.
-      pool: where to run them; None runs in this process (no timeout: trusted functions only).
+      pool: where to run them; None runs in this process (no timeout: trusted functions only), as do
+        functions marked `in_process` and ones that cannot be pickled.
       fns: optional name -> callable overrides (functions not in the registry, e.g. lambdas).
 
     Returns:
@@ -310,7 +175,7 @@ def score(
     counts = {"timeouts": 0, "crashes": 0, "errors": 0}
     for spec in specs:
         fn = (fns or {}).get(spec.name) or get_reward_fn(spec.name)
-        if pool is not None and _picklable(fn):
+        if pool is not None and not getattr(fn, "grpo_in_process", False) and _picklable(fn):
             values, stats = pool.map(fn, prompts, completions, columns)
             for k in counts:
                 counts[k] += stats[k]
@@ -368,7 +233,7 @@ class Scorer:
     fns: dict[str, RewardFn] = dataclasses.field(default_factory=dict)
     workers: int = 0
     timeout_s: float = 10.0
-    _pool: VerifierPool | None = dataclasses.field(default=None, init=False, repr=False)
+    _pool: verifier_pool.VerifierPool | None = dataclasses.field(default=None, init=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg, fns: dict[str, RewardFn] | None = None) -> Scorer:
@@ -379,9 +244,9 @@ class Scorer:
                    {**own, **(fns or {})}, workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s)
 
     @property
-    def pool(self) -> VerifierPool | None:
+    def pool(self) -> verifier_pool.VerifierPool | None:
         if self._pool is None and self.workers >= 0:
-            self._pool = VerifierPool(self.workers or None, self.timeout_s)
+            self._pool = verifier_pool.VerifierPool(self.workers or None, self.timeout_s)
         return self._pool
 
     @property

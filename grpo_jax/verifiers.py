@@ -4,24 +4,18 @@ Pure functions of strings, written for text that can be anything: no regular exp
 backtrack catastrophically (no nested or adjacent unbounded quantifiers over the same characters),
 inputs are truncated before expensive work, and nothing calls eval on completion text. Hangs and
 crashes that remain possible (sympy on a huge expression) are caught from outside by
-`rewards.VerifierPool`, which runs these functions in worker processes with a timeout per item.
+`verifier_pool.VerifierPool`, which runs these functions in worker processes with a timeout per item.
 """
 
 from __future__ import annotations
 
 import ast
-import math
-import os
 import re
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from fractions import Fraction
 from typing import Any, Sequence
+
+from grpo_jax import sandbox
 
 MAX_TEXT = 20_000  # characters of a completion looked at for answers (the end, where answers are)
 MAX_ANSWER = 400  # longest extracted answer handed to sympy
@@ -304,177 +298,29 @@ def extract_code(completion: str | None) -> str | None:
     return rest if first.strip().isidentifier() or not first.strip() else block
 
 
-def _world_executable(path: str) -> bool:
-    """Whether any user may run `path`: o+x on the file and on every folder above it."""
-    import stat
-
-    path = os.path.realpath(path)
-    try:
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(path)
-        while True:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-            if parent == os.path.dirname(parent):
-                return True
-            parent = os.path.dirname(parent)
-    except OSError:
-        return False
-
-
-def _sandbox_identity():
-    """(user, interpreter) for untrusted code. As root, the code runs as `nobody` so that
-    RLIMIT_NPROC (fork bombs) and file permissions apply, with an interpreter `nobody` may execute
-    (ours if it can, else the system python3); otherwise as ourselves with our interpreter."""
-    if os.geteuid() != 0:
-        return None, sys.executable
-    import pwd
-
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        return None, sys.executable
-    for exe in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
-        if exe and _world_executable(exe):
-            return nobody, exe
-    return None, sys.executable
-
-
-# Runs before the untrusted code, in its process. Audit hooks cannot be removed once added, so the
-# code cannot write outside its working folder, start processes or load native libraries through
-# Python (kernel limits back this up: RLIMIT_NPROC as `nobody`, RLIMIT_FSIZE, RLIMIT_AS).
-_PRELUDE = """\
-import os as _os, sys as _sys
-def _grpo_guard(event, args, _wd=_os.getcwd() + _os.sep, _real=_os.path.realpath, _os=_os):
-    if event == "open":
-        path, mode, flags = args
-        if isinstance(path, int):
-            return
-        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & (_os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_APPEND))
-        if writes and not _real(_os.fsdecode(path)).startswith(_wd):
-            raise PermissionError("sandbox: writing outside the working folder is not allowed")
-    elif event in ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-                   "subprocess.Popen", "pty.spawn", "ctypes.dlopen", "os.kill", "os.killpg", "os.remove",
-                   "os.rename", "os.rmdir", "shutil.rmtree", "os.chmod", "os.chown", "socket.connect",
-                   "socket.bind"):
-        raise PermissionError("sandbox: " + event + " is not allowed")
-_sys.addaudithook(_grpo_guard)
-del _grpo_guard, _os, _sys
-"""
-
-
-_LAUNCHER = """\
-import os, resource, sys
-cpu, mem, fsize, uid, gid, nproc = map(int, sys.argv[1:7])
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-if uid >= 0:
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-os.execv(sys.argv[7], [sys.argv[7], "-I", "-S", sys.argv[8]])
-"""
-
-
-def run_python(code: str, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 512,
-               max_output: int = 1 << 20, max_procs: int = 32) -> dict[str, Any]:
-    """Run Python code in a fresh process: its own session (process group, killed whole at the end),
-    a temporary working directory, an empty environment, CPU/memory/file-size/process limits, and
-    at most `max_output` bytes of output read.
-
-    Returns {"returncode", "stdout", "timed_out", "output_capped"}.
-    """
-    import signal
-
-    user, python = _sandbox_identity()
-    workdir = tempfile.mkdtemp(prefix="grpo_code_")
-    script = os.path.join(workdir, "main.py")
-    with open(script, "w", encoding="utf-8", errors="replace") as fh:
-        fh.write(_PRELUDE + code)
-    if user is not None:
-        os.chown(workdir, user.pw_uid, user.pw_gid)
-        os.chown(script, user.pw_uid, user.pw_gid)
-
-    # Limits are applied by a tiny launcher that then execs the interpreter on the script: no
-    # preexec_fn, so subprocess can vfork/posix_spawn instead of forking a multithreaded (JAX) parent.
-    cpu = max(1, int(math.ceil(timeout_s)))
-    uid, gid = (user.pw_uid, user.pw_gid) if user is not None else (-1, -1)
-    launcher = [python, "-I", "-S", "-c", _LAUNCHER, str(cpu), str(memory_mb << 20), str(16 << 20),
-                str(uid), str(gid), str(max_procs), python, script]
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.Popen(launcher, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-    out, timed_out, capped = bytearray(), False, False
-    reader = threading.Thread(target=_read_capped, args=(proc.stdout, out, max_output), daemon=True)
-    reader.start()
-    try:
-        try:
-            proc.stdin.write(stdin.encode("utf-8", "replace"))
-            proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
-        start = time.monotonic()
-        reader.join(timeout_s)
-        capped = len(out) >= max_output
-        if reader.is_alive():
-            timed_out = True
-        elif not capped:  # output closed: wait for the exit in the time left
-            try:
-                proc.wait(timeout=max(0.05, timeout_s - (time.monotonic() - start)))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        reader.join(1.0)
-        shutil.rmtree(workdir, ignore_errors=True)
-    timed_out = timed_out or proc.returncode == -signal.SIGXCPU  # the CPU-time limit hit
-    return {"returncode": proc.returncode, "stdout": bytes(out[:max_output]).decode("utf-8", "replace"),
-            "timed_out": timed_out, "output_capped": capped}
-
-
-def _read_capped(pipe, out: bytearray, cap: int) -> None:
-    while len(out) < cap:
-        chunk = pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(65536)
-        if not chunk:
-            return
-        out.extend(chunk)
-
-
 def code_reward(completion: str | None, tests: Sequence[dict] | Sequence[str], timeout_s: float = 5.0,
-                memory_mb: int = 512) -> float:
-    """Fraction of test cases the completion's Python code passes.
+                memory_mb: int = 512, isolation: str = "auto") -> float:
+    """Fraction of test cases the completion's Python code passes, each run in a fresh `sandbox`.
 
     tests: either {"input": str, "output": str} stdin/stdout pairs (output compared after stripping
-    trailing whitespace of each line), or strings of assert statements run after the code. An assert
-    test passes only if the process then prints a random per-run token, so code that exits early
-    with status 0 does not pass.
+    trailing whitespace of each line; the expected output never enters the sandbox), or Python test
+    source (asserts, `check(fn)`) that `sandbox.run_tests` runs outside the sandbox against the
+    solution's functions, so that no output or exit status of the solution can fake a pass.
     """
     code = extract_code(completion)
     if not code or not tests:
         return 0.0
+    limits = sandbox.Limits(timeout_s=timeout_s, memory_mb=memory_mb, isolation=isolation)
     passed = 0
+    asserts = [str(t) for t in tests if not isinstance(t, dict)]
+    if asserts:
+        passed += sum(sandbox.run_tests(code, asserts, limits))
     for test in tests:
         if isinstance(test, dict):
-            r = run_python(code, str(test.get("input", "")), timeout_s, memory_mb)
+            r = sandbox.run_script(code, str(test.get("input", "")), limits)
             want = [ln.rstrip() for ln in str(test.get("output", "")).strip().splitlines()]
             got = [ln.rstrip() for ln in r["stdout"].strip().splitlines()]
             passed += r["returncode"] == 0 and not r["timed_out"] and got == want
-        else:
-            token = secrets.token_hex(16)
-            r = run_python(f"{code}\n\n{test}\nprint({token!r})\n", "", timeout_s, memory_mb)
-            passed += (r["returncode"] == 0 and not r["timed_out"]
-                       and r["stdout"].rstrip().endswith(token))
     return passed / len(tests)
 
 

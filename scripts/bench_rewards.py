@@ -18,6 +18,7 @@ import random
 import time
 
 from grpo_jax import rewards
+from grpo_jax import verifier_pool
 
 
 def make_latex_completions(n: int, seed: int = 0):
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
     prompts = [""] * args.n
     spec = [rewards.RewardSpec("math")]
     t = time.perf_counter()
-    with rewards.VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
+    with verifier_pool.VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
         start_s = time.perf_counter() - t
         pool.map(rewards.math_accuracy, prompts[:8], completions[:8], {"answer": answers[:8]})  # warm imports
         t = time.perf_counter()

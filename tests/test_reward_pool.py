@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import rewards
+from grpo_jax import sandbox
+from grpo_jax import verifier_pool
 from grpo_jax import verifiers
 
 TIMEOUT = 3.0
@@ -14,7 +16,7 @@ TIMEOUT = 3.0
 
 @pytest.fixture(scope="module")
 def pool():
-    with rewards.VerifierPool(num_workers=2, timeout_s=TIMEOUT, memory_mb=2048) as p:
+    with verifier_pool.VerifierPool(num_workers=2, timeout_s=TIMEOUT, memory_mb=2048) as p:
         yield p
 
 
@@ -140,7 +142,7 @@ def test_hostile_code_is_contained(name, tmp_path, monkeypatch):
     with open(victim, "w") as fh:
         fh.write("keep")
     t = time.monotonic()
-    r = verifiers.run_python(HOSTILE_CODE[name], timeout_s=2.0, memory_mb=256, max_output=1 << 16)
+    r = sandbox.run_script(HOSTILE_CODE[name], limits=sandbox.Limits(timeout_s=2.0, memory_mb=256, max_output=1 << 16))
     assert time.monotonic() - t < 6.0
     assert "s3cret" not in r["stdout"]
     assert len(r["stdout"]) <= 1 << 16
