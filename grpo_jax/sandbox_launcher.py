@@ -16,8 +16,9 @@ has no os.unshare):
     stays outside as its parent: SIGTERM makes it kill the namespace and wait until it is empty.
   - privileges: the user namespace maps one unprivileged id; capabilities inside it are lost at the
     exec of the interpreter (its uid is not 0), so the solution cannot undo the read-only mounts.
-Both this launcher and the namespace's first process die with their parent (PR_SET_PDEATHSIG), so a
-runner killed by the verifier pool's timeout takes the whole sandbox with it.
+Both this launcher and the namespace's first process die with their parent (PR_SET_PDEATHSIG, set
+after the last change of credentials, which would clear it), so a runner killed by the verifier
+pool's timeout takes the whole sandbox with it.
 
 If a namespace step fails the launcher exits with status 125 and prints why on stdout (the runner
 probes for this once and falls back to the audit-hook sandbox with a warning).
@@ -27,6 +28,7 @@ import ctypes
 import json
 import os
 import resource
+import select
 import signal
 import sys
 
@@ -44,6 +46,14 @@ HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.syscall.restype = ctypes.c_long
+
+
+class CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 class MountAttr(ctypes.Structure):
@@ -89,6 +99,21 @@ def isolate(workdir):
     return SANDBOX_DIR
 
 
+def drop_capabilities():
+    """Drop the namespace's capabilities now rather than at exec: a credential change clears the
+    parent-death signal, so it must come before that is set (and exec then changes nothing)."""
+    check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()), "capset")
+
+
+def die_with_parent(alive_fd=None, parent=None):
+    """SIGKILL when the parent dies (PR_SET_PDEATHSIG), and exit if it already has."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        os._exit(137)
+    if alive_fd is not None and select.select([alive_fd], [], [], 0)[0]:  # EOF: the writer is gone
+        os._exit(137)
+
+
 def supervise(child):
     """Outside the pid namespace: wait for its first process; on SIGTERM kill it (the kernel then
     kills the rest) and wait until the namespace is empty."""
@@ -105,9 +130,6 @@ def supervise(child):
 
 def main():
     cfg = json.loads(sys.argv[1])
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != cfg["parent"]:  # the runner died before the line above
-        os._exit(137)
     for limit, value in ((resource.RLIMIT_CPU, (cfg["cpu_s"], cfg["cpu_s"] + 1)),
                          (resource.RLIMIT_AS, (cfg["memory"],) * 2), (resource.RLIMIT_FSIZE, (cfg["fsize"],) * 2),
                          (resource.RLIMIT_NOFILE, (64, 64)), (resource.RLIMIT_CORE, (0, 0))):
@@ -118,6 +140,7 @@ def main():
         os.setuid(cfg["uid"])
         libc.prctl(PR_SET_DUMPABLE, 1)  # setuid made /proc/self root's; the id maps are written there
     resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc"], cfg["nproc"]))
+    die_with_parent(parent=cfg["parent"])  # after setuid, which would clear it
     workdir = cfg["workdir"]
     if cfg["namespaces"]:
         try:
@@ -126,14 +149,19 @@ def main():
             print(f"sandbox-unavailable: {e}", flush=True)
             os._exit(125)
         os.chdir(workdir)
+        alive_r, alive_w = os.pipe()  # open in the launcher while it lives
         child = os.fork()
         if child:
+            os.close(alive_r)
             supervise(child)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.close(alive_w)
         try:  # a /proc of this pid namespace; where the kernel refuses it, an empty one
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         except OSError:
             mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
+        drop_capabilities()
+        die_with_parent(alive_fd=alive_r)
+        os.close(alive_r)
     os.chdir(workdir)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
