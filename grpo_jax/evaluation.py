@@ -20,7 +20,7 @@ from grpo_jax import multihost
 from grpo_jax import policy
 from grpo_jax import rewards
 from grpo_jax import test_time
-from grpo_jax import verifiers
+from grpo_jax import math_grader
 
 
 def settings(cfg: ConfigDict) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def evaluate(pol: policy.Policy, rows: Sequence[dict], scorer: rewards.Scorer, *
         gen = pol.sample(rows, n, jax.random.key(seed), sampling, batch_size=max(1, batch_size // jax.process_count()))
         scores, _, _ = scorer(spec, rows, n, gen.texts, gen.lengths)
         ok = np.asarray(scores).reshape(len(rows), n) > 0.5
-        answers = [verifiers.normalize_answer(verifiers.extract_answer(t) or "") for t in gen.texts]
+        answers = [math_grader.normalize_answer(math_grader.extract_answer(t) or "") for t in gen.texts]
         majority = [test_time.majority_correct(answers[i * n:(i + 1) * n], ok[i]) for i in range(len(rows))]
         correct, majority = multihost.all_hosts(ok), multihost.all_hosts(np.asarray(majority))
         if name == "greedy":

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from grpo_jax import math_grader
 from grpo_jax import verifier_pool
 from grpo_jax import verifiers
 
@@ -50,7 +51,7 @@ def _columns(columns: dict[str, Sequence[Any]], n: int, *names: str) -> list[lis
 def math_accuracy(prompts, completions, answer=None, **columns) -> list[float]:
     """1 when the completion's final answer (####, \\boxed{}, <answer>, "the answer is") equals `answer`."""
     (answers,) = _columns({"answer": answer, **columns}, len(completions), "answer")
-    return [verifiers.math_reward(c, a) for c, a in zip(completions, answers)]
+    return [math_grader.math_reward(c, a) for c, a in zip(completions, answers)]
 
 
 def format_strict(prompts, completions, **columns) -> list[float]:

@@ -42,7 +42,7 @@ def measure(pol, cfg, scorer, rows, n: int, selectors) -> dict:
     import jax
     import numpy as np
 
-    from grpo_jax import evaluation, multihost, rewards, test_time, verifiers
+    from grpo_jax import evaluation, math_grader, multihost, rewards, test_time
 
     greedy = evaluation.evaluate(pol, rows, scorer, **{**evaluation.settings(cfg), "k": 0})["eval/pass@1"]
     block = multihost.host_block(rows, jax.process_count())
@@ -50,7 +50,7 @@ def measure(pol, cfg, scorer, rows, n: int, selectors) -> dict:
     scores, _, _ = scorer([rewards.RewardSpec(cfg.eval.reward, 1.0)], block, n, gen.texts, gen.lengths)
     correct = multihost.all_hosts(np.asarray(scores).reshape(len(block), n) > 0.5)
     answers = multihost.all_hosts_json(
-        [[verifiers.normalize_answer(verifiers.extract_answer(t) or "") for t in gen.texts[i * n:(i + 1) * n]]
+        [[math_grader.normalize_answer(math_grader.extract_answer(t) or "") for t in gen.texts[i * n:(i + 1) * n]]
          for i in range(len(block))])
     chosen = {}
     for name in selectors:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from grpo_jax import data
+from grpo_jax import math_grader
 from grpo_jax import verifiers
 
 
@@ -13,7 +14,7 @@ def test_arithmetic_answers_are_right():
     for r in rows:
         a, op, b = r["question"].removeprefix("What is ").rstrip("?").split()
         assert int(r["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-        assert verifiers.math_reward(f"#### {r['answer']}", r["answer"]) == 1.0
+        assert math_grader.math_reward(f"#### {r['answer']}", r["answer"]) == 1.0
     assert data.arithmetic_rows(5, seed=1) == rows[:5]  # seeded
 
 
