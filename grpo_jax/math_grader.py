@@ -130,6 +130,8 @@ _WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
 def _unbraced_args(s: str) -> str:
     """`\\frac123` -> `\\frac{1}{2}3` and `\\sqrt2` -> `\\sqrt{2}`: a LaTeX argument is a braced group
     or one token (a character or a command), so brace every argument before parsing."""
+    if "frac" not in s and "sqrt" not in s:
+        return s
     out, i, n = [], 0, len(s)
     commands = (("\\dfrac", 2), ("\\tfrac", 2), ("\\frac", 2), ("\\sqrt", 1))
     while i < n:
@@ -215,7 +217,8 @@ def to_number(s: str) -> tuple[Fraction, int | None] | None:
         value = Fraction(int((whole or "0").replace(",", "").replace(" ", "")))
         if digits:
             value += Fraction(int(digits), 10 ** len(digits))
-        value *= Fraction(10) ** exponent
+        if exponent:
+            value *= Fraction(10) ** exponent
         return (-value if sign == "-" else value), max(len(digits or "") - exponent, 0)
     for pattern in (_FRAC, _SLASH):
         m = pattern.match(s)

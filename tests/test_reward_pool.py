@@ -151,3 +151,75 @@ def test_hostile_code_is_contained(name, tmp_path, monkeypatch):
     assert open(victim).read() == "keep"
     # The reward for such code against a real test is 0.
     assert verifiers.code_reward(HOSTILE_CODE[name], [{"input": "", "output": "42"}], timeout_s=2.0, memory_mb=256) == 0.0
+
+
+# ---- dispatch ----------------------------------------------------------------------------------------
+
+def hangs_on_seven(prompts, completions, **columns):
+    if completions[0] == "7":
+        time.sleep(60)
+    return [float(completions[0])]
+
+
+def dies_on_five(prompts, completions, **columns):
+    if completions[0] == "5":
+        os._exit(1)
+    return [float(completions[0])]
+
+
+def test_chunks_keep_a_timeout_and_a_crash_on_their_own_item():
+    n = 40
+    items = [str(i) for i in range(n)]
+    with verifier_pool.VerifierPool(num_workers=2, timeout_s=2.0) as pool:
+        t = time.monotonic()
+        values, stats = pool.map(hangs_on_seven, [""] * n, items, {})
+        assert time.monotonic() - t < 2.0 + 10
+        assert values == [0.0 if i == 7 else float(i) for i in range(n)]
+        assert stats == {"timeouts": 1, "crashes": 0, "errors": 0}
+        values, stats = pool.map(dies_on_five, [""] * n, items, {})
+        assert values == [0.0 if i == 5 else float(i) for i in range(n)]
+        assert stats == {"timeouts": 0, "crashes": 1, "errors": 0}
+        assert pool._spare.proc.poll() is None  # a spare is started again after each replacement
+
+
+def test_in_process_functions_run_here_with_the_whole_batch():
+    calls = []
+
+    @rewards.in_process
+    def batch(prompts, completions, **columns):
+        calls.append((os.getpid(), len(completions)))
+        return [1.0] * len(completions)
+
+    with verifier_pool.VerifierPool(num_workers=1) as pool:
+        total, _, _ = rewards.score([rewards.RewardSpec("rm")], [""] * 5, ["a"] * 5, {}, pool=pool, fns={"rm": batch})
+    assert calls == [(os.getpid(), 5)] and total.tolist() == [1.0] * 5
+
+
+def test_workers_do_not_import_the_main_script(tmp_path):
+    """A script without a __main__ guard starts a pool: its top level runs once, not once per worker,
+    and a reward function defined in the script still works."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "runs.txt"
+    script = tmp_path / "train_like.py"
+    script.write_text(f"""
+import sys
+from grpo_jax import rewards, verifier_pool
+open({str(log)!r}, "a").write("top level ran\\n")
+
+def mine(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+if __name__ == "__main__":
+    with verifier_pool.VerifierPool(num_workers=2) as pool:
+        print(pool.map(rewards.math_accuracy, ["", ""], ["#### 4", "#### 5"], {{"answer": ["4", "4"]}})[0])
+        print(open({str(log)!r}).read().count("top level ran"))
+        print(pool.map(mine, ["", ""], ["ab", "abc"], {{}})[0])
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # the script's top level ran once (here) while the workers scored built-ins ...
+    assert out.stdout.split("\n")[:3] == ["[1.0, 0.0]", "1", "[2.0, 3.0]"]
+    # ... and only the workers that were sent `mine` loaded it (as __mp_main__), never the spare
+    assert log.read_text().count("top level ran") <= 1 + 2
