@@ -66,7 +66,10 @@ def get_config() -> ConfigDict:
 
     c.rewards = ConfigDict({"math": 1.0})  # reward function name -> weight
     c.reward_functions = ConfigDict()  # your own: name -> "package.module:function" (name it in rewards)
-    c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0))  # workers=-1: score in this process
+    # workers=-1: score in this process. sandbox: how the `code` reward isolates programs: "auto"
+    # (Linux namespaces where available, else limits + audit hook with a warning), "namespaces"
+    # (required), "python" (limits + audit hook only)
+    c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0, sandbox="auto"))
 
     # Supervised fine-tuning: trainer="sft" runs cfg.steps steps with cfg.optimizer on `data`
     # (comma-separated: "demonstrations", "rejection_samples", files or hub datasets; see grpo_jax/sft.py).

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 
 from grpo_jax import loss
 from grpo_jax import sampler
+from grpo_jax import sandbox
 
 # old dotted name -> new dotted name
 RENAMED = {
@@ -92,6 +93,9 @@ def check(cfg: ConfigDict) -> None:
                              f"the field unset (None) for that, or give a real value")
     if cfg.get("trainer") not in ("grpo", "sft"):
         raise ValueError(f"trainer={cfg.get('trainer')!r}; expected 'grpo' or 'sft'")
+    isolation = cfg.get("verifier", {}).get("sandbox", "auto")
+    if isolation not in sandbox.ISOLATIONS:
+        raise ValueError(f"verifier.sandbox={isolation!r}; expected one of {sandbox.ISOLATIONS}")
 
 
 def check_argv(argv: Sequence[str]) -> None:

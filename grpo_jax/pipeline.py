@@ -44,7 +44,7 @@ _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}
 # layout, verifier processes).
 # Changing them never invalidates a stage.
 _UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "model.remat",
-              "model.attention", "sampling.weights", "verifier.workers", "optimizer.max_nonfinite_updates",
+              "model.attention", "sampling.weights", "verifier.workers", "verifier.sandbox", "optimizer.max_nonfinite_updates",
               "cold_start")  # a stage's cold_start.steps is always 0
 # stage.json settings in today's field names and fields (1: before the renames in grpo_jax.config; 2:
 # before the fields of config.ADDED)

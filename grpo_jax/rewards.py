@@ -75,10 +75,13 @@ def countdown(prompts, completions, numbers=None, target=None, **columns) -> lis
     return [verifiers.countdown_reward(c, n, t) for c, n, t in zip(completions, nums, targets)]
 
 
-def code_tests(prompts, completions, tests=None, **columns) -> list[float | None]:
-    """Fraction of `tests` (stdin/stdout pairs or assert strings) the completion's code passes."""
+def code_tests(prompts, completions, tests=None, sandbox=None, **columns) -> list[float | None]:
+    """Fraction of `tests` (stdin/stdout pairs or test source) the completion's code passes, run in a
+    `sandbox` (the optional `sandbox` column: its isolation, "auto" when absent)."""
     (tests,) = _columns({"tests": tests, **columns}, len(completions), "tests")
-    return [None if t is None else verifiers.code_reward(c, t) for c, t in zip(completions, tests)]
+    isolation = sandbox or ["auto"] * len(completions)
+    return [None if t is None else verifiers.code_reward(c, t, isolation=i)
+            for c, t, i in zip(completions, tests, isolation)]
 
 
 def overlong_penalty(prompts, completions, completion_lengths=None, max_completion_length=None,
@@ -226,6 +229,7 @@ class Scorer:
       fns: callables by name, on top of the registry (a reward model, a lambda, ...).
       workers: verifier processes (0: one per CPU), or -1 to score in this process.
       timeout_s: wall-clock limit per item in the pool.
+      sandbox: isolation of the `code` reward's programs (grpo_jax.sandbox.ISOLATIONS).
     """
 
     prompt_field: str
@@ -234,6 +238,7 @@ class Scorer:
     fns: dict[str, RewardFn] = dataclasses.field(default_factory=dict)
     workers: int = 0
     timeout_s: float = 10.0
+    sandbox: str = "auto"
     _pool: verifier_pool.VerifierPool | None = dataclasses.field(default=None, init=False, repr=False)
 
     @classmethod
@@ -242,7 +247,8 @@ class Scorer:
         `grpo.overlong_buffer`, `reward_functions`, `verifier`), with `fns` on top."""
         own = {k: get_reward_fn(v) for k, v in cfg.reward_functions.items()}
         return cls(cfg.data.prompt_field, cfg.sampling.max_new_tokens, cfg.grpo.overlong_buffer,
-                   {**own, **(fns or {})}, workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s)
+                   {**own, **(fns or {})}, workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s,
+                   sandbox=cfg.verifier.get("sandbox", "auto"))
 
     @property
     def pool(self) -> verifier_pool.VerifierPool | None:
@@ -259,7 +265,7 @@ class Scorer:
         columns = {k: [r.get(k) for r in rows for _ in range(n)] for k in rows[0]}
         columns.update(completion_lengths=[int(x) for x in lengths],
                        max_completion_length=[self.max_completion_length] * len(lengths),
-                       overlong_buffer=[self.overlong_buffer] * len(lengths))
+                       overlong_buffer=[self.overlong_buffer] * len(lengths), sandbox=[self.sandbox] * len(lengths))
         return columns
 
     def __call__(self, specs: Sequence[RewardSpec], rows: Sequence[dict], n: int, texts: Sequence[str],

@@ -23,23 +23,26 @@ import os
 import sys
 
 MAX_DEPTH = 64
+SCALARS = (type(None), bool, int, float, str)  # exact types: JSON carries these as they are
+
+
+COLLECTIONS = {"t": tuple, "s": set, "f": frozenset}  # tag -> type, for sequences of items
 
 
 def encode(x, depth=0):
     """Plain data as a JSON tree; containers other than lists become one-key tagged dicts."""
+    t = type(x)
     if depth > MAX_DEPTH:
         raise ValueError("value nested too deeply")
-    t = type(x)
-    if x is None or t is bool or t is int or t is float or t is str:
+    if t in SCALARS:
         return x
     if t is list:
         return [encode(v, depth + 1) for v in x]
-    if t is tuple:
-        return {"t": [encode(v, depth + 1) for v in x]}
+    for tag, kind in COLLECTIONS.items():
+        if t is kind:
+            return {tag: [encode(v, depth + 1) for v in x]}
     if t is dict:
         return {"d": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in x.items()]}
-    if t is set or t is frozenset:
-        return {"s" if t is set else "f": [encode(v, depth + 1) for v in x]}
     if t is bytes:
         return {"b": x.decode("latin-1")}
     if t is complex:
@@ -51,19 +54,16 @@ def decode(x, depth=0):
     """Inverse of `encode`; anything else raises ValueError."""
     if depth > MAX_DEPTH:
         raise ValueError("value nested too deeply")
-    t = type(x)
-    if x is None or t is bool or t is int or t is float or t is str:
+    if type(x) in SCALARS:
         return x
-    if t is list:
+    if type(x) is list:
         return [decode(v, depth + 1) for v in x]
-    if t is dict and len(x) == 1:
+    if type(x) is dict and len(x) == 1:
         (tag, v), = x.items()
-        if tag == "t" and type(v) is list:
-            return tuple(decode(e, depth + 1) for e in v)
+        if tag in COLLECTIONS and type(v) is list:
+            return COLLECTIONS[tag](decode(e, depth + 1) for e in v)
         if tag == "d" and type(v) is list and all(type(kv) is list and len(kv) == 2 for kv in v):
             return {decode(k, depth + 1): decode(e, depth + 1) for k, e in v}
-        if tag in ("s", "f") and type(v) is list:
-            return (set if tag == "s" else frozenset)(decode(e, depth + 1) for e in v)
         if tag == "b" and type(v) is str:
             return v.encode("latin-1")
         if tag == "c" and type(v) is list and len(v) == 2 and all(type(e) in (int, float) for e in v):

@@ -148,3 +148,16 @@ def test_minibatches_that_do_not_split_the_batch_stop_at_set_up(tmp_path):
     pol, _ = policy.load(cfg)
     with pytest.raises(ValueError, match=r"= 8 completions per step must split into grpo.minibatches=3"):
         grpo.GRPO.from_config(cfg, pol, rewards.Scorer("question", 6, workers=-1), data.load_task(cfg.data, cfg.seed))
+
+
+def test_verifier_sandbox_is_checked_and_reaches_the_code_reward():
+    from grpo_jax import rewards
+
+    c = base.get_config()
+    assert c.verifier.sandbox == "auto"
+    c.verifier.sandbox = "chroot"
+    with pytest.raises(ValueError, match=r"verifier.sandbox='chroot'; expected one of \('auto', 'namespaces', 'python'\)"):
+        config.check(c)
+    c.verifier.sandbox = "python"
+    scorer = rewards.Scorer.from_config(c)
+    assert scorer.columns([{"question": "q"}], 2, [3, 4])["sandbox"] == ["python", "python"]
