@@ -175,7 +175,7 @@ def _unbraced_args(s: str) -> str:
 
 def normalize_answer(ans: str) -> str:
     """Canonical string of an answer: known units, $, percent and degree signs, LaTeX spacing, \\left/
-    \\right and a trailing period removed; \\text{} unwrapped; arguments of \\frac and \\sqrt braced;
+    \\right and trailing punctuation (. , ;) removed; \\text{} unwrapped; arguments of \\frac and \\sqrt braced;
     whitespace collapsed. (Also what majority votes count.)"""
     s = str(ans).strip()
     s = _TEXT_UNIT.sub("", s).strip()  # `5\,\text{m}^2`
@@ -183,7 +183,7 @@ def normalize_answer(ans: str) -> str:
     if re.search(r"[\d}]", s[:-1]):
         s = _PLAIN_UNIT.sub("", s)
     s = _NOISE.sub(lambda m: " " if m.group(0).startswith("\\quad") else "", s)
-    s = s.strip().rstrip(".").strip()
+    s = s.strip().rstrip(".,;").strip()
     if re.search(r"[\d}]", s[:-1]):  # `12 dollars.`, `$5$ cm`
         s = _PLAIN_UNIT.sub("", s).strip()
     for ascii_, latex in _RELATIONS:
