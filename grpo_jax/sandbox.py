@@ -187,8 +187,11 @@ def _start(code: str, mode: str, stdin: str, limits: Limits, namespaces: bool, s
         if uid >= 0:
             for path in (workdir, os.path.join(workdir, "main.py")):
                 os.chown(path, uid, gid)
+        # RLIMIT_NPROC counts every task of the real user: as `nobody` that is the sandbox's alone; as
+        # ourselves it includes this process's threads (JAX starts dozens), so the budget goes on top.
+        nproc = limits.max_procs if uid >= 0 else _tasks_of(os.getuid()) + limits.max_procs
         cfg = {"parent": os.getpid(), "workdir": workdir, "cpu_s": max(1, int(math.ceil(limits.timeout_s))),
-               "memory": limits.memory_mb << 20, "fsize": 16 << 20, "nproc": limits.max_procs, "uid": uid,
+               "memory": limits.memory_mb << 20, "fsize": 16 << 20, "nproc": nproc, "uid": uid,
                "gid": gid, "namespaces": namespaces, "python": python, "server": _SERVER,
                "server_args": [mode, *map(str, pass_fds)]}
         # The launcher applies the limits and then execs: no preexec_fn, so subprocess can use
@@ -202,6 +205,22 @@ def _start(code: str, mode: str, stdin: str, limits: Limits, namespaces: bool, s
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     return _Sandbox(proc, workdir, namespaces)
+
+
+def _tasks_of(uid: int) -> int:
+    """Threads of all processes whose real user is `uid` (what RLIMIT_NPROC counts)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                status = dict(line.split(":", 1) for line in fh if ":" in line)
+        except OSError:
+            continue
+        if int(status.get("Uid", "-1").split()[0]) == uid:
+            total += int(status.get("Threads", "1"))
+    return total
 
 
 def _read_capped(pipe, out: bytearray, cap: int) -> None:

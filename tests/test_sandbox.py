@@ -295,3 +295,36 @@ def test_fallback_still_contains_plain_hostile_code(outside):
 def test_isolation_is_checked():
     with pytest.raises(ValueError, match="sandbox isolation 'docker': expected one of"):
         sandbox.Limits(isolation="docker")
+
+
+UNPRIVILEGED_RUNNER = """
+import threading
+from grpo_jax import sandbox
+stop = threading.Event()
+for _ in range(60):  # a trainer's threads count against its user's process limit
+    threading.Thread(target=stop.wait, daemon=True).start()
+limits = sandbox.Limits(isolation="namespaces")
+print(sandbox.run_script("import os; print(os.getuid())", limits=limits)["stdout"].strip(),
+      sandbox.run_tests("def f():\\n    return 1", ["assert f() == 1", "assert f() == 2"], limits))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv") or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to become an unprivileged user), setpriv and a system python3")
+def test_an_unprivileged_trainer_with_many_threads_gets_a_namespace_sandbox():
+    """Started by an ordinary user (not root), the sandbox maps that user, and the process limit is a
+    budget on top of the trainer's own threads, not a cap that its threads already exceed."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
+    probe = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "/usr/bin/python3", "-c", "import grpo_jax.sandbox"],
+                           env={"PYTHONPATH": repo, "HOME": "/tmp", "PATH": "/usr/bin:/bin"}, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("the checkout is not readable by an unprivileged user")
+    out = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          "/usr/bin/python3", "-c", UNPRIVILEGED_RUNNER],
+                         env={"PYTHONPATH": repo, "HOME": "/tmp", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1000 [True, False]"  # inside: the namespace's unprivileged id
