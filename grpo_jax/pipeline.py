@@ -200,14 +200,18 @@ def _final_eval(stage_run: trainer.Trainer, history: list[dict]) -> dict[str, fl
 
 def _same_stage(record: dict[str, Any], settings: dict[str, Any], stamp: str) -> bool:
     """Whether a finished stage's marker matches its settings now. Markers from before fingerprints
-    are trusted; markers from before the field renames match when their settings, renamed, do."""
+    are trusted; older markers match when their settings, renamed and with added fields at their
+    defaults, do."""
     if "fingerprint" not in record or record["fingerprint"] == stamp:
         return True
-    if record.get("settings_version", 1) < SETTINGS_VERSION:
-        old = _tracked(config.upgrade_settings(record.get("settings", {})))
-        if old == settings:
-            record["settings"] = old
-            return True
+    # Upgraded whatever the marker's version: a field added later in the same version (issue 17's
+    # model.residual_dtype) is absent from markers written before it, and absent means its default.
+    recorded = _tracked(record.get("settings", {}))
+    old = _tracked(config.upgrade_settings(record.get("settings", {})))
+    upgraded = record.get("settings_version", 1) < SETTINGS_VERSION or old != recorded
+    if upgraded and old == settings:
+        record["settings"] = old
+        return True
     return False
 
 
