@@ -33,6 +33,7 @@ def get_config() -> ConfigDict:
         synthetic_size=2000, digits=2, digits_b=placeholder(int), ops="+-*",  # synthetic:arithmetic only
         template="plain",  # "plain", "chat", "r1", or "tokens" (the prompt field holds token ids)
         prompt_field="question", instruction="",  # appended to every prompt, e.g. how to state the answer
+        enable_thinking=placeholder(bool),  # chat templates that read it (Qwen3); unset: the template's default
         required_fields=["question", "answer"],
         eval_split=placeholder(str),  # unset: hold eval_size prompts out of `split`; else a seeded sample of it
         eval_size=64))

@@ -52,6 +52,7 @@ ADDED = {
     "grpo.rollout_correction_min": None,
     "grpo.dynamic_sampling": False,
     "grpo.max_sampling_rounds": 3,
+    "data.enable_thinking": None,
 }
 
 
@@ -132,13 +133,23 @@ def loss_config(cfg: ConfigDict) -> loss.LossConfig:
         rollout_correction_min=g.rollout_correction_min)
 
 
-def sampling_config(cfg: ConfigDict, tokenizer) -> sampler.SamplingConfig:
-    """The `sampling` section; no eos_ids means the tokenizer's EOS token."""
+def sampling_config(cfg: ConfigDict, tokenizer, model_eos: Sequence[int] = ()) -> sampler.SamplingConfig:
+    """The `sampling` section. A completion stops at any of `sampling.eos_ids`, the checkpoint's EOS
+    ids (`model_eos`: config.json and generation_config.json) and the tokenizer's EOS token. A
+    tokenizer without a pad token (Llama 3) pads with its first stop id: padding is masked, and
+    never a token of the completion."""
     s = cfg.sampling
+    stops = [*s.eos_ids, *model_eos, getattr(tokenizer, "eos_token_id", None)]
+    stops = tuple(dict.fromkeys(int(e) for e in stops if e is not None))
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        if not stops:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token and sampling.eos_ids is empty: "
+                             "set sampling.eos_ids")
+        pad = stops[0]
     return sampler.SamplingConfig(
         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        eos_ids=tuple(s.eos_ids) or (tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id,
-        prompt_buckets=tuple(s.prompt_buckets))
+        eos_ids=stops, pad_id=int(pad), prompt_buckets=tuple(s.prompt_buckets))
 
 
 def to_json(cfg: ConfigDict) -> str:

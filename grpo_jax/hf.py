@@ -24,7 +24,7 @@ import safetensors.numpy
 
 from grpo_jax import model
 
-SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -78,6 +78,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
         rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
         qkv_bias=True if model_type == "qwen2" else bias,
         o_bias=False if model_type == "qwen2" else bias,
+        qk_norm=model_type == "qwen3",
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
@@ -90,13 +91,15 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
 
 
 def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, Any]:
-    """The config.json transformers needs to rebuild `cfg` (LlamaForCausalLM or Qwen2ForCausalLM)."""
+    """The config.json transformers needs to rebuild `cfg` (its `SUPPORTED` class)."""
     if cfg.architecture == "qwen2" and (not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
         raise CheckpointError("a qwen2 model has q/k/v biases and no o_proj/MLP biases; "
                               f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}")
-    if cfg.architecture == "llama" and cfg.qkv_bias != cfg.o_bias:
-        raise CheckpointError("a llama model has biases on all of q/k/v/o_proj or none; "
+    if cfg.architecture in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
+        raise CheckpointError(f"a {cfg.architecture} model has biases on all of q/k/v/o_proj or none; "
                               f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
+    if cfg.qk_norm != (cfg.architecture == "qwen3"):
+        raise CheckpointError(f"q/k norms are Qwen3's; got qk_norm={cfg.qk_norm} for {cfg.architecture!r}")
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **dict(cfg.rope_scaling or {})}
     eos = list(cfg.eos_token_ids)
     hf = {
@@ -120,6 +123,8 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
     }
     if cfg.architecture == "llama":
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif cfg.architecture == "qwen3":
+        hf.update(attention_bias=cfg.qkv_bias, use_sliding_window=False)
     else:
         hf.update(use_sliding_window=False)
     return hf
@@ -155,6 +160,9 @@ def _name_map(cfg: model.ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[
               for p, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))]
     if cfg.o_bias:
         m.append((("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", (d,), False))
+    if cfg.qk_norm:
+        m += [(("layers", "attn", f"{p}_norm", "scale"), L + f"self_attn.{p}_norm.weight", (cfg.head_dim,), False)
+              for p in ("q", "k")]
     if cfg.mlp_bias:
         m += [(("layers", "mlp", p, "bias"), L + f"mlp.{p}.bias", (n,), False)
               for p, n in (("gate_proj", f), ("up_proj", f), ("down_proj", d))]
@@ -266,7 +274,18 @@ def load_config(path_or_id: str | os.PathLike, dtype: str = "float32", *, param_
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: missing config.json")
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()), dtype, param_dtype)
-    return cfg.replace(**config_overrides)
+    # The EOS ids of config.json and of generation_config.json (where chat models list the end of a
+    # turn, <|im_end|> or <|eot_id|>): a completion stops at any of them.
+    eos = cfg.eos_token_ids + tuple(e for e in _generation_eos(folder) if e not in cfg.eos_token_ids)
+    return cfg.replace(eos_token_ids=eos, **config_overrides)
+
+
+def _generation_eos(folder: Path) -> tuple[int, ...]:
+    path = folder / "generation_config.json"
+    if not path.exists():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
 
 
 def load_hf(
@@ -277,7 +296,7 @@ def load_hf(
     shardings: model.Params | None = None,
     **config_overrides: Any,
 ) -> tuple[model.Params, model.ModelConfig]:
-    """Read a Hugging Face Llama/Qwen2 checkpoint folder (or hub id) into our parameters.
+    """Read a Hugging Face checkpoint folder (or hub id) of a `SUPPORTED` family into our parameters.
 
     Args:
       path_or_id: folder with config.json and model.safetensors (or a sharded index), or a hub id.

@@ -1,4 +1,4 @@
-"""Decoder-only transformer for the Llama and Qwen2 families, in Flax Linen.
+"""Decoder-only transformer for the Llama, Qwen2 and Qwen3 (dense) families, in Flax Linen.
 
 Everything callers jit is a pure function of an explicit parameter pytree:
 
@@ -73,11 +73,14 @@ class ModelConfig:
     # None means plain RoPE. Kept as a tuple so the config stays hashable.
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     qkv_bias: bool = False  # Qwen2: True
+    # Qwen3: RMSNorm of each head's queries and keys (over head_dim, weights shared by the heads)
+    # before the rotary embedding.
+    qk_norm: bool = False
     o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
-    architecture: str = "llama"  # "llama" | "qwen2": only changes the HF names written by save_hf
+    architecture: str = "llama"  # "llama" | "qwen2" | "qwen3": the HF model_type save_hf writes
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     # The residual stream between layers (None: the compute dtype). "float32" with bfloat16 compute
@@ -122,6 +125,7 @@ class ModelConfig:
         d, f, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        attn += 2 * self.head_dim if self.qk_norm else 0
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + L * (attn + mlp + 2 * d) + d + head
@@ -144,6 +148,14 @@ SHAPES: dict[str, ModelConfig] = {
     "qwen2.5-7b": _shape(152064, 3584, 18944, 28, 28, 4, 128, 1e6, 1e-6, "qwen2", False),
     "llama-3.2-1b": _shape(128256, 2048, 8192, 16, 32, 8, 64, 5e5, 1e-5, "llama", True,
                            rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072),
+    "qwen3-0.6b": _shape(151936, 1024, 3072, 28, 16, 8, 128, 1e6, 1e-6, "qwen3", True, qk_norm=True,
+                         max_position_embeddings=40960),
+    "qwen3-1.7b": _shape(151936, 2048, 6144, 28, 16, 8, 128, 1e6, 1e-6, "qwen3", True, qk_norm=True,
+                         max_position_embeddings=40960),
+    "qwen3-4b": _shape(151936, 2560, 9728, 36, 32, 8, 128, 1e6, 1e-6, "qwen3", True, qk_norm=True,
+                       max_position_embeddings=40960),
+    "qwen3-8b": _shape(151936, 4096, 12288, 36, 32, 8, 128, 1e6, 1e-6, "qwen3", False, qk_norm=True,
+                       max_position_embeddings=40960),
     "smollm2-135m": _shape(49152, 576, 1536, 30, 9, 3, 64, 1e5, 1e-5, "llama", True,
                            max_position_embeddings=8192),
     # For CPU tests and smoke runs.
@@ -238,8 +250,12 @@ class Attention(nn.Module):
 
         heads = lambda y, axis: partitioning.constrain(
             y, ("activation_batch", "activation_length", axis, None), self.mesh)
-        q = heads(apply_rope(proj("q_proj", H, "heads"), sin, cos), "activation_heads")
-        k = heads(apply_rope(proj("k_proj", K, "kv_heads"), sin, cos), "activation_kv_heads")
+        q, k = proj("q_proj", H, "heads"), proj("k_proj", K, "kv_heads")
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm before the rotation
+            norm = lambda name: RMSNorm(cfg.rms_norm_eps, dt, pdt, name=name)  # noqa: E731
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
+        q = heads(apply_rope(q, sin, cos), "activation_heads")
+        k = heads(apply_rope(k, sin, cos), "activation_kv_heads")
         v = heads(proj("v_proj", K, "kv_heads"), "activation_kv_heads")
 
         if kv_cache is not None:

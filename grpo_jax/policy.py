@@ -50,6 +50,9 @@ class PromptFormat:
     template: str = "plain"
     field: str = "question"
     instruction: str = ""
+    # Qwen3's chat template: False appends an empty <think></think> (answer without reasoning);
+    # None leaves the template's default.
+    enable_thinking: bool | None = None
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -64,7 +67,8 @@ class PromptFormat:
         messages = [{"role": "user", "content": text}]
         if self.template == "r1":
             messages = [{"role": "system", "content": R1_SYSTEM}] + messages
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        extra = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -238,5 +242,6 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
         params = _source_params(mcfg, model_cfg, mesh, cfg.seed)
         source = mcfg.source + (f" (random, seed {cfg.seed})" if mcfg.source.startswith("shape:") else "")
     d = cfg.data
-    return Policy(params, model_cfg, tok, mesh, PromptFormat(d.template, d.prompt_field, d.instruction),
-                  config.sampling_config(cfg, tok), cfg.sampling.weights), source
+    return Policy(params, model_cfg, tok, mesh, PromptFormat(d.template, d.prompt_field, d.instruction,
+                                                              d.get("enable_thinking")),
+                  config.sampling_config(cfg, tok, model_cfg.eos_token_ids), cfg.sampling.weights), source

@@ -72,6 +72,9 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if not isinstance(self.pad_id, (int, np.integer)):
+            raise ValueError(f"pad_id={self.pad_id!r} must be a token id (a tokenizer without a pad token "
+                             "pads with an EOS id: config.sampling_config does that)")
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
         object.__setattr__(self, "prompt_buckets", tuple(sorted(self.prompt_buckets)))
 

@@ -28,8 +28,14 @@ def tiny_hf_model(arch: str, **overrides):
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
     elif arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    elif arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw))
     else:
         raise ValueError(arch)
+    with torch.no_grad():  # norm weights of ones would hide a misplaced norm (Qwen3's q/k norms)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
     return model.eval()
 
 
@@ -43,6 +49,10 @@ VARIANTS = {
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "llama": ("llama", {}),
     "llama3-rope-bias": ("llama", {**LLAMA3, "attention_bias": True, "mlp_bias": True}),
+    # odd sizes; head_dim not hidden/heads (Qwen3 sets it apart); q/k norm weights made non-trivial
+    "qwen3": ("qwen3", {"hidden_size": 72, "intermediate_size": 100, "head_dim": 24, "num_attention_heads": 6,
+                        "num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "qwen3-bias": ("qwen3", {"attention_bias": True, "head_dim": 20}),
 }
 
 
