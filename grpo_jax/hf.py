@@ -24,7 +24,8 @@ import safetensors.numpy
 
 from grpo_jax import model
 
-SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "mistral": "MistralForCausalLM"}
 
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -47,10 +48,23 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
             f"grpo_jax supports model_type in {sorted(SUPPORTED)} ({', '.join(SUPPORTED.values())})")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
-    layer_types = set(hf.get("layer_types") or ())
-    if hf.get("use_sliding_window") or layer_types - {"full_attention"}:
-        raise CheckpointError(f"sliding-window attention (layer_types={sorted(layer_types)}, "
-                              f"use_sliding_window={hf.get('use_sliding_window')}) is not supported")
+    layer_types = tuple(hf.get("layer_types") or ())
+    if set(layer_types) - {"full_attention", "sliding_attention"}:
+        raise CheckpointError(f"layer_types {sorted(set(layer_types))} are not supported; expected "
+                              "'full_attention' and 'sliding_attention'")
+    # Mistral: a window on every layer when sliding_window is set; Qwen2/Qwen3: only with
+    # use_sliding_window, on the layers layer_types names (transformers derives them from max_window_layers).
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        window = None
+    if window is not None and model_type != "mistral" and not layer_types:  # transformers 4 configs
+        first = hf.get("max_window_layers", hf["num_hidden_layers"])
+        layer_types = tuple("sliding_attention" if i >= first else "full_attention"
+                            for i in range(hf["num_hidden_layers"]))
+    if window is not None and layer_types and "sliding_attention" not in layer_types:
+        window = None
+    if model_type == "llama":
+        window = None
 
     rope = dict(hf.get("rope_parameters") or {})  # transformers 5
     legacy = dict(hf.get("rope_scaling") or {})  # transformers 4
@@ -79,6 +93,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
         qkv_bias=True if model_type == "qwen2" else bias,
         o_bias=False if model_type == "qwen2" else bias,
         qk_norm=model_type == "qwen3",
+        sliding_window=None if window is None else int(window),
+        layer_types=layer_types if window is not None and layer_types else None,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
@@ -95,6 +111,10 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
     if cfg.architecture == "qwen2" and (not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
         raise CheckpointError("a qwen2 model has q/k/v biases and no o_proj/MLP biases; "
                               f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}")
+    if cfg.architecture == "mistral" and (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
+        raise CheckpointError("a mistral model has no biases")
+    if cfg.architecture == "llama" and cfg.sliding_window is not None:
+        raise CheckpointError("a llama model has no sliding window; save it as mistral")
     if cfg.architecture in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
         raise CheckpointError(f"a {cfg.architecture} model has biases on all of q/k/v/o_proj or none; "
                               f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
@@ -123,10 +143,14 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
     }
     if cfg.architecture == "llama":
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    elif cfg.architecture == "qwen3":
-        hf.update(attention_bias=cfg.qkv_bias, use_sliding_window=False)
-    else:
-        hf.update(use_sliding_window=False)
+    elif cfg.architecture == "mistral":
+        hf.update(sliding_window=cfg.sliding_window)
+    else:  # qwen2, qwen3
+        if cfg.architecture == "qwen3":
+            hf.update(attention_bias=cfg.qkv_bias)
+        hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                  layer_types=list(cfg.layer_types or ["sliding_attention" if w else "full_attention"
+                                                       for w in cfg.sliding_layers]))
     return hf
 
 

@@ -76,6 +76,11 @@ class ModelConfig:
     # Qwen3: RMSNorm of each head's queries and keys (over head_dim, weights shared by the heads)
     # before the rotary embedding.
     qk_norm: bool = False
+    # Sliding-window attention (Mistral; Qwen2/Qwen3 with use_sliding_window): a query sees the last
+    # `sliding_window` tokens, itself included, on the layers whose `layer_types` entry is
+    # "sliding_attention" (None: every layer).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
     o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
@@ -112,6 +117,12 @@ class ModelConfig:
                              "'float32', 'bfloat16' or 'float16'")
         if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got dtype={self.dtype!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (None: full attention)")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_layers or set(self.layer_types)
+                                             - {"full_attention", "sliding_attention"}):
+            raise ValueError(f"layer_types={self.layer_types}: expected {self.num_layers} entries of "
+                             "'full_attention' or 'sliding_attention'")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(
@@ -119,6 +130,13 @@ class ModelConfig:
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends within the sliding window."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types or ("sliding_attention",) * self.num_layers)
 
     @property
     def num_params(self) -> int:
@@ -267,11 +285,27 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
 
         B, T = x.shape[:2]
+        sliding = cfg.sliding_layers
+        # Whether this layer attends within the window, traced: the layer index is the scan's state.
+        windowed = jnp.asarray(sliding)[layer]
         if seq_lengths is not None:
             # Padded queries (beyond a row's length) still see its real keys: no all-masked rows.
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=seq_lengths,
-                                               implementation=cfg.attention)
+            attend = lambda window: jax.nn.dot_product_attention(  # noqa: E731
+                q, k, v, is_causal=True, key_value_seq_lengths=seq_lengths, implementation=cfg.attention,
+                local_window_size=None if window is None else (window - 1, 0))
+            if not any(sliding):
+                out = attend(None)
+            elif all(sliding):
+                out = attend(cfg.sliding_window)
+            else:
+                out = jax.lax.cond(windowed, lambda: attend(cfg.sliding_window), lambda: attend(None))
         else:
+            if any(sliding):
+                # Slots and rotary positions advance together after a row's left padding, so the
+                # window is a distance between slots: query slot index + t sees slots > it - window.
+                S = attn_mask.shape[-1]
+                near = jnp.arange(S)[None, :] > (index + jnp.arange(T))[:, None] - cfg.sliding_window
+                attn_mask = attn_mask & (near[None] | ~windowed)
             # Grouped-query attention without repeating K/V: query heads are split [kv_heads, group].
             q = q.reshape(B, T, K, H // K, D)
             scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)

@@ -30,6 +30,8 @@ def tiny_hf_model(arch: str, **overrides):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     elif arch == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw))
+    elif arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))
     else:
         raise ValueError(arch)
     with torch.no_grad():  # norm weights of ones would hide a misplaced norm (Qwen3's q/k norms)
@@ -53,6 +55,9 @@ VARIANTS = {
     "qwen3": ("qwen3", {"hidden_size": 72, "intermediate_size": 100, "head_dim": 24, "num_attention_heads": 6,
                         "num_key_value_heads": 2, "tie_word_embeddings": True}),
     "qwen3-bias": ("qwen3", {"attention_bias": True, "head_dim": 20}),
+    # windows shorter than the test sequences, so that they cut
+    "mistral-window": ("mistral", {"sliding_window": 5}),
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
 }
 
 

@@ -1,6 +1,7 @@
-"""Model families beyond Llama and Qwen2, each against a tiny random transformers model: Qwen3
-(q/k norms, head_dim apart from hidden/heads). Logit parity on both attention paths and save_hf round
-trips are in test_model / test_hf (the `qwen3` variants of conftest.VARIANTS)."""
+"""Model families beyond plain Llama and Qwen2, each against a tiny random transformers model: Qwen3
+(q/k norms, head_dim apart from hidden/heads), Mistral's sliding window on every layer, Qwen2's on
+some layers. KV-cache decoding against the full forward, greedy decoding against `generate`. Logit
+parity on both attention paths and save_hf round trips are in test_model / test_hf (conftest.VARIANTS)."""
 
 import tempfile
 
@@ -13,14 +14,18 @@ from test_sampler import hf_generate, random_prompts
 
 from grpo_jax import hf, model, sampler
 
-FAMILIES = {
-    "qwen3": dict(hidden_size=72, intermediate_size=100, head_dim=24, num_attention_heads=6, num_key_value_heads=2),
+FAMILIES = {  # windows shorter than the 14 to 18 tokens the tests decode, so that they cut
+    "qwen3": ("qwen3", dict(hidden_size=72, intermediate_size=100, head_dim=24, num_attention_heads=6,
+                            num_key_value_heads=2)),
+    "mistral-window": ("mistral", dict(sliding_window=5)),
+    "qwen2-mixed-window": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
-    hf_model = tiny_hf_model(request.param, **FAMILIES[request.param])
+    arch, kw = FAMILIES[request.param]
+    hf_model = tiny_hf_model(arch, **kw)
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
         params, cfg = hf.load_hf(d)
@@ -29,7 +34,12 @@ def family(request):
 
 def test_config_is_read(family):
     name, hf_model, params, cfg = family
-    assert cfg.architecture == name and cfg.qk_norm and cfg.head_dim == 24
+    assert cfg.architecture == FAMILIES[name][0]
+    hc = hf_model.config
+    head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
+    assert cfg.qk_norm == (cfg.architecture == "qwen3") and cfg.head_dim == head_dim
+    assert cfg.sliding_layers == {"qwen3": (False,) * 3, "mistral-window": (True,) * 3,
+                                  "qwen2-mixed-window": (False, True, True)}[name]
     assert cfg.num_params == sum(p.numel() for p in hf_model.parameters())
 
 

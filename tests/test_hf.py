@@ -162,8 +162,17 @@ def test_corrupt_file_and_bad_index(good):
         hf.load_hf(good)
 
 
-def test_sliding_window_rejected(tmp_path):
+def test_sliding_window_layers_from_either_config_layout(tmp_path):
     tiny_hf_model("qwen2").save_pretrained(tmp_path)
+    # transformers 5 lists layer_types; with them all full, use_sliding_window changes nothing (as there)
     _edit_config(tmp_path, use_sliding_window=True, sliding_window=8)
-    with pytest.raises(hf.CheckpointError, match="sliding-window"):
+    assert hf.load_config(tmp_path).sliding_layers == (False, False, False)
+    # a transformers 4 config: the layers from max_window_layers on slide
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "max_window_layers": 1}))
+    loaded = hf.load_config(tmp_path)
+    assert loaded.sliding_layers == (False, True, True) and loaded.sliding_window == 8
+    _edit_config(tmp_path, layer_types=["full_attention", "chunked_attention", "sliding_attention"])
+    with pytest.raises(hf.CheckpointError, match="layer_types .* are not supported"):
         hf.load_hf(tmp_path)
