@@ -25,10 +25,13 @@ import safetensors.numpy
 from grpo_jax import model
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-             "mistral": "MistralForCausalLM"}
+             "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class CheckpointError(ValueError):
@@ -46,8 +49,13 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
         raise CheckpointError(
             f"unknown architecture: model_type={model_type!r}, architectures={hf.get('architectures')}; "
             f"grpo_jax supports model_type in {sorted(SUPPORTED)} ({', '.join(SUPPORTED.values())})")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
+    gemma = model_type == "gemma3_text"
+    act = hf.get("hidden_activation" if gemma else "hidden_act") or "silu"
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"activation {act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(cap) is not None:
+            raise CheckpointError(f"{cap}={hf[cap]} (Gemma 2's soft-capping) is not supported")
     layer_types = tuple(hf.get("layer_types") or ())
     if set(layer_types) - {"full_attention", "sliding_attention"}:
         raise CheckpointError(f"layer_types {sorted(set(layer_types))} are not supported; expected "
@@ -65,8 +73,16 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
         window = None
     if model_type == "llama":
         window = None
-
+    if gemma and window is not None and not layer_types:
+        raise CheckpointError("a gemma3_text config without layer_types is not supported")
     rope = dict(hf.get("rope_parameters") or {})  # transformers 5
+    local_theta = None
+    if gemma:  # one set of rope parameters per layer type; the local layers' is plain RoPE
+        local = dict(rope.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq", 10000.0)})
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError(f"rope of the sliding-window layers {local} is not supported: expected plain RoPE")
+        local_theta = float(local["rope_theta"])
+        rope = dict(rope.get("full_attention") or {"rope_theta": hf.get("rope_theta", 1e6)})
     legacy = dict(hf.get("rope_scaling") or {})  # transformers 4
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = {**legacy, **rope}
@@ -92,11 +108,13 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
         rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
         qkv_bias=True if model_type == "qwen2" else bias,
         o_bias=False if model_type == "qwen2" else bias,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        gemma_norms=gemma, embed_scale=gemma, hidden_act=_ACTIVATIONS[act],
+        query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if gemma else None, rope_local_theta=local_theta,
         sliding_window=None if window is None else int(window),
         layer_types=layer_types if window is not None and layer_types else None,
         mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
         architecture=model_type,
         dtype=dtype,
@@ -118,8 +136,12 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
     if cfg.architecture in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
         raise CheckpointError(f"a {cfg.architecture} model has biases on all of q/k/v/o_proj or none; "
                               f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
-    if cfg.qk_norm != (cfg.architecture == "qwen3"):
-        raise CheckpointError(f"q/k norms are Qwen3's; got qk_norm={cfg.qk_norm} for {cfg.architecture!r}")
+    gemma = cfg.architecture == "gemma3_text"
+    if cfg.qk_norm != (cfg.architecture in ("qwen3", "gemma3_text")):
+        raise CheckpointError(f"q/k norms are Qwen3's and Gemma 3's; got qk_norm={cfg.qk_norm} for {cfg.architecture!r}")
+    if gemma != cfg.gemma_norms or gemma != cfg.embed_scale or (cfg.hidden_act == "gelu_tanh") != gemma:
+        raise CheckpointError(f"Gemma's norms, embedding scale and GeLU go together with architecture "
+                              f"gemma3_text; got {cfg.architecture!r}")
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **dict(cfg.rope_scaling or {})}
     eos = list(cfg.eos_token_ids)
     hf = {
@@ -132,7 +154,7 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": "silu",  # gemma: hidden_activation below
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_word_embeddings,
@@ -145,6 +167,17 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     elif cfg.architecture == "mistral":
         hf.update(sliding_window=cfg.sliding_window)
+    elif gemma:
+        del hf["hidden_act"]
+        scalar = cfg.query_pre_attn_scalar
+        hf.update(hidden_activation="gelu_pytorch_tanh",
+                  query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+                  attention_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window,
+                  layer_types=list(cfg.layer_types or ["sliding_attention" if w else "full_attention"
+                                                       for w in cfg.sliding_layers]),
+                  rope_parameters={"full_attention": rope, "sliding_attention": {
+                      "rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+                  final_logit_softcapping=None, attn_logit_softcapping=None)
     else:  # qwen2, qwen3
         if cfg.architecture == "qwen3":
             hf.update(attention_bias=cfg.qkv_bias)
@@ -166,11 +199,13 @@ def _name_map(cfg: model.ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[
     d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     L = "model.layers.{i}."
+    # Llama's post_attention_layernorm is the norm before the MLP; Gemma's follows attention.
+    mlp_norm = "pre_feedforward_layernorm" if cfg.gemma_norms else "post_attention_layernorm"
     m = [
         (("embedding",), "model.embed_tokens.weight", (V, d), False),
         (("final_norm", "scale"), "model.norm.weight", (d,), False),
         (("layers", "attn_norm", "scale"), L + "input_layernorm.weight", (d,), False),
-        (("layers", "mlp_norm", "scale"), L + "post_attention_layernorm.weight", (d,), False),
+        (("layers", "mlp_norm", "scale"), L + mlp_norm + ".weight", (d,), False),
         (("layers", "attn", "q_proj", "kernel"), L + "self_attn.q_proj.weight", (q, d), True),
         (("layers", "attn", "k_proj", "kernel"), L + "self_attn.k_proj.weight", (kv, d), True),
         (("layers", "attn", "v_proj", "kernel"), L + "self_attn.v_proj.weight", (kv, d), True),
@@ -184,6 +219,9 @@ def _name_map(cfg: model.ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[
               for p, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))]
     if cfg.o_bias:
         m.append((("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", (d,), False))
+    if cfg.gemma_norms:
+        m += [(("layers", "post_attn_norm", "scale"), L + "post_attention_layernorm.weight", (d,), False),
+              (("layers", "post_mlp_norm", "scale"), L + "post_feedforward_layernorm.weight", (d,), False)]
     if cfg.qk_norm:
         m += [(("layers", "attn", f"{p}_norm", "scale"), L + f"self_attn.{p}_norm.weight", (cfg.head_dim,), False)
               for p in ("q", "k")]

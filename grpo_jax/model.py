@@ -1,4 +1,5 @@
-"""Decoder-only transformer for the Llama, Qwen2 and Qwen3 (dense) families, in Flax Linen.
+"""Decoder-only transformer for the Llama, Qwen2, Qwen3 (dense), Mistral and Gemma 3 (text) families,
+in Flax Linen.
 
 Everything callers jit is a pure function of an explicit parameter pytree:
 
@@ -81,6 +82,14 @@ class ModelConfig:
     # "sliding_attention" (None: every layer).
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    # Gemma 3: RMSNorms scale by (1 + w) and also follow attention and the MLP; embeddings are scaled
+    # by sqrt(hidden_size); a GeLU-tanh MLP; scores scaled by query_pre_attn_scalar**-0.5; the
+    # sliding-window layers rotate with their own base rope_local_theta (no scaling).
+    gemma_norms: bool = False
+    embed_scale: bool = False
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh"
+    query_pre_attn_scalar: float | None = None
+    rope_local_theta: float | None = None
     o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
@@ -123,6 +132,8 @@ class ModelConfig:
                                              - {"full_attention", "sliding_attention"}):
             raise ValueError(f"layer_types={self.layer_types}: expected {self.num_layers} entries of "
                              "'full_attention' or 'sliding_attention'")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"hidden_act={self.hidden_act!r}; expected 'silu' or 'gelu_tanh'")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(
@@ -144,6 +155,7 @@ class ModelConfig:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
         attn += 2 * self.head_dim if self.qk_norm else 0
+        attn += 2 * d if self.gemma_norms else 0  # the post-attention and post-MLP norms
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + L * (attn + mlp + 2 * d) + d + head
@@ -174,6 +186,12 @@ SHAPES: dict[str, ModelConfig] = {
                        max_position_embeddings=40960),
     "qwen3-8b": _shape(151936, 4096, 12288, 36, 32, 8, 128, 1e6, 1e-6, "qwen3", False, qk_norm=True,
                        max_position_embeddings=40960),
+    "mistral-7b": _shape(32000, 4096, 14336, 32, 32, 8, 128, 1e4, 1e-5, "mistral", False, sliding_window=4096),
+    "gemma-3-1b": _shape(262144, 1152, 6912, 26, 4, 1, 256, 1e6, 1e-6, "gemma3_text", True, qk_norm=True,
+                         gemma_norms=True, embed_scale=True, hidden_act="gelu_tanh", query_pre_attn_scalar=256.0,
+                         rope_local_theta=1e4, sliding_window=512, max_position_embeddings=32768,
+                         layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                           for i in range(26))),
     "smollm2-135m": _shape(49152, 576, 1536, 30, 9, 3, 64, 1e5, 1e-5, "llama", True,
                            max_position_embeddings=8192),
     # For CPU tests and smoke runs.
@@ -232,13 +250,21 @@ class RMSNorm(nn.Module):
     eps: float
     dtype: Any
     param_dtype: Any
+    offset: bool = False  # Gemma: scale by (1 + w) in float32, w initialised at 0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", _init(("norm",), init), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), cfg.gemma_norms, name=name)
 
 
 class Attention(nn.Module):
@@ -269,9 +295,15 @@ class Attention(nn.Module):
         heads = lambda y, axis: partitioning.constrain(
             y, ("activation_batch", "activation_length", axis, None), self.mesh)
         q, k = proj("q_proj", H, "heads"), proj("k_proj", K, "kv_heads")
-        if cfg.qk_norm:  # Qwen3: per-head RMSNorm before the rotation
-            norm = lambda name: RMSNorm(cfg.rms_norm_eps, dt, pdt, name=name)  # noqa: E731
-            q, k = norm("q_norm")(q), norm("k_norm")(k)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: per-head RMSNorm before the rotation
+            q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
+        sliding = cfg.sliding_layers
+        # Whether this layer attends within the window, traced: the layer index is the scan's state.
+        windowed = jnp.asarray(sliding)[layer]
+        if sin.shape[0] == 2:  # [global, local] rotations (Gemma 3): the window's layers use the local one
+            sin, cos = sin[windowed.astype(jnp.int32)], cos[windowed.astype(jnp.int32)]
+        else:
+            sin, cos = sin[0], cos[0]
         q = heads(apply_rope(q, sin, cos), "activation_heads")
         k = heads(apply_rope(k, sin, cos), "activation_kv_heads")
         v = heads(proj("v_proj", K, "kv_heads"), "activation_kv_heads")
@@ -285,13 +317,11 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
 
         B, T = x.shape[:2]
-        sliding = cfg.sliding_layers
-        # Whether this layer attends within the window, traced: the layer index is the scan's state.
-        windowed = jnp.asarray(sliding)[layer]
+        scale = (cfg.query_pre_attn_scalar or D) ** -0.5
         if seq_lengths is not None:
             # Padded queries (beyond a row's length) still see its real keys: no all-masked rows.
             attend = lambda window: jax.nn.dot_product_attention(  # noqa: E731
-                q, k, v, is_causal=True, key_value_seq_lengths=seq_lengths, implementation=cfg.attention,
+                q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=seq_lengths, implementation=cfg.attention,
                 local_window_size=None if window is None else (window - 1, 0))
             if not any(sliding):
                 out = attend(None)
@@ -309,7 +339,7 @@ class Attention(nn.Module):
             # Grouped-query attention without repeating K/V: query heads are split [kv_heads, group].
             q = q.reshape(B, T, K, H // K, D)
             scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
-            scores = scores * (D ** -0.5)
+            scores = scores * scale
             scores = jnp.where(attn_mask[:, None, None], scores, _MASK_VALUE)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H, D)
@@ -334,7 +364,8 @@ class MLP(nn.Module):
             return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=pdt, name=name,
                             kernel_init=_init(axes), bias_init=_init(axes[1:], nn.initializers.zeros))
 
-        h = nn.silu(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
+        act = nn.silu if cfg.hidden_act == "silu" else functools.partial(nn.gelu, approximate=True)
+        h = act(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
         h = h * dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
         h = partitioning.constrain(h, ("activation_batch", "activation_length", "activation_mlp"), self.mesh)
         return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
@@ -352,12 +383,15 @@ class Block(nn.Module):
         cfg = self.cfg
         residual = lambda y: partitioning.constrain(y, partitioning.RESIDUAL, self.mesh)
         x = residual(x)
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
-                                    name=name)
-        h, kv_cache = Attention(cfg, self.mesh, name="attn")(norm("attn_norm")(x), sin, cos, attn_mask, kv_cache,
-                                                            layer, index, seq_lengths)
+        h, kv_cache = Attention(cfg, self.mesh, name="attn")(_norm(cfg, "attn_norm")(x), sin, cos, attn_mask,
+                                                            kv_cache, layer, index, seq_lengths)
+        if cfg.gemma_norms:
+            h = _norm(cfg, "post_attn_norm")(h)
         x = residual(x + h)
-        x = residual(x + MLP(cfg, self.mesh, name="mlp")(norm("mlp_norm")(x)))
+        h = MLP(cfg, self.mesh, name="mlp")(_norm(cfg, "mlp_norm")(x))
+        if cfg.gemma_norms:
+            h = _norm(cfg, "post_mlp_norm")(h)
+        x = residual(x + h)
         return (x, kv_cache, layer + 1), None
 
 
@@ -375,9 +409,16 @@ class Transformer(nn.Module):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
         residual_dt = jnp.dtype(cfg.residual_dtype or cfg.dtype)  # the layers' outputs add onto x in this dtype
-        x = partitioning.constrain(embed_lookup(embed, tokens, self.mesh).astype(residual_dt), partitioning.RESIDUAL,
-                                   self.mesh)
+        x = embed_lookup(embed, tokens, self.mesh)
+        if cfg.embed_scale:  # Gemma: the scale rounded to the weights' dtype, as in transformers
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+        x = partitioning.constrain(x.astype(residual_dt), partitioning.RESIDUAL, self.mesh)
+        # [rotation types, B, T, head_dim // 2]: the global rotation, and the local one if it differs
         sin, cos = rope_sin_cos(cfg, positions)
+        sin, cos = sin[None], cos[None]
+        if cfg.rope_local_theta is not None:
+            local_sin, local_cos = rope_sin_cos(cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None), positions)
+            sin, cos = jnp.stack([sin[0], local_sin]), jnp.stack([cos[0], local_cos])
 
         block = Block
         if self.pin_weights and self.mesh is not None and self.mesh.size > 1:
@@ -399,8 +440,7 @@ class Transformer(nn.Module):
         )(cfg, self.mesh, name="layers")
         (x, kv_cache, _), _ = layers((x, kv_cache, jnp.zeros((), jnp.int32)), sin, cos, attn_mask, index,
                                      seq_lengths)
-        x = partitioning.constrain(RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x), partitioning.RESIDUAL,
-                                   self.mesh)
+        x = partitioning.constrain(_norm(cfg, "final_norm")(x), partitioning.RESIDUAL, self.mesh)
         if return_hidden:
             return x, kv_cache
         if cfg.tie_word_embeddings:

@@ -30,6 +30,8 @@ def tiny_hf_model(arch: str, **overrides):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     elif arch == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw))
+    elif arch == "gemma3":
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**kw))
     elif arch == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))
     else:
@@ -58,6 +60,11 @@ VARIANTS = {
     # windows shorter than the test sequences, so that they cut
     "mistral-window": ("mistral", {"sliding_window": 5}),
     "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    # local/global layers with their own RoPE bases, a linearly scaled global RoPE, query_pre_attn_scalar
+    "gemma3": ("gemma3", {"head_dim": 16, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention",
+               "sliding_attention"], "query_pre_attn_scalar": 24, "rope_parameters": {
+               "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
 }
 
 

@@ -1,6 +1,7 @@
 """Model families beyond plain Llama and Qwen2, each against a tiny random transformers model: Qwen3
 (q/k norms, head_dim apart from hidden/heads), Mistral's sliding window on every layer, Qwen2's on
-some layers. KV-cache decoding against the full forward, greedy decoding against `generate`. Logit
+some layers, Gemma 3 ((1 + w) and post norms, scaled embeddings, GeLU-tanh, local/global layers with
+their own RoPE bases). KV-cache decoding against the full forward, greedy decoding against `generate`. Logit
 parity on both attention paths and save_hf round trips are in test_model / test_hf (conftest.VARIANTS)."""
 
 import tempfile
@@ -19,6 +20,8 @@ FAMILIES = {  # windows shorter than the 14 to 18 tokens the tests decode, so th
                             num_key_value_heads=2)),
     "mistral-window": ("mistral", dict(sliding_window=5)),
     "qwen2-mixed-window": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "gemma3": ("gemma3", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
 }
 
 
@@ -34,12 +37,13 @@ def family(request):
 
 def test_config_is_read(family):
     name, hf_model, params, cfg = family
-    assert cfg.architecture == FAMILIES[name][0]
+    assert cfg.architecture == {"gemma3": "gemma3_text"}.get(FAMILIES[name][0], FAMILIES[name][0])
     hc = hf_model.config
     head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
-    assert cfg.qk_norm == (cfg.architecture == "qwen3") and cfg.head_dim == head_dim
+    assert cfg.qk_norm == (cfg.architecture in ("qwen3", "gemma3_text")) and cfg.head_dim == head_dim
+    assert cfg.gemma_norms == cfg.embed_scale == (cfg.architecture == "gemma3_text")
     assert cfg.sliding_layers == {"qwen3": (False,) * 3, "mistral-window": (True,) * 3,
-                                  "qwen2-mixed-window": (False, True, True)}[name]
+                                  "qwen2-mixed-window": (False, True, True), "gemma3": (True, False, True)}[name]
     assert cfg.num_params == sum(p.numel() for p in hf_model.parameters())
 
 
@@ -129,3 +133,9 @@ def test_qwen3_chat_template_thinking_switch(enable_thinking):
     want = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
     assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
     assert tok.decode(ids).endswith("<think>\n\n</think>\n\n") == (enable_thinking is False)
+
+
+def test_new_shapes_match_their_parameter_counts():
+    assert 0.99e9 < model.SHAPES["gemma-3-1b"].num_params < 1.01e9  # Gemma 3 1B: 999.9M
+    assert 7.2e9 < model.SHAPES["mistral-7b"].num_params < 7.3e9  # Mistral 7B: 7.24B
+    assert model.SHAPES["gemma-3-1b"].sliding_layers.count(False) == 4  # 1 global layer in 6
