@@ -406,7 +406,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, attn_mask, kv_cache, index, return_hidden, seq_lengths=None):
         cfg = self.cfg
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        pdt = jnp.dtype(cfg.param_dtype)
         embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
         residual_dt = jnp.dtype(cfg.residual_dtype or cfg.dtype)  # the layers' outputs add onto x in this dtype
         x = embed_lookup(embed, tokens, self.mesh)
