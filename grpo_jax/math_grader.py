@@ -404,9 +404,7 @@ def _scalar_equal(g: str, p: str) -> bool:
         return False
     if gn is not None and gn[1] and getattr(ps, "is_number", False):  # decimal gold, exact prediction
         return _close_at_precision(gn[0], gn[1], ps)
-    if pn is not None and pn[1] and getattr(gs, "is_number", False):  # exact gold, decimal prediction
-        return _expr_equal(gs, ps)
-    return _expr_equal(gs, ps)
+    return _expr_equal(gs, ps)  # an exact gold needs an exactly equal prediction (decimals made exact)
 
 
 def _unwrap(s: str) -> str:
