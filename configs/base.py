@@ -63,7 +63,8 @@ def get_config() -> ConfigDict:
         rollout_correction=placeholder(str), rollout_correction_max=2.0, rollout_correction_min=placeholder(float),
         # DAPO's dynamic sampling: keep only groups whose rewards differ, sampling prompts_per_step more
         # prompts per round until the batch is full or max_sampling_rounds rounds are done.
-        dynamic_sampling=False, max_sampling_rounds=3))
+        dynamic_sampling=False, max_sampling_rounds=3,
+        router_aux_loss_coef=0.0))  # MoE policies: weight of the routers' load-balancing loss (Qwen3-MoE: 0.001)
 
     c.rewards = ConfigDict({"math": 1.0})  # reward function name -> weight
     c.reward_functions = ConfigDict()  # your own: name -> "package.module:function" (name it in rewards)
@@ -101,7 +102,7 @@ def get_config() -> ConfigDict:
         b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0,
         max_nonfinite_updates=10))  # this many consecutive updates with a NaN/inf loss or gradient stop the run
 
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
     c.checkpoint = ConfigDict(dict(every=50, keep=3))
     c.eval = ConfigDict(dict(every=25, k=4, batch_size=64, reward="math", at_start=True))
     c.log = ConfigDict(dict(every=1, samples_every=10))

@@ -53,6 +53,8 @@ ADDED = {
     "grpo.dynamic_sampling": False,
     "grpo.max_sampling_rounds": 3,
     "data.enable_thinking": None,
+    "mesh.expert": 1,
+    "grpo.router_aux_loss_coef": 0.0,
 }
 
 
@@ -130,7 +132,7 @@ def loss_config(cfg: ConfigDict) -> loss.LossConfig:
         max_completion_length=s.max_new_tokens, importance_level=g.importance_level,
         mask_truncated=g.mask_truncated, temperature=s.temperature, logprob_chunk=g.logprob_chunk,
         rollout_correction=g.rollout_correction, rollout_correction_max=g.rollout_correction_max,
-        rollout_correction_min=g.rollout_correction_min)
+        rollout_correction_min=g.rollout_correction_min, router_aux_loss_coef=g.router_aux_loss_coef)
 
 
 def sampling_config(cfg: ConfigDict, tokenizer, model_eos: Sequence[int] = ()) -> sampler.SamplingConfig:

@@ -49,6 +49,7 @@ from grpo_jax import metrics
 from grpo_jax import model
 from grpo_jax import multihost
 from grpo_jax import objective
+from grpo_jax import partitioning
 from grpo_jax import policy
 from grpo_jax import rewards
 from grpo_jax import sampler
@@ -193,12 +194,12 @@ class GRPO:
         g, hosts = cfg.grpo, jax.process_count()
         if g.prompts_per_step % hosts:
             raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} (global) does not split over {hosts} hosts")
-        n, shards = g.prompts_per_step * g.num_generations, pol.mesh.shape["data"] * pol.mesh.shape["fsdp"]
+        n, shards = g.prompts_per_step * g.num_generations, partitioning.batch_shards(pol.mesh)
         if n % (g.minibatches * g.microbatches * shards):
             raise ValueError(
                 f"grpo.prompts_per_step x grpo.num_generations = {g.prompts_per_step} x {g.num_generations} = {n} "
                 f"completions per step must split into grpo.minibatches={g.minibatches} x grpo.microbatches="
-                f"{g.microbatches} parts of equal rows over the mesh's data x fsdp = {shards} devices (mesh.data, "
+                f"{g.microbatches} parts of equal rows over the mesh's data x fsdp x expert = {shards} devices (mesh.data, "
                 f"mesh.fsdp); {n} is not a multiple of {g.minibatches * g.microbatches * shards}")
         tx, _ = train_state.make_optimizer(cfg.optimizer, cfg.steps * g.num_iterations * g.minibatches)
         prompts = data.PromptIterator(task.train, g.prompts_per_step // hosts, seed=cfg.seed,

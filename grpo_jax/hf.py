@@ -25,7 +25,7 @@ import safetensors.numpy
 from grpo_jax import model
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-             "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+             "qwen3_moe": "Qwen3MoeForCausalLM", "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -63,7 +63,13 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
     # Mistral: a window on every layer when sliding_window is set; Qwen2/Qwen3: only with
     # use_sliding_window, on the layers layer_types names (transformers derives them from max_window_layers).
     window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+    experts = hf.get("num_experts", hf.get("num_local_experts")) or 0 if model_type == "qwen3_moe" else 0
+    if experts and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+        raise CheckpointError(
+            f"Qwen3-MoE with dense layers among the experts (mlp_only_layers={hf.get('mlp_only_layers')}, "
+            f"decoder_sparse_step={hf.get('decoder_sparse_step')}) is not supported: every released Qwen3-MoE "
+            "has experts in every layer (mlp_only_layers=[], decoder_sparse_step=1)")
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window"):
         window = None
     if window is not None and model_type != "mistral" and not layer_types:  # transformers 4 configs
         first = hf.get("max_window_layers", hf["num_hidden_layers"])
@@ -108,7 +114,10 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
         rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
         qkv_bias=True if model_type == "qwen2" else bias,
         o_bias=False if model_type == "qwen2" else bias,
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+        num_experts=experts, num_experts_per_tok=hf.get("num_experts_per_tok", 0) if experts else 0,
+        moe_intermediate_size=hf.get("moe_intermediate_size", 0) if experts else 0,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if experts else False,
         gemma_norms=gemma, embed_scale=gemma, hidden_act=_ACTIVATIONS[act],
         query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if gemma else None, rope_local_theta=local_theta,
         sliding_window=None if window is None else int(window),
@@ -133,11 +142,14 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
         raise CheckpointError("a mistral model has no biases")
     if cfg.architecture == "llama" and cfg.sliding_window is not None:
         raise CheckpointError("a llama model has no sliding window; save it as mistral")
-    if cfg.architecture in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
+    if (cfg.architecture == "qwen3_moe") != bool(cfg.num_experts):
+        raise CheckpointError(f"experts are Qwen3-MoE's (architecture qwen3_moe); got num_experts={cfg.num_experts} "
+                              f"for {cfg.architecture!r}")
+    if cfg.architecture in ("llama", "qwen3", "qwen3_moe") and cfg.qkv_bias != cfg.o_bias:
         raise CheckpointError(f"a {cfg.architecture} model has biases on all of q/k/v/o_proj or none; "
                               f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
     gemma = cfg.architecture == "gemma3_text"
-    if cfg.qk_norm != (cfg.architecture in ("qwen3", "gemma3_text")):
+    if cfg.qk_norm != (cfg.architecture in ("qwen3", "qwen3_moe", "gemma3_text")):
         raise CheckpointError(f"q/k norms are Qwen3's and Gemma 3's; got qk_norm={cfg.qk_norm} for {cfg.architecture!r}")
     if gemma != cfg.gemma_norms or gemma != cfg.embed_scale or (cfg.hidden_act == "gelu_tanh") != gemma:
         raise CheckpointError(f"Gemma's norms, embedding scale and GeLU go together with architecture "
@@ -178,9 +190,13 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
                   rope_parameters={"full_attention": rope, "sliding_attention": {
                       "rope_type": "default", "rope_theta": cfg.rope_local_theta}},
                   final_logit_softcapping=None, attn_logit_softcapping=None)
-    else:  # qwen2, qwen3
-        if cfg.architecture == "qwen3":
+    else:  # qwen2, qwen3, qwen3_moe
+        if cfg.architecture in ("qwen3", "qwen3_moe"):
             hf.update(attention_bias=cfg.qkv_bias)
+        if cfg.num_experts:
+            hf.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                      moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                      decoder_sparse_step=1, mlp_only_layers=[])
         hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
                   layer_types=list(cfg.layer_types or ["sliding_attention" if w else "full_attention"
                                                        for w in cfg.sliding_layers]))
@@ -192,9 +208,12 @@ def config_to_hf(cfg: model.ModelConfig, dtype: str | None = None) -> dict[str, 
 
 
 def _name_map(cfg: model.ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...], bool]]:
-    """(our path, HF name with {i} for the layer, HF shape, transposed) for every parameter.
+    """(our path, HF name with {i} for the layer and {j} for the expert, HF shape, transposed) for
+    every parameter.
 
     HF linear weights are [out, in]; our kernels are [in..., out...], so ours = W.T.reshape(...).
+    Experts are stored one tensor per expert (mlp.experts.{j}.gate_proj.weight, as on the hub and as
+    transformers writes them); ours are stacked [layers, experts, ...].
     """
     d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -210,10 +229,17 @@ def _name_map(cfg: model.ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[
         (("layers", "attn", "k_proj", "kernel"), L + "self_attn.k_proj.weight", (kv, d), True),
         (("layers", "attn", "v_proj", "kernel"), L + "self_attn.v_proj.weight", (kv, d), True),
         (("layers", "attn", "o_proj", "kernel"), L + "self_attn.o_proj.weight", (d, q), True),
-        (("layers", "mlp", "gate_proj", "kernel"), L + "mlp.gate_proj.weight", (f, d), True),
-        (("layers", "mlp", "up_proj", "kernel"), L + "mlp.up_proj.weight", (f, d), True),
-        (("layers", "mlp", "down_proj", "kernel"), L + "mlp.down_proj.weight", (d, f), True),
     ]
+    if cfg.num_experts:
+        fe, X = cfg.moe_intermediate_size, L + "mlp.experts.{j}."
+        m += [(("layers", "moe", "router"), L + "mlp.gate.weight", (cfg.num_experts, d), True),
+              (("layers", "moe", "gate_proj"), X + "gate_proj.weight", (fe, d), True),
+              (("layers", "moe", "up_proj"), X + "up_proj.weight", (fe, d), True),
+              (("layers", "moe", "down_proj"), X + "down_proj.weight", (d, fe), True)]
+    else:
+        m += [(("layers", "mlp", "gate_proj", "kernel"), L + "mlp.gate_proj.weight", (f, d), True),
+              (("layers", "mlp", "up_proj", "kernel"), L + "mlp.up_proj.weight", (f, d), True),
+              (("layers", "mlp", "down_proj", "kernel"), L + "mlp.down_proj.weight", (d, f), True)]
     if cfg.qkv_bias:
         m += [(("layers", "attn", p, "bias"), L + f"self_attn.{p}.bias", (n,), False)
               for p, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))]
@@ -231,6 +257,13 @@ def _name_map(cfg: model.ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[
     if not cfg.tie_word_embeddings:
         m.append((("lm_head",), "lm_head.weight", (V, d), True))
     return m
+
+
+def _names(template: str, cfg: model.ModelConfig) -> list[str]:
+    """The HF names of a _name_map template, layer-major then expert: the order of our stacked axes."""
+    layers = range(cfg.num_layers) if "{i}" in template else [0]
+    experts = range(cfg.num_experts) if "{j}" in template else [0]
+    return [template.format(i=i, j=j) for i in layers for j in experts]
 
 
 def _get(tree: dict, path: tuple[str, ...]):
@@ -385,7 +418,7 @@ def _load_params(folder: Path, cfg: model.ModelConfig, tensors: _Tensors, shardi
     target = jnp.dtype(cfg.param_dtype)
     used, missing, params = set(), [], {}
     for path, name, hf_shape, transposed in _name_map(cfg):
-        names = [name.format(i=i) for i in range(cfg.num_layers)] if "{i}" in name else [name]
+        names = _names(name, cfg)
         absent = [n for n in names if n not in tensors]
         if absent:
             missing += absent
@@ -419,10 +452,10 @@ def hf_state_dict(params: model.Params, cfg: model.ModelConfig, dtype: str | Non
     out = {}
     for path, name, hf_shape, transposed in _name_map(cfg):
         a = np.asarray(jax.device_get(_get(params, path))).astype(target)
-        stacked = a if "{i}" in name else a[None]
-        for i, w in enumerate(stacked):
+        names = _names(name, cfg)
+        for n, w in zip(names, a.reshape(len(names), -1)):  # flat: reshaped to HF's shape below
             w = w.reshape(hf_shape[::-1]).T if transposed else w.reshape(hf_shape)
-            out[name.format(i=i)] = np.ascontiguousarray(w)
+            out[n] = np.ascontiguousarray(w)
     return out
 
 

@@ -141,22 +141,27 @@ def completion_logprobs(
     chunk: int = 1024,
     with_entropy: bool = False,
     mesh: Mesh | None = None,
-) -> tuple[Array, Array | None]:
+    router_loss: bool = False,
+) -> tuple[Array, Array | None] | tuple[Array, Array | None, Array]:
     """Log-probabilities [B, C] of completion tokens given their prompts, in one teacher-forced pass.
 
     Args:
       prompt_ids, prompt_mask: [B, P], left-padded prompts.
       completion_ids, completion_mask: [B, C], right-padded completions (mask 0 after EOS).
       temperature, chunk, with_entropy, mesh: as in token_logprobs (mesh: static under jit).
+      router_loss: also return the MoE load-balancing loss of the pass (model.router_balance_loss over
+        prompt and completion tokens).
 
     Returns:
-      (logp [B, C], entropy [B, C] or None); values at padded positions are meaningless, mask them.
+      (logp [B, C], entropy [B, C] or None), and the load-balancing loss [] when router_loss; values
+      at padded positions are meaningless, mask them.
     """
     P = prompt_ids.shape[1]
     tokens = jnp.concatenate([prompt_ids, completion_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-    hidden, _ = model.forward(params, cfg, tokens, mask, return_hidden=True, mesh=mesh)
+    hidden, _, balance = model.forward(params, cfg, tokens, mask, return_hidden=True, mesh=mesh, router_loss=True)
     # The hidden state at position t predicts token t + 1.
     hidden = hidden[:, P - 1:-1]
-    return token_logprobs(hidden, model.output_head(params, cfg), completion_ids, temperature, chunk, with_entropy,
-                          mesh)
+    out = token_logprobs(hidden, model.output_head(params, cfg), completion_ids, temperature, chunk, with_entropy,
+                         mesh)
+    return (*out, balance) if router_loss else out

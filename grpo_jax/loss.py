@@ -65,6 +65,10 @@ class LossConfig:
         the sampler's log-probabilities (`sampler_logp`).
       rollout_correction_max, rollout_correction_min: the caps C_max and C_min of the weights
         (None: no cap on that side).
+      router_aux_loss_coef: for mixture-of-experts policies, the weight of the routers' load-balancing
+        loss (model.router_balance_loss, averaged over micro-batches) added to the GRPO loss, as
+        TRL's GRPOTrainer adds it; 0 leaves the routers to the policy gradient alone. Qwen3-MoE was
+        pre-trained with 0.001.
     """
 
     advantage_estimator: str = "grpo"
@@ -85,6 +89,7 @@ class LossConfig:
     rollout_correction: str | None = None
     rollout_correction_max: float | None = 2.0
     rollout_correction_min: float | None = None
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self):
         def one_of(name, value, allowed):
@@ -107,6 +112,8 @@ class LossConfig:
             raise ValueError(f"dual_clip={self.dual_clip} must be > 1 (or None to disable)")
         if self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
         one_of("rollout_correction", self.rollout_correction, {None, *rollout_correction.MODES})

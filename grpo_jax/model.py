@@ -90,6 +90,18 @@ class ModelConfig:
     hidden_act: str = "silu"  # "silu" | "gelu_tanh"
     query_pre_attn_scalar: float | None = None
     rope_local_theta: float | None = None
+    # Mixture of experts (Qwen3-MoE; num_experts > 0): every layer's MLP is `num_experts` SwiGLU experts
+    # of width moe_intermediate_size, of which each token uses the top `num_experts_per_tok` by
+    # softmax router probability, weighted by those probabilities (renormalised to sum to 1 with
+    # norm_topk_prob). moe_impl: "ragged" groups the tokens by expert and runs jax.lax.ragged_dot
+    # (a grouped matmul on TPU and GPU); "dense" runs every expert on every token and weights the
+    # outputs (num_experts / num_experts_per_tok times the FLOPs, but plain dots: faster where
+    # ragged_dot is expanded into dense ones anyway, as on CPU); "auto": dense on CPU, else ragged.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_impl: str = "auto"
     o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
@@ -134,6 +146,12 @@ class ModelConfig:
                              "'full_attention' or 'sliding_attention'")
         if self.hidden_act not in ("silu", "gelu_tanh"):
             raise ValueError(f"hidden_act={self.hidden_act!r}; expected 'silu' or 'gelu_tanh'")
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts and self.moe_intermediate_size > 0):
+            raise ValueError(f"num_experts={self.num_experts} needs 0 < num_experts_per_tok <= num_experts "
+                             f"(got {self.num_experts_per_tok}) and moe_intermediate_size > 0 "
+                             f"(got {self.moe_intermediate_size})")
+        if self.moe_impl not in ("auto", "ragged", "dense"):
+            raise ValueError(f"moe_impl={self.moe_impl!r}; expected 'auto', 'ragged' or 'dense'")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(
@@ -157,6 +175,8 @@ class ModelConfig:
         attn += 2 * self.head_dim if self.qk_norm else 0
         attn += 2 * d if self.gemma_norms else 0  # the post-attention and post-MLP norms
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        if self.num_experts:  # the router and every expert
+            mlp = d * self.num_experts + 3 * d * self.moe_intermediate_size * self.num_experts
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + L * (attn + mlp + 2 * d) + d + head
 
@@ -186,6 +206,10 @@ SHAPES: dict[str, ModelConfig] = {
                        max_position_embeddings=40960),
     "qwen3-8b": _shape(151936, 4096, 12288, 36, 32, 8, 128, 1e6, 1e-6, "qwen3", False, qk_norm=True,
                        max_position_embeddings=40960),
+    # Qwen3-30B-A3B: 128 experts of width 768, 8 per token (3.3B of the 30.5B parameters active).
+    "qwen3-30b-a3b": _shape(151936, 2048, 6144, 48, 32, 4, 128, 1e6, 1e-6, "qwen3_moe", False, qk_norm=True,
+                            num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                            norm_topk_prob=True, max_position_embeddings=40960),
     "mistral-7b": _shape(32000, 4096, 14336, 32, 32, 8, 128, 1e4, 1e-5, "mistral", False, sliding_window=4096),
     "gemma-3-1b": _shape(262144, 1152, 6912, 26, 4, 1, 256, 1e6, 1e-6, "gemma3_text", True, qk_norm=True,
                          gemma_norms=True, embed_scale=True, hidden_act="gelu_tanh", query_pre_attn_scalar=256.0,
@@ -364,22 +388,126 @@ class MLP(nn.Module):
             return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=pdt, name=name,
                             kernel_init=_init(axes), bias_init=_init(axes[1:], nn.initializers.zeros))
 
-        act = nn.silu if cfg.hidden_act == "silu" else functools.partial(nn.gelu, approximate=True)
+        act = _activation(cfg)
         h = act(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
         h = h * dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
         h = partitioning.constrain(h, ("activation_batch", "activation_length", "activation_mlp"), self.mesh)
         return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
 
 
-class Block(nn.Module):
-    """Pre-norm decoder layer. Fits nn.scan: carry (x, kv_cache, layer) -> (carry, None)."""
+def _activation(cfg: ModelConfig):
+    return nn.silu if cfg.hidden_act == "silu" else functools.partial(nn.gelu, approximate=True)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of SwiGLU experts (Qwen3-MoE; Shazeer et al. 2017, GShard, Lepikhin et al. 2020):
+
+        p = softmax(x W_router)                                  [tokens, E], float32
+        e_1..e_k = the k largest p;  g_i = p_{e_i}  (/ Σ_j p_{e_j} with norm_topk_prob)
+        y = Σ_i g_i · W_down[e_i] (silu(x W_gate[e_i]) ⊙ x W_up[e_i])
+
+    Returns y [B, T, d] and the layer's load-balancing statistics [2, E] over the real tokens
+    (`token_mask`): per expert, its number of top-k assignments and its summed router probability.
+
+    On a mesh the experts are split over the `expert` axis and each expert's width over `tensor`
+    (partitioning.RULES). Rows are split over expert too (it is a batch axis elsewhere), so each
+    device gathers the rows of its expert group, runs its own experts on the tokens routed to them and
+    reduce-scatters the sums back to their rows (Megatron-LM's all-gather token dispatcher): no
+    expert's weights ever move between expert-axis devices.
+    """
 
     cfg: ModelConfig
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, carry, sin, cos, attn_mask, index, seq_lengths):
-        x, kv_cache, layer = carry
+    def __call__(self, x: Array, token_mask: Array | None) -> tuple[Array, Array]:
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        E, k, d, ff = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+        router = self.param("router", _init(("embed", None)), (d, E), pdt)
+        w_gate = self.param("gate_proj", _init(("expert", "embed", "mlp")), (E, d, ff), pdt)
+        w_up = self.param("up_proj", _init(("expert", "embed", "mlp")), (E, d, ff), pdt)
+        w_down = self.param("down_proj", _init(("expert", "mlp", "embed")), (E, ff, d), pdt)
+
+        logits = jnp.einsum("btd,de->bte", x, router.astype(dt), preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        gates, experts = jax.lax.top_k(probs, k)  # [B, T, k]
+        if cfg.norm_topk_prob:
+            gates = gates / gates.sum(-1, keepdims=True)
+
+        real = jnp.ones(x.shape[:2], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+        counts = jnp.zeros((E,), jnp.float32).at[experts.reshape(-1)].add(jnp.repeat(real.reshape(-1), k))
+        stats = jnp.stack([counts, jnp.einsum("bte,bt->e", probs, real)])
+
+        y = _experts(x, experts, gates.astype(dt), *(w.astype(dt) for w in (w_gate, w_up, w_down)), cfg, self.mesh)
+        return y, stats
+
+
+def _expert_mix(x: Array, experts: Array, gates: Array, w_gate: Array, w_up: Array, w_down: Array, first: Array,
+                impl: str, act) -> Array:
+    """Σ_i gates_i · expert_{experts_i}(x) over the experts held here, [first, first + E_here).
+
+    x [B, T, d]; experts, gates [B, T, k]; w_gate, w_up [E_here, d, f]; w_down [E_here, f, d].
+    Assignments to experts held elsewhere contribute nothing (another device adds them)."""
+    B, T, d = x.shape
+    k, here = experts.shape[-1], w_gate.shape[0]
+    x = x.reshape(-1, d)
+    local = experts.reshape(-1, k) - first  # [N, k]; outside [0, here): held elsewhere
+    gates = gates.reshape(-1, k)
+    if impl == "dense":
+        weight = (jax.nn.one_hot(local, here, dtype=gates.dtype) * gates[..., None]).sum(1)  # [N, E_here]
+        h = act(jnp.einsum("nd,edf->nef", x, w_gate)) * jnp.einsum("nd,edf->nef", x, w_up)
+        return jnp.einsum("nef,efd,ne->nd", h, w_down, weight).reshape(B, T, d)
+    flat = local.reshape(-1)
+    group = jnp.where((flat >= 0) & (flat < here), flat, here)  # held elsewhere: sorted to the end
+    order = jnp.argsort(group, stable=True)  # [N k]: assignments grouped by expert
+    sizes = jnp.zeros((here + 1,), jnp.int32).at[group].add(1)[:here]
+    token = order // k
+    xs = x[token]
+    h = act(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
+    ys = jax.lax.ragged_dot(h, w_down, sizes)  # rows past the groups (held elsewhere) are 0
+    ys = ys * gates.reshape(-1)[order][:, None]
+    return jnp.zeros_like(x).at[token].add(ys).reshape(B, T, d)
+
+
+def _experts(x, experts, gates, w_gate, w_up, w_down, cfg: ModelConfig, mesh: Mesh | None) -> Array:
+    """The experts' weighted sum for every token, partitioned over `mesh` (see MoE)."""
+    impl = cfg.moe_impl
+    if impl == "auto":
+        impl = "dense" if jax.default_backend() == "cpu" else "ragged"
+    mix = functools.partial(_expert_mix, impl=impl, act=_activation(cfg))
+    if mesh is None or mesh.size == 1:
+        return mix(x, experts, gates, w_gate, w_up, w_down, 0)
+    rows = partitioning.to_mesh_spec(("activation_batch",), x.shape[:1], mesh)[0]
+    ex, _, ff = partitioning.to_mesh_spec(("expert", None, "mlp"), w_gate.shape, mesh)
+    gather = ex is not None and ex in partitioning.mesh_axes(rows)
+
+    def local(x, experts, gates, w_gate, w_up, w_down):
+        if gather:  # the expert group's rows: every token that may be routed to the experts here
+            x, experts, gates = (jax.lax.all_gather(a, ex, axis=0, tiled=True) for a in (x, experts, gates))
+        first = 0 if ex is None else jax.lax.axis_index(ex) * w_gate.shape[0]
+        y = mix(x, experts, gates, w_gate, w_up, w_down, first)
+        if ff is not None:
+            y = jax.lax.psum(y, ff)
+        if ex is not None:
+            y = jax.lax.psum_scatter(y, ex, scatter_dimension=0, tiled=True) if gather else jax.lax.psum(y, ex)
+        return y
+
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(rows),) * 3 + (P(ex, None, ff),) * 2 + (P(ex, ff, None),),
+                         out_specs=P(rows))(x, experts, gates, w_gate, w_up, w_down)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer. Fits nn.scan: carry (x, kv_cache, layer, router_stats) -> (carry, None);
+    router_stats [2, E] accumulates the MoE layers' load-balancing statistics (None without experts)."""
+
+    cfg: ModelConfig
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, carry, sin, cos, attn_mask, index, seq_lengths, token_mask):
+        x, kv_cache, layer, router_stats = carry
         cfg = self.cfg
         residual = lambda y: partitioning.constrain(y, partitioning.RESIDUAL, self.mesh)
         x = residual(x)
@@ -388,11 +516,15 @@ class Block(nn.Module):
         if cfg.gemma_norms:
             h = _norm(cfg, "post_attn_norm")(h)
         x = residual(x + h)
-        h = MLP(cfg, self.mesh, name="mlp")(_norm(cfg, "mlp_norm")(x))
+        if cfg.num_experts:
+            h, stats = MoE(cfg, self.mesh, name="moe")(_norm(cfg, "mlp_norm")(x), token_mask)
+            router_stats = router_stats + stats
+        else:
+            h = MLP(cfg, self.mesh, name="mlp")(_norm(cfg, "mlp_norm")(x))
         if cfg.gemma_norms:
             h = _norm(cfg, "post_mlp_norm")(h)
         x = residual(x + h)
-        return (x, kv_cache, layer + 1), None
+        return (x, kv_cache, layer + 1, router_stats), None
 
 
 class Transformer(nn.Module):
@@ -404,7 +536,9 @@ class Transformer(nn.Module):
     pin_weights: bool = True
 
     @nn.compact
-    def __call__(self, tokens, positions, attn_mask, kv_cache, index, return_hidden, seq_lengths=None):
+    def __call__(self, tokens, positions, attn_mask, kv_cache, index, return_hidden, seq_lengths=None,
+                 token_mask=None):
+        """-> (logits or hidden states, kv_cache, router_stats [2, E] summed over layers or None)."""
         cfg = self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
         embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
@@ -434,22 +568,23 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5,
+            in_axes=(nn.broadcast,) * 6,
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.mesh, name="layers")
-        (x, kv_cache, _), _ = layers((x, kv_cache, jnp.zeros((), jnp.int32)), sin, cos, attn_mask, index,
-                                     seq_lengths)
+        stats = jnp.zeros((2, cfg.num_experts), jnp.float32) if cfg.num_experts else None
+        (x, kv_cache, _, stats), _ = layers((x, kv_cache, jnp.zeros((), jnp.int32), stats), sin, cos, attn_mask,
+                                            index, seq_lengths, token_mask)
         x = partitioning.constrain(_norm(cfg, "final_norm")(x), partitioning.RESIDUAL, self.mesh)
         if return_hidden:
-            return x, kv_cache
+            return x, kv_cache, stats
         if cfg.tie_word_embeddings:
             head = embed.T
         else:
             head = self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
         logits = logits_from_hidden(head, x)
         return partitioning.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"),
-                                      self.mesh), kv_cache
+                                      self.mesh), kv_cache, stats
 
 
 @functools.lru_cache(maxsize=32)
@@ -568,9 +703,10 @@ def _forward_packed(params: Params, cfg: ModelConfig, tokens: Array, mask: Array
     order = jnp.argsort(~mask, axis=1, stable=True)  # [B, T]: real tokens first, in their order
     take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)
     lengths = jnp.maximum(mask.sum(axis=1, dtype=jnp.int32), 1)  # an all-padding row: no all-masked rows
-    out, _ = Transformer(cfg, mesh, pin_weights).apply({"params": params}, take(tokens, order), take(positions, order), None,
-                                       None, 0, return_hidden, lengths)
-    return take(out, jnp.argsort(order, axis=1)[..., None])
+    out, _, stats = Transformer(cfg, mesh, pin_weights).apply(
+        {"params": params}, take(tokens, order), take(positions, order), None, None, 0, return_hidden, lengths,
+        take(mask, order))
+    return take(out, jnp.argsort(order, axis=1)[..., None]), stats
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
@@ -589,7 +725,8 @@ def forward(
     return_hidden: bool = False,
     mesh: Mesh | None = None,
     pin_weights: bool = True,
-) -> tuple[Array, Cache | None]:
+    router_loss: bool = False,
+) -> tuple[Array, Cache | None] | tuple[Array, Cache | None, Array]:
     """Run the decoder on tokens [batch, seq].
 
     Args:
@@ -606,9 +743,12 @@ def forward(
       pin_weights: with a mesh, hold each layer's weights to the training layout inside the layer
         scan (so their gradients are reduce-scattered per layer); False uses the weights wherever
         they are, e.g. the sampler's inference copy, which must not be gathered per token.
+      router_loss: also return the MoE routers' load-balancing loss over the real tokens
+        (`router_balance_loss`; 0 for a dense model).
 
     Returns:
-      (logits [batch, seq, vocab] float32, or hidden states; the updated cache or None).
+      (logits [batch, seq, vocab] float32, or hidden states; the updated cache or None), and the
+      load-balancing loss [] when router_loss.
     """
     B, T = tokens.shape
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -617,11 +757,14 @@ def forward(
         if positions is None:
             positions = offsets
         if cfg.attention != "einsum":
-            return _forward_packed(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights), None
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        attn_mask = partitioning.constrain(causal[None] & mask[:, None, :], ("activation_batch", None, None), mesh)
-        out, _ = Transformer(cfg, mesh, pin_weights).apply({"params": params}, tokens, positions, attn_mask, None, 0,
-                                              return_hidden)
+            out, stats = _forward_packed(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights)
+        else:
+            causal = jnp.tril(jnp.ones((T, T), bool))
+            attn_mask = partitioning.constrain(causal[None] & mask[:, None, :], ("activation_batch", None, None), mesh)
+            out, _, stats = Transformer(cfg, mesh, pin_weights).apply(
+                {"params": params}, tokens, positions, attn_mask, None, 0, return_hidden, None, mask)
+        if router_loss:
+            return out, None, router_balance_loss(stats, mask.sum(), cfg)
         return out, None
 
     index = cache["index"]
@@ -632,8 +775,8 @@ def forward(
     slots = jnp.arange(S)
     causal = slots[None, :] <= (index + jnp.arange(T))[:, None]  # [T, S]
     attn_mask = partitioning.constrain(causal[None] & key_mask[:, None, :], ("activation_batch", None, None), mesh)
-    out, (k, v) = Transformer(cfg, mesh, pin_weights).apply({"params": params}, tokens, positions, attn_mask,
-                                               (cache["k"], cache["v"]), index, return_hidden)
+    out, (k, v), stats = Transformer(cfg, mesh, pin_weights).apply(
+        {"params": params}, tokens, positions, attn_mask, (cache["k"], cache["v"]), index, return_hidden, None, mask)
     new_cache = {
         "k": k,
         "v": v,
@@ -641,4 +784,21 @@ def forward(
         "pos": cache["pos"] + mask.sum(axis=-1, dtype=jnp.int32),
         "index": index + T,
     }
+    if router_loss:
+        return out, new_cache, router_balance_loss(stats, mask.sum(), cfg)
     return out, new_cache
+
+
+def router_balance_loss(stats: Array | None, num_tokens: Array, cfg: ModelConfig) -> Array:
+    """The Switch Transformer's load-balancing loss (Fedus et al. 2021, eqs. 4-6) over all MoE layers,
+    as transformers' load_balancing_loss_func computes it for Qwen3-MoE:
+
+        loss = E · Σ_e f_e · P_e,   f_e = (top-k assignments to e) / (L · tokens),
+                                    P_e = (Σ router probability of e) / (L · tokens),
+
+    the sums over every layer's real tokens. Minimal (k) when routing is uniform; the gradient flows
+    through P. stats [2, E] are the layers' summed (assignments, probabilities); None: a dense model."""
+    if stats is None:
+        return jnp.zeros((), jnp.float32)
+    rows = jnp.maximum(num_tokens.astype(jnp.float32) * cfg.num_layers, 1.0)
+    return cfg.num_experts * jnp.sum((stats[0] / rows) * (stats[1] / rows))

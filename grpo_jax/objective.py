@@ -29,9 +29,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 from grpo_jax import logprobs
 from grpo_jax import loss
 from grpo_jax import model
+from grpo_jax import partitioning
 
 Batch = dict[str, jax.Array]
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = partitioning.BATCH
 _PER_TOKEN_INPUTS = ("old_logp", "ref_logp", "sampler_logp", "truncated")
 
 
@@ -67,12 +68,24 @@ def policy_loss_terms(
     model_cfg: model.ModelConfig,
     loss_cfg: loss.LossConfig,
     mesh: Mesh | None = None,
+    router_weight: jax.Array | float = 1.0,
 ) -> tuple[jax.Array, jax.Array, loss.Metrics]:
-    """(loss_sum, denominator, metrics) of the policy `params` on `batch`."""
-    logp, entropy = logprobs.completion_logprobs(
+    """(loss_sum, denominator, metrics) of the policy `params` on `batch`.
+
+    A mixture-of-experts policy with loss_cfg.router_aux_loss_coef > 0 adds router_weight x coef x
+    its load-balancing loss to loss_sum (metric `router_balance_loss`): loss_and_grad sets
+    router_weight = the batch's denominator / micro-batches, so that the final loss is the GRPO loss
+    plus coef x the micro-batches' mean balance loss."""
+    logp, entropy, balance = logprobs.completion_logprobs(
         params, model_cfg, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-        batch["completion_mask"], loss_cfg.temperature, loss_cfg.logprob_chunk, with_entropy=True, mesh=mesh)
-    return sharded_loss_terms(logp, entropy, batch, loss_cfg, mesh)
+        batch["completion_mask"], loss_cfg.temperature, loss_cfg.logprob_chunk, with_entropy=True, mesh=mesh,
+        router_loss=True)
+    s, d, m = sharded_loss_terms(logp, entropy, batch, loss_cfg, mesh)
+    if model_cfg.num_experts:
+        s = s + router_weight * loss_cfg.router_aux_loss_coef * balance
+        m = loss.Metrics({**m.sums, "router_balance_loss": balance},
+                         {**m.counts, "router_balance_loss": jnp.ones((), jnp.float32)}, m.mins, m.maxs)
+    return s, d, m
 
 
 def split_microbatches(batch: Batch, n: int) -> Batch:
@@ -133,7 +146,7 @@ def loss_and_grad(
     denom = loss.loss_denominator(batch["completion_mask"], batch.get("truncated"), loss_cfg)
 
     def partial_sum(p, mb):
-        s, _, m = policy_loss_terms(p, mb, model_cfg, loss_cfg, mesh)
+        s, _, m = policy_loss_terms(p, mb, model_cfg, loss_cfg, mesh, router_weight=denom / num_microbatches)
         return s, m
 
     (total, metrics), grads = accumulate(partial_sum, params, batch, num_microbatches)

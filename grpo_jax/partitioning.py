@@ -21,8 +21,11 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")  # mesh axes that split the rows of a batch
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Mesh axes that split the rows of a batch. `expert` is one of them: outside the MoE layers it is one
+# more data-parallel axis, inside them it splits the experts (expert parallelism, carved out of data
+# parallelism as in GShard and Megatron-LM: model.MoE gathers the expert group's tokens).
+BATCH = ("data", "fsdp", "expert")
 
 Rules = Sequence[tuple[str, Any]]
 RULES: Rules = (
@@ -33,6 +36,7 @@ RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("expert", "expert"),  # MoE: each device of the expert axis stores E / expert of the experts
     ("head_dim", None),
     ("norm", None),
     # activations: rows over data x fsdp, the same tensor split as the weights that make them
@@ -51,6 +55,11 @@ RULES: Rules = (
 INFERENCE_RULES: Rules = tuple((name, None if name == "embed" else axes) for name, axes in RULES)
 
 RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # [batch, seq, d]
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch's rows split over `mesh` (the product of the BATCH axes)."""
+    return math.prod(mesh.shape[a] for a in BATCH if a in mesh.shape)
 
 
 def mesh_axes(axes: Any) -> tuple[str, ...]:

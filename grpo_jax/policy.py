@@ -228,7 +228,7 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
         mcfg = ConfigDict({**mcfg.to_dict(), "source": hf_path, "tokenizer": hf_path})
     tok = load_tokenizer(mcfg)
     model_cfg = model_config(mcfg, len(tok))  # HF tokenizers: added tokens included
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
     replicated = sharding.replicated_dims(model_cfg, mesh)
     if replicated:  # each device then holds these weights whole: say so, once
         warnings.warn(f"mesh {dict(mesh.shape)} does not divide {len(replicated)} weight dimensions, which are "

@@ -164,10 +164,10 @@ def _constrain(x: Array, mesh: Mesh | None, spec: P) -> Array:
 
 
 def _rows(n: int, mesh: Mesh | None):
-    """Mesh axes that split n rows: data x fsdp when they divide n, else none (replicated)."""
-    if mesh is None or n % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    """Mesh axes that split n rows: data x fsdp x expert when they divide n, else none (replicated)."""
+    if mesh is None or n % partitioning.batch_shards(mesh):
         return None
-    return ("data", "fsdp")
+    return partitioning.BATCH
 
 
 def inference_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh | None) -> tuple[model.Params, model.ModelConfig]:
@@ -331,7 +331,7 @@ def sample(
         # Rows that do not split over data x fsdp get copies of the last prompt appended (and dropped
         # from the result), so that the rollout and its cache are split, never replicated. Row i's
         # draws do not depend on the number of rows (partitionable threefry counts by index).
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = partitioning.batch_shards(mesh)
         extra = -len(ids) % (shards // math.gcd(shards, num_generations))
         ids, mask = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask))
         row = NamedSharding(mesh, P(_rows(len(ids), mesh), None))

@@ -1,9 +1,9 @@
 """The device mesh and where parameters and batches live on it.
 
 Parameters carry logical axis names (model.param_logical_axes); grpo_jax.partitioning's rules map them
-onto a mesh with axes (data, fsdp, tensor): the batch is split over data x fsdp, weights are split
-over fsdp (ZeRO-3 style) on their `embed` dimension and over tensor on heads / MLP / vocab (Megatron
-style). The inference layout used for sampling keeps only the tensor split.
+onto a mesh with axes (data, fsdp, expert, tensor): the batch is split over data x fsdp x expert,
+weights are split over fsdp (ZeRO-3 style) on their `embed` dimension, over tensor on heads / MLP /
+vocab (Megatron style) and, for mixture-of-experts layers, over expert on the experts. The inference layout used for sampling keeps only the tensor split.
 """
 
 from __future__ import annotations
@@ -19,19 +19,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from grpo_jax import model
 from grpo_jax import partitioning
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (all by default); one size may be -1 (the rest)."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
+              expert: int = 1) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh over `devices` (all by default); one size may be -1 (the
+    rest). tensor is the innermost axis (neighbouring devices: the fastest links), then expert."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, expert, tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes (data, fsdp, tensor)={tuple(sizes)}: positive, at most one -1")
+        raise ValueError(f"mesh sizes (data, fsdp, expert, tensor)={tuple(sizes)}: positive, at most one -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not split into mesh {tuple(sizes)}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh (data, fsdp, tensor)={tuple(sizes)} needs {int(np.prod(sizes))} devices, "
+        raise ValueError(f"mesh (data, fsdp, expert, tensor)={tuple(sizes)} needs {int(np.prod(sizes))} devices, "
                          f"have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), partitioning.MESH_AXES)
 
@@ -72,8 +74,8 @@ def shard_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh, rules
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [batch, ...] array: batch split over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+    """Sharding of a [batch, ...] array: batch split over (data, fsdp, expert), the rest replicated."""
+    return NamedSharding(mesh, P(partitioning.BATCH, *([None] * (ndim - 1))))
 
 
 def on_mesh(tree: Any, mesh: Mesh) -> Any:
@@ -86,9 +88,9 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
-    """Place a [rows, ...] batch with its rows split over (data, fsdp), when they divide evenly (else
+    """Place a [rows, ...] batch with its rows split over (data, fsdp, expert), when they divide evenly (else
     as it is: the sampler replicates such batches too)."""
     rows = len(next(iter(batch.values())))
-    if rows % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if rows % partitioning.batch_shards(mesh):
         return batch
     return jax.device_put(batch, {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()})

@@ -32,6 +32,10 @@ def tiny_hf_model(arch: str, **overrides):
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw))
     elif arch == "gemma3":
         model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**kw))
+    elif arch == "qwen3_moe":
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw))
+        # the reference loop over experts (torch's grouped GEMM wants 16-byte-aligned odd sizes)
+        model.set_experts_implementation("eager")
     elif arch == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))
     else:
@@ -40,6 +44,8 @@ def tiny_hf_model(arch: str, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            if name.endswith("mlp.gate.weight"):  # a router far from uniform: distinct top-k per token
+                p.copy_(torch.randn_like(p))
     return model.eval()
 
 
@@ -57,6 +63,11 @@ VARIANTS = {
     "qwen3": ("qwen3", {"hidden_size": 72, "intermediate_size": 100, "head_dim": 24, "num_attention_heads": 6,
                         "num_key_value_heads": 2, "tie_word_embeddings": True}),
     "qwen3-bias": ("qwen3", {"attention_bias": True, "head_dim": 20}),
+    # 7 experts, 3 per token (renormalised), odd widths; 5 experts, 2 per token, raw probabilities
+    "qwen3-moe": ("qwen3_moe", {"hidden_size": 40, "moe_intermediate_size": 22, "head_dim": 12, "num_experts": 7,
+                                "num_experts_per_tok": 3, "norm_topk_prob": True}),
+    "qwen3-moe-raw": ("qwen3_moe", {"num_experts": 5, "num_experts_per_tok": 2, "moe_intermediate_size": 18,
+                                    "norm_topk_prob": False, "tie_word_embeddings": True}),
     # windows shorter than the test sequences, so that they cut
     "mistral-window": ("mistral", {"sliding_window": 5}),
     "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),

@@ -1,5 +1,5 @@
 """Model families beyond plain Llama and Qwen2, each against a tiny random transformers model: Qwen3
-(q/k norms, head_dim apart from hidden/heads), Mistral's sliding window on every layer, Qwen2's on
+(q/k norms, head_dim apart from hidden/heads), Qwen3-MoE (top-k experts; more in test_moe), Mistral's sliding window on every layer, Qwen2's on
 some layers, Gemma 3 ((1 + w) and post norms, scaled embeddings, GeLU-tanh, local/global layers with
 their own RoPE bases). KV-cache decoding against the full forward, greedy decoding against `generate`. Logit
 parity on both attention paths and save_hf round trips are in test_model / test_hf (conftest.VARIANTS)."""
@@ -19,6 +19,9 @@ FAMILIES = {  # windows shorter than the 14 to 18 tokens the tests decode, so th
     "qwen3": ("qwen3", dict(hidden_size=72, intermediate_size=100, head_dim=24, num_attention_heads=6,
                             num_key_value_heads=2)),
     "mistral-window": ("mistral", dict(sliding_window=5)),
+    # 7 experts, 3 per token: routing differs per token (test_moe checks that it is not trivial)
+    "qwen3-moe": ("qwen3_moe", dict(hidden_size=40, moe_intermediate_size=22, head_dim=12, num_experts=7,
+                                    num_experts_per_tok=3, norm_topk_prob=True)),
     "qwen2-mixed-window": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "gemma3": ("gemma3", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                               layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
@@ -40,9 +43,10 @@ def test_config_is_read(family):
     assert cfg.architecture == {"gemma3": "gemma3_text"}.get(FAMILIES[name][0], FAMILIES[name][0])
     hc = hf_model.config
     head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
-    assert cfg.qk_norm == (cfg.architecture in ("qwen3", "gemma3_text")) and cfg.head_dim == head_dim
+    assert cfg.qk_norm == (cfg.architecture in ("qwen3", "qwen3_moe", "gemma3_text")) and cfg.head_dim == head_dim
+    assert (cfg.num_experts, cfg.num_experts_per_tok) == (getattr(hc, "num_experts", 0), getattr(hc, "num_experts_per_tok", 0))
     assert cfg.gemma_norms == cfg.embed_scale == (cfg.architecture == "gemma3_text")
-    assert cfg.sliding_layers == {"qwen3": (False,) * 3, "mistral-window": (True,) * 3,
+    assert cfg.sliding_layers == {"qwen3": (False,) * 3, "qwen3-moe": (False,) * 3, "mistral-window": (True,) * 3,
                                   "qwen2-mixed-window": (False, True, True), "gemma3": (True, False, True)}[name]
     assert cfg.num_params == sum(p.numel() for p in hf_model.parameters())
 
