@@ -53,7 +53,6 @@ ADDED = {
     "grpo.dynamic_sampling": False,
     "grpo.max_sampling_rounds": 3,
     "data.enable_thinking": None,
-    "mesh.expert": 1,
     "grpo.router_aux_loss_coef": 0.0,
 }
 

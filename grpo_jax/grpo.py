@@ -196,11 +196,12 @@ class GRPO:
             raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} (global) does not split over {hosts} hosts")
         n, shards = g.prompts_per_step * g.num_generations, partitioning.batch_shards(pol.mesh)
         if n % (g.minibatches * g.microbatches * shards):
+            axes = ("data", "fsdp") + (("expert",) if pol.mesh.shape["expert"] > 1 else ())
             raise ValueError(
                 f"grpo.prompts_per_step x grpo.num_generations = {g.prompts_per_step} x {g.num_generations} = {n} "
                 f"completions per step must split into grpo.minibatches={g.minibatches} x grpo.microbatches="
-                f"{g.microbatches} parts of equal rows over the mesh's data x fsdp x expert = {shards} devices (mesh.data, "
-                f"mesh.fsdp); {n} is not a multiple of {g.minibatches * g.microbatches * shards}")
+                f"{g.microbatches} parts of equal rows over the mesh's {' x '.join(axes)} = {shards} devices "
+                f"({', '.join('mesh.' + a for a in axes)}); {n} is not a multiple of {g.minibatches * g.microbatches * shards}")
         tx, _ = train_state.make_optimizer(cfg.optimizer, cfg.steps * g.num_iterations * g.minibatches)
         prompts = data.PromptIterator(task.train, g.prompts_per_step // hosts, seed=cfg.seed,
                                       host=jax.process_index(), num_hosts=hosts)

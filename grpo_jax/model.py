@@ -220,6 +220,9 @@ SHAPES: dict[str, ModelConfig] = {
                            max_position_embeddings=8192),
     # For CPU tests and smoke runs.
     "tiny": _shape(512, 64, 128, 2, 4, 2, 16, 1e4, 1e-6, "qwen2", True, max_position_embeddings=2048),
+    "tiny-moe": _shape(512, 64, 128, 2, 4, 2, 16, 1e4, 1e-6, "qwen3_moe", True, qk_norm=True, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                       max_position_embeddings=2048),
 }
 
 

@@ -91,6 +91,8 @@ def make_config(args, prompts: int, workdir: str):
     # vocabulary as the real checkpoints are; the tiny shape uses the char tokenizer.
     c.model.tokenizer = "qwen2" if shape.vocab_size > 100_000 else "char"
     c.model.overrides = {"vocab_size": shape.vocab_size} if c.model.tokenizer == "qwen2" else {}
+    if shape.num_experts:
+        c.model.overrides = {**c.model.overrides, "moe_impl": args.moe_impl}
     c.model.dtype, c.model.param_dtype = args.dtype, args.param_dtype
     c.model.remat, c.model.attention = args.remat, args.attention
     c.grpo.prompts_per_step, c.grpo.num_generations = prompts, args.num_generations
@@ -169,7 +171,8 @@ def update_memory(args, prompts: int) -> dict:
 
     cfg = make_config(args, prompts, "")
     shape = model.SHAPES[args.shape]
-    model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, attention=args.attention)
+    model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, attention=args.attention,
+                              moe_impl=args.moe_impl)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     tx, _ = train_state.make_optimizer(cfg.optimizer, 1)
     params = jax.eval_shape(lambda k: model.init_params(model_cfg, k), jax.random.key(0))
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"],
                     help="attention of the update and log-prob passes (model.ModelConfig.attention)")
+    ap.add_argument("--moe_impl", default="auto", choices=["auto", "ragged", "dense"],
+                    help="model.moe_impl of MoE shapes (auto: dense on CPU, ragged on GPU/TPU)")
     ap.add_argument("--prompts", type=int, nargs="+", default=[4], help="prompts per step (one run each)")
     ap.add_argument("--num_generations", type=int, default=16)
     ap.add_argument("--prompt_len", type=int, default=32)

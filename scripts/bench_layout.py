@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="tiny")
-    p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor")
+    p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor[,expert]")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--num_generations", type=int, default=4)
     p.add_argument("--prompt_len", type=int, default=32)
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--param_dtype", default="float32")
     p.add_argument("--remat", default="full")
     p.add_argument("--attention", default="einsum")
+    p.add_argument("--moe_impl", default="ragged", help="model.moe_impl of MoE shapes (ragged: what GPUs and TPUs run)")
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--logprob_chunk", type=int, default=1024)
     p.add_argument("--beta", type=float, default=0.04)
@@ -86,10 +87,10 @@ def main(argv=None):
     if len(devices) < n_dev:
         raise SystemExit(f"mesh {mesh_shape} needs {n_dev} devices; have {len(devices)} "
                          f"(set XLA_FLAGS=--xla_force_host_platform_device_count={n_dev})")
-    mesh = sharding.make_mesh(*mesh_shape, devices=devices[:n_dev])
-    data, fsdp, tensor = mesh_shape
+    data, fsdp, tensor, expert = (mesh_shape + (1,))[:4]
+    mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices[:n_dev], expert=expert)
     cfg = model.SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
-                                           attention=args.attention)
+                                           attention=args.attention, moe_impl=args.moe_impl)
     rows = args.prompts * args.num_generations
     P_len, C = args.prompt_len, args.new_tokens
     T = P_len + C
@@ -122,7 +123,7 @@ def main(argv=None):
     if args.beta > 0:
         batch["ref_logp"] = row((rows, C), jnp.float32)
     loss_cfg = loss.LossConfig(beta=args.beta, logprob_chunk=args.logprob_chunk, max_completion_length=C)
-    out = {"shape": args.shape, "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
+    out = {"shape": args.shape, "mesh": dict(zip(("data", "fsdp", "tensor", "expert"), (data, fsdp, tensor, expert))),
            "device": f"{devices[0].platform} ({devices[0].device_kind})", "host": platform.processor() or platform.machine(),
            "jax": jax.__version__, "rows": rows, "tokens": T, "dtype": args.dtype, "param_dtype": args.param_dtype,
            "remat": args.remat, "microbatches": args.microbatches}
@@ -136,11 +137,12 @@ def main(argv=None):
     mem = compiled.memory(exe)
     param_b, opt_b, batch_b = per_device(params), per_device(opt_state), per_device(batch)
     n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(model.param_shapes(cfg)))
-    layer_params = sum(math.prod(s.shape[1:]) for s in jax.tree.leaves(model.param_shapes(cfg)["layers"]))
-    micro_rows = rows // (data * fsdp * args.microbatches)
+    # one layer as a device uses it: gathered over fsdp, still split over tensor (and experts over expert)
+    layer_params = sum(math.prod(x.sharding.shard_shape(x.shape)[1:]) for x in jax.tree.leaves(params["layers"])) * fsdp
+    micro_rows = rows // (data * fsdp * expert * args.microbatches)
     checkpoints = cfg.num_layers * micro_rows * T * cfg.hidden_size * dt
     # parameters, gradients and AdamW's two moments, each 1/n_dev; checkpoints; one gathered layer
-    ideal = 4 * n_params * pdt // n_dev + checkpoints + layer_params * (dt + pdt) // tensor
+    ideal = 4 * n_params * pdt // n_dev + checkpoints + layer_params * (dt + pdt)
     out["update"] = {
         "peak_GiB": mem["peak"] / GiB, "ideal_GiB": ideal / GiB, "peak_over_ideal": mem["peak"] / ideal,
         "parameters_GiB": param_b / GiB, "optimizer_state_GiB": opt_b / GiB, "gradients_GiB": n_params * pdt / n_dev / GiB,
@@ -195,7 +197,7 @@ def main(argv=None):
         copy = abstract(copy, sharding.param_shardings(run_cfg, mesh, partitioning.INFERENCE_RULES))
         sc = sampler.SamplingConfig(max_new_tokens=C)
         ids = jax.ShapeDtypeStruct((args.prompts, P_len), jnp.int32, sharding=sharding.batch_sharding(mesh)
-                                   if args.prompts % (data * fsdp) == 0 else replicated)
+                                   if args.prompts % partitioning.batch_shards(mesh) == 0 else replicated)
         statics = dict(cfg=run_cfg, num_generations=args.num_generations, max_new_tokens=C, mesh=mesh)
         pre = functools.partial(sampler.prefill, **statics)
         pmem = compiled.memory(sampler.prefill.lower(copy, ids, ids.update(dtype=bool), **statics).compile())

@@ -99,12 +99,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32", help="compute and parameter dtype")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="run only this many of the shape's layers (a 30B shape on a small host); tok/s then "
+                         "is that of the truncated model")
+    ap.add_argument("--moe_impl", default=None, choices=["auto", "ragged", "dense"], help="model.moe_impl")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bandwidth_gbps", type=float, default=None, help="skip measuring; use this (GB/s)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
 
     cfg = model.SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.dtype)
+    if args.layers:
+        cfg = cfg.replace(num_layers=args.layers, layer_types=cfg.layer_types and cfg.layer_types[:args.layers])
+    if args.moe_impl:
+        cfg = cfg.replace(moe_impl=args.moe_impl)
     params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     bw = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else measure_bandwidth(
@@ -112,6 +120,7 @@ def main(argv=None) -> dict:
     result = {
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
         "host": platform.node(), "jax": jax.__version__, "shape": args.shape, "dtype": args.dtype,
+        "layers": cfg.num_layers, "moe_impl": cfg.moe_impl if cfg.num_experts else None,
         "params": cfg.num_params, "param_bytes": param_bytes, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "bandwidth_GBps": bw / 1e9, "runs": [],
     }
