@@ -159,9 +159,10 @@ def completion_logprobs(
     P = prompt_ids.shape[1]
     tokens = jnp.concatenate([prompt_ids, completion_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-    hidden, _, balance = model.forward(params, cfg, tokens, mask, return_hidden=True, mesh=mesh, router_loss=True)
+    hidden, _, *balance = model.forward(params, cfg, tokens, mask, return_hidden=True, mesh=mesh,
+                                        router_loss=router_loss)
     # The hidden state at position t predicts token t + 1.
     hidden = hidden[:, P - 1:-1]
     out = token_logprobs(hidden, model.output_head(params, cfg), completion_ids, temperature, chunk, with_entropy,
                          mesh)
-    return (*out, balance) if router_loss else out
+    return (*out, *balance)

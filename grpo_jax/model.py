@@ -410,7 +410,8 @@ class MoE(nn.Module):
         y = Σ_i g_i · W_down[e_i] (silu(x W_gate[e_i]) ⊙ x W_up[e_i])
 
     Returns y [B, T, d] and the layer's load-balancing statistics [2, E] over the real tokens
-    (`token_mask`): per expert, its number of top-k assignments and its summed router probability.
+    (`token_mask`): per expert, its number of top-k assignments and its summed router probability
+    (None when token_mask is None: the sampler does not pay for them).
 
     On a mesh the experts are split over the `expert` axis and each expert's width over `tensor`
     (partitioning.RULES). Rows are split over expert too (it is a batch axis elsewhere), so each
@@ -423,7 +424,7 @@ class MoE(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x: Array, token_mask: Array | None) -> tuple[Array, Array]:
+    def __call__(self, x: Array, token_mask: Array | None) -> tuple[Array, Array | None]:
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         E, k, d, ff = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
@@ -438,9 +439,11 @@ class MoE(nn.Module):
         if cfg.norm_topk_prob:
             gates = gates / gates.sum(-1, keepdims=True)
 
-        real = jnp.ones(x.shape[:2], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
-        counts = jnp.zeros((E,), jnp.float32).at[experts.reshape(-1)].add(jnp.repeat(real.reshape(-1), k))
-        stats = jnp.stack([counts, jnp.einsum("bte,bt->e", probs, real)])
+        stats = None
+        if token_mask is not None:  # sums over the rows (a one-hot contraction, not a scatter: rows stay split)
+            real = token_mask.astype(jnp.float32)
+            counts = jnp.einsum("btke,bt->e", jax.nn.one_hot(experts, E, dtype=jnp.float32), real)
+            stats = jnp.stack([counts, jnp.einsum("bte,bt->e", probs, real)])
 
         y = _experts(x, experts, gates.astype(dt), *(w.astype(dt) for w in (w_gate, w_up, w_down)), cfg, self.mesh)
         return y, stats
@@ -521,7 +524,8 @@ class Block(nn.Module):
         x = residual(x + h)
         if cfg.num_experts:
             h, stats = MoE(cfg, self.mesh, name="moe")(_norm(cfg, "mlp_norm")(x), token_mask)
-            router_stats = router_stats + stats
+            if stats is not None:
+                router_stats = router_stats + stats
         else:
             h = MLP(cfg, self.mesh, name="mlp")(_norm(cfg, "mlp_norm")(x))
         if cfg.gemma_norms:
@@ -541,7 +545,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, attn_mask, kv_cache, index, return_hidden, seq_lengths=None,
                  token_mask=None):
-        """-> (logits or hidden states, kv_cache, router_stats [2, E] summed over layers or None)."""
+        """-> (logits or hidden states, kv_cache, router_stats [2, E] summed over layers, or None without
+        experts or token_mask: the real tokens [B, T] to gather them over)."""
         cfg = self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
         embed = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
@@ -575,7 +580,7 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.mesh, name="layers")
-        stats = jnp.zeros((2, cfg.num_experts), jnp.float32) if cfg.num_experts else None
+        stats = jnp.zeros((2, cfg.num_experts), jnp.float32) if cfg.num_experts and token_mask is not None else None
         (x, kv_cache, _, stats), _ = layers((x, kv_cache, jnp.zeros((), jnp.int32), stats), sin, cos, attn_mask,
                                             index, seq_lengths, token_mask)
         x = partitioning.constrain(_norm(cfg, "final_norm")(x), partitioning.RESIDUAL, self.mesh)
@@ -699,7 +704,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
 
 
 def _forward_packed(params: Params, cfg: ModelConfig, tokens: Array, mask: Array, positions: Array,
-                    return_hidden: bool, mesh: Mesh | None, pin_weights: bool) -> Array:
+                    return_hidden: bool, mesh: Mesh | None, pin_weights: bool,
+                    router_stats: bool) -> tuple[Array, Array | None]:
     """Cache-free forward with each row's real tokens moved to its front, so that attention is causal
     plus a key length per row, the form fused kernels take (jax.nn.dot_product_attention); outputs
     are moved back to the input layout. Real tokens get exactly what the masked einsum gives them."""
@@ -708,7 +714,7 @@ def _forward_packed(params: Params, cfg: ModelConfig, tokens: Array, mask: Array
     lengths = jnp.maximum(mask.sum(axis=1, dtype=jnp.int32), 1)  # an all-padding row: no all-masked rows
     out, _, stats = Transformer(cfg, mesh, pin_weights).apply(
         {"params": params}, take(tokens, order), take(positions, order), None, None, 0, return_hidden, lengths,
-        take(mask, order))
+        take(mask, order) if router_stats else None)
     return take(out, jnp.argsort(order, axis=1)[..., None]), stats
 
 
@@ -760,12 +766,14 @@ def forward(
         if positions is None:
             positions = offsets
         if cfg.attention != "einsum":
-            out, stats = _forward_packed(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights)
+            out, stats = _forward_packed(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights,
+                                         router_loss)
         else:
             causal = jnp.tril(jnp.ones((T, T), bool))
             attn_mask = partitioning.constrain(causal[None] & mask[:, None, :], ("activation_batch", None, None), mesh)
             out, _, stats = Transformer(cfg, mesh, pin_weights).apply(
-                {"params": params}, tokens, positions, attn_mask, None, 0, return_hidden, None, mask)
+                {"params": params}, tokens, positions, attn_mask, None, 0, return_hidden, None,
+                mask if router_loss else None)
         if router_loss:
             return out, None, router_balance_loss(stats, mask.sum(), cfg)
         return out, None
@@ -779,7 +787,8 @@ def forward(
     causal = slots[None, :] <= (index + jnp.arange(T))[:, None]  # [T, S]
     attn_mask = partitioning.constrain(causal[None] & key_mask[:, None, :], ("activation_batch", None, None), mesh)
     out, (k, v), stats = Transformer(cfg, mesh, pin_weights).apply(
-        {"params": params}, tokens, positions, attn_mask, (cache["k"], cache["v"]), index, return_hidden, None, mask)
+        {"params": params}, tokens, positions, attn_mask, (cache["k"], cache["v"]), index, return_hidden, None,
+        mask if router_loss else None)
     new_cache = {
         "k": k,
         "v": v,

@@ -204,11 +204,14 @@ def main(argv=None):
         logits, cache = jax.eval_shape(pre, copy, ids, ids.update(dtype=bool))
         specs = sampler._cache_specs(run_cfg, mesh, rows)
         cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k])) for k, v in cache.items()}
-        logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+        logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=NamedSharding(mesh, P(partitioning.BATCH)))
         dexe = sampler.decode.lower(copy, cache, logits, jax.random.key(0), cfg=run_cfg, sampling=sc, mesh=mesh).compile()
         dmem = compiled.memory(dexe)
         in_loop = [o for o in compiled.collectives(dexe.as_text()) if o.in_loop]
-        weights_in_loop = [o for o in in_loop if o.op == "all-gather" and o.bytes >= 1 << 16]
+        # An MoE layer all-gathers its expert group's rows ([rows / (data x fsdp), ...]): tokens, not weights.
+        group_rows = rows // (data * fsdp)
+        weights_in_loop = [o for o in in_loop if o.op == "all-gather" and o.bytes >= 1 << 16
+                           and not (cfg.num_experts and o.result[0].shape[:1] == (group_rows,))]
         out["sampling"] = {
             "inference_copy_GiB": per_device(copy) / GiB, "kv_cache_GiB": per_device(cache) / GiB,
             "prefill_peak_GiB": pmem["peak"] / GiB, "decode_peak_GiB": dmem["peak"] / GiB,

@@ -48,9 +48,10 @@ def test_routing_is_not_trivial(moe):
     assert set(chosen.flatten().tolist()) == set(range(cfg.num_experts))
 
 
-@pytest.mark.parametrize("impl", ["ragged", "dense"])
 @pytest.mark.parametrize("attention", ["einsum", "xla"])
-def test_logits_match_transformers(moe, impl, attention):
+def test_ragged_logits_match_transformers(moe, attention):
+    """(The default on CPU, dense, is held to transformers for every family in test_model.)"""
+    impl = "ragged"
     hf_model, params, cfg = moe
     ids, mask = left_padded_batch(cfg.vocab_size, [12, 9, 5])
     ours, _ = model.forward(params, cfg.replace(moe_impl=impl, attention=attention), jnp.asarray(ids), jnp.asarray(mask))
@@ -150,10 +151,11 @@ EXPERT_PARALLEL = textwrap.dedent("""
              "completion_ids": jnp.asarray(rng.integers(1, 512, (B, 5))), "completion_mask": jnp.asarray(np.arange(5)[None] < rng.integers(1, 6, B)[:, None]),
              "advantages": jnp.asarray(rng.normal(size=B), jnp.float32)}
     lcfg = loss.LossConfig(beta=0.0, router_aux_loss_coef=0.01)
-    for impl in ("ragged", "dense"):
+    meshes = [dict(data=1, fsdp=2, tensor=2, expert=2), dict(data=1, fsdp=1, tensor=1, expert=8)]
+    for impl, shapes in (("ragged", meshes), ("dense", meshes[:1])):
         c = cfg.replace(moe_impl=impl)
         want_loss, want_grads, _ = objective.make_loss_and_grad(c, lcfg)(params, batch)
-        for shape in [dict(data=1, fsdp=2, tensor=2, expert=2), dict(data=1, fsdp=1, tensor=1, expert=8)]:
+        for shape in shapes:
             mesh = sharding.make_mesh(shape["data"], shape["fsdp"], shape["tensor"], expert=shape["expert"])
             p = sharding.shard_params(params, c, mesh)
             b = sharding.shard_batch(batch, mesh)
