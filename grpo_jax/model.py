@@ -435,7 +435,7 @@ class MoE(nn.Module):
 
         logits = jnp.einsum("btd,de->bte", x, router.astype(dt), preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
-        gates, experts = jax.lax.top_k(probs, k)  # [B, T, k]
+        gates, experts = _top_k(probs, k, self.mesh)  # [B, T, k]
         if cfg.norm_topk_prob:
             gates = gates / gates.sum(-1, keepdims=True)
 
@@ -447,6 +447,17 @@ class MoE(nn.Module):
 
         y = _experts(x, experts, gates.astype(dt), *(w.astype(dt) for w in (w_gate, w_up, w_down)), cfg, self.mesh)
         return y, stats
+
+
+def _top_k(probs: Array, k: int, mesh: Mesh | None) -> tuple[Array, Array]:
+    """lax.top_k over the last axis, on each device's own rows: XLA's partitioner would otherwise
+    all-gather the whole batch's [B, T, E] probabilities for the top-k custom call."""
+    if mesh is None or mesh.size == 1:
+        return jax.lax.top_k(probs, k)
+    rows = partitioning.to_mesh_spec(("activation_batch",), probs.shape[:1], mesh)[0]
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(lambda p: tuple(jax.lax.top_k(p, k)), mesh=mesh, in_specs=P(rows),
+                         out_specs=(P(rows), P(rows)))(probs)
 
 
 def _expert_mix(x: Array, experts: Array, gates: Array, w_gate: Array, w_up: Array, w_down: Array, first: Array,

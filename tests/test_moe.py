@@ -173,6 +173,8 @@ EXPERT_PARALLEL = textwrap.dedent("""
             for op in compiled.collectives(text):
                 for a in op.result:
                     assert tuple(a.shape[-3:]) not in whole, (shape, op.text[:200])
+                    # nor the router's [rows, T, E] probabilities (top-k runs on each device's rows)
+                    assert not (op.op == "all-gather" and len(a.shape) == 3 and a.shape[-1] == E), (shape, op.text[:200])
             if shape["fsdp"] > 1:  # ZeRO-3 over fsdp: each layer gathers this device's experts, whole in D
                 mine = (E // shape["expert"], D, F // shape["tensor"])
                 assert any(o.op == "all-gather" and o.in_loop and tuple(o.result[0].shape[-3:]) == mine
@@ -184,6 +186,13 @@ EXPERT_PARALLEL = textwrap.dedent("""
     mesh = sharding.make_mesh(1, 1, 2, expert=4)
     got = np.asarray(sampler.sample(sharding.shard_params(params, cfg, mesh), cfg, prompts, 2, sc, jax.random.key(0), mesh=mesh).tokens)
     np.testing.assert_array_equal(got, want)
+    # The decode loop moves tokens, never weights: its only gathers are the expert group's rows.
+    copy, run_cfg = sampler.inference_params(sharding.shard_params(params, cfg, mesh), cfg, mesh)
+    ids = jnp.ones((8, 8), jnp.int32)
+    logits, cache = sampler.prefill(copy, ids, ids.astype(bool), cfg=run_cfg, num_generations=2, max_new_tokens=6, mesh=mesh)
+    text = sampler.decode.lower(copy, cache, logits, jax.random.key(0), cfg=run_cfg, sampling=sc, mesh=mesh).compile().as_text()
+    gathers = [a.shape for o in compiled.collectives(text) if o.in_loop and o.op == "all-gather" for a in o.result]
+    assert gathers and all(s[0] in (16, 4) and s[-1] in (1, 2, D) for s in gathers), gathers  # 16 rows, 4 per device
     print("ok")
 """)
 
