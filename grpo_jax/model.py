@@ -340,8 +340,11 @@ class Attention(nn.Module):
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
             kv_cache = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+            # Attend over the first attn_mask.shape[-1] slots only (forward's kv_len): the cost of a
+            # decode step follows the filled part of the cache, not its size.
+            kv_len = attn_mask.shape[-1]
+            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)[:, :kv_len]
+            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)[:, :kv_len]
 
         B, T = x.shape[:2]
         scale = (cfg.query_pre_attn_scalar or D) ** -0.5
@@ -746,6 +749,7 @@ def forward(
     mesh: Mesh | None = None,
     pin_weights: bool = True,
     router_loss: bool = False,
+    kv_len: int | None = None,
 ) -> tuple[Array, Cache | None] | tuple[Array, Cache | None, Array]:
     """Run the decoder on tokens [batch, seq].
 
@@ -765,6 +769,8 @@ def forward(
         they are, e.g. the sampler's inference copy, which must not be gathered per token.
       router_loss: also return the MoE routers' load-balancing loss over the real tokens
         (`router_balance_loss`; 0 for a dense model).
+      kv_len: with a cache, attend over its first kv_len slots only (static; the caller guarantees
+        that index + seq <= kv_len): the sampler's decode segments read the filled prefix.
 
     Returns:
       (logits [batch, seq, vocab] float32, or hidden states; the updated cache or None), and the
@@ -793,10 +799,11 @@ def forward(
     S = cache["mask"].shape[1]
     if positions is None:
         positions = cache["pos"][:, None] + offsets
+    _check_room(index, T, S if kv_len is None else min(kv_len, S), positions, cfg)
     key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))  # [B, S]
-    slots = jnp.arange(S)
-    causal = slots[None, :] <= (index + jnp.arange(T))[:, None]  # [T, S]
-    attn_mask = partitioning.constrain(causal[None] & key_mask[:, None, :], ("activation_batch", None, None), mesh)
+    K = S if kv_len is None else min(kv_len, S)
+    causal = jnp.arange(K)[None, :] <= (index + jnp.arange(T))[:, None]  # [T, K]
+    attn_mask = partitioning.constrain(causal[None] & key_mask[:, None, :K], ("activation_batch", None, None), mesh)
     out, (k, v), stats = Transformer(cfg, mesh, pin_weights).apply(
         {"params": params}, tokens, positions, attn_mask, (cache["k"], cache["v"]), index, return_hidden, None,
         mask if router_loss else None)
@@ -810,6 +817,31 @@ def forward(
     if router_loss:
         return out, new_cache, router_balance_loss(stats, mask.sum(), cfg)
     return out, new_cache
+
+
+def _concrete(x) -> np.ndarray | None:
+    """x as a numpy value when it is known outside of tracing, else None."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_room(index: Array, T: int, S: int, positions: Array, cfg: ModelConfig) -> None:
+    """Refuse a write past the cache's S slots, and rotary positions past the model's range: XLA
+    would clamp the write (overwriting the last slots) and return wrong logits without an error.
+    Checked statically (T > S) and, when they are concrete (eager calls), against index and
+    positions; the sampler sizes its caches so that traced values cannot overflow."""
+    if T > S:
+        raise ValueError(f"{T} tokens do not fit a KV cache of {S} slots; init_cache(cfg, batch, max_len) "
+                         f"with max_len >= prompt + completion length")
+    idx = _concrete(index)
+    if idx is not None and int(idx) + T > S:
+        raise ValueError(f"writing {T} tokens at slot {int(idx)} runs past the KV cache's {S} slots")
+    pos = _concrete(positions)
+    if pos is not None and pos.size and int(pos.max()) >= cfg.max_position_embeddings:
+        raise ValueError(f"rotary position {int(pos.max())} is past the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}")
 
 
 def router_balance_loss(stats: Array | None, num_tokens: Array, cfg: ModelConfig) -> Array:

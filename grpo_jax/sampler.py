@@ -48,6 +48,10 @@ class SamplingConfig:
       temperature: logits are divided by it (also for the reported log-probabilities).
       top_k: keep the k most likely tokens; 0 disables.
       top_p: keep the smallest set of most likely tokens whose probability reaches top_p; 1 disables.
+        With top_k, within the top-k tokens, renormalised (as transformers' and vLLM's samplers
+        chain them); alone, within the `top_p_candidates` most likely tokens (a nucleus that needs
+        more is cut there), so no step sorts the whole vocabulary.
+      top_p_candidates: the candidate cap of top-p without top-k.
       greedy: take the argmax instead of sampling.
       eos_ids: token ids that end a completion (the EOS token is kept as its last token).
       pad_id: written after a completion has ended.
@@ -58,6 +62,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    top_p_candidates: int = 1024
     greedy: bool = False
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
@@ -72,6 +77,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_p_candidates < 1:
+            raise ValueError(f"top_p_candidates={self.top_p_candidates} must be >= 1")
         if not isinstance(self.pad_id, (int, np.integer)):
             raise ValueError(f"pad_id={self.pad_id!r} must be a token id (a tokenizer without a pad token "
                              "pads with an EOS id: config.sampling_config does that)")
@@ -98,7 +105,9 @@ class Rollout:
 
 
 def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
-    """Set logits outside the top-k / top-p (nucleus) set to -inf. logits: [N, V] float32."""
+    """Set logits outside the top-k / top-p (nucleus) set to -inf over the whole vocabulary
+    (logits: [N, V] float32). The reference definition; the sampler draws from `_candidates`, which
+    gives the same distribution without sorting the vocabulary."""
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -112,13 +121,35 @@ def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
     return logits
 
 
+def _candidates(scaled: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
+    """The tokens top-k / top-p may draw: logits [N, K] (-inf where top-p drops one) and their ids
+    [N, K], K = top_k (or top_p_candidates), from lax.top_k (sorted, most likely first).
+
+    top-p keeps the tokens whose more likely predecessors hold less than top_p of the mass: of the
+    top-k distribution renormalised when top_k is set, of the full one otherwise (the log-sum-exp of
+    the whole vocabulary is one reduction, not a sort)."""
+    V = scaled.shape[-1]
+    k = min(cfg.top_k or cfg.top_p_candidates, V)
+    vals, ids = jax.lax.top_k(scaled, k)
+    if cfg.top_p < 1.0:
+        total = jax.nn.logsumexp(vals if cfg.top_k else scaled, axis=-1, keepdims=True)
+        probs = jnp.exp(vals - total)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely candidates
+        vals = jnp.where(before < cfg.top_p, vals, -jnp.inf)  # the first always stays
+    return vals, ids
+
+
 def choose_tokens(key: Array, logits: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
     """Next tokens [N] and their log-probabilities [N] under softmax(logits / temperature)."""
     scaled = logits.astype(jnp.float32) / cfg.temperature
     if cfg.greedy:
         tokens = jnp.argmax(scaled, axis=-1)
+    elif cfg.top_k or cfg.top_p < 1.0:
+        vals, ids = _candidates(scaled, cfg)
+        pick = jax.random.categorical(key, vals, axis=-1)
+        tokens = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
     else:
-        tokens = jax.random.categorical(key, filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
+        tokens = jax.random.categorical(key, scaled, axis=-1)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logp
 
@@ -229,11 +260,26 @@ def prefill(params, prompt_ids, prompt_mask, *, cfg: model.ModelConfig, num_gene
     return rep(last, 0), cache
 
 
+def segment_ends(max_new_tokens: int, first: int = 128) -> tuple[int, ...]:
+    """Where decode's segments end: first, 2 x first, 4 x first, ... and max_new_tokens. Steps before
+    end e attend over the prompt and e completion slots, so a step reads at most twice the filled
+    cache (and the first `first` steps read first slots)."""
+    ends, e = [], first
+    while e < max_new_tokens:
+        ends.append(e)
+        e *= 2
+    return (*ends, max_new_tokens)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh", "gather_weights"), donate_argnames=("cache",))
 def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: model.ModelConfig,
            sampling: SamplingConfig, mesh: Mesh | None = None,
            gather_weights: bool = True) -> tuple[Array, Array, Array, Array, model.Cache]:
-    """Generate up to sampling.max_new_tokens tokens per row in one while_loop.
+    """Generate up to sampling.max_new_tokens tokens per row.
+
+    The steps run in segments (`segment_ends`), one while_loop each in this one program: a segment's
+    steps attend over the cache's first prompt + end slots only, so a step's attention cost follows
+    the position it decodes, not the cache size. Every loop stops as soon as every row has ended.
 
     The weights are brought to the compute dtype and the inference layout once, before the loop
     (`gather_weights=False`: used as they come, e.g. a model whose tensor shard does not fit).
@@ -245,12 +291,9 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
     N, T = first_logits.shape[0], sampling.max_new_tokens
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
     specs = _cache_specs(cfg, mesh, N)
+    S = cache["mask"].shape[1]  # prompt bucket + T slots (prefill's cache)
 
-    def cond(state):
-        step, done = state[0], state[4]
-        return (step < T) & ~jnp.all(done)
-
-    def body(state):
+    def body(state, kv_len):
         step, cache, logits, tokens, done, logps, lengths = state
         tok, lp = choose_tokens(jax.random.fold_in(key, step), logits, sampling)
         tok = jnp.where(done, sampling.pad_id, tok)
@@ -262,7 +305,8 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
         done = done | jnp.isin(tok, eos)
         # The forward after the final token is wasted work (1 of max_new_tokens steps); the cache has
         # room for it, and skipping it would need a cond inside the loop.
-        logits, cache = model.forward(params, cfg, tok[:, None], active[:, None], cache, mesh=mesh, pin_weights=False)
+        logits, cache = model.forward(params, cfg, tok[:, None], active[:, None], cache, mesh=mesh, pin_weights=False,
+                                      kv_len=kv_len)
         cache = {k: _constrain(v, mesh, specs[k]) for k, v in cache.items()}
         return step + 1, cache, logits[:, -1], tokens, done, logps, lengths
 
@@ -275,7 +319,10 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
         jnp.zeros((N, T), jnp.float32),
         jnp.zeros((N,), jnp.int32),
     )
-    _, cache, _, tokens, done, logps, lengths = jax.lax.while_loop(cond, body, state)
+    for end in segment_ends(T):
+        state = jax.lax.while_loop(lambda s, end=end: (s[0] < end) & ~jnp.all(s[4]),
+                                   functools.partial(body, kv_len=S - T + end), state)
+    _, cache, _, tokens, done, logps, lengths = state
     return tokens, logps, lengths, done, cache
 
 

@@ -91,6 +91,29 @@ def bench_one(params, cfg, batch, num_generations, prompt_len, new_tokens, repea
     }
 
 
+def step_cost(params, cfg, batch: int, prompt_len: int, max_new_tokens: int, position: int,
+              repeats: int = 5, full_cache: bool = False) -> float:
+    """Seconds of one decode step (model.forward of one token per row with the cache) at completion
+    position `position` of a rollout with max_new_tokens: attending over the slots decode's segment
+    reads there (sampler.segment_ends), or over the whole cache with full_cache (before issue 20)."""
+    S = prompt_len + max_new_tokens
+    end = next(e for e in sampler.segment_ends(max_new_tokens) if position < e)
+    kv_len = None if full_cache else prompt_len + end
+    cache = model.init_cache(cfg, batch, S)
+    cache["mask"] = jnp.arange(S)[None].repeat(batch, 0) < prompt_len + position
+    cache["index"] = jnp.asarray(prompt_len + position, jnp.int32)
+    cache["pos"] = jnp.full((batch,), prompt_len + position, jnp.int32)
+    step = jax.jit(lambda p, c, t: model.forward(p, cfg, t, None, c, kv_len=kv_len)[0])
+    tok = jnp.ones((batch, 1), jnp.int32)
+    step(params, cache, tok).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step(params, cache, tok).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", choices=sorted(model.SHAPES))
@@ -104,6 +127,9 @@ def main(argv=None) -> dict:
                          "is that of the truncated model")
     ap.add_argument("--moe_impl", default=None, choices=["auto", "ragged", "dense"], help="model.moe_impl")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--step_cost", nargs="*", default=[], metavar="POSITION:MAX_NEW_TOKENS",
+                    help="time one decode step at these positions of rollouts of these lengths (e.g. 256:4096 "
+                         "256:512), as decode reads the cache and as it read the whole cache before")
     ap.add_argument("--bandwidth_gbps", type=float, default=None, help="skip measuring; use this (GB/s)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
@@ -125,6 +151,17 @@ def main(argv=None) -> dict:
         "new_tokens": args.new_tokens, "bandwidth_GBps": bw / 1e9, "runs": [],
     }
     kv_tok = model.kv_cache_bytes_per_token(cfg)
+    result["step_cost"] = []
+    for spec in args.step_cost:  # alternated: segment read, whole cache, per spec, twice
+        pos, total = (int(x) for x in spec.split(":"))
+        b = args.batch[0]
+        runs = [(step_cost(params, cfg, b, args.prompt_len, total, pos), step_cost(params, cfg, b, args.prompt_len, total,
+                 pos, full_cache=True)) for _ in range(2)]
+        row = {"position": pos, "max_new_tokens": total, "batch": b, "ms": min(r[0] for r in runs) * 1e3,
+               "ms_whole_cache": min(r[1] for r in runs) * 1e3}
+        result["step_cost"].append(row)
+        print(f"step at {pos} of {total}: {row['ms']:.2f} ms ({row['ms_whole_cache']:.2f} ms reading the whole cache)",
+              flush=True)
     for b in args.batch:
         run = bench_one(params, cfg, b, args.num_generations, args.prompt_len, args.new_tokens, args.repeats)
         avg_ctx = args.prompt_len + args.new_tokens / 2

@@ -63,9 +63,8 @@ VARIANTS = {
     "qwen3": ("qwen3", {"hidden_size": 72, "intermediate_size": 100, "head_dim": 24, "num_attention_heads": 6,
                         "num_key_value_heads": 2, "tie_word_embeddings": True}),
     "qwen3-bias": ("qwen3", {"attention_bias": True, "head_dim": 20}),
-    # 7 experts, 3 per token (renormalised), odd widths; 5 experts, 2 per token, raw probabilities
-    "qwen3-moe": ("qwen3_moe", {"hidden_size": 40, "moe_intermediate_size": 22, "head_dim": 12, "num_experts": 7,
-                                "num_experts_per_tok": 3, "norm_topk_prob": True}),
+    # 5 experts, 2 per token, raw probabilities, tied embeddings (7 experts, 3 per token, renormalised:
+    # test_moe and test_families)
     "qwen3-moe-raw": ("qwen3_moe", {"num_experts": 5, "num_experts_per_tok": 2, "moe_intermediate_size": 18,
                                     "norm_topk_prob": False, "tie_word_embeddings": True}),
     # windows shorter than the test sequences, so that they cut

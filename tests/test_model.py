@@ -207,3 +207,16 @@ def test_config_errors_name_the_value():
         model.SHAPES["tiny"].replace(attention="cudnn")
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         model.SHAPES["tiny"].replace(rope_scaling=(("factor", 4.0), ("rope_type", "yarn")))
+
+
+def test_forward_refuses_to_write_past_the_cache_or_the_positions():
+    cfg = model.SHAPES["tiny"].replace(max_position_embeddings=6)
+    params = model.init_params(cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="6 tokens do not fit a KV cache of 4 slots"):
+        model.forward(params, cfg, jnp.ones((1, 6), jnp.int32), None, model.init_cache(cfg, 1, 4))
+    _, cache = model.forward(params, cfg, jnp.ones((1, 3), jnp.int32), None, model.init_cache(cfg, 1, 4))
+    with pytest.raises(ValueError, match="writing 2 tokens at slot 3 runs past the KV cache's 4 slots"):
+        model.forward(params, cfg, jnp.ones((1, 2), jnp.int32), None, cache)
+    _, cache = model.forward(params, cfg, jnp.ones((1, 6), jnp.int32), None, model.init_cache(cfg, 1, 8))
+    with pytest.raises(ValueError, match="rotary position 6 is past the model's max_position_embeddings=6"):
+        model.forward(params, cfg, jnp.ones((1, 1), jnp.int32), None, cache)

@@ -152,7 +152,7 @@ EXPERT_PARALLEL = textwrap.dedent("""
              "advantages": jnp.asarray(rng.normal(size=B), jnp.float32)}
     lcfg = loss.LossConfig(beta=0.0, router_aux_loss_coef=0.01)
     meshes = [dict(data=1, fsdp=2, tensor=2, expert=2), dict(data=1, fsdp=1, tensor=1, expert=8)]
-    for impl, shapes in (("ragged", meshes), ("dense", meshes[:1])):
+    for impl, shapes in (("ragged", meshes[:1]), ("dense", meshes[1:])):
         c = cfg.replace(moe_impl=impl)
         want_loss, want_grads, _ = objective.make_loss_and_grad(c, lcfg)(params, batch)
         for shape in shapes:
@@ -202,3 +202,10 @@ def test_expert_parallel_matches_one_device_and_keeps_experts_in_place():
     r = subprocess.run([sys.executable, "-c", EXPERT_PARALLEL], env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-4000:]
+
+
+def test_config_round_trips_through_config_json(moe):
+    _, _, cfg = moe
+    assert cfg.norm_topk_prob and (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (7, 3, 22)
+    back = hf.config_from_hf(hf.config_to_hf(cfg))
+    assert back == cfg.replace(bos_token_id=back.bos_token_id)

@@ -9,7 +9,7 @@ import torch
 import transformers
 from conftest import tiny_hf_model
 
-from grpo_jax import hf, logprobs
+from grpo_jax import compiled, hf, logprobs, model
 from grpo_jax import sampler
 
 
@@ -153,6 +153,26 @@ def test_empirical_token_frequencies(temperature, top_k, top_p):
     assert p_value > 1e-3, (chi2, dof, counts, expected)
 
 
+def test_candidates_equal_the_whole_vocabulary_filter():
+    """The sampler's top-k / top-p candidates (lax.top_k, no sort of the vocabulary) keep exactly
+    the tokens filter_logits keeps over the whole vocabulary, with the same logits."""
+    logits = jax.random.normal(jax.random.key(3), (16, 300)) * 3
+    for top_k, top_p in [(5, 1.0), (0, 0.8), (40, 0.9), (0, 0.3)]:
+        sc = sampler.SamplingConfig(top_k=top_k, top_p=top_p, top_p_candidates=300)
+        vals, ids = sampler._candidates(logits, sc)
+        dense = sampler.filter_logits(logits, top_k, top_p)
+        got = jnp.full_like(logits, -jnp.inf).at[jnp.arange(16)[:, None], ids].set(vals)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(dense))
+
+
+def test_top_p_alone_is_capped_at_its_candidates():
+    logits = jnp.zeros((1, 50))  # uniform: the 0.9 nucleus would be 45 tokens
+    sc = sampler.SamplingConfig(top_p=0.9, top_p_candidates=10)
+    keys = jax.random.split(jax.random.key(0), 2000)
+    toks = jax.vmap(lambda k: sampler.choose_tokens(k, logits, sc)[0][0])(keys)
+    assert len(set(np.asarray(toks).tolist())) == 10
+
+
 def test_reported_logprob_is_the_tempered_one():
     logits = jnp.asarray([[3.0, 1.0, 0.0, -2.0]])
     sc = sampler.SamplingConfig(temperature=0.5, top_k=2)
@@ -186,3 +206,36 @@ def test_smollm2_greedy_matches_transformers(smollm2_dir):
     np.testing.assert_array_equal(np.asarray(r.tokens), want)
     texts = tok.batch_decode(np.asarray(r.tokens), skip_special_tokens=True)
     assert all(t.strip() for t in texts), texts
+
+
+def test_decode_segments_read_the_filled_cache_and_keep_the_tokens(tiny):
+    """decode's segments attend over prompt + segment-end slots: one while loop per segment, each
+    reading its prefix of the cache (shapes in the compiled program), and the same sampled tokens and
+    log-probabilities as decoding step by step over the whole cache."""
+    _, params, cfg = tiny
+    T, P = 300, 16
+    sc = sampler.SamplingConfig(max_new_tokens=T, temperature=0.7, prompt_buckets=(P,))
+    assert sampler.segment_ends(T) == (128, 256, 300)
+    ids, mask = (jnp.asarray(a) for a in sampler.pad_prompts(random_prompts([5, 16]), (P,)))
+    logits, cache = sampler.prefill(params, ids, mask, cfg=cfg, num_generations=1, max_new_tokens=T)
+    key = jax.random.key(7)
+    text = sampler.decode.lower(params, cache, logits, key, cfg=cfg, sampling=sc).compile().as_text()
+    reads = set()
+    for ins in compiled.Program(text).instructions():
+        for a in ins.result:  # attention probabilities [B, kv_heads, group, 1, kv_len]
+            if len(a.shape) == 5 and a.shape[:2] == (2, cfg.num_kv_heads) and a.shape[3] == 1 and a.shape[4] > P:
+                reads.add(a.shape[-1])
+    assert reads == {P + 128, P + 256, P + 300}, reads
+    tokens, logps, lengths, _, _ = sampler.decode(params, cache, logits, key, cfg=cfg, sampling=sc)
+
+    # reference: the same draws, each step attending over every slot of the cache
+    logits, cache = sampler.prefill(params, ids, mask, cfg=cfg, num_generations=1, max_new_tokens=T)
+    step = jax.jit(lambda c, t, a: model.forward(params, cfg, t[:, None], a[:, None], c))
+    want_tok, want_lp = [], []
+    for s in range(T):
+        tok, lp = sampler.choose_tokens(jax.random.fold_in(key, s), logits, sc)
+        want_tok.append(tok), want_lp.append(lp)
+        out, cache = step(cache, tok, jnp.ones((2,), bool))
+        logits = out[:, -1]
+    np.testing.assert_array_equal(np.asarray(tokens), np.stack(want_tok, 1))
+    np.testing.assert_allclose(np.asarray(logps), np.stack(want_lp, 1), atol=1e-5)
