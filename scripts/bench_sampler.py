@@ -103,15 +103,39 @@ def step_cost(params, cfg, batch: int, prompt_len: int, max_new_tokens: int, pos
     cache["mask"] = jnp.arange(S)[None].repeat(batch, 0) < prompt_len + position
     cache["index"] = jnp.asarray(prompt_len + position, jnp.int32)
     cache["pos"] = jnp.full((batch,), prompt_len + position, jnp.int32)
-    step = jax.jit(lambda p, c, t: model.forward(p, cfg, t, None, c, kv_len=kv_len)[0])
+    # The cache is donated, as in decode's loop, where it is updated in place (an undonated cache
+    # would be copied whole at every call: a cost that follows its size whatever the step reads).
+    step = jax.jit(lambda p, c, t: model.forward(p, cfg, t, None, c, kv_len=kv_len), donate_argnums=1)
     tok = jnp.ones((batch, 1), jnp.int32)
-    step(params, cache, tok).block_until_ready()
+    _, cache = step(params, cache, tok)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats):  # positions position + 1 ... position + repeats, inside the same segment
         t = time.perf_counter()
-        step(params, cache, tok).block_until_ready()
+        logits, cache = step(params, cache, tok)
+        logits.block_until_ready()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def choose_cost(rows: int, vocab: int, settings: list[tuple[int, float]], repeats: int = 3) -> list[dict]:
+    """Seconds per call of sampler.choose_tokens on random logits [rows, vocab] for each (top_k,
+    top_p), alternated over the settings `repeats` times (the best of each is kept)."""
+    logits = jax.random.normal(jax.random.key(0), (rows, vocab)) * 4
+    fns = [jax.jit(lambda k, x, sc=sampler.SamplingConfig(top_k=tk, top_p=tp): sampler.choose_tokens(k, x, sc))
+           for tk, tp in settings]
+    # before issue 20: the filter over the whole (sorted) vocabulary, then a draw from all of it
+    fns += [jax.jit(lambda k, x, tk=tk, tp=tp: jax.random.categorical(k, sampler.filter_logits(x, tk, tp)))
+            for tk, tp in settings[1:]]
+    best = [float("inf")] * len(fns)
+    for r in range(repeats + 1):  # the first round compiles
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(jax.random.key(r), logits))
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t)
+    labels = [(tk, tp, "candidates") for tk, tp in settings] + [(tk, tp, "whole vocabulary") for tk, tp in settings[1:]]
+    return [{"top_k": tk, "top_p": tp, "filter": how, "ms": b * 1e3, "vs_plain": b / best[0]}
+            for (tk, tp, how), b in zip(labels, best)]
 
 
 def main(argv=None) -> dict:
@@ -127,6 +151,8 @@ def main(argv=None) -> dict:
                          "is that of the truncated model")
     ap.add_argument("--moe_impl", default=None, choices=["auto", "ragged", "dense"], help="model.moe_impl")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--choose_cost", action="store_true",
+                    help="time token choice alone (64 rows x the shape's vocabulary): plain, top_k=50, top_p=0.95, both")
     ap.add_argument("--step_cost", nargs="*", default=[], metavar="POSITION:MAX_NEW_TOKENS",
                     help="time one decode step at these positions of rollouts of these lengths (e.g. 256:4096 "
                          "256:512), as decode reads the cache and as it read the whole cache before")
@@ -151,6 +177,11 @@ def main(argv=None) -> dict:
         "new_tokens": args.new_tokens, "bandwidth_GBps": bw / 1e9, "runs": [],
     }
     kv_tok = model.kv_cache_bytes_per_token(cfg)
+    if args.choose_cost:
+        result["choose_cost"] = choose_cost(64, cfg.vocab_size, [(0, 1.0), (50, 1.0), (0, 0.95), (50, 0.95)])
+        for row in result["choose_cost"]:
+            print(f"choose_tokens top_k={row['top_k']} top_p={row['top_p']} ({row['filter']}): {row['ms']:.1f} ms "
+                  f"({row['vs_plain']:.2f}x plain)", flush=True)
     result["step_cost"] = []
     for spec in args.step_cost:  # alternated: segment read, whole cache, per spec, twice
         pos, total = (int(x) for x in spec.split(":"))
