@@ -3,8 +3,8 @@
     rollout = sample(params, model_cfg, prompts, num_generations=8, cfg=SamplingConfig(...), key=key)
 
 One jitted prefill runs each prompt once and copies its cache rows to its G samples; one jitted
-decode loop (a `lax.while_loop`, the cache donated) then generates until every row has stopped or
-`max_new_tokens` is reached. Prompts are left-padded to a bucket length so that varying prompt
+decode program (`lax.while_loop`s over segments of steps that attend over the filled prefix of the
+cache, the cache donated) then generates until every row has stopped or `max_new_tokens` is reached. Prompts are left-padded to a bucket length so that varying prompt
 lengths reuse a few compiled programs, and the prefill computes logits for the last position only
 (float32 logits of every prompt position would be [B, P, vocab]: 37 GiB for 256 Qwen2.5 prompts of
 256 tokens).
