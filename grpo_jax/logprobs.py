@@ -106,8 +106,8 @@ def token_logprobs(
       chunk: tokens per scan step over the whole batch (each of the data x fsdp devices takes
         chunk / (data x fsdp) of its own rows' tokens).
       with_entropy: also return the entropy of each position's distribution.
-      mesh: the (data, fsdp, tensor) mesh (static under jit): rows stay split over data x fsdp and
-        the vocabulary over tensor.
+      mesh: the (data, fsdp, expert, tensor) mesh (static under jit): rows stay split over the batch
+        axes and the vocabulary over tensor.
 
     Returns:
       (logp [batch, ...] float32, entropy [batch, ...] float32 or None).

@@ -1,5 +1,5 @@
-"""Decoder-only transformer for the Llama, Qwen2, Qwen3 (dense), Mistral and Gemma 3 (text) families,
-in Flax Linen.
+"""Decoder-only transformer for the Llama, Qwen2, Qwen3 (dense and MoE), Mistral and Gemma 3 (text)
+families, in Flax Linen.
 
 Everything callers jit is a pure function of an explicit parameter pytree:
 
@@ -11,7 +11,7 @@ Everything callers jit is a pure function of an explicit parameter pytree:
 
 Layers are stacked on a leading `layers` axis and run with `nn.scan`, so compile time does not grow
 with depth. Every parameter carries logical axis names (see `param_logical_axes`) that
-`grpo_jax.sharding` maps onto a (data, fsdp, tensor) mesh.
+`grpo_jax.sharding` maps onto a (data, fsdp, expert, tensor) mesh.
 
 KV cache layout (a plain dict, so it can be donated and sharded like any pytree):
     k, v:  [layers, batch, max_len, kv_heads, head_dim]  keys/values by cache slot
@@ -762,7 +762,7 @@ def forward(
       positions: rotary positions [batch, seq]; by default counted from the mask (and from the
         cache's per-row `pos` when decoding).
       return_hidden: return final-norm hidden states [batch, seq, d] instead of logits.
-      mesh: the (data, fsdp, tensor) mesh the parameters live on (static under jit); activations are
+      mesh: the (data, fsdp, expert, tensor) mesh the parameters live on (static under jit); activations are
         then constrained to it (grpo_jax.partitioning), so fsdp splits the batch, not d_model.
       pin_weights: with a mesh, hold each layer's weights to the training layout inside the layer
         scan (so their gradients are reduce-scattered per layer); False uses the weights wherever

@@ -1,5 +1,5 @@
-"""Logical axis names and the rules that map them onto the (data, fsdp, tensor) mesh: the one place
-that decides how parameters and activations are laid out.
+"""Logical axis names and the rules that map them onto the (data, fsdp, expert, tensor) mesh: the one
+place that decides how parameters and activations are laid out.
 
 Parameters name their dimensions (`embed`, `heads`, `mlp`, `vocab`, ...; model.param_logical_axes);
 activations name theirs with an `activation_` prefix, because the two must map differently: a weight's

@@ -357,7 +357,7 @@ def sample(
       num_generations: G, completions per prompt.
       cfg: sampling settings.
       key: PRNG key; the same key gives the same rollout.
-      mesh: optional (data, fsdp, tensor) mesh; rows are split over data x fsdp.
+      mesh: optional (data, fsdp, expert, tensor) mesh; rows are split over data x fsdp x expert.
       gather_weights: read the weights in the compute dtype and the inference layout (split over
         tensor only), converted once per prefill and decode (pass `inference_params`' copy to make
         it once per rollout); False reads them as they are.
