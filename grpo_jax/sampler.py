@@ -285,7 +285,8 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
     (`gather_weights=False`: used as they come, e.g. a model whose tensor shard does not fit).
 
     Returns tokens [N, T], log-probabilities [N, T], lengths [N], done [N] (ended with EOS) and the
-    final cache (returned so that the donated cache buffers are updated in place).
+    final cache (returned so that the donated cache buffers are updated in place; it holds every
+    token but the last, which no forward needs).
     """
     params = _sampling_weights(params, cfg, mesh, gather_weights)
     N, T = first_logits.shape[0], sampling.max_new_tokens
@@ -293,7 +294,8 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
     specs = _cache_specs(cfg, mesh, N)
     S = cache["mask"].shape[1]  # prompt bucket + T slots (prefill's cache)
 
-    def body(state, kv_len):
+    def choose(state):
+        """Draw step `step`'s token for every live row; -> (state, the tokens, which rows were live)."""
         step, cache, logits, tokens, done, logps, lengths = state
         tok, lp = choose_tokens(jax.random.fold_in(key, step), logits, sampling)
         tok = jnp.where(done, sampling.pad_id, tok)
@@ -301,14 +303,15 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
         logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, step))
         lengths = lengths + (~done).astype(jnp.int32)
-        active = ~done
-        done = done | jnp.isin(tok, eos)
-        # The forward after the final token is wasted work (1 of max_new_tokens steps); the cache has
-        # room for it, and skipping it would need a cond inside the loop.
+        return (step + 1, cache, logits, tokens, done | jnp.isin(tok, eos), logps, lengths), tok, ~done
+
+    def body(state, kv_len):
+        state, tok, active = choose(state)
+        step, cache, _, tokens, done, logps, lengths = state
         logits, cache = model.forward(params, cfg, tok[:, None], active[:, None], cache, mesh=mesh, pin_weights=False,
                                       kv_len=kv_len)
         cache = {k: _constrain(v, mesh, specs[k]) for k, v in cache.items()}
-        return step + 1, cache, logits[:, -1], tokens, done, logps, lengths
+        return step, cache, logits[:, -1], tokens, done, logps, lengths
 
     state = (
         jnp.zeros((), jnp.int32),
@@ -319,10 +322,12 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
         jnp.zeros((N, T), jnp.float32),
         jnp.zeros((N,), jnp.int32),
     )
+    # Steps 0 .. T - 2 draw a token and run the model on it; the last draw needs no forward after it.
     for end in segment_ends(T):
-        state = jax.lax.while_loop(lambda s, end=end: (s[0] < end) & ~jnp.all(s[4]),
+        state = jax.lax.while_loop(lambda s, end=min(end, T - 1): (s[0] < end) & ~jnp.all(s[4]),
                                    functools.partial(body, kv_len=S - T + end), state)
-    _, cache, _, tokens, done, logps, lengths = state
+    # The final draw (when every row stopped earlier it writes padding where padding already is).
+    _, cache, _, tokens, done, logps, lengths = choose(state)[0]
     return tokens, logps, lengths, done, cache
 
 

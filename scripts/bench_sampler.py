@@ -203,6 +203,11 @@ def main(argv=None) -> dict:
         print(f"batch {b:5d}: {run['tokens_per_s']:>10,.0f} tok/s end to end, {run['decode_tokens_per_s']:>10,.0f} "
               f"decode tok/s, {run['s_per_decode_step'] * 1e3:.2f} ms/step, compile {run['compile_s']:.1f} s, "
               f"roofline {run['roofline_tokens_per_s']:,.0f} tok/s ({100 * run['roofline_fraction']:.1f}%)", flush=True)
+    # programs compiled by the rollouts above (bench_one lowers its own: count the jit caches of a sample())
+    sampler.sample(params, cfg, [[1] * args.prompt_len], 1, sampler.SamplingConfig(
+        max_new_tokens=args.new_tokens, eos_ids=(), prompt_buckets=(args.prompt_len,)), jax.random.key(0))
+    result["compiled_programs"] = {"prefill": sampler.prefill._cache_size(), "decode": sampler.decode._cache_size()}
+    print(f"compiled programs for one prompt bucket: {result['compiled_programs']}", flush=True)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)

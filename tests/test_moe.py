@@ -152,7 +152,7 @@ EXPERT_PARALLEL = textwrap.dedent("""
              "advantages": jnp.asarray(rng.normal(size=B), jnp.float32)}
     lcfg = loss.LossConfig(beta=0.0, router_aux_loss_coef=0.01)
     meshes = [dict(data=1, fsdp=2, tensor=2, expert=2), dict(data=1, fsdp=1, tensor=1, expert=8)]
-    for impl, shapes in (("ragged", meshes[:1]), ("dense", meshes[1:])):
+    for impl, shapes in (("ragged", meshes),):  # dense: the same shard_map around another local mix
         c = cfg.replace(moe_impl=impl)
         want_loss, want_grads, _ = objective.make_loss_and_grad(c, lcfg)(params, batch)
         for shape in shapes:
