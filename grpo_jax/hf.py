@@ -63,7 +63,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32", param_dtype: str 
     # Mistral: a window on every layer when sliding_window is set; Qwen2/Qwen3: only with
     # use_sliding_window, on the layers layer_types names (transformers derives them from max_window_layers).
     window = hf.get("sliding_window")
-    experts = hf.get("num_experts", hf.get("num_local_experts")) or 0 if model_type == "qwen3_moe" else 0
+    experts = (hf.get("num_experts", hf.get("num_local_experts")) or 0) if model_type == "qwen3_moe" else 0
     if experts and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
         raise CheckpointError(
             f"Qwen3-MoE with dense layers among the experts (mlp_only_layers={hf.get('mlp_only_layers')}, "

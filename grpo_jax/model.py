@@ -799,9 +799,9 @@ def forward(
     S = cache["mask"].shape[1]
     if positions is None:
         positions = cache["pos"][:, None] + offsets
-    _check_room(index, T, S if kv_len is None else min(kv_len, S), positions, cfg)
+    K = S if kv_len is None else min(kv_len, S)  # the slots attention reads
+    _check_room(index, T, K, positions, cfg)
     key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))  # [B, S]
-    K = S if kv_len is None else min(kv_len, S)
     causal = jnp.arange(K)[None, :] <= (index + jnp.arange(T))[:, None]  # [T, K]
     attn_mask = partitioning.constrain(causal[None] & key_mask[:, None, :K], ("activation_batch", None, None), mesh)
     out, (k, v), stats = Transformer(cfg, mesh, pin_weights).apply(
