@@ -2,10 +2,13 @@
 
     rollout = sample(params, model_cfg, prompts, num_generations=8, cfg=SamplingConfig(...), key=key)
 
-One jitted prefill runs each prompt once and copies its cache rows to its G samples; one jitted
-decode program (`lax.while_loop`s over segments of steps that attend over the filled prefix of the
-cache, the cache donated) then generates until every row has stopped or `max_new_tokens` is reached. Prompts are left-padded to a bucket length so that varying prompt
-lengths reuse a few compiled programs, and the prefill computes logits for the last position only
+One jitted prefill runs each prompt once and copies its cache rows to its G samples; `decode` then
+generates until every row has stopped or `max_new_tokens` is reached, at a cost that follows the
+tokens generated: its steps attend over the filled prefix of the cache only (segments of static
+lengths), and finished rows leave the batch (the live ones move, with their cache rows, to a smaller
+batch of a few static sizes), each row drawing from its own random stream so that its completion
+does not depend on the batch it runs in. Prompts are left-padded to a bucket length so that varying
+prompt lengths reuse a few compiled programs, and the prefill computes logits for the last position only
 (float32 logits of every prompt position would be [B, P, vocab]: 37 GiB for 256 Qwen2.5 prompts of
 256 tokens).
 
@@ -52,6 +55,9 @@ class SamplingConfig:
         chain them); alone, within the `top_p_candidates` most likely tokens (a nucleus that needs
         more is cut there), so no step sorts the whole vocabulary.
       top_p_candidates: the candidate cap of top-p without top-k.
+      shrink_factor: finished rows leave the decode batch: once the live rows fit a batch about this
+        many times smaller (`batch_sizes`), they move to it with their cache rows; 1 keeps the batch
+        whole. Completions do not depend on it.
       greedy: take the argmax instead of sampling.
       eos_ids: token ids that end a completion (the EOS token is kept as its last token).
       pad_id: written after a completion has ended.
@@ -63,6 +69,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     top_p_candidates: int = 1024
+    shrink_factor: float = 1.5
     greedy: bool = False
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
@@ -77,6 +84,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if not self.shrink_factor >= 1:
+            raise ValueError(f"shrink_factor={self.shrink_factor} must be >= 1 (1 keeps the batch whole)")
         if self.top_p_candidates < 1:
             raise ValueError(f"top_p_candidates={self.top_p_candidates} must be >= 1")
         if not isinstance(self.pad_id, (int, np.integer)):
@@ -139,17 +148,18 @@ def _candidates(scaled: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
     return vals, ids
 
 
-def choose_tokens(key: Array, logits: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
-    """Next tokens [N] and their log-probabilities [N] under softmax(logits / temperature)."""
+def choose_tokens(keys: Array, logits: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
+    """Next tokens [N] and their log-probabilities [N] under softmax(logits / temperature), row i
+    drawn with keys[i] (keys: [N])."""
     scaled = logits.astype(jnp.float32) / cfg.temperature
+    draw = jax.vmap(jax.random.categorical)
     if cfg.greedy:
         tokens = jnp.argmax(scaled, axis=-1)
     elif cfg.top_k or cfg.top_p < 1.0:
         vals, ids = _candidates(scaled, cfg)
-        pick = jax.random.categorical(key, vals, axis=-1)
-        tokens = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+        tokens = jnp.take_along_axis(ids, draw(keys, vals)[:, None], axis=-1)[:, 0]
     else:
-        tokens = jax.random.categorical(key, scaled, axis=-1)
+        tokens = draw(keys, scaled)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logp
 
@@ -271,64 +281,215 @@ def segment_ends(max_new_tokens: int, first: int = 128) -> tuple[int, ...]:
     return (*ends, max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh", "gather_weights"), donate_argnames=("cache",))
-def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: model.ModelConfig,
-           sampling: SamplingConfig, mesh: Mesh | None = None,
-           gather_weights: bool = True) -> tuple[Array, Array, Array, Array, model.Cache]:
-    """Generate up to sampling.max_new_tokens tokens per row.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """The rows being decoded: all N of the rollout at first, fewer once finished rows leave."""
 
-    The steps run in segments (`segment_ends`), one while_loop each in this one program: a segment's
-    steps attend over the cache's first prompt + end slots only, so a step's attention cost follows
-    the position it decodes, not the cache size. Every loop stops as soon as every row has ended.
+    cache: model.Cache  # n rows
+    logits: Array  # [n, V] float32: each row's next-token logits
+    rows: Array  # [n] int32: each row's index in the rollout (its random stream and its output row)
+    step: Array  # [] int32: tokens drawn so far (every row is at the same step)
+    tokens: Array  # [n, T] int32
+    logps: Array  # [n, T] float32
+    lengths: Array  # [n] int32
+    done: Array  # [n] bool
+    eos_at: Array  # [n] int32: the completion length at which EOS is forced (T + 1: never)
 
-    The weights are brought to the compute dtype and the inference layout once, before the loop
-    (`gather_weights=False`: used as they come, e.g. a model whose tensor shard does not fit).
 
-    Returns tokens [N, T], log-probabilities [N, T], lengths [N], done [N] (ended with EOS) and the
-    final cache (returned so that the donated cache buffers are updated in place; it holds every
-    token but the last, which no forward needs).
-    """
-    params = _sampling_weights(params, cfg, mesh, gather_weights)
+def decode_state(cache: model.Cache, first_logits: Array, sampling: SamplingConfig,
+                 eos_at: Array | None = None) -> DecodeState:
+    """Every row of a prefilled cache, before the first draw."""
     N, T = first_logits.shape[0], sampling.max_new_tokens
+    return DecodeState(
+        cache=cache, logits=first_logits, rows=jnp.arange(N, dtype=jnp.int32), step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((N, T), sampling.pad_id, jnp.int32), logps=jnp.zeros((N, T), jnp.float32),
+        lengths=jnp.zeros((N,), jnp.int32), done=jnp.zeros((N,), bool),
+        eos_at=jnp.full((N,), T + 1, jnp.int32) if eos_at is None else jnp.asarray(eos_at, jnp.int32))
+
+
+def _state_shardings(state: DecodeState, cfg: model.ModelConfig, mesh: Mesh) -> DecodeState:
+    """Where a decode state lives: rows split as the rollout's (when they divide), the cache as prefill made it."""
+    n = state.rows.shape[0]
+    specs, batch = _cache_specs(cfg, mesh, n), _rows(n, mesh)
+    put = lambda spec: NamedSharding(mesh, spec)
+    rows = jax.tree.map(lambda x: put(P(batch, *(None,) * (x.ndim - 1))), dataclasses.replace(state, cache={}, step=None))
+    # The logits keep the vocabulary split the output head gives them (gathering them would move
+    # [rows, vocab] floats per step).
+    return dataclasses.replace(rows, cache={k: put(specs[k]) for k in state.cache}, step=put(P()),
+                               logits=put(P(batch, P.UNCONSTRAINED)))
+
+
+def _constrain_state(state: DecodeState, cfg: model.ModelConfig, mesh: Mesh | None) -> DecodeState:
+    return state if mesh is None else jax.lax.with_sharding_constraint(state, _state_shardings(state, cfg, mesh))
+
+
+def decode_program(params, cache: model.Cache, first_logits: Array, *, cfg: model.ModelConfig,
+                   sampling: SamplingConfig, mesh: Mesh | None = None, kv_len: int | None = None) -> jax.stages.Lowered:
+    """decode_steps lowered for every row of a prefilled cache (arrays or jax.ShapeDtypeStruct),
+    attending over kv_len slots (default: all): the decode loop as tests and benchmarks read it."""
+    state = jax.eval_shape(lambda c, l: decode_state(c, l, sampling), cache, first_logits)
+    if mesh is not None:
+        where = _state_shardings(state, cfg, mesh)
+        where.logits = NamedSharding(mesh, P(where.logits.spec[0]))
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, where)
+    return decode_steps.lower(params, state, jax.random.key(0), jnp.int32(0), jnp.int32(0), cfg=cfg,
+                              sampling=sampling, kv_len=kv_len or cache["mask"].shape[1], mesh=mesh)
+
+
+def _row_keys(key: Array, rows: Array, step: Array) -> Array:
+    """[n] keys: row r's draw at step s depends on (key, r, s) only, not on where r sits in the batch."""
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), step))(rows)
+
+
+def _draw(state: DecodeState, key: Array, sampling: SamplingConfig) -> tuple[DecodeState, Array, Array]:
+    """Draw step `state.step`'s token for every live row; -> (state, the tokens [n], which rows were live [n])."""
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
-    specs = _cache_specs(cfg, mesh, N)
+    step, done = state.step, state.done
+    tok, lp = choose_tokens(_row_keys(key, state.rows, step), state.logits, sampling)
+    tok = jnp.where(step + 1 == state.eos_at, eos[0], tok)
+    tok = jnp.where(done, sampling.pad_id, tok)
+    lp = jnp.where(done, 0.0, lp)
+    state = dataclasses.replace(
+        state, step=step + 1,
+        tokens=jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, step)),
+        logps=jax.lax.dynamic_update_slice(state.logps, lp[:, None], (0, step)),
+        lengths=state.lengths + (~done).astype(jnp.int32), done=done | jnp.isin(tok, eos))
+    return state, tok, ~done
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "kv_len", "mesh"), donate_argnames=("state",))
+def decode_steps(params, state: DecodeState, key: Array, stop_step: Array, stop_live: Array, *,
+                 cfg: model.ModelConfig, sampling: SamplingConfig, kv_len: int,
+                 mesh: Mesh | None = None) -> tuple[DecodeState, Array]:
+    """Draw a token and run the model on it, row by row in one while_loop, while step < stop_step and
+    more than stop_live rows are live; every step attends over the cache's first kv_len slots (which
+    must hold prompt + stop_step tokens). A batch at step T - 1 gets its last draw, with no forward
+    after it. The cache is donated and updated in place. Returns the state and its live row count."""
+    T = sampling.max_new_tokens
+
+    def body(state):
+        state, tok, active = _draw(state, key, sampling)
+        logits, cache = model.forward(params, cfg, tok[:, None], active[:, None], state.cache, mesh=mesh,
+                                      pin_weights=False, kv_len=kv_len)
+        return _constrain_state(dataclasses.replace(state, cache=cache, logits=logits[:, -1]), cfg, mesh)
+
+    live = lambda s: jnp.sum(~s.done, dtype=jnp.int32)
+    state = jax.lax.while_loop(lambda s: (s.step < stop_step) & (live(s) > stop_live), body, state)
+    # The last draw touches none of the cache (the cond's operands stay small).
+    cache = state.cache
+    last = jax.lax.cond((state.step == T - 1) & (live(state) > 0), lambda s: _draw(s, key, sampling)[0],
+                        lambda s: s, dataclasses.replace(state, cache={}))
+    state = dataclasses.replace(last, cache=cache)
+    return state, live(state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "size", "mesh"), donate_argnames=("out",))
+def _shrink(state: DecodeState, out: dict[str, Array], *, cfg: model.ModelConfig, size: int,
+            mesh: Mesh | None = None) -> tuple[DecodeState, dict[str, Array]]:
+    """Store the batch's results in the rollout's (`out`, [N, ...]), then keep `size` rows: the live
+    ones first, in their order, and finished ones to fill up (they stay finished), with their cache rows."""
+    out = _store(state, out)
+    keep = jnp.argsort(state.done, stable=True)[:size]
+    take = lambda x, axis=0: jnp.take(x, keep, axis=axis)
+    cache = {k: v if k == "index" else take(v, 1 if k in ("k", "v") else 0) for k, v in state.cache.items()}
+    small = jax.tree.map(take, dataclasses.replace(state, cache={}, step=None))
+    return _constrain_state(dataclasses.replace(small, cache=cache, step=state.step), cfg, mesh), out
+
+
+def _store(state: DecodeState, out: dict[str, Array]) -> dict[str, Array]:
+    """Write the batch's rows into the rollout's results (out, [N, ...])."""
+    return {k: out[k].at[state.rows].set(getattr(state, k)) for k in out}
+
+
+def batch_sizes(n: int, factor: float, unit: int = 1) -> tuple[int, ...]:
+    """The batch sizes decode shrinks through: n, then each about `factor` times smaller, as
+    multiples of `unit` (the mesh's row shards), down to unit. factor <= 1: n only."""
+    sizes = [n]
+    while factor > 1 and sizes[-1] > unit:
+        sizes.append(max(unit, min(sizes[-1] - unit, math.ceil(sizes[-1] / factor / unit) * unit)))
+    return tuple(sizes)
+
+
+# A smaller batch costs a program (compiled once per size) and a copy of its cache rows: not worth it
+# for the last few steps of a rollout.
+_MIN_STEPS_AFTER_SHRINK = 32
+
+
+@dataclasses.dataclass
+class Decoded:
+    """What decode generated for the N rows, and what it cost."""
+
+    tokens: Array  # [N, T] int32, pad_id after the end
+    logps: Array  # [N, T] float32, 0 after the end
+    lengths: Array  # [N] int32
+    done: Array  # [N] bool: ended with EOS
+    row_steps: int  # rows in the batch x steps, summed over the calls: the token choices computed
+    batches: tuple[tuple[int, int, int], ...]  # (rows, kv_len, steps) per decode_steps call
+
+
+def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: model.ModelConfig,
+           sampling: SamplingConfig, mesh: Mesh | None = None, gather_weights: bool = True,
+           eos_at: Array | None = None) -> Decoded:
+    """Generate up to sampling.max_new_tokens tokens for each row of a prefilled cache.
+
+    Cost follows the tokens generated, not the longest completion or the cache size:
+    - Steps run in segments (`segment_ends`); a segment's steps attend over the cache's first
+      prompt + segment-end slots, so a step reads at most about twice the filled cache.
+    - Finished rows leave the batch: once the live rows fit the next of `batch_sizes` (each about
+      sampling.shrink_factor smaller), they move there with their cache rows. Every row draws its
+      tokens from fold_in(fold_in(key, row), step), so where it sits, and whether the batch shrank,
+      does not change its completion.
+    Each (batch size, segment) pair is one compiled decode_steps program, run in a while_loop; the
+    host only reads the step and the live row count between calls.
+
+    The weights are brought to the compute dtype and the inference layout once (`inference_params`;
+    gather_weights=False uses them as they come, e.g. a model whose tensor shard does not fit).
+    `eos_at` [N] (benchmarks, tests): row i's EOS is forced as its token number eos_at[i].
+    The cache is consumed (donated).
+    """
+    if gather_weights:
+        params, cfg = inference_params(params, cfg, mesh)
+    N, T = first_logits.shape[0], sampling.max_new_tokens
+    if eos_at is not None and not sampling.eos_ids:
+        raise ValueError("eos_at forces EOS tokens: sampling.eos_ids is empty")
     S = cache["mask"].shape[1]  # prompt bucket + T slots (prefill's cache)
+    shards = 1 if mesh is None else partitioning.batch_shards(mesh)
+    sizes = batch_sizes(N, sampling.shrink_factor, shards if N % shards == 0 else 1)
+    state = decode_state(cache, first_logits, sampling, eos_at)
+    out, step, live, row_steps, batches = None, 0, N, 0, []
+    while live and step < T:
+        n = state.rows.shape[0]
+        end = next(e for e in segment_ends(T) if e > step)
+        stop = min(end, T - 1)
+        smaller = [s for s in sizes if s < n][:1] if step < T - _MIN_STEPS_AFTER_SHRINK else []
+        if smaller:  # the loop may stop for a shrink only while enough steps remain
+            stop = min(stop, T - _MIN_STEPS_AFTER_SHRINK)
+        state, live = decode_steps(params, state, key, jnp.int32(stop), jnp.int32(smaller[0] if smaller else 0),
+                                   cfg=cfg, sampling=sampling, kv_len=S - T + end, mesh=mesh)
+        new_step, live = (int(x) for x in jax.device_get((state.step, live)))
+        row_steps += n * (new_step - step)
+        batches.append((n, S - T + end, new_step - step))
+        step = new_step
+        if smaller and 0 < live <= smaller[0]:
+            if out is None:
+                out = {k: getattr(state, k) for k in ("tokens", "logps", "lengths", "done")}
+                out = jax.tree.map(jnp.zeros_like, out)
+            size = min(s for s in sizes if s >= live)
+            state, out = _shrink(state, out, cfg=cfg, size=size, mesh=mesh)
+    if out is not None:
+        out = _store_jit(state, out)
+        state = dataclasses.replace(state, **out)
+    return Decoded(state.tokens, state.logps, state.lengths, state.done, row_steps, tuple(batches))
 
-    def choose(state):
-        """Draw step `step`'s token for every live row; -> (state, the tokens, which rows were live)."""
-        step, cache, logits, tokens, done, logps, lengths = state
-        tok, lp = choose_tokens(jax.random.fold_in(key, step), logits, sampling)
-        tok = jnp.where(done, sampling.pad_id, tok)
-        lp = jnp.where(done, 0.0, lp)
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
-        logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, step))
-        lengths = lengths + (~done).astype(jnp.int32)
-        return (step + 1, cache, logits, tokens, done | jnp.isin(tok, eos), logps, lengths), tok, ~done
 
-    def body(state, kv_len):
-        state, tok, active = choose(state)
-        step, cache, _, tokens, done, logps, lengths = state
-        logits, cache = model.forward(params, cfg, tok[:, None], active[:, None], cache, mesh=mesh, pin_weights=False,
-                                      kv_len=kv_len)
-        cache = {k: _constrain(v, mesh, specs[k]) for k, v in cache.items()}
-        return step, cache, logits[:, -1], tokens, done, logps, lengths
+_store_jit = jax.jit(_store, donate_argnums=1)
 
-    state = (
-        jnp.zeros((), jnp.int32),
-        cache,
-        first_logits,
-        jnp.full((N, T), sampling.pad_id, jnp.int32),
-        jnp.zeros((N,), bool),
-        jnp.zeros((N, T), jnp.float32),
-        jnp.zeros((N,), jnp.int32),
-    )
-    # Steps 0 .. T - 2 draw a token and run the model on it; the last draw needs no forward after it.
-    for end in segment_ends(T):
-        state = jax.lax.while_loop(lambda s, end=min(end, T - 1): (s[0] < end) & ~jnp.all(s[4]),
-                                   functools.partial(body, kv_len=S - T + end), state)
-    # The final draw (when every row stopped earlier it writes padding where padding already is).
-    _, cache, _, tokens, done, logps, lengths = choose(state)[0]
-    return tokens, logps, lengths, done, cache
+
+def compiled_programs() -> dict[str, int]:
+    """How many programs prefill and decode have compiled in this process (jit cache sizes)."""
+    return {"prefill": prefill._cache_size(), "decode_steps": decode_steps._cache_size(),
+            "shrink": _shrink._cache_size()}
 
 
 def gather_prompt_batch(prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -364,8 +525,8 @@ def sample(
       key: PRNG key; the same key gives the same rollout.
       mesh: optional (data, fsdp, expert, tensor) mesh; rows are split over data x fsdp x expert.
       gather_weights: read the weights in the compute dtype and the inference layout (split over
-        tensor only), converted once per prefill and decode (pass `inference_params`' copy to make
-        it once per rollout); False reads them as they are.
+        tensor only), converted once per call (pass `inference_params`' copy to share it among
+        calls); False reads them as they are.
 
     Returns:
       A Rollout of len(prompts) * G rows, the G samples of each prompt adjacent.
@@ -388,10 +549,12 @@ def sample(
         ids, mask = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask))
         row = NamedSharding(mesh, P(_rows(len(ids), mesh), None))
         ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
+    if gather_weights:  # once for prefill and decode
+        params, model_cfg = inference_params(params, model_cfg, mesh)
     logits, cache = prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
-                            max_new_tokens=cfg.max_new_tokens, mesh=mesh, gather_weights=gather_weights)
-    tokens, logps, lengths, done, _ = decode(params, cache, logits, key, cfg=model_cfg, sampling=cfg, mesh=mesh,
-                                             gather_weights=gather_weights)
+                            max_new_tokens=cfg.max_new_tokens, mesh=mesh, gather_weights=False)
+    out = decode(params, cache, logits, key, cfg=model_cfg, sampling=cfg, mesh=mesh, gather_weights=False)
+    tokens, logps, lengths, done = out.tokens, out.logps, out.lengths, out.done
     completion_mask = jnp.arange(cfg.max_new_tokens)[None, :] < lengths[:, None]
     rollout = Rollout(
         prompt_ids=jnp.repeat(ids, num_generations, axis=0),

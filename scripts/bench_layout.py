@@ -205,7 +205,7 @@ def main(argv=None):
         specs = sampler._cache_specs(run_cfg, mesh, rows)
         cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k])) for k, v in cache.items()}
         logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=NamedSharding(mesh, P(partitioning.BATCH)))
-        dexe = sampler.decode.lower(copy, cache, logits, jax.random.key(0), cfg=run_cfg, sampling=sc, mesh=mesh).compile()
+        dexe = sampler.decode_program(copy, cache, logits, cfg=run_cfg, sampling=sc, mesh=mesh).compile()
         dmem = compiled.memory(dexe)
         in_loop = [o for o in compiled.collectives(dexe.as_text()) if o.in_loop]
         # An MoE layer all-gathers its expert group's rows ([rows / (data x fsdp), ...]): tokens, not weights.

@@ -111,21 +111,17 @@ SAMPLER_WORKER = COMMON + textwrap.dedent("""
         assert all(s.dtype == jnp.bfloat16 for s in jax.tree.leaves(copy))
         copy = abstract(copy, sharding.param_shardings(run_cfg, mesh, partitioning.INFERENCE_RULES))
         in_loop = {}
-        variants = {"stored, gathered before the loop": (stored, cfg, True), "inference copy": (copy, run_cfg, True),
-                    "training": (stored, cfg, False)}
-        for name, (p, c, gather) in variants.items():
+        for name, (p, c) in {"inference copy": (copy, run_cfg), "training": (stored, cfg)}.items():
             N = 16
             ids = jax.ShapeDtypeStruct((N // 2, PL), jnp.int32, sharding=sharding.batch_sharding(mesh))
             logits, cache = jax.eval_shape(lambda p, i, m: sampler.prefill(p, i, m, cfg=c, num_generations=2, max_new_tokens=8, mesh=mesh), p, ids, ids.update(dtype=bool))
             specs = sampler._cache_specs(c, mesh, N)
             cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k])) for k, v in cache.items()}
             logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
-            text = sampler.decode.lower(p, cache, logits, jax.random.key(0), cfg=c, sampling=sc, mesh=mesh,
-                                        gather_weights=gather).compile().as_text()
+            text = sampler.decode_program(p, cache, logits, cfg=c, sampling=sc, mesh=mesh).compile().as_text()
             ops = compiled.collectives(text)
             in_loop[name] = [o for o in ops if o.in_loop and o.op == "all-gather" and o.bytes >= 4096]
-        for name in ("stored, gathered before the loop", "inference copy"):
-            assert not in_loop[name], (shape, name, [(o.op, o.result) for o in in_loop[name]])
+        assert not in_loop["inference copy"], (shape, [(o.op, o.result) for o in in_loop["inference copy"]])
         if shape[1] > 1:  # the training layout does gather per token: the test can tell them apart
             assert in_loop["training"], shape
         print(shape, "decode loop all-gathers:", {k: len(v) for k, v in in_loop.items()})
@@ -134,9 +130,9 @@ SAMPLER_WORKER = COMMON + textwrap.dedent("""
 
 
 def test_decode_loop_reads_local_weights():
-    """Decoding reads bfloat16 weights split over tensor only (the inference copy, or fsdp-split
-    float32 weights converted once before the loop): no weight all-gather inside the decode while
-    loop. Reading the stored layout as it is (gather_weights=False) gathers every layer per token."""
+    """Decoding reads bfloat16 weights split over tensor only (the inference copy decode makes once
+    per rollout): no weight all-gather inside the decode while loop. Reading the stored layout as it
+    is (gather_weights=False) gathers every layer per token."""
     _run(SAMPLER_WORKER)
 
 

@@ -190,7 +190,7 @@ EXPERT_PARALLEL = textwrap.dedent("""
     copy, run_cfg = sampler.inference_params(sharding.shard_params(params, cfg, mesh), cfg, mesh)
     ids = jnp.ones((8, 8), jnp.int32)
     logits, cache = sampler.prefill(copy, ids, ids.astype(bool), cfg=run_cfg, num_generations=2, max_new_tokens=6, mesh=mesh)
-    text = sampler.decode.lower(copy, cache, logits, jax.random.key(0), cfg=run_cfg, sampling=sc, mesh=mesh).compile().as_text()
+    text = sampler.decode_program(copy, cache, logits, cfg=run_cfg, sampling=sc, mesh=mesh).compile().as_text()
     gathers = [a.shape for o in compiled.collectives(text) if o.in_loop and o.op == "all-gather" for a in o.result]
     assert gathers and all(s[0] in (16, 4) and s[-1] in (1, 2, D) for s in gathers), gathers  # 16 rows, 4 per device
     print("ok")

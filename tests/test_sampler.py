@@ -104,9 +104,9 @@ def test_prompt_buckets_avoid_recompiles(tiny):
     _, params, cfg = tiny
     sc = sampler.SamplingConfig(max_new_tokens=4, prompt_buckets=(8, 16))
     sampler.sample(params, cfg, random_prompts([3, 5]), 2, sc, jax.random.key(0))
-    before = sampler.decode._cache_size(), sampler.prefill._cache_size()
+    before = sampler.compiled_programs()
     sampler.sample(params, cfg, random_prompts([7, 1], seed=1), 2, sc, jax.random.key(1))  # same bucket (8)
-    assert (sampler.decode._cache_size(), sampler.prefill._cache_size()) == before
+    assert sampler.compiled_programs() == before
     with pytest.raises(ValueError, match="prompt of 17 tokens is longer than the largest prompt bucket 16"):
         sampler.pad_prompts(random_prompts([17]), sc.prompt_buckets)
 
@@ -141,7 +141,7 @@ def test_empirical_token_frequencies(temperature, top_k, top_p):
     n = 40_000
     sc = sampler.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     keys = jax.random.split(jax.random.key(1234), n)
-    draw = jax.jit(jax.vmap(lambda k: sampler.choose_tokens(k, jnp.asarray(logits)[None], sc)[0][0]))
+    draw = jax.jit(jax.vmap(lambda k: sampler.choose_tokens(k[None], jnp.asarray(logits)[None], sc)[0][0]))
     counts = np.bincount(np.asarray(draw(keys)), minlength=len(logits))
     q = expected_distribution(logits.astype(np.float64), temperature, top_k, top_p)
     assert np.all(counts[q == 0] == 0), (counts, q)  # filtered tokens are never drawn
@@ -169,14 +169,14 @@ def test_top_p_alone_is_capped_at_its_candidates():
     logits = jnp.zeros((1, 50))  # uniform: the 0.9 nucleus would be 45 tokens
     sc = sampler.SamplingConfig(top_p=0.9, top_p_candidates=10)
     keys = jax.random.split(jax.random.key(0), 2000)
-    toks = jax.vmap(lambda k: sampler.choose_tokens(k, logits, sc)[0][0])(keys)
+    toks = jax.vmap(lambda k: sampler.choose_tokens(k[None], logits, sc)[0][0])(keys)
     assert len(set(np.asarray(toks).tolist())) == 10
 
 
 def test_reported_logprob_is_the_tempered_one():
     logits = jnp.asarray([[3.0, 1.0, 0.0, -2.0]])
     sc = sampler.SamplingConfig(temperature=0.5, top_k=2)
-    tok, lp = sampler.choose_tokens(jax.random.key(0), logits, sc)
+    tok, lp = sampler.choose_tokens(jax.random.key(0)[None], logits, sc)
     want = jax.nn.log_softmax(logits / 0.5)[0, int(tok[0])]
     assert float(lp[0]) == pytest.approx(float(want), abs=1e-6)
 
@@ -209,33 +209,72 @@ def test_smollm2_greedy_matches_transformers(smollm2_dir):
 
 
 def test_decode_segments_read_the_filled_cache_and_keep_the_tokens(tiny):
-    """decode's segments attend over prompt + segment-end slots: one while loop per segment, each
-    reading its prefix of the cache (shapes in the compiled program), and the same sampled tokens and
-    log-probabilities as decoding step by step over the whole cache."""
+    """decode's segments attend over prompt + segment-end slots (the shapes of the compiled loop), and
+    give the same sampled tokens and log-probabilities as decoding step by step over the whole cache."""
     _, params, cfg = tiny
     T, P = 300, 16
     sc = sampler.SamplingConfig(max_new_tokens=T, temperature=0.7, prompt_buckets=(P,))
     assert sampler.segment_ends(T) == (128, 256, 300)
     ids, mask = (jnp.asarray(a) for a in sampler.pad_prompts(random_prompts([5, 16]), (P,)))
     logits, cache = sampler.prefill(params, ids, mask, cfg=cfg, num_generations=1, max_new_tokens=T)
-    key = jax.random.key(7)
-    text = sampler.decode.lower(params, cache, logits, key, cfg=cfg, sampling=sc).compile().as_text()
+    text = sampler.decode_program(params, cache, logits, cfg=cfg, sampling=sc, kv_len=P + 128).compile().as_text()
     reads = set()
     for ins in compiled.Program(text).instructions():
         for a in ins.result:  # attention probabilities [B, kv_heads, group, 1, kv_len]
             if len(a.shape) == 5 and a.shape[:2] == (2, cfg.num_kv_heads) and a.shape[3] == 1 and a.shape[4] > P:
                 reads.add(a.shape[-1])
-    assert reads == {P + 128, P + 256, P + 300}, reads
-    tokens, logps, lengths, _, _ = sampler.decode(params, cache, logits, key, cfg=cfg, sampling=sc)
+    assert reads == {P + 128}, reads
+    key = jax.random.key(7)
+    out = sampler.decode(params, cache, logits, key, cfg=cfg, sampling=sc)
+    assert sorted({(n, kv) for n, kv, _ in out.batches}) == [(2, P + 128), (2, P + 256), (2, P + 300)], out.batches
+    assert out.row_steps == 2 * T
 
     # reference: the same draws, each step attending over every slot of the cache
     logits, cache = sampler.prefill(params, ids, mask, cfg=cfg, num_generations=1, max_new_tokens=T)
     step = jax.jit(lambda c, t, a: model.forward(params, cfg, t[:, None], a[:, None], c))
     want_tok, want_lp = [], []
     for s in range(T):
-        tok, lp = sampler.choose_tokens(jax.random.fold_in(key, s), logits, sc)
+        tok, lp = sampler.choose_tokens(sampler._row_keys(key, jnp.arange(2), s), logits, sc)
         want_tok.append(tok), want_lp.append(lp)
-        out, cache = step(cache, tok, jnp.ones((2,), bool))
-        logits = out[:, -1]
-    np.testing.assert_array_equal(np.asarray(tokens), np.stack(want_tok, 1))
-    np.testing.assert_allclose(np.asarray(logps), np.stack(want_lp, 1), atol=1e-5)
+        out_logits, cache = step(cache, tok, jnp.ones((2,), bool))
+        logits = out_logits[:, -1]
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.stack(want_tok, 1))
+    np.testing.assert_allclose(np.asarray(out.logps), np.stack(want_lp, 1), atol=1e-5)
+
+
+def test_batch_sizes_step_down_by_the_factor_in_multiples_of_the_shards():
+    assert sampler.batch_sizes(32, 1.5) == (32, 22, 15, 10, 7, 5, 4, 3, 2, 1)
+    assert sampler.batch_sizes(64, 2.0, unit=8) == (64, 32, 16, 8)
+    assert sampler.batch_sizes(24, 1.5, unit=8) == (24, 16, 8)
+    assert sampler.batch_sizes(32, 1.0) == (32,)
+    with pytest.raises(ValueError, match="shrink_factor=0.5"):
+        sampler.SamplingConfig(shrink_factor=0.5)
+
+
+def test_finished_rows_leave_the_batch_and_no_completion_changes(tiny):
+    """EOS forced at spread lengths: the batch shrinks as rows finish (fewer computed row-steps, sizes
+    from batch_sizes), and every row's tokens are those of the whole static batch: each row draws
+    from its own stream, whatever batch it runs in."""
+    _, params, cfg = tiny
+    T, P, N = 160, 8, 24
+    eos = 3
+    eos_at = np.random.default_rng(1).integers(1, T + 1, N)
+    eos_at[:3] = (T, 1, T - 40)  # one row runs to the end, one stops at once
+    ids, mask = (jnp.asarray(a) for a in sampler.pad_prompts(random_prompts([3, 8, 5]), (P,)))
+    got = {}
+    for factor in (1.0, 1.5):
+        sc = sampler.SamplingConfig(max_new_tokens=T, eos_ids=(eos,), prompt_buckets=(P,), shrink_factor=factor)
+        logits, cache = sampler.prefill(params, ids, mask, cfg=cfg, num_generations=8, max_new_tokens=T)
+        got[factor] = sampler.decode(params, cache, logits, jax.random.key(5), cfg=cfg, sampling=sc, eos_at=eos_at)
+    static, shrunk = got[1.0], got[1.5]
+    np.testing.assert_array_equal(np.asarray(shrunk.tokens), np.asarray(static.tokens))
+    np.testing.assert_array_equal(np.asarray(shrunk.lengths), np.asarray(static.lengths))
+    np.testing.assert_array_equal(np.asarray(shrunk.done), np.asarray(static.done))
+    np.testing.assert_allclose(np.asarray(shrunk.logps), np.asarray(static.logps), atol=1e-5)
+    lengths = np.asarray(static.lengths)
+    assert np.all(lengths <= eos_at) and lengths[0] == T and lengths[1] == 1
+    assert np.asarray(static.tokens)[np.arange(N), lengths - 1].tolist() == [eos] * N  # every row ended with EOS
+    sizes = [n for n, _, _ in shrunk.batches]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) > 3 and set(sizes) <= set(sampler.batch_sizes(N, 1.5))
+    assert static.row_steps == N * T and shrunk.row_steps < 0.7 * static.row_steps
+    assert shrunk.row_steps == sum(n * steps for n, _, steps in shrunk.batches)

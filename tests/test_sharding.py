@@ -58,6 +58,22 @@ WORKER = textwrap.dedent("""
         r = sampler.sample(sharding.shard_params(params, cfg, mesh), cfg, prompts[:3], 2, sc, jax.random.key(1), mesh=mesh)
         assert r.tokens.shape == (6, 6), r.tokens.shape
         assert np.array_equal(np.asarray(r.tokens), np.asarray(ref3.tokens)), shape
+    # Finished rows leave the batch under a mesh too: sizes in multiples of the 4 row shards, the
+    # cache rows moved across devices, the tokens those of one device's static batch.
+    T, eos_at = 96, rng.integers(1, 65, 32)
+    ids, mask = (jnp.asarray(a) for a in sampler.pad_prompts(prompts, (8,)))
+    def run(p, mesh, factor):
+        sc = sampler.SamplingConfig(max_new_tokens=T, eos_ids=(3,), prompt_buckets=(8,), shrink_factor=factor)
+        logits, cache = sampler.prefill(p, ids, mask, cfg=cfg, num_generations=8, max_new_tokens=T, mesh=mesh)
+        return sampler.decode(p, cache, logits, jax.random.key(2), cfg=cfg, sampling=sc, mesh=mesh, eos_at=eos_at)
+    ref = run(params, None, 1.0)
+    mesh = sharding.make_mesh(2, 2, 2)
+    got = run(sharding.shard_params(params, cfg, mesh), mesh, 1.5)
+    sizes = [n for n, _, _ in got.batches]
+    assert len(set(sizes)) > 2 and all(n % 4 == 0 for n in sizes), got.batches
+    assert np.array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+    assert np.abs(np.asarray(got.logps) - np.asarray(ref.logps)).max() < 1e-5
+    assert len(got.tokens.sharding.device_set) == 8
     print("OK")
 """)
 
