@@ -44,6 +44,11 @@ def get_config() -> ConfigDict:
         max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
         eos_ids=(),  # empty: the tokenizer's EOS token
         prompt_buckets=(16, 32, 64, 128, 256, 512, 1024),
+        top_p_candidates=1024,  # top-p without top-k: the nucleus is cut at this many tokens
+        # decode's cost: its first segment of steps attends over prompt + first_segment cache slots
+        # (each next segment twice as long); finished rows leave the batch once the live ones fit one
+        # about shrink_factor times smaller (1: never). Neither changes a completion.
+        first_segment=128, shrink_factor=1.5,
         # "inference": sample from a compute-dtype copy of the weights split over mesh.tensor only
         # (made once per rollout, no weight traffic per token); "training": the stored layout.
         weights="inference"))

@@ -54,6 +54,7 @@ ADDED = {
     "grpo.max_sampling_rounds": 3,
     "data.enable_thinking": None,
     "grpo.router_aux_loss_coef": 0.0,
+    "sampling.top_p_candidates": 1024,
 }
 
 
@@ -150,6 +151,7 @@ def sampling_config(cfg: ConfigDict, tokenizer, model_eos: Sequence[int] = ()) -
         pad = stops[0]
     return sampler.SamplingConfig(
         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        top_p_candidates=s.top_p_candidates, first_segment=s.first_segment, shrink_factor=s.shrink_factor,
         eos_ids=stops, pad_id=int(pad), prompt_buckets=tuple(s.prompt_buckets))
 
 

@@ -41,10 +41,11 @@ from grpo_jax import trainer
 _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}  # replaced, not merged
 # Settings that do not change what a stage trains: where it lives, logging, evaluation, checkpoint
 # cadence, and how it executes (device mesh, rematerialisation, attention kernel, the sampler's weight
-# layout, verifier processes).
+# layout, decode segments and batch shrinking, verifier processes).
 # Changing them never invalidates a stage.
 _UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "model.remat",
-              "model.attention", "sampling.weights", "verifier.workers", "verifier.sandbox", "optimizer.max_nonfinite_updates",
+              "model.attention", "sampling.weights", "sampling.first_segment",
+              "sampling.shrink_factor", "verifier.workers", "verifier.sandbox", "optimizer.max_nonfinite_updates",
               "cold_start")  # a stage's cold_start.steps is always 0
 # stage.json settings in today's field names and fields (1: before the renames in grpo_jax.config; 2:
 # before the fields of config.ADDED)

@@ -55,6 +55,9 @@ class SamplingConfig:
         chain them); alone, within the `top_p_candidates` most likely tokens (a nucleus that needs
         more is cut there), so no step sorts the whole vocabulary.
       top_p_candidates: the candidate cap of top-p without top-k.
+      first_segment: decode's first segment of steps (`segment_ends`: each next one is twice as long);
+        its steps attend over prompt + first_segment cache slots. >= max_new_tokens: one segment,
+        every step reads the whole cache.
       shrink_factor: finished rows leave the decode batch: once the live rows fit a batch about this
         many times smaller (`batch_sizes`), they move to it with their cache rows; 1 keeps the batch
         whole. Completions do not depend on it.
@@ -69,6 +72,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     top_p_candidates: int = 1024
+    first_segment: int = 128
     shrink_factor: float = 1.5
     greedy: bool = False
     eos_ids: tuple[int, ...] = ()
@@ -84,6 +88,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.first_segment < 1:
+            raise ValueError(f"first_segment={self.first_segment} must be >= 1")
         if not self.shrink_factor >= 1:
             raise ValueError(f"shrink_factor={self.shrink_factor} must be >= 1 (1 keeps the batch whole)")
         if self.top_p_candidates < 1:
@@ -294,7 +300,7 @@ class DecodeState:
     logps: Array  # [n, T] float32
     lengths: Array  # [n] int32
     done: Array  # [n] bool
-    eos_at: Array  # [n] int32: the completion length at which EOS is forced (T + 1: never)
+    eos_at: Array  # [n] int32: the completion length at which EOS is forced (T + 1: a drawn EOS ends the row)
 
 
 def decode_state(cache: model.Cache, first_logits: Array, sampling: SamplingConfig,
@@ -347,14 +353,16 @@ def _draw(state: DecodeState, key: Array, sampling: SamplingConfig) -> tuple[Dec
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
     step, done = state.step, state.done
     tok, lp = choose_tokens(_row_keys(key, state.rows, step), state.logits, sampling)
+    forced = state.eos_at <= sampling.max_new_tokens  # these rows end at eos_at, not at a drawn EOS
     tok = jnp.where(step + 1 == state.eos_at, eos[0], tok)
     tok = jnp.where(done, sampling.pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
+    ends = jnp.where(forced, step + 1 == state.eos_at, jnp.isin(tok, eos))
     state = dataclasses.replace(
         state, step=step + 1,
         tokens=jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, step)),
         logps=jax.lax.dynamic_update_slice(state.logps, lp[:, None], (0, step)),
-        lengths=state.lengths + (~done).astype(jnp.int32), done=done | jnp.isin(tok, eos))
+        lengths=state.lengths + (~done).astype(jnp.int32), done=done | ends)
     return state, tok, ~done
 
 
@@ -445,7 +453,8 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
 
     The weights are brought to the compute dtype and the inference layout once (`inference_params`;
     gather_weights=False uses them as they come, e.g. a model whose tensor shard does not fit).
-    `eos_at` [N] (benchmarks, tests): row i's EOS is forced as its token number eos_at[i].
+    `eos_at` [N] (benchmarks, tests: the lengths of a real run, without its text): row i ends with an
+    EOS forced as its token number eos_at[i] (EOS tokens it draws before are ordinary tokens).
     The cache is consumed (donated).
     """
     if gather_weights:
@@ -460,7 +469,7 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
     out, step, live, row_steps, batches = None, 0, N, 0, []
     while live and step < T:
         n = state.rows.shape[0]
-        end = next(e for e in segment_ends(T) if e > step)
+        end = next(e for e in segment_ends(T, sampling.first_segment) if e > step)
         stop = min(end, T - 1)
         smaller = [s for s in sizes if s < n][:1] if step < T - _MIN_STEPS_AFTER_SHRINK else []
         if smaller:  # the loop may stop for a shrink only while enough steps remain

@@ -3,6 +3,8 @@
     python scripts/bench_sampler.py --shape qwen2.5-0.5b --batch 64 256 --prompt_len 128 \\
         --new_tokens 256 --dtype bfloat16 --out bench_sampler.json      # on a GPU
     python scripts/bench_sampler.py                                     # tiny shape, CPU smoke run
+    python scripts/bench_sampler.py --lengths lognormal:300:1.0 --batch 256 --new_tokens 4096 \
+        --num_generations 8                                             # long-tailed rollout
 
 Random weights of a model shape from grpo_jax.model.SHAPES, random-token prompts of exactly
 --prompt_len tokens, EOS disabled so every row generates --new_tokens tokens. Prints and writes JSON:
@@ -12,11 +14,19 @@ completion tokens/s, seconds per decode step, compile time, and the fraction of 
 
 where the KV bytes per step count the average context (prompt + new_tokens / 2) of every row and the
 bandwidth is measured on the device by copying a large array (read + write), as in shared/anchors.
+
+--lengths DIST forces each row's EOS at a length drawn (fixed seed) from DIST: lognormal:MEAN:SIGMA
+(lengths capped at --new_tokens) or a file of lengths, one per line (drawn from with replacement). It
+runs the rollout with the sampler as configured and as a static batch attending over the whole cache
+(first_segment = new_tokens, shrink_factor = 1: the sampler before issue 20), alternated, and reports
+tokens generated per second, computed row-steps per generated token (rows in the batch x steps, summed),
+the speed-up, whether the tokens are identical, and the programs each compiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -53,28 +63,23 @@ def bench_one(params, cfg, batch, num_generations, prompt_len, new_tokens, repea
 
     t0 = time.perf_counter()
     prefill = sampler.prefill.lower(params, ids, mask, cfg=cfg, num_generations=num_generations,
-                              max_new_tokens=new_tokens).compile()
+                                    max_new_tokens=new_tokens).compile()
+    decode = functools.partial(sampler.decode, cfg=cfg, sampling=sc)
     logits, cache = prefill(params, ids, mask)
-    decode = sampler.decode.lower(params, cache, logits, key, cfg=cfg, sampling=sc).compile()
-    compile_s = time.perf_counter() - t0
+    decode(params, cache, logits, key).tokens.block_until_ready()  # compiles decode's programs
+    first_s = time.perf_counter() - t0
 
-    def run(k):
-        logits, cache = prefill(params, ids, mask)
-        tokens, logps, lengths, done, cache = decode(params, cache, logits, k)
-        return tokens.block_until_ready(), lengths
-
-    run(key)  # warm-up (allocations, autotuning)
     times, prefill_times = [], []
     for r in range(repeats):
         t = time.perf_counter()
         lg, c = prefill(params, ids, mask)
         jax.block_until_ready(lg)
         t_pre = time.perf_counter()
-        tokens, _, lengths, _, c = decode(params, c, lg, jax.random.fold_in(key, r))
-        tokens.block_until_ready()
+        out = decode(params, c, lg, jax.random.fold_in(key, r))
+        out.tokens.block_until_ready()
         times.append(time.perf_counter() - t)
         prefill_times.append(t_pre - t)
-        del c
+    lengths = out.lengths
     assert int(jnp.min(lengths)) == new_tokens, "EOS is disabled: every row must generate the full length"
     total = float(np.median(times))
     pre = float(np.median(prefill_times))
@@ -87,8 +92,65 @@ def bench_one(params, cfg, batch, num_generations, prompt_len, new_tokens, repea
         "tokens_per_s": batch * new_tokens / total,
         "decode_tokens_per_s": batch * new_tokens / (total - pre),
         "s_per_decode_step": (total - pre) / new_tokens,
-        "compile_s": compile_s,
+        "compile_s": first_s - float(np.median(times)),  # the first call less a warm one
     }
+
+
+def draw_lengths(spec: str, n: int, cap: int, seed: int = 0) -> np.ndarray:
+    """n completion lengths in [1, cap] from spec: lognormal:MEAN:SIGMA or a file of lengths."""
+    rng = np.random.default_rng(seed)
+    if spec.startswith("lognormal:"):
+        mean, sigma = (float(x) for x in spec.split(":")[1:])
+        lengths = rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, n)  # E = exp(mu + sigma^2 / 2) = mean
+    else:
+        lengths = rng.choice(np.loadtxt(spec, ndmin=1), n)
+    return np.clip(np.ceil(lengths), 1, cap).astype(np.int32)
+
+
+def bench_lengths(params, cfg, batch: int, num_generations: int, prompt_len: int, new_tokens: int,
+                  spec: str, repeats: int, seed: int = 0) -> dict:
+    """A rollout with EOS forced at drawn lengths: the sampler as configured against a static batch
+    that reads the whole cache, alternated, same key."""
+    rng = np.random.default_rng(seed)
+    lengths = draw_lengths(spec, batch, new_tokens, seed)
+    prompts = rng.integers(1, cfg.vocab_size, size=(batch // num_generations, prompt_len)).tolist()
+    ids, mask = (jnp.asarray(a) for a in sampler.pad_prompts(prompts, (prompt_len,)))
+    eos = cfg.vocab_size - 1
+    modes = {"sampler": sampler.SamplingConfig(max_new_tokens=new_tokens, eos_ids=(eos,), prompt_buckets=(prompt_len,)),
+             "static, whole cache": sampler.SamplingConfig(max_new_tokens=new_tokens, eos_ids=(eos,),
+                                                           prompt_buckets=(prompt_len,), first_segment=new_tokens,
+                                                           shrink_factor=1.0)}
+    key = jax.random.key(seed)
+
+    def run(sc):
+        logits, cache = sampler.prefill(params, ids, mask, cfg=cfg, num_generations=num_generations, max_new_tokens=new_tokens)
+        t = time.perf_counter()
+        out = sampler.decode(params, cache, logits, key, cfg=cfg, sampling=sc, eos_at=lengths)
+        out.tokens.block_until_ready()
+        return out, time.perf_counter() - t
+
+    result = {"lengths": spec, "batch": batch, "mean_length": float(lengths.mean()), "max_length": int(lengths.max()),
+              "tokens": int(lengths.sum())}
+    outs, times, programs = {}, {m: [] for m in modes}, {}
+    for name, sc in modes.items():  # compile (and keep the compiled program count of each)
+        before = sampler.compiled_programs()
+        t = time.perf_counter()
+        outs[name] = run(sc)[0]
+        programs[name] = {k: v - before[k] for k, v in sampler.compiled_programs().items()}
+        result[f"{name}: first run incl. compile s"] = time.perf_counter() - t
+    for _ in range(repeats):
+        for name, sc in modes.items():
+            times[name].append(run(sc)[1])
+    got, ref = outs["sampler"], outs["static, whole cache"]
+    assert int(np.asarray(got.lengths).sum()) == result["tokens"], "every row stops at its drawn length"
+    result["identical_tokens"] = bool(np.array_equal(np.asarray(got.tokens), np.asarray(ref.tokens)))
+    for name in modes:
+        s = float(np.median(times[name]))
+        result[name] = {"decode_s": s, "tokens_per_s": result["tokens"] / s,
+                        "row_steps_per_token": outs[name].row_steps / result["tokens"],
+                        "decode_calls": len(outs[name].batches), "compiled_programs": programs[name]}
+    result["speedup"] = result["static, whole cache"]["decode_s"] / result["sampler"]["decode_s"]
+    return result
 
 
 def step_cost(params, cfg, batch: int, prompt_len: int, max_new_tokens: int, position: int,
@@ -156,11 +218,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--step_cost", nargs="*", default=[], metavar="POSITION:MAX_NEW_TOKENS",
                     help="time one decode step at these positions of rollouts of these lengths (e.g. 256:4096 "
                          "256:512), as decode reads the cache and as it read the whole cache before")
+    ap.add_argument("--lengths", default=None, metavar="DIST",
+                    help="force EOS at lengths drawn from lognormal:MEAN:SIGMA or a file; compare with a static "
+                         "whole-cache batch (instead of the fixed-length runs)")
     ap.add_argument("--bandwidth_gbps", type=float, default=None, help="skip measuring; use this (GB/s)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
 
     cfg = model.SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.dtype)
+    if args.prompt_len + args.new_tokens > cfg.max_position_embeddings:  # random weights: any positions will do
+        cfg = cfg.replace(max_position_embeddings=args.prompt_len + args.new_tokens)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers, layer_types=cfg.layer_types and cfg.layer_types[:args.layers])
     if args.moe_impl:
@@ -193,7 +260,18 @@ def main(argv=None) -> dict:
         result["step_cost"].append(row)
         print(f"step at {pos} of {total}: {row['ms']:.2f} ms ({row['ms_whole_cache']:.2f} ms reading the whole cache)",
               flush=True)
-    for b in args.batch:
+    for b in args.batch if args.lengths else ():
+        run = bench_lengths(params, cfg, b, args.num_generations, args.prompt_len, args.new_tokens, args.lengths,
+                            args.repeats)
+        result["runs"].append(run)
+        for name in ("sampler", "static, whole cache"):
+            r = run[name]
+            print(f"batch {b} {name}: {r['tokens_per_s']:,.0f} tok/s, {r['decode_s']:.2f} s, "
+                  f"{r['row_steps_per_token']:.2f} row-steps per token, {r['decode_calls']} calls, "
+                  f"programs {r['compiled_programs']}", flush=True)
+        print(f"batch {b}: mean length {run['mean_length']:.0f}, max {run['max_length']}: {run['speedup']:.2f}x, "
+              f"identical tokens: {run['identical_tokens']}", flush=True)
+    for b in args.batch if not args.lengths else ():
         run = bench_one(params, cfg, b, args.num_generations, args.prompt_len, args.new_tokens, args.repeats)
         avg_ctx = args.prompt_len + args.new_tokens / 2
         step_bytes = param_bytes + b * avg_ctx * kv_tok
@@ -206,7 +284,7 @@ def main(argv=None) -> dict:
     # programs compiled by the rollouts above (bench_one lowers its own: count the jit caches of a sample())
     sampler.sample(params, cfg, [[1] * args.prompt_len], 1, sampler.SamplingConfig(
         max_new_tokens=args.new_tokens, eos_ids=(), prompt_buckets=(args.prompt_len,)), jax.random.key(0))
-    result["compiled_programs"] = {"prefill": sampler.prefill._cache_size(), "decode": sampler.decode._cache_size()}
+    result["compiled_programs"] = sampler.compiled_programs()
     print(f"compiled programs for one prompt bucket: {result['compiled_programs']}", flush=True)
     if args.out:
         with open(args.out, "w") as fh:

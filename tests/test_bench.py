@@ -30,6 +30,18 @@ def test_bench_sampler_tiny(tmp_path):
     assert abs(run["roofline_tokens_per_s"] - want) / want < 1e-9
 
 
+def test_bench_sampler_lengths_tiny():
+    """Forced long-tailed lengths: the sampler computes fewer row-steps than the static whole-cache
+    batch, for the same tokens."""
+    res = _load("bench_sampler").main(["--batch", "8", "--num_generations", "2", "--prompt_len", "8",
+                                       "--new_tokens", "48", "--lengths", "lognormal:10:1.0", "--repeats", "1"])
+    run = res["runs"][0]
+    assert run["identical_tokens"] and run["tokens"] == round(run["mean_length"] * 8)
+    static, new = run["static, whole cache"], run["sampler"]
+    assert static["row_steps_per_token"] == 8 * run["max_length"] / run["tokens"]
+    assert new["row_steps_per_token"] < static["row_steps_per_token"] and new["decode_calls"] > 1
+
+
 def test_bench_rewards_small():
     res = _load("bench_rewards").main(["--n", "20", "--workers", "1"])
     assert res["n"] == 20 and res["pool_rewards_per_s"] > 0 and res["timeouts"] == 0
