@@ -183,8 +183,8 @@ def choose_cost(rows: int, vocab: int, settings: list[tuple[int, float]], repeat
     """Seconds per call of sampler.choose_tokens on random logits [rows, vocab] for each (top_k,
     top_p), alternated over the settings `repeats` times (the best of each is kept)."""
     logits = jax.random.normal(jax.random.key(0), (rows, vocab)) * 4
-    fns = [jax.jit(lambda k, x, sc=sampler.SamplingConfig(top_k=tk, top_p=tp): sampler.choose_tokens(k, x, sc))
-           for tk, tp in settings]
+    fns = [jax.jit(lambda k, x, sc=sampler.SamplingConfig(top_k=tk, top_p=tp):
+                   sampler.choose_tokens(jax.random.split(k, rows), x, sc)) for tk, tp in settings]  # a key per row
     # before issue 20: the filter over the whole (sorted) vocabulary, then a draw from all of it
     fns += [jax.jit(lambda k, x, tk=tk, tp=tp: jax.random.categorical(k, sampler.filter_logits(x, tk, tp)))
             for tk, tp in settings[1:]]
