@@ -370,10 +370,11 @@ def _draw(state: DecodeState, key: Array, sampling: SamplingConfig) -> tuple[Dec
 def decode_steps(params, state: DecodeState, key: Array, stop_step: Array, stop_live: Array, *,
                  cfg: model.ModelConfig, sampling: SamplingConfig, kv_len: int,
                  mesh: Mesh | None = None) -> tuple[DecodeState, Array]:
-    """Draw a token and run the model on it, row by row in one while_loop, while step < stop_step and
-    more than stop_live rows are live; every step attends over the cache's first kv_len slots (which
-    must hold prompt + stop_step tokens). A batch at step T - 1 gets its last draw, with no forward
-    after it. The cache is donated and updated in place. Returns the state and its live row count."""
+    """Draw every row's token and run the model on it, step by step in one while_loop, while
+    step < stop_step and more than stop_live rows are live; every step attends over the cache's first
+    kv_len slots (which must hold prompt + stop_step tokens). A batch at step T - 1 gets its last
+    draw, with no forward after it. The cache is donated and updated in place. Returns the state and
+    its live row count."""
     T = sampling.max_new_tokens
 
     def body(state):

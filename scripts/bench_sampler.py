@@ -108,9 +108,9 @@ def draw_lengths(spec: str, n: int, cap: int, seed: int = 0) -> np.ndarray:
 
 
 def bench_lengths(params, cfg, batch: int, num_generations: int, prompt_len: int, new_tokens: int,
-                  spec: str, repeats: int, seed: int = 0) -> dict:
+                  spec: str, repeats: int, seed: int = 0, static: bool = True) -> dict:
     """A rollout with EOS forced at drawn lengths: the sampler as configured against a static batch
-    that reads the whole cache, alternated, same key."""
+    that reads the whole cache (static=False: the sampler alone), alternated, same key."""
     rng = np.random.default_rng(seed)
     lengths = draw_lengths(spec, batch, new_tokens, seed)
     prompts = rng.integers(1, cfg.vocab_size, size=(batch // num_generations, prompt_len)).tolist()
@@ -120,6 +120,8 @@ def bench_lengths(params, cfg, batch: int, num_generations: int, prompt_len: int
              "static, whole cache": sampler.SamplingConfig(max_new_tokens=new_tokens, eos_ids=(eos,),
                                                            prompt_buckets=(prompt_len,), first_segment=new_tokens,
                                                            shrink_factor=1.0)}
+    if not static:
+        del modes["static, whole cache"]
     key = jax.random.key(seed)
 
     def run(sc):
@@ -130,7 +132,9 @@ def bench_lengths(params, cfg, batch: int, num_generations: int, prompt_len: int
         return out, time.perf_counter() - t
 
     result = {"lengths": spec, "batch": batch, "mean_length": float(lengths.mean()), "max_length": int(lengths.max()),
-              "tokens": int(lengths.sum())}
+              "tokens": int(lengths.sum()),
+              # a static batch runs every row until the longest ends
+              "static_row_steps_per_token": batch * int(lengths.max()) / int(lengths.sum())}
     outs, times, programs = {}, {m: [] for m in modes}, {}
     for name, sc in modes.items():  # compile (and keep the compiled program count of each)
         before = sampler.compiled_programs()
@@ -141,15 +145,18 @@ def bench_lengths(params, cfg, batch: int, num_generations: int, prompt_len: int
     for _ in range(repeats):
         for name, sc in modes.items():
             times[name].append(run(sc)[1])
-    got, ref = outs["sampler"], outs["static, whole cache"]
+    got = outs["sampler"]
     assert int(np.asarray(got.lengths).sum()) == result["tokens"], "every row stops at its drawn length"
-    result["identical_tokens"] = bool(np.array_equal(np.asarray(got.tokens), np.asarray(ref.tokens)))
+    if static:
+        ref = outs["static, whole cache"]
+        result["identical_tokens"] = bool(np.array_equal(np.asarray(got.tokens), np.asarray(ref.tokens)))
     for name in modes:
         s = float(np.median(times[name]))
         result[name] = {"decode_s": s, "tokens_per_s": result["tokens"] / s,
                         "row_steps_per_token": outs[name].row_steps / result["tokens"],
                         "decode_calls": len(outs[name].batches), "compiled_programs": programs[name]}
-    result["speedup"] = result["static, whole cache"]["decode_s"] / result["sampler"]["decode_s"]
+    if static:
+        result["speedup"] = result["static, whole cache"]["decode_s"] / result["sampler"]["decode_s"]
     return result
 
 
@@ -221,6 +228,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lengths", default=None, metavar="DIST",
                     help="force EOS at lengths drawn from lognormal:MEAN:SIGMA or a file; compare with a static "
                          "whole-cache batch (instead of the fixed-length runs)")
+    ap.add_argument("--no_static", action="store_true", help="with --lengths: run the sampler alone")
     ap.add_argument("--bandwidth_gbps", type=float, default=None, help="skip measuring; use this (GB/s)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
@@ -262,15 +270,17 @@ def main(argv=None) -> dict:
               flush=True)
     for b in args.batch if args.lengths else ():
         run = bench_lengths(params, cfg, b, args.num_generations, args.prompt_len, args.new_tokens, args.lengths,
-                            args.repeats)
+                            args.repeats, static=not args.no_static)
         result["runs"].append(run)
-        for name in ("sampler", "static, whole cache"):
+        for name in ("sampler", "static, whole cache")[:1 if args.no_static else 2]:
             r = run[name]
             print(f"batch {b} {name}: {r['tokens_per_s']:,.0f} tok/s, {r['decode_s']:.2f} s, "
                   f"{r['row_steps_per_token']:.2f} row-steps per token, {r['decode_calls']} calls, "
                   f"programs {r['compiled_programs']}", flush=True)
-        print(f"batch {b}: mean length {run['mean_length']:.0f}, max {run['max_length']}: {run['speedup']:.2f}x, "
-              f"identical tokens: {run['identical_tokens']}", flush=True)
+        print(f"batch {b}: mean length {run['mean_length']:.0f}, max {run['max_length']}, a static batch would "
+              f"compute {run['static_row_steps_per_token']:.2f} row-steps per token"
+              + ("" if args.no_static else f"; {run['speedup']:.2f}x, identical tokens: {run['identical_tokens']}"),
+              flush=True)
     for b in args.batch if not args.lengths else ():
         run = bench_one(params, cfg, b, args.num_generations, args.prompt_len, args.new_tokens, args.repeats)
         avg_ctx = args.prompt_len + args.new_tokens / 2
