@@ -162,12 +162,14 @@ class ModelConfig:
                              f"(got {self.moe_intermediate_size})")
         if self.moe_impl not in ("auto", "ragged", "dense"):
             raise ValueError(f"moe_impl={self.moe_impl!r}; expected 'auto', 'ragged' or 'dense'")
-        if self.lora_rank < 0 or not set(self.lora_targets) <= set(LORA_TARGETS) or (self.lora_rank and not self.lora_targets):
-            raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: expected rank >= 0 and "
-                             f"a non-empty subset of {LORA_TARGETS}")
-        if self.lora_rank and self.num_experts and set(self.lora_targets) & {"gate_proj", "up_proj", "down_proj"}:
+        targets = set(self.lora_targets)
+        if self.lora_rank < 0 or not targets <= set(LORA_TARGETS) or (self.lora_rank and not targets):
+            raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: expected rank >= 0 "
+                             f"and a non-empty subset of {LORA_TARGETS}")
+        if self.lora_rank and self.num_experts and targets & {"gate_proj", "up_proj", "down_proj"}:
             raise ValueError(f"lora_targets={self.lora_targets}: adapters on the experts of a mixture-of-experts "
-                             "model are not supported; target the attention projections (q_proj, k_proj, v_proj, o_proj)")
+                             "model are not supported; target the attention projections (q_proj, k_proj, "
+                             "v_proj, o_proj)")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(

@@ -137,3 +137,20 @@ def test_bad_lora_settings_name_the_values():
         model.SHAPES["tiny-moe"].replace(lora_rank=4)
     with pytest.raises(ValueError, match="lora_rank > 0"):
         lora.add_adapters(model.init_params(cfg, jax.random.key(0)), cfg, jax.random.key(0))
+
+
+def test_sampling_with_unmerged_adapters_equals_the_merged_model():
+    from grpo_jax import sampler
+
+    cfg = model.SHAPES["tiny"].replace(vocab_size=256, lora_rank=4)
+    base = model.init_params(lora.base_config(cfg), jax.random.key(0))
+    fresh, adapters = lora.split(lora.add_adapters(base, cfg, jax.random.key(1)))
+    params = lora.join(fresh, _trained(adapters, seed=3))
+    sc = sampler.SamplingConfig(max_new_tokens=8, temperature=0.8, prompt_buckets=(8,))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    got = sampler.sample(params, cfg, prompts, 3, sc, jax.random.key(0))
+    want = sampler.sample(lora.merged(params, cfg), lora.base_config(cfg), prompts, 3, sc, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-4)
+    plain = sampler.sample(base, lora.base_config(cfg), prompts, 3, sc, jax.random.key(0))
+    assert not np.array_equal(np.asarray(got.tokens), np.asarray(plain.tokens))
