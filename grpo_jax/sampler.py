@@ -396,16 +396,20 @@ def decode_steps(params, state: DecodeState, key: Array, stop_step: Array, stop_
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "size", "mesh"), donate_argnames=("out",))
-def _shrink(state: DecodeState, out: dict[str, Array], *, cfg: model.ModelConfig, size: int,
+def _shrink(state: DecodeState, out: dict[str, Array] | None, *, cfg: model.ModelConfig, size: int,
             mesh: Mesh | None = None) -> tuple[DecodeState, dict[str, Array]]:
-    """Store the batch's results in the rollout's (`out`, [N, ...]), then keep `size` rows: the live
-    ones first, in their order, and finished ones to fill up (they stay finished), with their cache rows."""
-    out = _store(state, out)
+    """Store the batch's results in the rollout's (`out`, [N, ...]; None while the batch is still
+    the whole rollout in order: then they are the batch's), then keep `size` rows: the live ones
+    first, in their order, and finished ones to fill up (they stay finished), with their cache rows."""
+    out = _store(state, out) if out is not None else {k: getattr(state, k) for k in _RESULTS}
     keep = jnp.argsort(state.done, stable=True)[:size]
     take = lambda x, axis=0: jnp.take(x, keep, axis=axis)
     cache = {k: v if k == "index" else take(v, 1 if k in ("k", "v") else 0) for k, v in state.cache.items()}
     small = jax.tree.map(take, dataclasses.replace(state, cache={}, step=None))
     return _constrain_state(dataclasses.replace(small, cache=cache, step=state.step), cfg, mesh), out
+
+
+_RESULTS = ("tokens", "logps", "lengths", "done")
 
 
 def _store(state: DecodeState, out: dict[str, Array]) -> dict[str, Array]:
@@ -484,9 +488,6 @@ def decode(params, cache: model.Cache, first_logits: Array, key: Array, *, cfg: 
         batches.append((n, S - T + end, new_step - step))
         step = new_step
         if smaller and 0 < live <= smaller[0]:
-            if out is None:
-                out = {k: getattr(state, k) for k in ("tokens", "logps", "lengths", "done")}
-                out = jax.tree.map(jnp.zeros_like, out)
             size = min(s for s in sizes if s >= live)
             state, out = _shrink(state, out, cfg=cfg, size=size, mesh=mesh)
     if out is not None:
