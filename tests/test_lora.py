@@ -10,7 +10,9 @@ from conftest import VARIANTS, tiny_hf_model
 
 from grpo_jax import hf, lora, model
 
-FAMILIES = ["qwen2", "llama3-rope-bias", "qwen3", "gemma3", "qwen3-moe-raw"]
+# Llama 3 with biases is the peft test's; together they cover every family hf loads but Mistral
+# (Llama's projections).
+FAMILIES = ["qwen2", "qwen3", "gemma3", "qwen3-moe-raw"]
 
 
 def _load(name, tmp_path):
@@ -52,7 +54,7 @@ def test_fresh_adapters_leave_the_logits_exactly_the_base_ones(family, tmp_path)
                                   np.asarray(model.forward(base, cfg, ids, mask)[0]))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama3-rope-bias", "gemma3"])
+@pytest.mark.parametrize("family", ["llama3-rope-bias", "gemma3"])
 def test_adapters_equal_their_merged_weights_and_peft(family, tmp_path):
     """With trained adapters: our forward = the base with W + A B alpha / r folded in = transformers'
     model with the PEFT folder save_peft wrote, loaded by peft = the merged HF export."""
