@@ -31,22 +31,20 @@ from grpo_jax import model
 _SUFFIX = "_lora"
 
 
-def is_adapter(path: tuple) -> bool:
-    """Whether a parameter path (tuple of keys or jax tree path entries) is inside an adapter."""
-    return any(str(getattr(k, "key", k)).endswith(_SUFFIX) for k in path)
-
-
 def split(params: model.Params) -> tuple[model.Params, model.Params]:
-    """(base, adapters): two trees with the same nesting, each holding only its own leaves."""
-    def part(keep):
-        def walk(tree, path):
-            if not isinstance(tree, dict):
-                return tree
-            out = {k: walk(v, (*path, k)) for k, v in tree.items()
-                   if keep(is_adapter((*path, k))) or isinstance(v, dict) and not k.endswith(_SUFFIX)}
-            return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
-        return walk(params, ())
-    return part(lambda adapter: not adapter), part(lambda adapter: adapter)
+    """(base, adapters): two trees with the same nesting, each holding only its own leaves (the same
+    arrays, not copies)."""
+    base, adapters = {}, {}
+    for k, v in params.items():
+        if k.endswith(_SUFFIX):
+            adapters[k] = v
+        elif isinstance(v, dict):
+            base[k], sub = split(v)
+            if sub:
+                adapters[k] = sub
+        else:
+            base[k] = v
+    return base, adapters
 
 
 def join(base: model.Params, adapters: model.Params) -> model.Params:
@@ -66,7 +64,8 @@ def add_adapters(base: model.Params, cfg: model.ModelConfig, key: jax.Array) -> 
     (A uniform in +-1/sqrt(fan_in), B zero: the adapted model starts equal to the base)."""
     if not cfg.lora_rank:
         raise ValueError("add_adapters needs cfg.lora_rank > 0")
-    _, adapters = split(jax.jit(model.init_params, static_argnums=0)(cfg, key))
+    # Only the adapters leave the jitted init, so XLA drops the base's random initialisation.
+    adapters = jax.jit(lambda k: split(model.init_params(cfg, k))[1])(key)
     return join(base, adapters)
 
 
