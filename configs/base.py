@@ -26,7 +26,11 @@ def get_config() -> ConfigDict:
         # rates its weights cannot represent (train_state.check_precision).
         dtype="float32", param_dtype="float32", remat="none",
         residual_dtype=placeholder(str),  # the residual stream (unset: dtype); see model.ModelConfig
-        attention="einsum"))  # cache-free passes: "einsum", "xla" or "cudnn" (see model.ModelConfig)
+        attention="einsum",  # cache-free passes: "einsum", "xla" or "cudnn" (see model.ModelConfig)
+        # LoRA (grpo_jax.lora): rank > 0 trains adapters on these projections of a frozen base, stored
+        # once in `dtype`, which is also the KL reference (adapters off). 0: a full fine-tune.
+        lora=ConfigDict(dict(rank=0, alpha=16.0,
+                             targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))))
 
     c.data = ConfigDict(dict(
         source="synthetic:arithmetic", config=placeholder(str), split="train",
@@ -51,7 +55,11 @@ def get_config() -> ConfigDict:
         first_segment=128, shrink_factor=1.5,
         # "inference": sample from a compute-dtype copy of the weights split over mesh.tensor only
         # (made once per rollout, no weight traffic per token); "training": the stored layout.
-        weights="inference"))
+        weights="inference",
+        # LoRA runs: fold the adapters into the rollout copy once per step (faster decoding; the
+        # sampler's log-probabilities then differ from the trainer's unmerged ones in bf16) instead of
+        # applying them at every projection (exactly the trainer's numerics).
+        merge_lora=False))
 
     c.grpo = ConfigDict(dict(
         prompts_per_step=8, num_generations=8, num_iterations=1, minibatches=1, microbatches=1,

@@ -55,6 +55,10 @@ ADDED = {
     "data.enable_thinking": None,
     "grpo.router_aux_loss_coef": 0.0,
     "sampling.top_p_candidates": 1024,
+    "sampling.merge_lora": False,
+    "model.lora.rank": 0,
+    "model.lora.alpha": 16.0,
+    "model.lora.targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],  # JSON
 }
 
 

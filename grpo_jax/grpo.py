@@ -16,8 +16,9 @@ The old policy of the clipped ratio is the trainer's own, never the sampler's lo
 update per rollout it is π_θ itself under stop_gradient, so the ratio is exactly 1; with several
 (num_iterations > 1 or minibatches > 1) the trainer's forward computes it once, before the first
 update. The reference log-probabilities (beta > 0) come from `state.ref_params`, the frozen policy
-the run started from, stored in the compute dtype. Both passes run in micro-batches of the
-update's size (`batch_logprobs`).
+the run started from, stored in the compute dtype; a LoRA run's reference is its frozen base with
+the adapters off (`state.frozen`, no second copy). Both passes run in micro-batches of the update's
+size (`batch_logprobs`).
 
 Dynamic sampling (DAPO, Yu et al. 2025): with `dynamic_sampling`, groups whose G rewards are all
 equal (no advantage, no gradient) are dropped and more prompts are sampled, prompts_per_step at a
@@ -44,6 +45,7 @@ from ml_collections import ConfigDict
 from grpo_jax import config
 from grpo_jax import data
 from grpo_jax import logprobs
+from grpo_jax import lora
 from grpo_jax import loss
 from grpo_jax import metrics
 from grpo_jax import model
@@ -65,7 +67,8 @@ def update(state: train_state.TrainState, batch: Batch, *, model_cfg: model.Mode
     """One optimizer step on the GRPO loss of `batch` (objective.loss_and_grad's batch layout). The
     state is left as it was when the loss or gradient is not finite (metrics["update_nonfinite"]) or
     when no token carries advantage (metrics["update_no_signal"]); update_skipped counts both."""
-    loss_value, grads, out = objective.loss_and_grad(state.params, batch, model_cfg, loss_cfg, mesh, num_microbatches)
+    loss_value, grads, out = objective.loss_and_grad(state.params, batch, model_cfg, loss_cfg, mesh, num_microbatches,
+                                                     frozen=state.frozen)
     signal = loss.has_signal(batch["advantages"], batch["completion_mask"], batch.get("truncated"), loss_cfg)
     state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx, skip=~signal)
     return state, {**out, **opt_metrics, "update_no_signal": (~signal).astype(jnp.float32)}
@@ -187,6 +190,10 @@ class GRPO:
         # as the updates split them into, so that their activations are no larger than one update's.
         self.logprobs_fn = jax.jit(functools.partial(
             batch_logprobs, num_microbatches=self.minibatches * self.num_microbatches, **statics))
+        # A LoRA run's reference: the frozen base run without its adapters.
+        self.base_logprobs_fn = jax.jit(functools.partial(
+            batch_logprobs, num_microbatches=self.minibatches * self.num_microbatches,
+            **{**statics, "model_cfg": lora.base_config(self.policy.model_cfg)}))
         self.nonfinite = train_state.NonFiniteStop(self.max_nonfinite_updates)
 
     @classmethod
@@ -220,8 +227,8 @@ class GRPO:
     def reference_params(self, params):
         """The frozen reference of the KL term, only when beta > 0: a copy of the starting policy in
         the compute dtype (it only runs forward, and the forward computes in that dtype anyway), in
-        the policy's layout."""
-        if self.loss_cfg.beta <= 0:
+        the policy's layout. None for LoRA: the reference is the frozen base the run keeps anyway."""
+        if self.loss_cfg.beta <= 0 or self.policy.model_cfg.lora_rank:
             return None
         dtype = jnp.dtype(self.policy.model_cfg.dtype)
         cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -247,9 +254,11 @@ class GRPO:
         # Dispatched before the host scores: the device computes them while the verifiers run.
         seqs = {k: batch[k] for k in _SEQUENCES}
         if self.updates_per_step > 1:  # else π_old = stop_gradient(π_θ) in the loss: the ratio is exactly 1
-            batch["old_logp"] = self.logprobs_fn(state.params, seqs)
+            batch["old_logp"] = self.logprobs_fn(train_state.policy_params(state), seqs)
         if state.ref_params is not None:
             batch["ref_logp"] = self.logprobs_fn(state.ref_params, seqs)
+        elif self.loss_cfg.beta > 0 and state.frozen is not None:
+            batch["ref_logp"] = self.base_logprobs_fn(state.frozen, seqs)
         if groups.rewards is None:
             self._score(groups)
             clock.lap("rewards")
@@ -285,7 +294,7 @@ class GRPO:
         """This host's completions of the step (every round's, scored when dynamic sampling needs
         the rewards to decide), the data iterator's next position, and the number of rounds."""
         G = self.num_generations
-        pol = self.policy.replace(params=state.params).for_sampling()  # one sampling copy for every round
+        pol = self.policy.replace(params=train_state.policy_params(state)).for_sampling()  # one sampling copy for every round
         key, position, rounds = train_state.step_key(state), state.data, []
         while True:
             rows, position = self.prompts.batch(position)

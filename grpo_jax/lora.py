@@ -18,6 +18,7 @@ sampling copy).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import model
+from grpo_jax import sharding
 
 _SUFFIX = "_lora"
 
@@ -54,19 +56,46 @@ def join(base: model.Params, adapters: model.Params) -> model.Params:
     return {**base, **{k: join(base.get(k, {}), v) for k, v in adapters.items()}}
 
 
+def with_base(frozen: model.Params | None, trained: model.Params) -> model.Params:
+    """The model's tree from what a run trains and its frozen base: join(frozen, adapters) for LoRA,
+    `trained` itself when there is no frozen base (a full fine-tune)."""
+    return trained if frozen is None else join(frozen, trained)
+
+
 def base_config(cfg: model.ModelConfig) -> model.ModelConfig:
     """The config that runs the frozen base: the same parameters with the adapters off."""
     return cfg.replace(lora_rank=0)
 
 
-def add_adapters(base: model.Params, cfg: model.ModelConfig, key: jax.Array) -> model.Params:
+def frozen_config(cfg: model.ModelConfig) -> model.ModelConfig:
+    """The config of the frozen base's tree as a LoRA run stores it: no adapters, in the compute dtype
+    (it only runs forward; its gradient is never taken)."""
+    return cfg.replace(lora_rank=0, param_dtype=cfg.dtype)
+
+
+def add_adapters(base: model.Params, cfg: model.ModelConfig, key: jax.Array, mesh=None) -> model.Params:
     """`base` (the arrays themselves, not copies) with freshly initialised adapters for `cfg`'s targets
-    (A uniform in +-1/sqrt(fan_in), B zero: the adapted model starts equal to the base)."""
+    (A uniform in +-1/sqrt(fan_in), B zero: the adapted model starts equal to the base), placed by
+    the mesh's parameter rules when `mesh` is given."""
     if not cfg.lora_rank:
         raise ValueError("add_adapters needs cfg.lora_rank > 0")
+    shardings = None if mesh is None else split(sharding.param_shardings(cfg, mesh))[1]
     # Only the adapters leave the jitted init, so XLA drops the base's random initialisation.
-    adapters = jax.jit(lambda k: split(model.init_params(cfg, k))[1])(key)
+    adapters = jax.jit(lambda k: split(model.init_params(cfg, k))[1], out_shardings=shardings)(key)
     return join(base, adapters)
+
+
+def fingerprint(base: model.Params) -> str:
+    """A short hash of a base model's values, to tell a checkpoint's base from another: every leaf's
+    path, shape and 1,024 evenly spaced values (read exactly, so any mesh gives the same hash)."""
+    leaves = jax.tree_util.tree_leaves_with_path(base)
+    picks = jax.jit(lambda xs: [x.reshape(-1)[np.linspace(0, x.size - 1, min(x.size, 1024)).astype(np.int64)]
+                                .astype(jnp.float32) for x in xs])([x for _, x in leaves])
+    h = hashlib.sha256()
+    for (path, x), vals in zip(leaves, jax.device_get(picks)):
+        h.update(f"{jax.tree_util.keystr(path)}{tuple(x.shape)}".encode())
+        h.update(np.ascontiguousarray(vals).tobytes())
+    return h.hexdigest()[:16]
 
 
 def merged(params: model.Params, cfg: model.ModelConfig) -> model.Params:

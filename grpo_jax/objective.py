@@ -27,6 +27,7 @@ from jax import shard_map
 from jax.sharding import Mesh, PartitionSpec as P
 
 from grpo_jax import logprobs
+from grpo_jax import lora
 from grpo_jax import loss
 from grpo_jax import model
 from grpo_jax import partitioning
@@ -137,8 +138,10 @@ def loss_and_grad(
     loss_cfg: loss.LossConfig,
     mesh: Mesh | None = None,
     num_microbatches: int = 1,
+    frozen: model.Params | None = None,
 ) -> tuple[jax.Array, model.Params, dict[str, jax.Array]]:
-    """Loss, gradient and finalised metrics of the whole batch, accumulated over micro-batches.
+    """Loss, gradient and finalised metrics of the whole batch, accumulated over micro-batches. With
+    `frozen` (a LoRA run's base) `params` are the adapters and the gradient is theirs alone.
 
     Jit it with model_cfg, loss_cfg, mesh and num_microbatches static.
     """
@@ -146,7 +149,7 @@ def loss_and_grad(
     denom = loss.loss_denominator(batch["completion_mask"], batch.get("truncated"), loss_cfg)
 
     def partial_sum(p, mb):
-        s, _, m = policy_loss_terms(p, mb, model_cfg, loss_cfg, mesh, router_weight=denom / num_microbatches)
+        s, _, m = policy_loss_terms(lora.with_base(frozen, p), mb, model_cfg, loss_cfg, mesh, router_weight=denom / num_microbatches)
         return s, m
 
     (total, metrics), grads = accumulate(partial_sum, params, batch, num_microbatches)

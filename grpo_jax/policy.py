@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 from grpo_jax import checkpoint
 from grpo_jax import config
 from grpo_jax import hf
+from grpo_jax import lora
 from grpo_jax import model
 from grpo_jax import multihost
 from grpo_jax import pretrained
@@ -96,6 +97,10 @@ class Policy:
     # inference_params), made once per rollout; "training": from the weights as they are stored
     # (for a model whose tensor shard does not fit on a device beside the KV cache).
     sampling_weights: str = "inference"
+    # LoRA: sample with the adapters folded into the rollout copy (W + A B s, rounded to the compute
+    # dtype) instead of applying them at every projection: faster decode steps, but the sampler's
+    # log-probabilities then differ from the trainer's (which applies them unmerged) in bf16.
+    merge_lora: bool = False
     is_inference_copy: bool = False
 
     def __post_init__(self):
@@ -107,9 +112,14 @@ class Policy:
 
     def for_sampling(self) -> Policy:
         """This policy with the weights sampling reads (see `sampling_weights`); free it after use."""
-        if self.is_inference_copy or self.sampling_weights == "training":
+        if self.is_inference_copy:
             return self
-        params, model_cfg = sampler.inference_params(self.params, self.model_cfg, self.mesh)
+        params, model_cfg = self.params, self.model_cfg
+        if model_cfg.lora_rank and self.merge_lora:
+            params, model_cfg = jax.jit(lora.merged, static_argnums=1)(params, model_cfg), lora.base_config(model_cfg)
+        if self.sampling_weights == "training":
+            return self.replace(params=params, model_cfg=model_cfg, is_inference_copy=model_cfg is not self.model_cfg)
+        params, model_cfg = sampler.inference_params(params, model_cfg, self.mesh)
         return self.replace(params=params, model_cfg=model_cfg, is_inference_copy=True)
 
     def prompt_ids(self, rows: Sequence[dict]) -> list[list[int]]:
@@ -145,9 +155,20 @@ class Policy:
 
     def export_hf(self, path: str, dtype: str | None = None) -> str:
         """A Hugging Face folder (weights, config, tokenizer) for transformers and vLLM; the char
-        tokenizer is written as an equivalent `PreTrainedTokenizerFast`."""
+        tokenizer is written as an equivalent `PreTrainedTokenizerFast`. LoRA adapters are merged
+        into the kernels (in the base's dtype unless `dtype`)."""
         tok = self.tokenizer.to_hf() if isinstance(self.tokenizer, tokenizer.CharTokenizer) else self.tokenizer
-        return str(hf.save_hf(jax.device_get(self.params), self.model_cfg, path, dtype=dtype, tokenizer=tok))
+        params, cfg = self.params, self.model_cfg
+        if cfg.lora_rank:
+            params, cfg = lora.merged(params, cfg), lora.base_config(cfg)
+        return str(hf.save_hf(jax.device_get(params), cfg, path, dtype=dtype, tokenizer=tok))
+
+    def export_peft(self, path: str, base_model: str = "") -> str:
+        """A PEFT adapter folder (adapter_config.json, adapter_model.safetensors) of a LoRA policy, for
+        `peft.PeftModel.from_pretrained` on the transformers model of its base (`base_model`)."""
+        if not self.model_cfg.lora_rank:
+            raise ValueError("export_peft: this policy has no LoRA adapters (model.lora.rank=0); use export_hf")
+        return str(lora.save_peft(path, jax.device_get(self.params), self.model_cfg, base_model))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,7 +206,7 @@ def model_config(mcfg: ConfigDict, vocab_size: int) -> model.ModelConfig:
     execution = dict(dtype=mcfg.dtype, param_dtype=mcfg.param_dtype, residual_dtype=mcfg.get("residual_dtype"),
                      remat=mcfg.remat, attention=mcfg.attention)
     if not mcfg.source.startswith("shape:"):
-        return hf.load_config(_hf_source(mcfg), **execution)
+        return hf.load_config(_hf_source(mcfg), **execution).replace(**lora_fields(mcfg))
     name = mcfg.source.split(":", 1)[1]
     if name not in model.SHAPES:
         raise ValueError(f"model.source={mcfg.source!r}: no shape {name!r}; shapes are {sorted(model.SHAPES)}")
@@ -194,7 +215,14 @@ def model_config(mcfg: ConfigDict, vocab_size: int) -> model.ModelConfig:
     if fields["vocab_size"] < vocab_size:
         raise ValueError(f"model.overrides.vocab_size={fields['vocab_size']} is smaller than the "
                          f"tokenizer's {vocab_size} tokens")
-    return model.SHAPES[name].replace(**execution, **fields)
+    return model.SHAPES[name].replace(**execution, **fields, **lora_fields(mcfg))
+
+
+def lora_fields(mcfg: ConfigDict) -> dict[str, Any]:
+    """The ModelConfig fields of `model.lora` (a model section without one: no adapters)."""
+    lora_cfg = mcfg.get("lora") or {}
+    return {"lora_rank": int(lora_cfg.get("rank", 0)), "lora_alpha": float(lora_cfg.get("alpha", 16.0)),
+            "lora_targets": tuple(lora_cfg.get("targets", model.LORA_TARGETS))}
 
 
 def abstract_params(model_cfg: model.ModelConfig, mesh: Mesh) -> model.Params:
@@ -214,18 +242,83 @@ def _source_params(mcfg: ConfigDict, model_cfg: model.ModelConfig, mesh: Mesh, s
     return params
 
 
+def _cast(params: model.Params, dtype: str) -> model.Params:
+    """`params` in `dtype`, in their layout (jitted: no host copy)."""
+    if all(x.dtype == dtype for x in jax.tree.leaves(params)):
+        return params
+    return jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t),
+                   out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
+
+
+def run_config(workdir: str) -> ConfigDict | None:
+    """The config a run wrote into its workdir (trainer.Trainer), or None for a run without one."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return ConfigDict(json.load(f))
+
+
+def run_params(run: str, model_cfg: model.ModelConfig, mesh: Mesh,
+               step: int | None = None) -> tuple[model.Params, model.ModelConfig, str]:
+    """The policy parameters of run `run`'s checkpoint at `step` (default: the latest), the config
+    they run with, and where they came from. A LoRA run's checkpoint holds its adapters only: they
+    are joined onto its base, rebuilt as that run's config says (its init_from run or model.source)
+    and checked against the fingerprint its checkpoint recorded."""
+    rcfg = run_config(run)
+    run_cfg = model_cfg.replace(**lora_fields(rcfg.model)) if rcfg is not None else lora.base_config(model_cfg)
+    if not run_cfg.lora_rank:
+        params, step = checkpoint.restore_params(run, abstract_params(run_cfg, mesh), step)
+        return params, run_cfg, f"{run} step {step}"
+    base, base_source = frozen_base(rcfg, run_cfg, mesh)
+    adapters = lora.split(abstract_params(run_cfg, mesh))[1]
+    adapters, step = checkpoint.restore_params(run, adapters, step, base=lora.fingerprint(base))
+    return lora.join(base, adapters), run_cfg, f"{run} step {step} (LoRA on {base_source})"
+
+
+def frozen_base(cfg: ConfigDict, model_cfg: model.ModelConfig, mesh: Mesh) -> tuple[model.Params, str]:
+    """The frozen base of a LoRA run of `cfg` (lora.frozen_config: in the compute dtype, no adapters)
+    and where it came from: the policy of `cfg.init_from`'s run with its adapters merged, if any,
+    else `model.source`'s weights."""
+    dtype = model_cfg.dtype
+    if cfg.get("init_from"):
+        params, run_cfg, source = run_params(cfg.init_from, model_cfg, mesh)
+        return _cast(lora.merged(params, run_cfg) if run_cfg.lora_rank else params, dtype), source
+    # A named shape is initialised in param_dtype, as a full fine-tune starts, then cast; HF weights are
+    # read straight into the compute dtype (a 7B base never exists in float32).
+    random = cfg.model.source.startswith("shape:")
+    params = _source_params(cfg.model, lora.base_config(model_cfg) if random else lora.frozen_config(model_cfg),
+                            mesh, cfg.seed)
+    return _cast(params, dtype), _describe_source(cfg.model.source, cfg.seed)
+
+
+def hf_base(cfg: ConfigDict) -> str:
+    """The HF folder or hub id that a LoRA run of `cfg` adapts as published (what a PEFT adapter
+    names as its base), or "" when its base is not one (random weights, another run's policy)."""
+    if cfg.get("init_from") or cfg.model.source.startswith("shape:"):
+        return ""
+    return _hf_source(cfg.model)
+
+
+def _describe_source(source: str, seed: int) -> str:
+    return source + (f" (random, seed {seed})" if source.startswith("shape:") else "")
+
+
 def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None,
          hf_path: str | None = None) -> tuple[Policy, str]:
     """The policy of a run config and a description of where its weights came from.
 
     Weights, first that applies: the Hugging Face folder or hub id `hf_path` (its own model and
-    tokenizer); the checkpoint of run `workdir` at `step` (default: the latest); the latest
-    checkpoint of `cfg.init_from`; else `cfg.model.source` (random weights of a named shape seeded
-    with cfg.seed, or an HF folder). Checkpoints give their parameters only, restored onto the mesh.
+    tokenizer, no adapters); the checkpoint of run `workdir` at `step` (default: the latest; a LoRA
+    run's adapters on its base); the latest checkpoint of `cfg.init_from` (a LoRA run's adapters
+    merged); else `cfg.model.source` (random weights of a named shape seeded with cfg.seed, or an HF
+    folder). Checkpoints give their parameters only, restored onto the mesh. With `model.lora.rank`
+    > 0 a new run's policy is those weights in the compute dtype (the frozen base) with fresh
+    adapters (seeded with cfg.seed).
     """
     mcfg = cfg.model
     if hf_path:
-        mcfg = ConfigDict({**mcfg.to_dict(), "source": hf_path, "tokenizer": hf_path})
+        mcfg = ConfigDict({**mcfg.to_dict(), "source": hf_path, "tokenizer": hf_path, "lora": {"rank": 0}})
     tok = load_tokenizer(mcfg)
     model_cfg = model_config(mcfg, len(tok))  # HF tokenizers: added tokens included
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
@@ -234,14 +327,20 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
         warnings.warn(f"mesh {dict(mesh.shape)} does not divide {len(replicated)} weight dimensions, which are "
                       "replicated instead: " + "; ".join(replicated[:8]) + (" ..." if len(replicated) > 8 else ""),
                       stacklevel=2)
-    run = None if hf_path else workdir or cfg.get("init_from") or None
-    if run:
-        params, step = checkpoint.restore_params(run, abstract_params(model_cfg, mesh), step)
-        source = f"{run} step {step}"
+    if workdir and not hf_path:
+        params, model_cfg, source = run_params(workdir, model_cfg, mesh, step)
+    elif model_cfg.lora_rank:
+        base, source = frozen_base(cfg, model_cfg, mesh)
+        params = lora.add_adapters(base, model_cfg, jax.random.key(cfg.seed), mesh)
+    elif cfg.get("init_from") and not hf_path:
+        params, from_cfg, source = run_params(cfg.init_from, model_cfg, mesh)
+        if from_cfg.lora_rank:  # a full fine-tune of a LoRA run's policy
+            params = _cast(lora.merged(params, from_cfg), model_cfg.param_dtype)
     else:
         params = _source_params(mcfg, model_cfg, mesh, cfg.seed)
-        source = mcfg.source + (f" (random, seed {cfg.seed})" if mcfg.source.startswith("shape:") else "")
+        source = _describe_source(mcfg.source, cfg.seed)
     d = cfg.data
     return Policy(params, model_cfg, tok, mesh, PromptFormat(d.template, d.prompt_field, d.instruction,
                                                               d.get("enable_thinking")),
-                  config.sampling_config(cfg, tok, model_cfg.eos_token_ids), cfg.sampling.weights), source
+                  config.sampling_config(cfg, tok, model_cfg.eos_token_ids), cfg.sampling.weights,
+                  bool(cfg.sampling.get("merge_lora", False))), source

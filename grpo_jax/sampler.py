@@ -224,8 +224,16 @@ def inference_params(params: model.Params, cfg: model.ModelConfig, mesh: Mesh | 
     compute: the cast the forward pass would do at every use, done once) and, on a mesh, in the
     inference layout (partitioning.INFERENCE_RULES: split over tensor only). Returns the copy and
     the config to run it with (param_dtype = dtype); the copy gives the same logits as `params`."""
-    if (mesh is None or mesh.shape["fsdp"] == 1) and cfg.param_dtype == cfg.dtype:
-        return params, cfg  # already the layout and dtype sampling reads
+    if mesh is None or mesh.shape["fsdp"] == 1:  # already the layout sampling reads
+        # Only the leaves not yet in the compute dtype are copied (a LoRA run's frozen base already is).
+        leaves, tree = jax.tree.flatten(params)
+        cast = [i for i, x in enumerate(leaves) if x.dtype != cfg.dtype]
+        if cast:
+            copies = jax.jit(lambda xs: [x.astype(cfg.dtype) for x in xs])([leaves[i] for i in cast])
+            leaves = [*leaves]
+            for i, x in zip(cast, copies):
+                leaves[i] = x
+        return jax.tree.unflatten(tree, leaves), cfg.replace(param_dtype=cfg.dtype)
     copy = jax.jit(_sampling_weights, static_argnums=(1, 2, 3))(params, cfg, mesh, True)
     return copy, cfg.replace(param_dtype=cfg.dtype)
 

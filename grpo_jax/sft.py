@@ -34,6 +34,7 @@ from ml_collections import ConfigDict
 
 from grpo_jax import data
 from grpo_jax import logprobs
+from grpo_jax import lora
 from grpo_jax import loss
 from grpo_jax import metrics
 from grpo_jax import model
@@ -104,8 +105,8 @@ def update(state: train_state.TrainState, batch: Batch, *, model_cfg: model.Mode
     denom = jnp.maximum(tokens, 1.0)
     no_metrics = loss.Metrics({}, {}, {}, {})
     (loss_value, _), grads = objective.accumulate(
-        lambda p, mb: (sft_loss_terms(p, model_cfg, mb, chunk) / denom, no_metrics), state.params, batch,
-        num_microbatches)
+        lambda p, mb: (sft_loss_terms(lora.with_base(state.frozen, p), model_cfg, mb, chunk) / denom, no_metrics),
+        state.params, batch, num_microbatches)
     state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx)
     return state, {"loss": loss_value, "tokens": tokens, **opt_metrics}
 
@@ -155,7 +156,7 @@ class SFT:
     def examples(self, state: train_state.TrainState) -> data.PromptIterator:
         """The SFT rows, read on first use (`rejection_samples` samples the state's policy then)."""
         if self._examples is None:
-            rows = self.load_examples(self.policy.replace(params=state.params))
+            rows = self.load_examples(self.policy.replace(params=train_state.policy_params(state)))
             hosts = jax.process_count()
             self._examples = data.PromptIterator(rows, self.cfg.sft.batch_size // hosts, seed=self.cfg.seed + 11,
                                                  host=jax.process_index(), num_hosts=hosts)

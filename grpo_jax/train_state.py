@@ -6,11 +6,16 @@
 
 Fields:
     step        [] int32    training steps done (a GRPO step may make several optimizer updates)
-    params      the policy's parameters
+    params      the trained parameters: the policy's, or a LoRA run's adapters only
     opt_state   the optimizer's state (optax)
     rng         [2] uint32  key data; the key of step s is fold_in(rng, s)
     data        {"epoch", "position", "seed"}: where the data iterator is (grpo_jax.data.PromptIterator)
-    ref_params  the frozen reference policy of the KL term, or None when there is none (beta = 0)
+    ref_params  the frozen reference policy of the KL term, or None when there is none (beta = 0, or
+                LoRA, whose reference is `frozen`)
+    frozen      a LoRA run's frozen base (grpo_jax.lora.frozen_config: compute dtype), never updated
+                and not checkpointed (rebuilt from its source); None for a full fine-tune
+
+The policy is `policy_params(state)`: the adapters joined onto the base, or `params` itself.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from grpo_jax import lora
 from grpo_jax import sharding
 
 
@@ -36,16 +42,23 @@ class TrainState:
     rng: jax.Array
     data: dict[str, jax.Array]
     ref_params: Any = None
+    frozen: Any = None
 
 
 def create(params, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int, data: dict[str, int],
-           ref_params=None) -> TrainState:
+           ref_params=None, frozen=None) -> TrainState:
     """A fresh state at step 0. Everything not yet on the mesh is replicated there, so that a jitted
     update sees the same shardings on its first call as on later ones (no second compile)."""
     on_mesh = lambda tree: sharding.on_mesh(tree, mesh)
     return TrainState(step=on_mesh(np.int32(0)), params=params, opt_state=on_mesh(tx.init(params)),
                       rng=on_mesh(jax.random.key_data(jax.random.key(seed))), data=_data_on_mesh(data, mesh),
-                      ref_params=ref_params)
+                      ref_params=ref_params, frozen=frozen)
+
+
+def policy_params(state: TrainState):
+    """The policy's whole parameter tree: a LoRA run's adapters on its frozen base (the same
+    arrays, no copy), or the trained parameters themselves."""
+    return lora.with_base(state.frozen, state.params)
 
 
 def _data_on_mesh(data: dict[str, int], mesh: Mesh) -> dict[str, jax.Array]:
@@ -70,9 +83,9 @@ def to_items(state: TrainState) -> tuple[Any, dict[str, Any]]:
     return state.params, rest
 
 
-def from_items(params, rest: dict[str, Any]) -> TrainState:
+def from_items(params, rest: dict[str, Any], frozen=None) -> TrainState:
     return TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"], rng=rest["rng"],
-                      data=rest["data"], ref_params=rest.get("ref_params"))
+                      data=rest["data"], ref_params=rest.get("ref_params"), frozen=frozen)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from grpo_jax import config
 from grpo_jax import data
 from grpo_jax import evaluation
 from grpo_jax import grpo
+from grpo_jax import lora
 from grpo_jax import metrics
 from grpo_jax import policy
 from grpo_jax import rewards
@@ -56,15 +57,18 @@ class Trainer:
         self.workdir = cfg.workdir
         os.makedirs(self.workdir, exist_ok=True)
         pol, self.source = policy.load(cfg)
-        train_state.check_precision(pol.params, cfg.optimizer.learning_rate)
+        # LoRA: the optimizer, gradients and checkpoints see the adapters only; the base stays frozen.
+        frozen, trained = lora.split(pol.params) if pol.model_cfg.lora_rank else (None, pol.params)
+        train_state.check_precision(trained, cfg.optimizer.learning_rate)
         self.policy = pol.replace(params=None)  # the state's parameters are the policy's
         self.task = data.load_task(cfg.data, cfg.seed)
         self.scorer = rewards.Scorer.from_config(cfg, reward_fns)
         self.algorithm = ALGORITHMS[cfg.trainer].from_config(cfg, self.policy, self.scorer, self.task)
-        self.state = train_state.create(pol.params, self.algorithm.tx, self.policy.mesh, seed=cfg.seed + 1,
-                                        data=self.algorithm.initial_data(),
+        self.state = train_state.create(trained, self.algorithm.tx, self.policy.mesh, seed=cfg.seed + 1,
+                                        data=self.algorithm.initial_data(), frozen=frozen,
                                         ref_params=self.algorithm.reference_params(pol.params))
-        self.checkpoints = checkpoint.Checkpoints(self.workdir, cfg.checkpoint.keep)
+        base = None if frozen is None else {"source": self.source, "fingerprint": lora.fingerprint(frozen)}
+        self.checkpoints = checkpoint.Checkpoints(self.workdir, cfg.checkpoint.keep, base=base)
         lead = jax.process_index() == 0
         self.writer = metrics.MetricWriter(os.path.join(self.workdir, "tb"), enabled=lead)
         if lead:  # what this run was, next to its checkpoints
@@ -77,10 +81,11 @@ class Trainer:
 
     @property
     def params(self):
-        return self.state.params
+        """The policy's parameters (a LoRA run's: its adapters on the frozen base)."""
+        return train_state.policy_params(self.state)
 
     def current_policy(self) -> policy.Policy:
-        return self.policy.replace(params=self.state.params)
+        return self.policy.replace(params=self.params)
 
     def evaluate(self, rows=None, k: int | None = None) -> dict[str, float]:
         """Held-out figures of the current policy (grpo_jax.evaluation)."""

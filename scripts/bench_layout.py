@@ -59,6 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--logprob_chunk", type=int, default=1024)
     p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="> 0: LoRA on every projection, a frozen base in --dtype (the reference), adapters in --param_dtype")
+    p.add_argument("--lora_alpha", type=float, default=32.0)
+    p.add_argument("--cpu_no_hoisting", action="store_true",
+                   help="XLA:CPU: disable while-loop-invariant code motion, which hoists the float32 promotion of "
+                        "bfloat16 weights (XLA:CPU has no bf16 dots) out of the layer scan as whole float32 copies of "
+                        "every layer's weights; GPU and TPU dots read bf16 and make no such copy")
     p.add_argument("--skip", nargs="*", default=[], choices=["reference", "sampling"])
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -72,6 +79,8 @@ def main(argv=None):
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
     n_dev = math.prod(mesh_shape)
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={n_dev}")
+    if args.cpu_no_hoisting:
+        os.environ["XLA_FLAGS"] += " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
     import jax
     import jax.numpy as jnp
@@ -79,7 +88,7 @@ def main(argv=None):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from configs import base
-    from grpo_jax import compiled, grpo, loss, model, partitioning, sampler, sharding, train_state
+    from grpo_jax import compiled, grpo, lora, loss, model, partitioning, sampler, sharding, train_state
 
     devices = jax.devices()
     if len(devices) < n_dev:
@@ -90,7 +99,8 @@ def main(argv=None):
     data, fsdp, tensor, expert = (mesh_shape + (1,))[:4]
     mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices[:n_dev], expert=expert)
     cfg = model.SHAPES[args.shape].replace(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
-                                           attention=args.attention, moe_impl=args.moe_impl)
+                                           attention=args.attention, moe_impl=args.moe_impl, lora_rank=args.lora_rank,
+                                           lora_alpha=args.lora_alpha)
     rows = args.prompts * args.num_generations
     P_len, C = args.prompt_len, args.new_tokens
     T = P_len + C
@@ -104,6 +114,10 @@ def main(argv=None):
 
     replicated = NamedSharding(mesh, P())
     params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh))
+    frozen = None
+    if cfg.lora_rank:  # LoRA: the state trains the adapters; the base is frozen in the compute dtype
+        frozen, params = lora.split(params)
+        frozen = jax.tree.map(lambda x: x.update(dtype=jnp.dtype(args.dtype)), frozen)
     c = base.get_config()
     tx, _ = train_state.make_optimizer(c.optimizer, 1000)
     # AdamW's moments are laid out like the parameters (tx.init makes them with zeros_like); its step
@@ -114,7 +128,7 @@ def main(argv=None):
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
     state = train_state.TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state,
                                    rng=scalar(jnp.uint32, (2,)),
-                                   data={k: scalar(jnp.int32) for k in ("epoch", "position", "seed")})
+                                   data={k: scalar(jnp.int32) for k in ("epoch", "position", "seed")}, frozen=frozen)
     row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
     batch = {"prompt_ids": row((rows, P_len), jnp.int32), "prompt_mask": row((rows, P_len), bool),
              "completion_ids": row((rows, C), jnp.int32), "completion_mask": row((rows, C), bool),
@@ -126,7 +140,8 @@ def main(argv=None):
     out = {"shape": args.shape, "mesh": dict(zip(("data", "fsdp", "tensor", "expert"), (data, fsdp, tensor, expert))),
            "device": f"{devices[0].platform} ({devices[0].device_kind})", "host": platform.processor() or platform.machine(),
            "jax": jax.__version__, "rows": rows, "tokens": T, "dtype": args.dtype, "param_dtype": args.param_dtype,
-           "remat": args.remat, "microbatches": args.microbatches}
+           "remat": args.remat, "microbatches": args.microbatches, "lora_rank": args.lora_rank,
+           "xla_flags": os.environ["XLA_FLAGS"]}
 
     # ---- the update ------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -136,15 +151,21 @@ def main(argv=None):
     out["update_compile_s"] = round(time.perf_counter() - t, 1)
     mem = compiled.memory(exe)
     param_b, opt_b, batch_b = per_device(params), per_device(opt_state), per_device(batch)
-    n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(model.param_shapes(cfg)))
+    frozen_b = per_device(frozen) if frozen is not None else 0
+    n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(params))  # the trained ones
     # one layer as a device uses it: gathered over fsdp, still split over tensor (and experts over expert)
     layer_params = sum(math.prod(x.sharding.shard_shape(x.shape)[1:]) for x in jax.tree.leaves(params["layers"])) * fsdp
     micro_rows = rows // (data * fsdp * expert * args.microbatches)
     checkpoints = cfg.num_layers * micro_rows * T * cfg.hidden_size * dt
     # parameters, gradients and AdamW's two moments, each 1/n_dev; checkpoints; one gathered layer
+    # (LoRA: plus the frozen base's shard and one of its layers gathered)
     ideal = 4 * n_params * pdt // n_dev + checkpoints + layer_params * (dt + pdt)
+    if frozen is not None:
+        ideal += frozen_b + sum(math.prod(x.sharding.shard_shape(x.shape)[1:])
+                                for x in jax.tree.leaves(frozen["layers"])) * fsdp * dt
     out["update"] = {
         "peak_GiB": mem["peak"] / GiB, "ideal_GiB": ideal / GiB, "peak_over_ideal": mem["peak"] / ideal,
+        "frozen_base_GiB": frozen_b / GiB,
         "parameters_GiB": param_b / GiB, "optimizer_state_GiB": opt_b / GiB, "gradients_GiB": n_params * pdt / n_dev / GiB,
         "batch_GiB": batch_b / GiB, "temporaries_GiB": mem["temporaries"] / GiB, "aliased_GiB": mem["aliased"] / GiB,
         "remat_checkpoints_GiB": checkpoints / GiB,
@@ -179,20 +200,23 @@ def main(argv=None):
     resident = param_b + opt_b
     # ---- the reference pass ----------------------------------------------------------------------
     if args.beta > 0 and "reference" not in args.skip:
-        ref = jax.jit(functools.partial(grpo.batch_logprobs, model_cfg=cfg, loss_cfg=loss_cfg, mesh=mesh,
-                                        num_microbatches=args.microbatches))
+        ref = jax.jit(functools.partial(grpo.batch_logprobs, model_cfg=lora.base_config(cfg), loss_cfg=loss_cfg,
+                                        mesh=mesh, num_microbatches=args.microbatches))
         seqs = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-        # The reference is stored in the compute dtype (grpo.GRPO.reference_params), in the policy's layout.
-        ref_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(args.dtype), sharding=x.sharding),
-                                  params)
+        # The reference is stored in the compute dtype (grpo.GRPO.reference_params), in the policy's
+        # layout; LoRA's is the frozen base itself (an argument of the pass, already resident).
+        ref_params = frozen if frozen is not None else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(args.dtype), sharding=x.sharding), params)
         rmem = compiled.memory(ref.lower(ref_params, seqs).compile())
         out["reference"] = {"peak_GiB": rmem["peak"] / GiB, "with_resident_state_GiB": (rmem["peak"] + resident) / GiB}
-        resident += per_device(ref_params)  # the reference weights stay for the run
+        if frozen is None:
+            resident += per_device(ref_params)  # the reference weights stay for the run
         print(json.dumps({"reference": out["reference"]}, indent=1), flush=True)
 
     # ---- sampling --------------------------------------------------------------------------------
     if "sampling" not in args.skip:
-        copy = jax.eval_shape(lambda p: sampler.inference_params(p, cfg, mesh)[0], params)
+        whole = params if frozen is None else lora.join(frozen, params)
+        copy = jax.eval_shape(lambda p: sampler.inference_params(p, cfg, mesh)[0], whole)
         run_cfg = cfg.replace(param_dtype=cfg.dtype)
         copy = abstract(copy, sharding.param_shardings(run_cfg, mesh, partitioning.INFERENCE_RULES))
         sc = sampler.SamplingConfig(max_new_tokens=C)
@@ -212,10 +236,14 @@ def main(argv=None):
         group_rows = rows // (data * fsdp)
         weights_in_loop = [o for o in in_loop if o.op == "all-gather" and o.bytes >= 1 << 16
                            and not (cfg.num_experts and o.result[0].shape[:1] == (group_rows,))]
+        # The programs' peaks include the weights they read; on one fsdp shard a LoRA run's frozen base
+        # is read as it is (sampler.inference_params copies only the adapters), so it counts once.
+        shared = frozen_b if frozen is not None and fsdp == 1 else 0
+        resident_now = resident + frozen_b - shared
         out["sampling"] = {
-            "inference_copy_GiB": per_device(copy) / GiB, "kv_cache_GiB": per_device(cache) / GiB,
+            "inference_copy_GiB": (per_device(copy) - shared) / GiB, "kv_cache_GiB": per_device(cache) / GiB,
             "prefill_peak_GiB": pmem["peak"] / GiB, "decode_peak_GiB": dmem["peak"] / GiB,
-            "with_resident_state_GiB": (max(pmem["peak"], dmem["peak"]) + resident) / GiB,
+            "with_resident_state_GiB": (max(pmem["peak"], dmem["peak"]) + resident_now) / GiB,
             "decode_loop_collective_bytes_per_token": sum(o.wire_bytes for o in in_loop),
             "decode_loop_weight_all_gathers": len(weights_in_loop),
         }

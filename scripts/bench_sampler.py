@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grpo_jax import lora
 from grpo_jax import model
 from grpo_jax import sampler
 
@@ -186,6 +187,40 @@ def step_cost(params, cfg, batch: int, prompt_len: int, max_new_tokens: int, pos
     return best
 
 
+def lora_cost(params, cfg, rank: int, batch: int, prompt_len: int, max_new_tokens: int, repeats: int = 5) -> dict:
+    """Sampling a LoRA policy, unmerged against merged (grpo_jax.lora): one decode step at the middle
+    of the rollout with the adapters applied at every projection (x W + (x A) B s) and with them
+    folded into a rollout copy of the weights (the base model's cost), alternated; the seconds to
+    make that merged copy once per rollout; and how far the merged copy's log-probabilities drift
+    from the unmerged ones the trainer computes, on the same tokens (trained adapters: B random)."""
+    lcfg = cfg.replace(lora_rank=rank, lora_alpha=2.0 * rank)
+    keys = iter(jax.random.split(jax.random.key(1), 256))
+    adapters = jax.tree_util.tree_map_with_path(  # B moved off zero, as after training
+        lambda path, x: 0.02 * jax.random.normal(next(keys), x.shape, x.dtype) if path[-1].key == "b" else x,
+        lora.split(jax.jit(model.init_params, static_argnums=0)(lcfg, jax.random.key(2)))[1])
+    unmerged = lora.join(params, adapters)
+    merge = jax.jit(lambda p: lora.merged(p, lcfg))
+    merged = merge(unmerged)
+    jax.block_until_ready(merged)
+    base_cfg = lora.base_config(lcfg)
+    position = max_new_tokens // 2
+    times = {"unmerged": [], "merged": [], "merge": []}
+    for _ in range(2):
+        times["unmerged"].append(step_cost(unmerged, lcfg, batch, prompt_len, max_new_tokens, position, repeats))
+        times["merged"].append(step_cost(merged, base_cfg, batch, prompt_len, max_new_tokens, position, repeats))
+        t = time.perf_counter()
+        jax.block_until_ready(merge(unmerged))
+        times["merge"].append(time.perf_counter() - t)
+    ids = jax.random.randint(jax.random.key(3), (min(batch, 8), prompt_len + 64), 1, cfg.vocab_size)
+    logp = lambda p, c: jax.nn.log_softmax(model.forward(p, c, ids)[0].astype(jnp.float32))
+    drift = jnp.abs(jax.jit(logp, static_argnums=1)(unmerged, lcfg) - jax.jit(logp, static_argnums=1)(merged, base_cfg))
+    best = {k: min(v) for k, v in times.items()}
+    return {"rank": rank, "batch": batch, "position": position, "step_ms_unmerged": best["unmerged"] * 1e3,
+            "step_ms_merged": best["merged"] * 1e3, "unmerged_over_merged": best["unmerged"] / best["merged"],
+            "merge_s": best["merge"], "merge_in_steps": best["merge"] / best["merged"],
+            "merged_logp_drift_max": float(drift.max()), "merged_logp_drift_mean": float(drift.mean())}
+
+
 def choose_cost(rows: int, vocab: int, settings: list[tuple[int, float]], repeats: int = 3) -> list[dict]:
     """Seconds per call of sampler.choose_tokens on random logits [rows, vocab] for each (top_k,
     top_p), alternated over the settings `repeats` times (the best of each is kept)."""
@@ -229,6 +264,9 @@ def main(argv=None) -> dict:
                     help="force EOS at lengths drawn from lognormal:MEAN:SIGMA or a file; compare with a static "
                          "whole-cache batch (instead of the fixed-length runs)")
     ap.add_argument("--no_static", action="store_true", help="with --lengths: run the sampler alone")
+    ap.add_argument("--lora_rank", type=int, default=0,
+                    help="> 0: time a decode step of a LoRA policy unmerged and merged, the merge, and the merged "
+                         "copy's log-probability drift (at the first --batch; the middle of --new_tokens)")
     ap.add_argument("--bandwidth_gbps", type=float, default=None, help="skip measuring; use this (GB/s)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
@@ -257,6 +295,14 @@ def main(argv=None) -> dict:
         for row in result["choose_cost"]:
             print(f"choose_tokens top_k={row['top_k']} top_p={row['top_p']} ({row['filter']}): {row['ms']:.1f} ms "
                   f"({row['vs_plain']:.2f}x plain)", flush=True)
+    if args.lora_rank:
+        result["lora"] = lora_cost(params, cfg, args.lora_rank, args.batch[0], args.prompt_len, args.new_tokens,
+                                   args.repeats)
+        r = result["lora"]
+        print(f"LoRA rank {r['rank']}, batch {r['batch']}: a decode step unmerged {r['step_ms_unmerged']:.2f} ms, merged "
+              f"{r['step_ms_merged']:.2f} ms ({r['unmerged_over_merged']:.2f}x); merging {r['merge_s'] * 1e3:.1f} ms "
+              f"(= {r['merge_in_steps']:.1f} merged steps); merged log-prob drift max {r['merged_logp_drift_max']:.2e}, "
+              f"mean {r['merged_logp_drift_mean']:.2e}", flush=True)
     result["step_cost"] = []
     for spec in args.step_cost:  # alternated: segment read, whole cache, per spec, twice
         pos, total = (int(x) for x in spec.split(":"))
