@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import model
 from grpo_jax import sharding
@@ -89,8 +90,11 @@ def fingerprint(base: model.Params) -> str:
     """A short hash of a base model's values, to tell a checkpoint's base from another: every leaf's
     path, shape and 1,024 evenly spaced values (read exactly, so any mesh gives the same hash)."""
     leaves = jax.tree_util.tree_leaves_with_path(base)
+    # Replicated on the leaves' mesh: every host of a multi-host run reads the same values.
+    whole = [NamedSharding(x.sharding.mesh, P()) if isinstance(getattr(x, "sharding", None), NamedSharding) else None
+             for _, x in leaves]
     picks = jax.jit(lambda xs: [x.reshape(-1)[np.linspace(0, x.size - 1, min(x.size, 1024)).astype(np.int64)]
-                                .astype(jnp.float32) for x in xs])([x for _, x in leaves])
+                                .astype(jnp.float32) for x in xs], out_shardings=whole)([x for _, x in leaves])
     h = hashlib.sha256()
     for (path, x), vals in zip(leaves, jax.device_get(picks)):
         h.update(f"{jax.tree_util.keystr(path)}{tuple(x.shape)}".encode())

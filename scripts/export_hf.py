@@ -48,7 +48,8 @@ def main(argv):
         base = policy.hf_base(policy.run_config(run.workdir) or run)
         out = pol.export_peft(_OUT.value, base_model=base)
         print(f"wrote the adapters of {source} to {out}" + ("" if base else
-              " (their base is not a published model: export it with this script from the run it came from)"))
+              " (their base is not a published model: export it with this script too, e.g. --stage=NAME of the stage "
+              "it came from)"))
     else:
         print(f"wrote {source} to {pol.export_hf(_OUT.value, dtype=_DTYPE.value)}")
 

@@ -153,6 +153,20 @@ def test_a_lora_runs_policy_loads_and_exports_to_peft_and_a_merged_hf_folder(tmp
     np.testing.assert_allclose(theirs_merged, ours, atol=2e-4)
 
 
+def test_merge_lora_samples_from_merged_weights(tmp_path):
+    """sampling.merge_lora: the rollout copy has the adapters folded in (a plain model); by default
+    the copy keeps them apart, as the trainer computes them."""
+    tr, _ = run(lora_config(tmp_path / "run", steps=1))
+    pol = tr.current_policy()
+    unmerged, merged = pol.for_sampling(), pol.replace(merge_lora=True).for_sampling()
+    assert unmerged.model_cfg.lora_rank == RANK and merged.model_cfg.lora_rank == 0
+    assert "layers" in lora.split(unmerged.params)[1] and not lora.split(merged.params)[1]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(merged.params),
+                 jax.device_get(lora.merged(pol.params, pol.model_cfg)))
+    # The base's arrays are the sampler's as they are (already in the compute dtype): no copy.
+    assert jax.tree.leaves(lora.split(unmerged.params)[0])[0] is jax.tree.leaves(tr.state.frozen)[0]
+
+
 def test_a_lora_stage_adapts_the_previous_stages_policy(tmp_path):
     """A LoRA run with init_from: its frozen base (and reference) is that run's policy, in the
     compute dtype; a LoRA run started from a LoRA run gets the first one's adapters merged."""

@@ -35,6 +35,10 @@ WORKER = textwrap.dedent("""
         assert err < 1e-5, (shape, err)
         q = p["layers"]["attn"]["q_proj"]["kernel"]
         print(shape, "max err", err, "q_proj spec", q.sharding.spec, "shards", len(q.addressable_shards))
+    # A LoRA checkpoint's base fingerprint reads exact values: the same on every mesh.
+    from grpo_jax import lora
+    prints = {lora.fingerprint(sharding.shard_params(params, cfg, sharding.make_mesh(*s))) for s in [(8, 1, 1), (1, 2, 4)]}
+    assert prints == {lora.fingerprint(params)}, prints
     mesh = sharding.make_mesh(1, 2, 4)
     spec = sharding.param_shardings(cfg, mesh)["layers"]["attn"]["k_proj"]["kernel"].spec
     assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None), spec  # 2 kv heads: not split 4 ways
