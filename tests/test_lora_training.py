@@ -185,3 +185,16 @@ def test_a_lora_stage_adapts_the_previous_stages_policy(tmp_path):
     second, _ = run(again)
     jax.tree.map(np.testing.assert_allclose, jax.device_get(second.state.frozen),
                  jax.device_get(lora.merged(first.params, first.policy.model_cfg)))
+
+
+def test_lora_configs_share_the_full_cold_start():
+    """configs/default_lora.py: its cold start is a full fine-tune with the default run's settings
+    (the adapters' alpha and targets count only where rank > 0), its GRPO stage trains adapters."""
+    from configs import default, default_lora
+    from grpo_jax import pipeline
+
+    full, lora_run = default.get_config(), default_lora.get_config()
+    settings = lambda c, name: pipeline.stage_settings(pipeline.stage_config(c, name))
+    assert settings(lora_run, "cold_start") == settings(full, "cold_start")
+    grpo_stage = pipeline.stage_config(lora_run, "grpo")
+    assert grpo_stage.model.lora.rank == 16 and settings(lora_run, "grpo") != settings(full, "grpo")
