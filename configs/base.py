@@ -120,3 +120,13 @@ def get_config() -> ConfigDict:
     c.eval = ConfigDict(dict(every=25, k=4, batch_size=64, reward="math", at_start=True))
     c.log = ConfigDict(dict(every=1, samples_every=10))
     return c
+
+
+def lora(c: ConfigDict, learning_rate: float, rank: int = 16, alpha: float = 32.0) -> ConfigDict:
+    """`c` as a LoRA run in its own workdir (WORKDIR_lora): adapters of `rank` on every projection of
+    the frozen base, at `learning_rate` (LoRA wants ~10x a full fine-tune's rate: Schulman et al.
+    2025, "LoRA Without Regret")."""
+    c.workdir = c.workdir.rstrip("/") + "_lora"
+    c.model.lora.rank, c.model.lora.alpha = rank, alpha
+    c.optimizer.learning_rate = learning_rate
+    return c

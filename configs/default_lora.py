@@ -7,13 +7,11 @@ every projection of the cold-start policy, which stays frozen (and would be the 
 
 from ml_collections import ConfigDict
 
+from configs import base
 from configs import default
 
 
 def get_config():
-    c = default.get_config()
-    c.workdir = "runs/default_lora"
-    c.model.lora.rank, c.model.lora.alpha = 16, 32.0
+    c = base.lora(default.get_config(), learning_rate=3e-3)  # 10x configs/default.py's
     c.cold_start.model = ConfigDict({"lora": {"rank": 0}})  # the cold start stays a full fine-tune
-    c.optimizer.learning_rate = 3e-3  # 10x the full fine-tune's
     return c

@@ -9,12 +9,9 @@ For a 7B-8B model on one GPU, change model.source (e.g. Qwen/Qwen2.5-7B-Instruct
 the update's memory is in docs/benchmarks.md ("LoRA").
 """
 
+from configs import base
 from configs import gsm8k_qwen
 
 
 def get_config():
-    c = gsm8k_qwen.get_config()
-    c.workdir = "runs/gsm8k_qwen_lora"
-    c.model.lora.rank, c.model.lora.alpha = 16, 32.0
-    c.optimizer.learning_rate = 1e-5  # LoRA wants ~10x a full fine-tune's rate (Schulman et al. 2025)
-    return c
+    return base.lora(gsm8k_qwen.get_config(), learning_rate=1e-5)  # 10x configs/gsm8k_qwen.py's

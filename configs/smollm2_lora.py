@@ -6,12 +6,9 @@
     python scripts/export_hf.py --config=configs/smollm2_lora.py --peft --out=exports/smollm2_peft
 """
 
+from configs import base
 from configs import smollm2
 
 
 def get_config():
-    c = smollm2.get_config()
-    c.workdir = "runs/smollm2_lora"
-    c.model.lora.rank, c.model.lora.alpha = 16, 32.0
-    c.optimizer.learning_rate = 2e-5  # LoRA wants ~10x a full fine-tune's rate (Schulman et al. 2025)
-    return c
+    return base.lora(smollm2.get_config(), learning_rate=2e-5)  # 10x configs/smollm2.py's
