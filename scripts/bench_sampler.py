@@ -265,8 +265,8 @@ def main(argv=None) -> dict:
                          "whole-cache batch (instead of the fixed-length runs)")
     ap.add_argument("--no_static", action="store_true", help="with --lengths: run the sampler alone")
     ap.add_argument("--lora_rank", type=int, default=0,
-                    help="> 0: time a decode step of a LoRA policy unmerged and merged, the merge, and the merged "
-                         "copy's log-probability drift (at the first --batch; the middle of --new_tokens)")
+                    help="> 0: only time a decode step of a LoRA policy unmerged and merged, the merge, and the "
+                         "merged copy's log-probability drift (at the first --batch; the middle of --new_tokens)")
     ap.add_argument("--bandwidth_gbps", type=float, default=None, help="skip measuring; use this (GB/s)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
@@ -303,6 +303,7 @@ def main(argv=None) -> dict:
               f"{r['step_ms_merged']:.2f} ms ({r['unmerged_over_merged']:.2f}x); merging {r['merge_s'] * 1e3:.1f} ms "
               f"(= {r['merge_in_steps']:.1f} merged steps); merged log-prob drift max {r['merged_logp_drift_max']:.2e}, "
               f"mean {r['merged_logp_drift_mean']:.2e}", flush=True)
+        return _finish(result, args.out)  # the LoRA comparison alone
     result["step_cost"] = []
     for spec in args.step_cost:  # alternated: segment read, whole cache, per spec, twice
         pos, total = (int(x) for x in spec.split(":"))
@@ -342,8 +343,12 @@ def main(argv=None) -> dict:
         max_new_tokens=args.new_tokens, eos_ids=(), prompt_buckets=(args.prompt_len,)), jax.random.key(0))
     result["compiled_programs"] = sampler.compiled_programs()
     print(f"compiled programs for one prompt bucket: {result['compiled_programs']}", flush=True)
-    if args.out:
-        with open(args.out, "w") as fh:
+    return _finish(result, args.out)
+
+
+def _finish(result: dict, out: str | None) -> dict:
+    if out:
+        with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
     print(json.dumps(result, indent=1))
     return result

@@ -106,3 +106,21 @@ def test_bench_layout_tiny(tmp_path):
     assert u["head_rows_per_device_per_microbatch"] * 8 == u["head_rows_of_microbatch"]
     assert u["parameters_GiB"] > 0 and u["temporaries_GiB"] > 0
     assert res["sampling"]["decode_loop_weight_all_gathers"] == 0
+
+
+def test_bench_lora_tiny():
+    """LoRA in the benchmarks: the update of a LoRA state (adapters trained, base frozen in bf16)
+    compiled for one device needs less than the full fine-tune's, whose state is 3 float32 copies of
+    the model; the sampler's unmerged/merged comparison runs and the merged copy drifts in bf16 only."""
+    layout = _load("bench_layout")
+    args = ["--mesh", "1,1,1", "--dtype", "bfloat16", "--skip", "sampling"]
+    full, lora = layout.main(args), layout.main(args + ["--lora_rank", "4"])
+    assert lora["update"]["frozen_base_GiB"] > 0 and full["update"]["frozen_base_GiB"] == 0
+    assert lora["update"]["optimizer_state_GiB"] < 0.1 * full["update"]["optimizer_state_GiB"]
+    assert lora["update"]["peak_GiB"] < full["update"]["peak_GiB"]
+    assert lora["reference"]["with_resident_state_GiB"] < full["reference"]["with_resident_state_GiB"]
+    res = _load("bench_sampler").main(["--lora_rank", "4", "--batch", "4", "--prompt_len", "8", "--new_tokens", "8",
+                                       "--repeats", "1"])
+    r = res["lora"]
+    assert r["step_ms_unmerged"] > 0 and r["step_ms_merged"] > 0 and r["merge_s"] > 0
+    assert r["merged_logp_drift_max"] < 1e-4  # float32: merging only reorders the sums
