@@ -211,8 +211,8 @@ def _same_stage(record: dict[str, Any], settings: dict[str, Any], stamp: str) ->
         return True
     # Upgraded whatever the marker's version: a field added later in the same version (issue 17's
     # model.residual_dtype) is absent from markers written before it, and absent means its default.
-    recorded = _tracked(record.get("settings", {}))
-    old = _tracked(config.upgrade_settings(record.get("settings", {})))
+    recorded = record.get("settings", {})
+    old = _tracked(config.upgrade_settings(recorded))
     upgraded = record.get("settings_version", 1) < SETTINGS_VERSION or old != recorded
     if upgraded and old == settings:
         record["settings"] = old
