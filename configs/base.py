@@ -29,7 +29,7 @@ def get_config() -> ConfigDict:
         attention="einsum",  # cache-free passes: "einsum", "xla" or "cudnn" (see model.ModelConfig)
         # LoRA (grpo_jax.lora): rank > 0 trains adapters on these projections of a frozen base, stored
         # once in `dtype`, which is also the KL reference (adapters off). 0: a full fine-tune.
-        lora=ConfigDict(dict(rank=0, alpha=16.0,
+        lora=ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,  # dropout: 0 only (see grpo_jax.policy)
                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))))
 
     c.data = ConfigDict(dict(

@@ -58,6 +58,7 @@ ADDED = {
     "sampling.merge_lora": False,
     "model.lora.rank": 0,
     "model.lora.alpha": 16.0,
+    "model.lora.dropout": 0.0,
     "model.lora.targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],  # JSON
 }
 

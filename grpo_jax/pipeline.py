@@ -130,7 +130,7 @@ def stage_settings(scfg: ConfigDict) -> dict[str, Any]:
 def _tracked(flat: dict[str, Any]) -> dict[str, Any]:
     # Without adapters (model.lora.rank 0) their alpha and targets change nothing: a full cold start
     # is the same stage under a LoRA config's shared fields.
-    unused = ("model.lora.alpha", "model.lora.targets") if not flat.get("model.lora.rank") else ()
+    unused = ("model.lora.alpha", "model.lora.targets", "model.lora.dropout") if not flat.get("model.lora.rank") else ()
     return {k: v for k, v in flat.items()
             if k not in unused and not any(k == u or k.startswith(u + ".") for u in _UNTRACKED)}
 

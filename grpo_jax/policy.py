@@ -221,6 +221,11 @@ def model_config(mcfg: ConfigDict, vocab_size: int) -> model.ModelConfig:
 def lora_fields(mcfg: ConfigDict) -> dict[str, Any]:
     """The ModelConfig fields of `model.lora` (a model section without one: no adapters)."""
     lora_cfg = mcfg.get("lora") or {}
+    if lora_cfg.get("dropout", 0.0):
+        # The sampler runs without dropout: with it the trainer would update a different policy from
+        # the one that sampled (a systematic sampler/trainer mismatch), and the KL reference too.
+        raise ValueError(f"model.lora.dropout={lora_cfg['dropout']}: LoRA dropout is not supported in RL (the "
+                         "sampler and the trainer must compute the same policy); set it to 0")
     return {"lora_rank": int(lora_cfg.get("rank", 0)), "lora_alpha": float(lora_cfg.get("alpha", 16.0)),
             "lora_targets": tuple(lora_cfg.get("targets", model.LORA_TARGETS))}
 

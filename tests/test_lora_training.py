@@ -187,6 +187,13 @@ def test_a_lora_stage_adapts_the_previous_stages_policy(tmp_path):
                  jax.device_get(lora.merged(first.params, first.policy.model_cfg)))
 
 
+def test_lora_dropout_is_refused_by_name(tmp_path):
+    cfg = lora_config(tmp_path)
+    cfg.model.lora.dropout = 0.05
+    with pytest.raises(ValueError, match=r"model.lora.dropout=0.05: LoRA dropout is not supported"):
+        policy.load(cfg)
+
+
 def test_lora_configs_share_the_full_cold_start():
     """configs/default_lora.py: its cold start is a full fine-tune with the default run's settings
     (the adapters' alpha and targets count only where rank > 0), its GRPO stage trains adapters."""
