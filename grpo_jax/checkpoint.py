@@ -48,7 +48,7 @@ def _check_base(manager: ocp.CheckpointManager, step: int, fingerprint: str, sou
                          "set model.lora.rank=0 to read it, or start a LoRA run from it with init_from")
     if recorded["fingerprint"] != fingerprint:
         raise ValueError(f"{where} holds LoRA adapters of the base {recorded['source']!r} (fingerprint "
-                         f"{recorded['fingerprint']}), but this run's base is {source or 'another'!s} (fingerprint "
+                         f"{recorded['fingerprint']}), but this run's base is {source or 'another'} (fingerprint "
                          f"{fingerprint}): adapters only mean something on the base they were trained on. Use that "
                          "base (model.source, init_from), or start a new workdir")
 

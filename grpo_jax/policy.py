@@ -118,7 +118,7 @@ class Policy:
         if model_cfg.lora_rank and self.merge_lora:
             params, model_cfg = jax.jit(lora.merged, static_argnums=1)(params, model_cfg), lora.base_config(model_cfg)
         if self.sampling_weights == "training":
-            return self.replace(params=params, model_cfg=model_cfg, is_inference_copy=model_cfg is not self.model_cfg)
+            return self.replace(params=params, model_cfg=model_cfg)  # merged again: a no-op (no adapters left)
         params, model_cfg = sampler.inference_params(params, model_cfg, self.mesh)
         return self.replace(params=params, model_cfg=model_cfg, is_inference_copy=True)
 
