@@ -128,11 +128,11 @@ def stage_settings(scfg: ConfigDict) -> dict[str, Any]:
 
 
 def _tracked(flat: dict[str, Any]) -> dict[str, Any]:
-    # Without adapters (model.lora.rank 0) their alpha and targets change nothing: a full cold start
-    # is the same stage under a LoRA config's shared fields.
-    unused = ("model.lora.alpha", "model.lora.targets", "model.lora.dropout") if not flat.get("model.lora.rank") else ()
-    return {k: v for k, v in flat.items()
-            if k not in unused and not any(k == u or k.startswith(u + ".") for u in _UNTRACKED)}
+    # Without adapters (model.lora.rank 0) their other fields change nothing: they count at their
+    # defaults, so a full cold start is the same stage under a LoRA config's shared fields.
+    unused = () if flat.get("model.lora.rank") else ("model.lora.alpha", "model.lora.targets", "model.lora.dropout")
+    return {k: config.ADDED[k] if k in unused else v for k, v in flat.items()
+            if not any(k == u or k.startswith(u + ".") for u in _UNTRACKED)}
 
 
 def fingerprint(settings: dict[str, Any], previous: str = "") -> str:

@@ -53,8 +53,10 @@ def test_a_checkpoint_holds_exactly_the_train_state(tmp_path):
 
     from grpo_jax import checkpoint
 
+    # Every field but `frozen` (a LoRA run's base: rebuilt from its source and checked against the
+    # checkpoint's fingerprint, never stored; tests/test_lora_training.py) is in the checkpoint.
     assert [f.name for f in dataclasses.fields(train_state.TrainState)] == \
-        ["step", "params", "opt_state", "rng", "data", "ref_params"]
+        ["step", "params", "opt_state", "rng", "data", "ref_params", "frozen"]
     cfg = tiny_config(tmp_path)
     pol, _ = policy.load(cfg)
     algo = grpo.GRPO.from_config(cfg, pol.replace(params=None), rewards.Scorer("question", 6, workers=-1),
