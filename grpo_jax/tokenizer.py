@@ -38,9 +38,9 @@ class CharTokenizer:
             i = int(i)
             if i == self.eos_token_id and skip_special_tokens:
                 break
-            if i >= 4:
+            if 4 <= i < 4 + len(self.chars):
                 out.append(self.chars[i - 4])
-            elif not skip_special_tokens:
+            elif i < 4 and not skip_special_tokens:  # ids past the characters (a padded vocabulary): no text
                 out.append(["<pad>", "<s>", "</s>", "<unk>"][i])
         return "".join(out)
 

