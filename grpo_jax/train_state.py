@@ -20,6 +20,7 @@ The policy is `policy_params(state)`: the adapters joined onto the base, or `par
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import flax.struct
@@ -103,6 +104,10 @@ def make_optimizer(opt: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
     `learning_rate`), so that what is logged is what the update used."""
     peak = opt.learning_rate
     warmup = max(0, min(opt.warmup_steps, total_steps - 1))
+    if warmup < opt.warmup_steps:  # a short run: said, not done silently
+        warnings.warn(f"optimizer.warmup_steps={opt.warmup_steps} does not fit the run's {total_steps} optimizer "
+                      f"updates: the warm-up is shortened to {warmup} (the last update runs at the full rate)",
+                      stacklevel=2)
     if opt.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1),
                                                 end_value=peak * opt.final_lr_fraction)

@@ -158,6 +158,18 @@ def _opt_cfg(**kw):
                                 b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0), **kw))
 
 
+def test_a_warm_up_longer_than_the_run_is_shortened_out_loud():
+    with pytest.warns(UserWarning, match=r"optimizer.warmup_steps=10 does not fit the run's 5 optimizer updates: "
+                                         r"the warm-up is shortened to 4"):
+        _, lr = train_state.make_optimizer(_opt_cfg(warmup_steps=10), 5)
+    assert float(lr(4)) == pytest.approx(1e-3)  # the last update at the full rate
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_state.make_optimizer(_opt_cfg(warmup_steps=4), 5)  # fits: nothing said
+
+
 def test_optimizer_state_is_float32_for_bf16_weights_and_the_update_rounds_once():
     tx, _ = train_state.make_optimizer(_opt_cfg(warmup_steps=0, learning_rate=1e-2), 10)
     params = {"w": jnp.full((4,), 1.0, jnp.bfloat16), "b": jnp.zeros((2,), jnp.float32)}
