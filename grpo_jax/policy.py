@@ -83,6 +83,10 @@ class Completions:
     mean_logp: np.ndarray  # [rows * n] mean token log-probability under the sampling distribution
 
 
+# One jitted merge for every rollout (compiled once per config, not re-wrapped per step).
+_merged = jax.jit(lora.merged, static_argnums=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Parameters on a mesh with what it takes to prompt and sample them."""
@@ -116,7 +120,7 @@ class Policy:
             return self
         params, model_cfg = self.params, self.model_cfg
         if model_cfg.lora_rank and self.merge_lora:
-            params, model_cfg = jax.jit(lora.merged, static_argnums=1)(params, model_cfg), lora.base_config(model_cfg)
+            params, model_cfg = _merged(params, model_cfg), lora.base_config(model_cfg)
         if self.sampling_weights == "training":
             return self.replace(params=params, model_cfg=model_cfg)  # merged again: a no-op (no adapters left)
         params, model_cfg = sampler.inference_params(params, model_cfg, self.mesh)
