@@ -34,6 +34,7 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict(dict(
         source="synthetic:arithmetic", config=placeholder(str), split="train",
+        seed=placeholder(int),  # the rows, their split and the held-out sample; unset: the run's seed
         synthetic_size=2000, digits=2, digits_b=placeholder(int), ops="+-*",  # synthetic:arithmetic only
         template="plain",  # "plain", "chat", "r1", or "tokens" (the prompt field holds token ids)
         prompt_field="question", instruction="",  # appended to every prompt, e.g. how to state the answer

@@ -25,7 +25,9 @@ def get_config(arg: str = "full"):
     c.cold_start.optimizer = ConfigDict(dict(learning_rate=2e-5, schedule="constant", warmup_steps=0, b2=0.999,
                                              weight_decay=0.0))
     c.model.remat = "none"  # as the README's table was measured (configs/smollm2.py now remats: less memory, faster)
-    c.steps, c.grpo.beta = 40, 0.0
+    c.steps, c.grpo.beta, c.grpo.std_ddof = 40, 0.0, 0
+    c.rewards = {"math": 1.0}
+    del c.cold_start["seed"]  # as measured: the cold start ran under the run's seed
     c.sampling.max_new_tokens = 16
     c.eval.every, c.eval.k, c.eval.batch_size = 20, 1, 64
     c.checkpoint.every = 40

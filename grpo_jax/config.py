@@ -11,6 +11,10 @@ old name stops with the new one, instead of a bare "no such field".
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import math
+import os
 import sys
 from typing import Any, Sequence
 
@@ -19,6 +23,10 @@ from ml_collections import ConfigDict
 from grpo_jax import loss
 from grpo_jax import sampler
 from grpo_jax import sandbox
+
+class ConfigError(ValueError):
+    """A config field with a value the run cannot use; the message names the field and the value."""
+
 
 # old dotted name -> new dotted name
 RENAMED = {
@@ -53,6 +61,7 @@ ADDED = {
     "grpo.dynamic_sampling": False,
     "grpo.max_sampling_rounds": 3,
     "data.enable_thinking": None,
+    "data.seed": None,
     "grpo.router_aux_loss_coef": 0.0,
     "sampling.top_p_candidates": 1024,
     "sampling.merge_lora": False,
@@ -94,27 +103,123 @@ def check(cfg: ConfigDict) -> None:
     for path, value in flatten(cfg).items():
         new = renamed(path)
         if new is not None:
-            raise ValueError(_rename_message(path, new))
+            raise ConfigError(_rename_message(path, new))
         old = UNSET_WAS.get(path)
         if old is not None and old[0] != "" and value == old[0] and not isinstance(value, bool):
-            raise ValueError(f"config field {path}={value!r}: {old[0]!r} no longer means {old[1]}; leave "
+            raise ConfigError(f"config field {path}={value!r}: {old[0]!r} no longer means {old[1]}; leave "
                              f"the field unset (None) for that, or give a real value")
     if cfg.get("trainer") not in ("grpo", "sft"):
-        raise ValueError(f"trainer={cfg.get('trainer')!r}; expected 'grpo' or 'sft'")
+        raise ConfigError(f"trainer={cfg.get('trainer')!r}; expected 'grpo' or 'sft'")
+    _check_ranges(cfg)
     isolation = cfg.get("verifier", {}).get("sandbox", "auto")
     if isolation not in sandbox.ISOLATIONS:
-        raise ValueError(f"verifier.sandbox={isolation!r}; expected one of {sandbox.ISOLATIONS}")
+        raise ConfigError(f"verifier.sandbox={isolation!r}; expected one of {sandbox.ISOLATIONS}")
 
 
-def check_argv(argv: Sequence[str]) -> None:
+# field -> (lowest allowed value, what it is for): checked before any work, so that a wrong value stops
+# the run at once, by name, instead of training nothing or crashing after the cold start.
+AT_LEAST = {
+    "steps": (1, "training steps"), "cold_start.steps": (0, "cold-start SFT steps (0: none)"),
+    "grpo.prompts_per_step": (1, "prompts per step"), "grpo.num_iterations": (1, "updates per rollout"),
+    "grpo.minibatches": (1, "optimizer steps per rollout"), "grpo.microbatches": (1, "gradient-accumulation chunks"),
+    "sft.batch_size": (1, "examples per SFT step"), "sft.microbatches": (1, "gradient-accumulation chunks"),
+    "sampling.max_new_tokens": (1, "completion length"), "sampling.top_k": (0, "0: off"),
+    "data.eval_size": (0, "held-out problems"), "eval.every": (0, "0: only at the end"), "eval.k": (1, "samples"),
+    "eval.batch_size": (1, "rows"), "checkpoint.every": (0, "0: only at the end"), "checkpoint.keep": (1, "checkpoints"),
+    "optimizer.warmup_steps": (0, "steps"), "optimizer.max_nonfinite_updates": (1, "updates"),
+}
+
+
+def _check_ranges(cfg: ConfigDict) -> None:
+    flat = flatten(cfg)
+    for path, (low, what) in AT_LEAST.items():
+        v = flat.get(path)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+            raise ConfigError(f"{path}={v!r}; expected an integer >= {low} ({what})")
+    lr = flat.get("optimizer.learning_rate")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"optimizer.learning_rate={lr!r}; expected a finite number > 0 (a negative rate ascends "
+                         "the loss)")
+    t = flat.get("sampling.temperature")
+    if t is not None and not (isinstance(t, (int, float)) and t > 0):
+        raise ConfigError(f"sampling.temperature={t!r}; expected > 0 (greedy decoding is evaluation's own)")
+    p = flat.get("sampling.top_p")
+    if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+        raise ConfigError(f"sampling.top_p={p!r}; expected 0 < top_p <= 1")
+    eos = flat.get("sampling.eos_ids") or ()
+    if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in eos):
+        raise ConfigError(f"sampling.eos_ids={tuple(eos)!r}; expected token ids >= 0")
+    if cfg.get("trainer") == "grpo":
+        g = cfg.grpo
+        if g.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations={g.num_generations!r}; expected >= 2: advantages compare the "
+                             "completions of one prompt, so a group of 1 has advantage 0 and trains nothing")
+        n = g.prompts_per_step * g.num_generations
+        if n % (g.minibatches * g.microbatches):
+            raise ConfigError(f"grpo.prompts_per_step x grpo.num_generations = {g.prompts_per_step} x {g.num_generations}"
+                             f" = {n} completions do not split into grpo.minibatches={g.minibatches} x "
+                             f"grpo.microbatches={g.microbatches} equal parts")
+    s = cfg.get("sft")
+    if s is not None and s.batch_size % s.microbatches:
+        raise ConfigError(f"sft.batch_size={s.batch_size} does not split into sft.microbatches={s.microbatches}")
+
+
+def check_token_ids(cfg: ConfigDict, vocab_size: int) -> None:
+    """Stop ids must be tokens of the model (checked once the tokenizer and model config are known)."""
+    bad = [i for i in cfg.sampling.eos_ids if i >= vocab_size]
+    if bad:
+        raise ConfigError(f"sampling.eos_ids={tuple(cfg.sampling.eos_ids)!r}: {bad} outside the vocabulary of "
+                         f"{vocab_size} tokens")
+
+
+def check_argv(argv: Sequence[str], default_config: str | None = None) -> None:
     """Scripts: stop before flag parsing when a --config.FIELD override uses an old field name
-    (ml-collections would only say the field does not exist)."""
+    (ml-collections would only say the field does not exist), and in one line when the field does not
+    exist at all, with the nearest names (`default_config`: the script's config file when --config
+    is not given)."""
+    paths = []
     for arg in argv[1:]:
         if arg.startswith("--config.") and "=" in arg:
             path = arg[len("--config."):].split("=", 1)[0]
             new = renamed(path)
             if new is not None:
                 sys.exit(f"{arg}: " + _rename_message(path, new))
+            paths.append(path)
+    source = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), default_config)
+    if paths and source:
+        try:
+            fields = _fields(load_file(source))
+        except Exception:  # noqa: BLE001 -- flag parsing will say what is wrong with the file itself
+            return
+        for path in paths:
+            if path not in fields:
+                near = difflib.get_close_matches(path, fields, n=3, cutoff=0.6)
+                sys.exit(f"--config.{path}: {source.split(':')[0]} has no field {path!r}" +
+                         (f"; did you mean {' or '.join(near)}?" if near else " (configs/base.py lists every field)"))
+
+
+def load_file(source: str) -> ConfigDict:
+    """get_config() of a config file, "path.py" or "path.py:ARG" (as --config= takes it)."""
+    path, _, arg = source.partition(":")
+    spec = importlib.util.spec_from_file_location("_grpo_jax_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    sys.path.insert(0, root)  # config files import `configs.base`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(root)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _fields(cfg: ConfigDict, prefix: str = "") -> set[str]:
+    """Every settable dotted path: leaves and sections (a section can be set whole)."""
+    out = set()
+    for k, v in cfg.items():
+        out.add(prefix + k)
+        if isinstance(v, ConfigDict):
+            out |= _fields(v, f"{prefix}{k}.")
+    return out
 
 
 def upgrade_settings(flat: dict[str, Any]) -> dict[str, Any]:

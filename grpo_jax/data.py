@@ -222,7 +222,9 @@ class Task:
 
 def load_task(d, seed: int) -> Task:
     """Training and held-out rows for a config's `data` section (`cfg.data`): `eval_size` prompts
-    held out of `split`, or a seeded sample of `eval_split` when it is set."""
+    held out of `split`, or a seeded sample of `eval_split` when it is set. `data.seed`, when set,
+    replaces the run's `seed` here: runs of several seeds then share their rows and held-out set."""
+    seed = seed if d.get("seed") is None else d.seed
     options = {k: d[k] for k in ("digits", "digits_b", "ops")} if d.source == "synthetic:arithmetic" else {}
     load = functools.partial(load_rows, d.source, config=d.config or None, n=d.synthetic_size,
                              required=tuple(d.required_fields), **options)

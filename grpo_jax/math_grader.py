@@ -493,6 +493,13 @@ def math_reward(completion: str | None, answer: Any) -> float:
     return 1.0 if answers_match(_gold(answer), extract_answer(completion)) else 0.0
 
 
+def format_reward(completion: str | None) -> float:
+    """1.0 when the completion states a final answer `math_reward` can read and it is a number, right
+    or wrong (the format half of `math_reward`), else 0.0."""
+    pred = extract_answer(completion)
+    return 0.0 if pred is None or to_number(normalize_answer(pred)) is None else 1.0
+
+
 def _gold(answer: Any) -> str:
     gold = str(answer)
     return (extract_answer(gold) or gold) if "####" in gold or "\\boxed" in gold else gold

@@ -23,6 +23,7 @@ like any stage, in WORKDIR/cold_start; the GRPO run itself is in WORKDIR/grpo.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -37,6 +38,7 @@ from grpo_jax import checkpoint
 from grpo_jax import config
 from grpo_jax import policy
 from grpo_jax import trainer
+from grpo_jax import workdir_lock
 
 _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}  # replaced, not merged
 # Settings that do not change what a stage trains: where it lives, logging, evaluation, checkpoint
@@ -248,7 +250,14 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
     names = stage_names(cfg)
     if until_stage is not None and until_stage not in names:
         raise ValueError(f"until_stage={until_stage!r}; the stages are {names}")
+    for name in names:  # every stage's config checked before the first one starts
+        stage_config(cfg, name)
     lead = jax.process_index() == 0
+    with workdir_lock.WorkdirLock(cfg.workdir) if lead else contextlib.nullcontext():
+        return _run_stages(cfg, names, until_stage, reward_fns, lead)
+
+
+def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, reward_fns, lead: bool) -> list[dict]:
     records, previous = [], ""
     for i, name in enumerate(names):
         scfg = stage_config(cfg, name)

@@ -330,6 +330,7 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
         mcfg = ConfigDict({**mcfg.to_dict(), "source": hf_path, "tokenizer": hf_path, "lora": {"rank": 0}})
     tok = load_tokenizer(mcfg)
     model_cfg = model_config(mcfg, len(tok))  # HF tokenizers: added tokens included
+    config.check_token_ids(cfg, model_cfg.vocab_size)  # before the weights are read
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
     replicated = sharding.replicated_dims(model_cfg, mesh)
     if replicated:  # each device then holds these weights whole: say so, once

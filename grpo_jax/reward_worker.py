@@ -19,6 +19,7 @@ import mmap
 import pickle
 import resource
 import runpy
+import signal
 import struct
 import sys
 import tempfile
@@ -57,6 +58,8 @@ def load_fn(data: bytes, main_path: str | None):
 
 
 def main(spec: dict) -> None:
+    # Ctrl-C reaches the whole process group: the trainer stops its workers itself, quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path[:] = spec["sys_path"]
     tempfile.tempdir = spec["scratch"]  # sandboxes' folders: the pool removes this one if it kills us
     if spec["memory_mb"]:

@@ -54,6 +54,12 @@ def math_accuracy(prompts, completions, answer=None, **columns) -> list[float]:
     return [math_grader.math_reward(c, a) for c, a in zip(completions, answers)]
 
 
+def answer_format(prompts, completions, **columns) -> list[float]:
+    """1 when the completion states a final answer that `math` can read (####, \\boxed{}, ...) and it
+    is a number, right or wrong: the format half of `math`. Weight 0 logs it without paying for it."""
+    return [math_grader.format_reward(c) for c in completions]
+
+
 def format_strict(prompts, completions, **columns) -> list[float]:
     """1 for exactly `<think>...</think>` then `<answer>...</answer>` (DeepSeek-R1 template)."""
     return [verifiers.format_reward(c, strict=True) for c in completions]
@@ -96,6 +102,7 @@ def overlong_penalty(prompts, completions, completion_lengths=None, max_completi
 
 REGISTRY: dict[str, RewardFn] = {
     "math": math_accuracy,
+    "answer_format": answer_format,
     "format_strict": format_strict,
     "format_lenient": format_lenient,
     "tag_count": tag_count,

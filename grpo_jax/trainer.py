@@ -28,6 +28,7 @@ from grpo_jax import checkpoint
 from grpo_jax import config
 from grpo_jax import data
 from grpo_jax import evaluation
+from grpo_jax import graceful_stop
 from grpo_jax import grpo
 from grpo_jax import lora
 from grpo_jax import metrics
@@ -35,6 +36,7 @@ from grpo_jax import policy
 from grpo_jax import rewards
 from grpo_jax import sft
 from grpo_jax import train_state
+from grpo_jax import workdir_lock
 
 ALGORITHMS = {"grpo": grpo.GRPO, "sft": sft.SFT}
 
@@ -56,6 +58,8 @@ class Trainer:
         self.cfg = cfg
         self.workdir = cfg.workdir
         os.makedirs(self.workdir, exist_ok=True)
+        # Before any work: a second run into this workdir would overwrite this one's checkpoints.
+        self._lock = workdir_lock.WorkdirLock(self.workdir).acquire() if jax.process_index() == 0 else None
         pol, self.source = policy.load(cfg)
         # LoRA: the optimizer, gradients and checkpoints see the adapters only; the base stays frozen.
         frozen, trained = lora.split(pol.params) if pol.model_cfg.lora_rank else (None, pol.params)
@@ -117,7 +121,12 @@ class Trainer:
         return True
 
     def run(self, until: int | None = None) -> dict[str, Any]:
-        """Train to cfg.steps (or stop early at step `until`, saving a checkpoint there)."""
+        """Train to cfg.steps (or stop early at step `until`, saving a checkpoint there). SIGTERM or
+        SIGINT stops it after the current step with a checkpoint (SystemExit(128 + signal))."""
+        with graceful_stop.GracefulStop() as stop:
+            return self._run(until, stop)
+
+    def _run(self, until: int | None, stop: graceful_stop.GracefulStop) -> dict[str, Any]:
         cfg = self.cfg
         last = cfg.steps if until is None else min(until, cfg.steps)
         lead = jax.process_index() == 0
@@ -129,8 +138,9 @@ class Trainer:
             if lead:
                 tqdm.tqdm.write(line) if not bar.disable else print(line, flush=True)
 
-        if cfg.resume and self.restore():
-            say(f"resumed from step {self.step}")
+        if cfg.resume:
+            say(f"resumed from step {self.step}" if self.restore() else
+                f"no checkpoint in {checkpoint.directory(self.workdir)} yet: starting from step 0")
         bar.update(self.step)
         history = []
         if self.step == 0:
@@ -142,7 +152,7 @@ class Trainer:
             history.append({"step": 0, **ev})
             accuracy = ev["eval/pass@1"]
             say("step 0 | " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()))
-        while self.step < last:
+        while self.step < last and not stop.requested:
             m = self.train_step()
             step = self.step
             self._report_reward_failures(m, step)
@@ -164,6 +174,14 @@ class Trainer:
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == last):
                 self.save()
         bar.close()
+        if stop.requested:
+            if self.step and self.checkpoints.latest_step() != self.step:
+                self.save()
+            self.writer.flush()
+            say(f"stopped by {stop.name} at step {self.step}/{cfg.steps}" + (
+                f": checkpoint saved in {checkpoint.directory(self.workdir)}; run the same command to continue"
+                if self.step else " (nothing trained yet)"))
+            raise SystemExit(stop.exit_code)
         self.writer.flush()
         return {"history": history}
 
@@ -177,3 +195,5 @@ class Trainer:
         self.scorer.close()
         self.checkpoints.close()
         self.writer.close()
+        if self._lock is not None:
+            self._lock.release()

@@ -27,7 +27,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from grpo_jax import config  # noqa: E402
 
-config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
+DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"))
+config.check_argv(sys.argv, DEFAULT_CONFIG)  # an old or misspelt field: one line naming it, before flag parsing
 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
@@ -35,9 +36,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host with the cluster detected by JAX (Cloud TPU, "
                                  "SLURM, Open MPI, Kubernetes); implied by the three flags above")
 _UNTIL_STAGE = flags.DEFINE_string("until_stage", None, "pipelines: stop after this stage")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
-    "ml-collections config file", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml-collections config file", lock_config=True)
 
 
 def main(argv):
@@ -66,5 +65,14 @@ def main(argv):
     pipeline.run(cfg)
 
 
+def run(argv):
+    try:
+        main(argv)
+    except config.ConfigError as e:  # a value the run cannot use: named, before any work
+        sys.exit(f"config: {e}")
+    except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM (grpo_jax.graceful_stop): no checkpoint this time
+        sys.exit(f"{e or 'interrupted'}; the last checkpoint is the newest one saved before it")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(run)

@@ -1,0 +1,131 @@
+"""Faults an operator meets, each provoked for real: a scheduler's SIGTERM, Ctrl-C, a second run into a
+busy workdir, config values that cannot work. What is said, the exit status, what was saved."""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs import default
+from grpo_jax import config
+from grpo_jax import metrics
+from grpo_jax import workdir_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["--config.cold_start.steps=0", "--config.steps=8", "--config.grpo.prompts_per_step=4",
+         "--config.grpo.num_generations=4", "--config.eval.every=0", "--config.data.eval_size=4",
+         "--config.eval.k=1", "--config.checkpoint.every=100", "--config.verifier.workers=1"]
+
+
+def _train(workdir, *extra, **kw):
+    return subprocess.Popen([sys.executable, "scripts/train.py", f"--config.workdir={workdir}", *SHORT, *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_line(p, prefix: str) -> list[str]:
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no line starting {prefix!r}; got {lines}; stderr {p.stderr.read()}")
+
+
+def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    p = _train(tmp_path / "stopped")
+    _wait_for_line(p, "step 3/8")
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split("/")[0])
+    assert 3 <= stopped_at < 8 and "checkpoint saved in" in out
+    assert "Traceback" not in err and "finishing this step" in err
+    assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == [str(stopped_at)]  # nothing lost
+
+    resumed = _train(tmp_path / "stopped", "--config.resume=True")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed from step {stopped_at}" in out
+    whole = _train(tmp_path / "whole")
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+
+    a = metrics.read_scalars(str(tmp_path / "stopped" / "tb"))
+    b = metrics.read_scalars(str(tmp_path / "whole" / "tb"))
+    for key in ("loss", "reward", "grad_norm"):
+        assert dict(a[key]) == dict(b[key]) and len(dict(b[key])) == 8, key
+
+
+def test_ctrl_c_stops_quietly_and_a_second_one_stops_at_once(tmp_path):
+    # Ctrl-C signals the whole foreground process group: the trainer and its verifier workers.
+    p = _train(tmp_path / "run", start_new_session=True)
+    _wait_for_line(p, "step 2/8")
+    os.killpg(p.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith("SIGINT again: stopped at once")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err  # the workers ignored it too
+
+
+def test_a_second_run_into_a_busy_workdir_stops_naming_the_holder(tmp_path):
+    with workdir_lock.WorkdirLock(str(tmp_path)):
+        p = _train(tmp_path)
+        out, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert f"is in use by pid {os.getpid()}" in err and "another workdir" in err
+    assert not (tmp_path / "checkpoints").exists()
+    # A holder killed with -9 leaves the file but not the lock: the next run takes it over.
+    holder = subprocess.Popen([sys.executable, "-c", f"from grpo_jax import workdir_lock; import time; "
+                               f"lock = workdir_lock.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {holder.pid}"):
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+    holder.kill()
+    holder.wait()
+    workdir_lock.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer.learning_rate", -1.0, "optimizer.learning_rate=-1.0; expected a finite number > 0"),
+    ("steps", -5, "steps=-5; expected an integer >= 1"),
+    ("grpo.num_iterations", 0, "grpo.num_iterations=0; expected an integer >= 1"),
+    ("grpo.prompts_per_step", 0, "grpo.prompts_per_step=0; expected an integer >= 1"),
+    ("sft.batch_size", 0, "sft.batch_size=0; expected an integer >= 1"),
+    ("grpo.num_generations", 1, "grpo.num_generations=1; expected >= 2"),
+    ("grpo.minibatches", 3, "= 128 completions do not split into grpo.minibatches=3"),
+    ("grpo.microbatches", 3, "grpo.microbatches=3 equal parts"),
+    ("sampling.eos_ids", (-5,), "sampling.eos_ids=(-5,); expected token ids >= 0"),
+])
+def test_values_that_cannot_work_are_named_before_any_work(field, value, message):
+    cfg = copy.deepcopy(default.get_config())
+    *parents, leaf = field.split(".")
+    node = cfg
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.check(cfg)
+
+
+def test_the_command_line_names_bad_fields_in_one_line_and_takes_lists(tmp_path):
+    def run(*args):
+        p = subprocess.run([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        return p.returncode, p.stderr.strip().splitlines()
+
+    rc, err = run("--config.sampling.eos_id=[2]")
+    assert rc and len(err) == 1 and "has no field 'sampling.eos_id'; did you mean sampling.eos_ids" in err[0]
+    rc, err = run("--config.optimizer.learning_rate=-1")
+    assert rc and err == ["config: optimizer.learning_rate=-1.0; expected a finite number > 0 (a negative rate "
+                          "ascends the loss)"]
+    # A list is a tuple field's value too; an id outside the vocabulary stops before the weights load.
+    rc, err = run("--config.sampling.eos_ids=[99999]")
+    assert rc and err[-1] == "config: sampling.eos_ids=(99999,): [99999] outside the vocabulary of 99 tokens"
+    assert not (tmp_path / "checkpoints").exists()
