@@ -52,6 +52,8 @@ setup(
             "ipykernel>=6.29",
             "matplotlib>=3.9",
         ],
+        # the README's `tensorboard --logdir runs/...` (scripts/setup.sh installs it)
+        "tensorboard": ["tensorboard>=2.16"],
         "cuda": [f"jax[cuda13]>={JAX}"],
         "cuda12": [f"jax[cuda12]>={JAX}"],
         "tpu": [f"jax[tpu]>={JAX}"],

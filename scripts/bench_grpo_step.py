@@ -28,6 +28,7 @@ device's peak memory where the backend reports it. --profile DIR writes a jax.pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -98,7 +99,6 @@ def make_config(args, prompts: int, workdir: str):
     c.model.remat, c.model.attention = args.remat, args.attention
     c.grpo.prompts_per_step, c.grpo.num_generations = prompts, args.num_generations
     c.sampling.max_new_tokens, c.grpo.beta, c.grpo.microbatches = args.new_tokens, args.beta, args.microbatches
-    c.sampling.eos_ids = (-1,)  # no token id is -1: every completion runs to max_new_tokens
     c.sampling.prompt_buckets = (args.prompt_len,)
     c.data.source, c.data.template = os.path.join(workdir, "prompts.jsonl"), "tokens"
     c.rewards = {"random": 1.0}
@@ -130,6 +130,9 @@ def bench_one(args, prompts: int) -> dict:
         cfg = make_config(args, prompts, workdir)
         prompt_rows(args, prompts, len(policy.load_tokenizer(cfg.model)), cfg.data.source)
         run = trainer.Trainer(cfg, reward_fns={"random": random_reward})
+        # EOS off: no token ends a completion (not even the tokenizer's own), each runs to max_new_tokens.
+        pol = run.algorithm.policy
+        run.algorithm.policy = pol.replace(sampling=dataclasses.replace(pol.sampling, eos_ids=()))
         try:
             steps = []
             for i in range(args.warmup + args.steps):

@@ -1,5 +1,6 @@
 """Plot a run's training reward and held-out accuracy over steps from its TensorBoard events.
 
+    python scripts/plot_metrics.py --workdir=runs/default                 # writes runs/default/metrics.png
     python scripts/plot_metrics.py --workdir=runs/default --out=docs/default_run.png
 
 A workdir whose run has a cold start holds the GRPO stage in WORKDIR/grpo; that one is plotted.
@@ -28,7 +29,7 @@ def smooth(values: list[float], window: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/default")
-    ap.add_argument("--out", default="docs/default_run.png")
+    ap.add_argument("--out", default=None, help="default: WORKDIR/metrics.png (the run's own folder)")
     ap.add_argument("--smooth", type=int, default=25, help="moving-average window of the reward curve")
     args = ap.parse_args()
 
@@ -59,6 +60,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
+    args.out = args.out or os.path.join(args.workdir, "metrics.png")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

@@ -104,7 +104,7 @@ def test_install_requires_are_ranges_and_constraints_pin_them():
     for name, req in requires.items():
         assert Requirement(req).specifier.contains(constraints[name]), (req, constraints[name])
     setup_sh = open(os.path.join(ROOT, "scripts", "setup.sh"), encoding="utf-8").read()
-    assert re.search(r'pip install -e "\.\[test\]" -c constraints\.txt', setup_sh)
+    assert re.search(r'pip install -e "\.\[test,tensorboard\]" -c constraints\.txt', setup_sh)
 
 
 @pytest.mark.parametrize("module", ["trainer", "grpo", "sft", "policy", "train_state", "multihost", "evaluation",
