@@ -18,7 +18,7 @@ from grpo_jax import workdir_lock
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.cold_start.steps=0", "--config.steps=8", "--config.grpo.prompts_per_step=4",
          "--config.grpo.num_generations=4", "--config.eval.every=0", "--config.data.eval_size=4",
-         "--config.eval.k=1", "--config.checkpoint.every=100", "--config.verifier.workers=1"]
+         "--config.eval.k=1", "--config.checkpoint.every=100", "--config.verifier.workers=1", "--config.log.every=1"]
 
 
 def _train(workdir, *extra, **kw):
