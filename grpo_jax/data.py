@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import random
 from typing import Any, Sequence
@@ -93,7 +94,7 @@ def load_rows(source: str, *, split: str = "train", config: str | None = None, n
         name = source.split(":", 1)[1]
         if name not in SYNTHETIC:
             raise ValueError(f"unknown synthetic dataset {name!r}; expected one of {sorted(SYNTHETIC)}")
-        return filter_rows(SYNTHETIC[name](n, seed, **synthetic_options), required)
+        return _usable(SYNTHETIC[name](n, seed, **synthetic_options), required, source)
     import datasets
 
     ext = os.path.splitext(source)[1].lower()
@@ -106,13 +107,46 @@ def load_rows(source: str, *, split: str = "train", config: str | None = None, n
     elif ext in (".jsonl", ".json", ".parquet"):
         if not os.path.exists(source):
             raise FileNotFoundError(f"dataset file {source} does not exist")
-        ds = datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=source, split="train")
+        if ext == ".jsonl":  # read here: a bad line is named by its number
+            return _usable(_read_jsonl(source), required, source)
+        try:
+            ds = datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=source, split="train")
+        except Exception as e:  # noqa: BLE001 -- datasets' errors name neither the file nor the problem plainly
+            cause = e.__cause__ or e.__context__ or e
+            raise ValueError(f"could not read dataset file {source}: {type(cause).__name__}: {cause}"
+                             + (" (it holds no rows)" if os.path.getsize(source) == 0 else "")) from e
     else:
         try:
             ds = datasets.load_dataset(source, config, split=split)
         except Exception as e:  # offline, unknown name, missing config
             raise ValueError(f"could not load dataset {source!r} (config={config!r}, split={split!r}): {e}") from e
-    return filter_rows(list(ds), required)
+    return _usable(list(ds), required, source)
+
+
+def _read_jsonl(path: str) -> list[Row]:
+    rows = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line.decode("utf-8")))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise ValueError(f"dataset file {path}, line {number}: {type(e).__name__}: {e}") from None
+    return rows
+
+
+def _usable(rows: Sequence[Row], required: Sequence[str], source: str) -> tuple[list[Row], int]:
+    """filter_rows, refusing a source that leaves nothing, with which fields were missing."""
+    kept, skipped = filter_rows(rows, required)
+    if not kept:
+        if not rows:
+            raise ValueError(f"dataset {source} holds no rows")
+        missing = {f: sum(not isinstance(r, dict) or _is_missing(r.get(f)) for r in rows) for f in required}
+        raise ValueError(f"dataset {source}: every one of its {len(rows)} rows lacks a required field ("
+                         + ", ".join(f"{f!r} missing or empty in {k}" for f, k in missing.items() if k)
+                         + f"; data.required_fields={list(required)}, and the rows have {sorted(rows[0])[:12]})"
+                         if isinstance(rows[0], dict) else ")")
+    return kept, skipped
 
 
 def split_rows(rows: Sequence[Row], eval_size: int, seed: int = 0,

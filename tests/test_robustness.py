@@ -129,3 +129,19 @@ def test_the_command_line_names_bad_fields_in_one_line_and_takes_lists(tmp_path)
     rc, err = run("--config.sampling.eos_ids=[99999]")
     assert rc and err[-1] == "config: sampling.eos_ids=(99999,): [99999] outside the vocabulary of 99 tokens"
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unusable_data_files_are_named_with_the_reason(tmp_path):
+    from grpo_jax import data
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "no_answer.jsonl").write_text('{"question": "1 + 1?", "solution": "2"}\n{"question": "2 + 2?"}\n')
+    (tmp_path / "bytes.jsonl").write_bytes(b'{"question": "1 + 1?", "answer": "2"}\n{"question": "\xff\xfe", "answer": "1"}\n')
+    need = ("question", "answer")
+    with pytest.raises(ValueError, match="empty.jsonl holds no rows"):
+        data.load_rows(str(tmp_path / "empty.jsonl"), required=need)
+    with pytest.raises(ValueError, match=r"every one of its 2 rows lacks a required field \('answer' missing or empty "
+                                         r"in 2; .*the rows have \['question', 'solution'\]"):
+        data.load_rows(str(tmp_path / "no_answer.jsonl"), required=need)
+    with pytest.raises(ValueError, match="bytes.jsonl, line 2: UnicodeDecodeError"):
+        data.load_rows(str(tmp_path / "bytes.jsonl"), required=need)
