@@ -329,6 +329,7 @@ def test_smollm2_config_builds_offline(tmp_path, smollm2_dir):
 
     c = smollm2.get_config()
     c.workdir, c.verifier.workers = str(tmp_path), -1
+    c.cold_start.steps = 0  # the GRPO stage's trainer on the raw weights (the recipe's cold start is a stage)
     tr = trainer.Trainer(c)
     try:
         pol = tr.policy
