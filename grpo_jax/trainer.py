@@ -179,7 +179,8 @@ class Trainer:
                 self.save()
             self.writer.flush()
             say(f"stopped by {stop.name} at step {self.step}/{cfg.steps}" + (
-                f": checkpoint saved in {checkpoint.directory(self.workdir)}; run the same command to continue"
+                f": checkpoint saved in {checkpoint.directory(self.workdir)}; run the same command"
+                + ("" if cfg.resume else " with --config.resume=True") + " to continue"
                 if self.step else " (nothing trained yet)"))
             raise SystemExit(stop.exit_code)
         self.writer.flush()
