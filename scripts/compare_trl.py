@@ -25,7 +25,6 @@ with a zero gradient; the data order and samples come from each library's own se
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -48,10 +47,7 @@ LOSS_TYPES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo"}
 def load_config(path: str, overrides: dict):
     from grpo_jax import config
 
-    spec = importlib.util.spec_from_file_location("run_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = config.load_file(path)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = cfg
