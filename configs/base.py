@@ -117,7 +117,9 @@ def get_config() -> ConfigDict:
         max_nonfinite_updates=10))  # this many consecutive updates with a NaN/inf loss or gradient stop the run
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
-    c.checkpoint = ConfigDict(dict(every=50, keep=3))
+    # asynchronous: orbax writes in the background while training goes on (holding a host copy of
+    # the state meanwhile); False: each save blocks until written. Checkpoints are verified on restore.
+    c.checkpoint = ConfigDict(dict(every=50, keep=3, asynchronous=True))
     c.eval = ConfigDict(dict(every=25, k=4, batch_size=64, reward="math", at_start=True))
     c.log = ConfigDict(dict(every=1, samples_every=10))
     return c

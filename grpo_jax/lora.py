@@ -87,8 +87,9 @@ def add_adapters(base: model.Params, cfg: model.ModelConfig, key: jax.Array, mes
 
 
 def fingerprint(base: model.Params) -> str:
-    """A short hash of a base model's values, to tell a checkpoint's base from another: every leaf's
-    path, shape and 1,024 evenly spaced values (read exactly, so any mesh gives the same hash)."""
+    """A short hash of a parameter tree's values, to tell a checkpoint's LoRA base or KL reference
+    from another: every leaf's path, shape and 1,024 evenly spaced values (read exactly, so any mesh
+    gives the same hash)."""
     leaves = jax.tree_util.tree_leaves_with_path(base)
     # Replicated on the leaves' mesh: every host of a multi-host run reads the same values.
     whole = [NamedSharding(x.sharding.mesh, P()) if isinstance(getattr(x, "sharding", None), NamedSharding) else None

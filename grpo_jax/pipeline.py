@@ -230,11 +230,8 @@ def run(cfg: ConfigDict, until_stage: str | None = None,
         return run_pipeline(cfg, until_stage, reward_fns)
     if until_stage:
         raise ValueError("until_stage needs a pipeline config (one with `stages`, or a cold start)")
-    t = trainer.Trainer(cfg, reward_fns=reward_fns)
-    try:
+    with trainer.Trainer(cfg, reward_fns=reward_fns) as t:
         return t.run()
-    finally:
-        t.close()
 
 
 def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
@@ -276,10 +273,10 @@ def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, rewa
                 print(f"== stage {name} ({scfg.trainer}, {scfg.steps} steps"
                       + (f", from {scfg.init_from}" if scfg.init_from else "") + ")", flush=True)
             t0 = time.perf_counter()
-            stage_run = trainer.Trainer(scfg, reward_fns=reward_fns)
-            try:
+            # Closing waits for the last checkpoint to be written: the next stage starts from it.
+            with trainer.Trainer(scfg, reward_fns=reward_fns) as stage_run:
                 history = stage_run.run()["history"]
-                if stage_run.checkpoints.latest_step() != stage_run.step:  # the next stage starts from it
+                if stage_run.checkpoints.latest_step() != stage_run.step:
                     stage_run.save()
                 record = {"name": name, "trainer": scfg.trainer, "steps": stage_run.step,
                           "eval": _final_eval(stage_run, history)}
@@ -289,8 +286,6 @@ def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, rewa
                         record["rejection_sampling"] = json.load(f)
                 if scfg.trainer == "sft":
                     record["sft_sources"] = dict(stage_run.algorithm.sources)
-            finally:
-                stage_run.close()
             record.update(seconds=time.perf_counter() - t0, fingerprint=stamp, settings=settings,
                           settings_version=SETTINGS_VERSION)
             if lead:

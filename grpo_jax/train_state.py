@@ -11,7 +11,8 @@ Fields:
     rng         [2] uint32  key data; the key of step s is fold_in(rng, s)
     data        {"epoch", "position", "seed"}: where the data iterator is (grpo_jax.data.PromptIterator)
     ref_params  the frozen reference policy of the KL term, or None when there is none (beta = 0, or
-                LoRA, whose reference is `frozen`)
+                LoRA, whose reference is `frozen`); the starting policy, so not checkpointed (rebuilt
+                from its source, and checked against the checkpoint's fingerprint of it)
     frozen      a LoRA run's frozen base (grpo_jax.lora.frozen_config: compute dtype), never updated
                 and not checkpointed (rebuilt from its source); None for a full fine-tune
 
@@ -77,16 +78,14 @@ def step_key(state: TrainState) -> jax.Array:
 
 
 def to_items(state: TrainState) -> tuple[Any, dict[str, Any]]:
-    """(params, the rest) as a checkpoint stores them (grpo_jax.checkpoint)."""
-    rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng, "data": state.data}
-    if state.ref_params is not None:
-        rest["ref_params"] = state.ref_params
-    return state.params, rest
+    """(params, the rest) as a checkpoint stores them (grpo_jax.checkpoint): neither the reference
+    nor a LoRA base, which every run rebuilds from their source."""
+    return state.params, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng, "data": state.data}
 
 
-def from_items(params, rest: dict[str, Any], frozen=None) -> TrainState:
+def from_items(params, rest: dict[str, Any], ref_params=None, frozen=None) -> TrainState:
     return TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"], rng=rest["rng"],
-                      data=rest["data"], ref_params=rest.get("ref_params"), frozen=frozen)
+                      data=rest["data"], ref_params=ref_params, frozen=frozen)
 
 
 # --------------------------------------------------------------------------------------------------

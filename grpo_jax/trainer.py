@@ -1,8 +1,7 @@
 """A training run: the loop around one algorithm's step.
 
-    trainer = Trainer(cfg)        # cfg.trainer: "grpo" (grpo_jax.grpo) or "sft" (grpo_jax.sft)
-    trainer.run()                 # steps, held-out evaluation, checkpoints, TensorBoard, progress
-    trainer.close()
+    with Trainer(cfg) as trainer:     # cfg.trainer: "grpo" (grpo_jax.grpo) or "sft" (grpo_jax.sft)
+        trainer.run()                 # steps, held-out evaluation, checkpoints, TensorBoard, progress
 
 The trainer composes the pieces and holds no algorithm of its own:
 
@@ -68,16 +67,26 @@ class Trainer:
         self.task = data.load_task(cfg.data, cfg.seed)
         self.scorer = rewards.Scorer.from_config(cfg, reward_fns)
         self.algorithm = ALGORITHMS[cfg.trainer].from_config(cfg, self.policy, self.scorer, self.task)
+        ref_params = self.algorithm.reference_params(pol.params)
         self.state = train_state.create(trained, self.algorithm.tx, self.policy.mesh, seed=cfg.seed + 1,
-                                        data=self.algorithm.initial_data(), frozen=frozen,
-                                        ref_params=self.algorithm.reference_params(pol.params))
+                                        data=self.algorithm.initial_data(), frozen=frozen, ref_params=ref_params)
+        # Recorded in each checkpoint, not stored: both are rebuilt from their source by every run.
         base = None if frozen is None else {"source": self.source, "fingerprint": lora.fingerprint(frozen)}
-        self.checkpoints = checkpoint.Checkpoints(self.workdir, cfg.checkpoint.keep, base=base)
+        reference = None if ref_params is None else {"source": self.source, "fingerprint": lora.fingerprint(ref_params)}
         lead = jax.process_index() == 0
+        self.checkpoints = checkpoint.Checkpoints(self.workdir, cfg.checkpoint.keep, base=base, reference=reference,
+                                                  asynchronous=cfg.checkpoint.asynchronous,
+                                                  say=print if lead else lambda line: None)
         self.writer = metrics.MetricWriter(os.path.join(self.workdir, "tb"), enabled=lead)
         if lead:  # what this run was, next to its checkpoints
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json(cfg))
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self.close(quiet=kind is not None)
 
     @property
     def step(self) -> int:
@@ -171,12 +180,14 @@ class Trainer:
                 say(f"step {step}/{cfg.steps} | {self.algorithm.summary(m)} | " + (f"{evals} | " if evals else "")
                     + f"{m['time/step_s']:.2f}s")
             history.append(record)
+            self.checkpoints.poll()  # a background save that failed stops the run now, not at the next save
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == last):
                 self.save()
         bar.close()
         if stop.requested:
             if self.step and self.checkpoints.latest_step() != self.step:
                 self.save()
+            self.checkpoints.wait()  # written before the message says so (a second signal still stops it)
             self.writer.flush()
             say(f"stopped by {stop.name} at step {self.step}/{cfg.steps}" + (
                 f": checkpoint saved in {checkpoint.directory(self.workdir)}; run the same command"
@@ -192,9 +203,14 @@ class Trainer:
                   f"(errors {m['rewards/errors']:.0f}, timeouts {m['rewards/timeouts']:.0f}, "
                   f"crashes {m['rewards/crashes']:.0f}); last error: {self.scorer.last_error}", flush=True)
 
-    def close(self) -> None:
-        self.scorer.close()
-        self.checkpoints.close()
-        self.writer.close()
-        if self._lock is not None:
-            self._lock.release()
+    def close(self, quiet: bool = False) -> None:
+        """Wait for the checkpoint in flight (raising if it could not be written, unless `quiet`:
+        another error is being raised), then release the verifier pool, the event file and the
+        workdir lock whatever happened."""
+        try:
+            self.checkpoints.close(quiet)
+        finally:
+            self.scorer.close()
+            self.writer.close()
+            if self._lock is not None:
+                self._lock.release()

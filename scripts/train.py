@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from grpo_jax import checkpoint  # noqa: E402
 from grpo_jax import config  # noqa: E402
 
 DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"))
@@ -51,6 +52,7 @@ def main(argv):
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    checkpoint.report_failed_saves_once()  # not orbax's and tensorstore's tracebacks from every thread
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -70,8 +72,10 @@ def run(argv):
         main(argv)
     except config.ConfigError as e:  # a value the run cannot use: named, before any work
         sys.exit(f"config: {e}")
+    except checkpoint.CheckpointError as e:  # a full disk; no intact checkpoint to resume from
+        sys.exit(str(e))
     except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM (grpo_jax.graceful_stop): no checkpoint this time
-        sys.exit(f"{e or 'interrupted'}; the last checkpoint is the newest one saved before it")
+        sys.exit(f"{str(e) or 'interrupted'}; the last checkpoint is the newest one saved before it")
 
 
 if __name__ == "__main__":

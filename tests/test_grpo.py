@@ -53,8 +53,9 @@ def test_a_checkpoint_holds_exactly_the_train_state(tmp_path):
 
     from grpo_jax import checkpoint
 
-    # Every field but `frozen` (a LoRA run's base: rebuilt from its source and checked against the
-    # checkpoint's fingerprint, never stored; tests/test_lora_training.py) is in the checkpoint.
+    # Every field but `frozen` (a LoRA run's base) and `ref_params` (the KL reference: the starting
+    # policy) is in the checkpoint; those two are rebuilt from their source by every run and checked
+    # against the fingerprint the checkpoint records (tests/test_lora_training.py, test_robustness.py).
     assert [f.name for f in dataclasses.fields(train_state.TrainState)] == \
         ["step", "params", "opt_state", "rng", "data", "ref_params", "frozen"]
     cfg = tiny_config(tmp_path)
@@ -68,9 +69,10 @@ def test_a_checkpoint_holds_exactly_the_train_state(tmp_path):
     try:
         ckpt.save(state)
         assert ckpt.latest_step() == 5
-        like = jax.tree.map(jnp.zeros_like, state)  # structure, dtypes and shardings only
+        like = jax.tree.map(jnp.zeros_like, state).replace(ref_params=state.ref_params)  # structure, dtypes, shardings
         back = ckpt.restore(like)
     finally:
         ckpt.close()
+    assert not os.path.exists(os.path.join(checkpoint.directory(str(tmp_path)), "5", "state", "ref_params"))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(state))
     assert jax.tree.structure(back) == jax.tree.structure(state)
