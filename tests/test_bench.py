@@ -50,6 +50,12 @@ def test_bench_rewards_small():
     assert 0.3 < res["mean_reward"] < 0.9  # about 60% of the generated answers are right
 
 
+def test_bench_checkpoint_tiny():
+    res = _load("bench_checkpoint").main(["--shape", "tiny", "--repeats", "1"])
+    for mode in ("sync", "async"):
+        assert 0 < res[mode]["blocked_s"] <= res[mode]["written_s"] and res[mode]["restore_s"] > 0
+
+
 def test_bench_grpo_step_tiny(tmp_path):
     mod = _load("bench_grpo_step")
     res = mod.main(["--prompts", "2", "--num_generations", "2", "--prompt_len", "8", "--new_tokens", "6",

@@ -134,8 +134,6 @@ def test_the_reference_is_recorded_not_stored_and_a_changed_one_is_refused(tmp_p
     ckpt = checkpoint.Checkpoints(str(tmp_path), reference=recorded)
     ckpt.save(state)
     ckpt.close()
-    step_dir = os.path.join(checkpoint.directory(str(tmp_path)), "2")
-    assert not any("ref_params" in p for p in checkpoint.file_digests(step_dir))
     like = jax.tree.map(jnp.zeros_like, state).replace(ref_params=state.ref_params)  # rebuilt by the run
     ckpt = checkpoint.Checkpoints(str(tmp_path), reference=recorded)
     assert set(ckpt.manager.item_metadata(2)["state"]) == {"step", "opt_state", "rng", "data"}

@@ -66,6 +66,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     part.cfg.eval.every = 0
     part.run(until=2)  # interrupted after step 2 (checkpointed there)
     part.close()
+    # beta > 0: the checkpoint records which reference it was trained against; the resumed run
+    # rebuilds it from the source, and the result is still bit-exact.
+    from grpo_jax import checkpoint
+
+    saved = checkpoint.Checkpoints(str(tmp_path / "part"))
+    assert set(saved.manager.item_metadata(2)["state"]) == {"step", "opt_state", "rng", "data"}
+    assert (tmp_path / "part" / "checkpoints" / "2" / "reference").is_dir()
+    saved.close()
     cfg = tiny_config(tmp_path / "part", steps=4)
     cfg.eval.every, cfg.resume = 0, True
     resumed = trainer.Trainer(cfg)
