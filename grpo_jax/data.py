@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 Row = dict[str, Any]
 
@@ -252,6 +252,23 @@ class Task:
     train: list[Row]
     eval: list[Row]
     skipped: int
+
+
+def without_long_prompts(task: Task, too_long: Callable[[Sequence[Row]], list[int]], limit: int) -> tuple[Task, str]:
+    """The task less the rows whose prompt `too_long` finds longer than `limit` tokens (counted with
+    the skipped rows), and a line saying so ("" when none is). A task left without training or
+    held-out rows is an error."""
+    drop_train, drop_eval = set(too_long(task.train)), set(too_long(task.eval))
+    if not drop_train and not drop_eval:
+        return task, ""
+    train = [r for i, r in enumerate(task.train) if i not in drop_train]
+    held = [r for i, r in enumerate(task.eval) if i not in drop_eval]
+    what = (f"{len(drop_train)} of {len(task.train)} training and {len(drop_eval)} of {len(task.eval)} held-out "
+            f"prompts are longer than the largest prompt bucket ({limit} tokens, sampling.prompt_buckets)")
+    if not train or (task.eval and not held):
+        raise ValueError(f"data: {what}: nothing would be left to {'train on' if not train else 'evaluate'}; "
+                         "add a larger bucket or shorten the prompts")
+    return Task(train, held, task.skipped + len(drop_train) + len(drop_eval)), f"data: {what}: skipped"
 
 
 def load_task(d, seed: int) -> Task:

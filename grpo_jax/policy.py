@@ -129,6 +129,18 @@ class Policy:
     def prompt_ids(self, rows: Sequence[dict]) -> list[list[int]]:
         return [self.prompt.ids(r, self.tokenizer) for r in rows]
 
+    def too_long(self, rows: Sequence[dict]) -> list[int]:
+        """Indices of the rows whose prompt is longer than the largest prompt bucket (they cannot be
+        sampled). Exact, but only rows that might be too long are tokenised: a prompt has at most one
+        token per UTF-8 byte of its text plus the template's own tokens (byte-level BPE, SentencePiece
+        with byte fallback, characters), so most datasets are measured without tokenising."""
+        limit, field = max(self.sampling.prompt_buckets), self.prompt.field
+        if self.prompt.template == "tokens":
+            return [i for i, r in enumerate(rows) if len(r[field]) > limit]
+        overhead = len(self.prompt.ids({field: ""}, self.tokenizer)) + 2  # + a leading-space token or two
+        return [i for i, r in enumerate(rows) if len(str(r[field]).encode()) + overhead > limit
+                and len(self.prompt.ids(r, self.tokenizer)) > limit]
+
     def rollout(self, rows: Sequence[dict], n: int, key: jax.Array,
                 sampling: sampler.SamplingConfig | None = None) -> sampler.Rollout:
         """n completions of each of this host's rows (all hosts' rows in the returned arrays)."""

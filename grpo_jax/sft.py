@@ -173,7 +173,9 @@ class SFT:
                 part = rejection.load_or_sample(pol, self.scorer, self.cfg, self.task.train, self.workdir)
             else:
                 part, skipped = data.load_rows(source, split=self.cfg.data.split, required=(field, c.completion_field))
-                self.skipped_rows += skipped
+                long = set(self.policy.too_long(part))
+                part = [r for i, r in enumerate(part) if i not in long]
+                self.skipped_rows += skipped + len(long)
                 part = [{**r, "completion": r[c.completion_field]} for r in part]
             self.sources[source] = len(part)
             rows += part

@@ -64,7 +64,11 @@ class Trainer:
         frozen, trained = lora.split(pol.params) if pol.model_cfg.lora_rank else (None, pol.params)
         train_state.check_precision(trained, cfg.optimizer.learning_rate)
         self.policy = pol.replace(params=None)  # the state's parameters are the policy's
-        self.task = data.load_task(cfg.data, cfg.seed)
+        # Measured now: a prompt that cannot be sampled would stop the run when drawn (and on resume).
+        self.task, dropped = data.without_long_prompts(data.load_task(cfg.data, cfg.seed), self.policy.too_long,
+                                                       max(self.policy.sampling.prompt_buckets))
+        if dropped and jax.process_index() == 0:
+            print(dropped, flush=True)
         self.scorer = rewards.Scorer.from_config(cfg, reward_fns)
         self.algorithm = ALGORITHMS[cfg.trainer].from_config(cfg, self.policy, self.scorer, self.task)
         ref_params = self.algorithm.reference_params(pol.params)

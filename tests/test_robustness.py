@@ -145,3 +145,58 @@ def test_unusable_data_files_are_named_with_the_reason(tmp_path):
         data.load_rows(str(tmp_path / "no_answer.jsonl"), required=need)
     with pytest.raises(ValueError, match="bytes.jsonl, line 2: UnicodeDecodeError"):
         data.load_rows(str(tmp_path / "bytes.jsonl"), required=need)
+
+
+def test_prompts_too_long_to_sample_are_skipped_at_load_time_and_counted(tmp_path):
+    import json
+
+    rows = [{"question": f"What is {i} + {i % 7}?", "answer": str(i + i % 7)} for i in range(40)]
+    rows[17]["question"] = "What is " + "1 + " * 250_000 + "1?"  # 1 MB: used to stop the run when drawn
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = _train(tmp_path / "run", f"--config.data.source={tmp_path / 'train.jsonl'}", "--config.steps=12")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "prompts are longer than the largest prompt bucket (1024 tokens, sampling.prompt_buckets): skipped" in out
+    first = [line for line in out.splitlines() if line.startswith("data: ")]
+    assert len(first) == 1 and ("1 of 36 training and 0 of 4" in first[0] or "0 of 36 training and 1 of 4" in first[0])
+    skipped = dict(metrics.read_scalars(str(tmp_path / "run" / "tb"))["data/skipped_rows"])
+    assert set(skipped.values()) == {1.0} and len(skipped) == 12  # 12 steps x 4 prompts: every row drawn
+
+
+def test_only_prompts_too_long_to_sample_is_an_error_before_training(tmp_path):
+    from grpo_jax import data
+
+    task = data.Task(train=[{"q": "x" * 50}] * 3, eval=[{"q": "y"}], skipped=0)
+    with pytest.raises(ValueError, match=r"3 of 3 training and 0 of 1 held-out prompts are longer than the largest "
+                                         r"prompt bucket \(16 tokens.*nothing would be left to train on"):
+        data.without_long_prompts(task, lambda rows: [i for i, r in enumerate(rows) if len(r["q"]) > 16], 16)
+    kept, line = data.without_long_prompts(task, lambda rows: [], 16)
+    assert kept is task and line == ""
+
+
+@pytest.mark.parametrize("tok,template", [("char", "plain"), ("qwen2", "chat"), ("smollm2", "chat"), ("qwen2", "plain")])
+def test_too_long_is_exact_while_tokenising_only_the_rows_that_might_be(tok, template):
+    import random
+
+    from ml_collections import ConfigDict
+
+    from grpo_jax import policy, sampler
+
+    tokenizer = policy.load_tokenizer(ConfigDict({"tokenizer": tok}))
+    pieces = ["7", " plus ", "é", "数学", "🙂", "\n", "  ", "x" * 5]
+    rng = random.Random(0)
+    rows = [{"question": "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))} for _ in range(300)]
+    fmt = policy.PromptFormat(template=template, instruction="Answer with a number.")
+    lengths = [len(fmt.ids(r, tokenizer)) for r in rows]
+    limit = sorted(lengths)[len(rows) // 2]  # half the rows are too long
+    pol = policy.Policy(params=None, model_cfg=None, tokenizer=tokenizer, mesh=None, prompt=fmt,
+                        sampling=sampler.SamplingConfig(prompt_buckets=(8, limit)))
+    exact = [i for i, n in enumerate(lengths) if n > limit]
+    calls = []
+    counting = policy.PromptFormat.ids
+    try:
+        policy.PromptFormat.ids = lambda self, row, t: calls.append(1) or counting(self, row, t)
+        assert pol.too_long(rows) == exact
+    finally:
+        policy.PromptFormat.ids = counting
+    assert len(calls) < len(rows)  # rows too short to matter were not tokenised
