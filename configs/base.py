@@ -84,8 +84,10 @@ def get_config() -> ConfigDict:
     c.reward_functions = ConfigDict()  # your own: name -> "package.module:function" (name it in rewards)
     # workers=-1: score in this process. sandbox: how the `code` reward isolates programs: "auto"
     # (Linux namespaces where available, else limits + audit hook with a warning), "namespaces"
-    # (required), "python" (limits + audit hook only)
-    c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0, sandbox="auto"))
+    # (required), "python" (limits + audit hook only). A reward function that times out on
+    # hang_after completions of a step with none finished hangs: on_hang="disable" drops it for the
+    # rest of the run (said once), "stop" stops the run.
+    c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0, sandbox="auto", hang_after=16, on_hang="disable"))
 
     # Supervised fine-tuning: trainer="sft" runs cfg.steps steps with cfg.optimizer on `data`
     # (comma-separated: "demonstrations", "rejection_samples", files or hub datasets; see grpo_jax/sft.py).

@@ -114,6 +114,9 @@ def check(cfg: ConfigDict) -> None:
     isolation = cfg.get("verifier", {}).get("sandbox", "auto")
     if isolation not in sandbox.ISOLATIONS:
         raise ConfigError(f"verifier.sandbox={isolation!r}; expected one of {sandbox.ISOLATIONS}")
+    on_hang = cfg.get("verifier", {}).get("on_hang", "disable")
+    if on_hang not in ("disable", "stop"):
+        raise ConfigError(f"verifier.on_hang={on_hang!r}; expected 'disable' or 'stop'")
 
 
 # field -> (lowest allowed value, what it is for): checked before any work, so that a wrong value stops
@@ -127,6 +130,7 @@ AT_LEAST = {
     "data.eval_size": (0, "held-out problems"), "eval.every": (0, "0: only at the end"), "eval.k": (1, "samples"),
     "eval.batch_size": (1, "rows"), "checkpoint.every": (0, "0: only at the end"), "checkpoint.keep": (1, "checkpoints"),
     "optimizer.warmup_steps": (0, "steps"), "optimizer.max_nonfinite_updates": (1, "updates"),
+    "verifier.hang_after": (1, "timeouts"),
 }
 
 
@@ -140,6 +144,9 @@ def _check_ranges(cfg: ConfigDict) -> None:
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"optimizer.learning_rate={lr!r}; expected a finite number > 0 (a negative rate ascends "
                          "the loss)")
+    timeout = flat.get("verifier.timeout_s")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"verifier.timeout_s={timeout!r}; expected seconds > 0 per completion")
     t = flat.get("sampling.temperature")
     if t is not None and not (isinstance(t, (int, float)) and t > 0):
         raise ConfigError(f"sampling.temperature={t!r}; expected > 0 (greedy decoding is evaluation's own)")

@@ -109,7 +109,7 @@ class Groups:
     logprobs: np.ndarray | None = None  # [N, T] the sampler's
     rewards: np.ndarray | None = None  # [N] weighted total
     per_fn: dict[str, np.ndarray] | None = None  # [N] per reward function (NaN: None)
-    counts: dict[str, int] | None = None  # the verifier pool's timeouts, crashes, errors
+    counts: dict[str, int] | None = None  # verifier timeouts, crashes, errors (in total and by function)
 
     @classmethod
     def sampled(cls, rows: list[dict], rollout: sampler.Rollout, decode, on_host: bool) -> Groups:
@@ -155,7 +155,7 @@ class Groups:
             prompt_mask=np.concatenate([left(p.prompt_mask, False) for p in parts]),
             tokens=cat("tokens"), mask=cat("mask"), logprobs=cat("logprobs"), rewards=cat("rewards"),
             per_fn={k: np.concatenate([p.per_fn[k] for p in parts]) for k in parts[0].per_fn},
-            counts={k: sum(p.counts[k] for p in parts) for k in parts[0].counts})
+            counts={k: sum(p.counts.get(k, 0) for p in parts) for k in set().union(*(p.counts for p in parts))})
 
 
 @dataclasses.dataclass
@@ -322,7 +322,8 @@ class GRPO:
     def _score(self, groups: Groups) -> None:
         total, per_fn, m = self.scorer(self.specs, groups.rows, self.num_generations, groups.texts, groups.lengths)
         groups.rewards, groups.per_fn = total, per_fn
-        groups.counts = {k.split("/", 1)[1]: m[k] for k in m if k.count("/") == 1}  # rewards/errors, ...
+        # rewards/errors, ... and rewards/NAME/errors, ...: the verifier failures, in total and by function
+        groups.counts = {k.removeprefix("rewards/"): m[k] for k in m if k.endswith(("/errors", "/timeouts", "/crashes"))}
 
     def _updates(self, state, batch: Batch, step: int):
         """num_iterations passes over the batch, each in `minibatches` updates of a seeded shuffle.

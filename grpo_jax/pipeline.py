@@ -47,7 +47,8 @@ _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}
 # Changing them never invalidates a stage.
 _UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "model.remat",
               "model.attention", "sampling.weights", "sampling.first_segment",
-              "sampling.shrink_factor", "verifier.workers", "verifier.sandbox", "optimizer.max_nonfinite_updates",
+              "sampling.shrink_factor", "verifier.workers", "verifier.sandbox", "verifier.hang_after", "verifier.on_hang",
+              "optimizer.max_nonfinite_updates",
               "cold_start")  # a stage's cold_start.steps is always 0
 # stage.json settings in today's field names and fields (1: before the renames in grpo_jax.config; 2:
 # before the fields of config.ADDED)

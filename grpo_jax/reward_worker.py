@@ -15,6 +15,7 @@ without a message per item, and to know which items of the chunk were not scored
 """
 
 import json
+import math
 import mmap
 import pickle
 import resource
@@ -29,14 +30,36 @@ from multiprocessing.connection import Connection
 PROGRESS = struct.Struct("<qd")  # items started by this worker, start time of the current one
 
 
+def checked(values, n: int) -> list[tuple[str, float | None | str]]:
+    """A reward function's return value for n completions as n results, ("ok", float or None) or
+    ("error", why): a value that is not a number or None, NaN or inf is an error of its item; a
+    return value that is not a sequence of n of them is an error of every item."""
+    try:
+        values = list(values)
+    except TypeError:
+        return [("error", f"returned {type(values).__name__}, expected a list of {n} numbers")] * n
+    if len(values) != n:
+        return [("error", f"returned {len(values)} values for {n} completion{'s' * (n != 1)}")] * n
+    return [_checked_value(v) for v in values]
+
+
+def _checked_value(v) -> tuple[str, float | None | str]:
+    if v is None:
+        return "ok", None
+    # Numbers, numpy and JAX scalars have __float__; strings and lists do not.
+    if isinstance(v, (str, bytes)) or not hasattr(type(v), "__float__") or getattr(v, "shape", ()) != ():
+        return "error", f"returned {type(v).__name__} {str(v)[:40]!r}, expected a number or None"
+    x = float(v)
+    return ("ok", x) if math.isfinite(x) else ("error", f"returned {x}: rewards must be finite (None: not applicable)")
+
+
 def score_chunk(fn, prompts, completions, columns, progress: mmap.mmap, started: int) -> tuple[list, int]:
     results = []
     for j, (prompt, completion) in enumerate(zip(prompts, completions)):
         started += 1
         PROGRESS.pack_into(progress, 0, started, time.monotonic())
         try:
-            value = fn([prompt], [completion], **{k: [v[j]] for k, v in columns.items()})[0]
-            results.append(("ok", None if value is None else float(value)))
+            results += checked(fn([prompt], [completion], **{k: [v[j]] for k, v in columns.items()}), 1)
         except BaseException as e:  # noqa: BLE001 - a reward error must come back, not kill the worker
             results.append(("error", f"{type(e).__name__}: {str(e)[:300]}"))
     return results, started

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import pickle
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from grpo_jax import math_grader
+from grpo_jax import reward_worker
 from grpo_jax import verifier_pool
 from grpo_jax import verifiers
 
@@ -166,6 +166,21 @@ def score(
     pool: verifier_pool.VerifierPool | None = None,
     fns: dict[str, RewardFn] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+    """Weighted sum of several reward functions: (total [N] float32, per-function rewards [N] with
+    NaN for None, metrics). `score_functions` without its failure messages."""
+    total, per_fn, metrics, _ = score_functions(specs, prompts, completions, columns, pool, fns)
+    return total, per_fn, metrics
+
+
+def score_functions(
+    specs: Sequence[RewardSpec],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    columns: dict[str, Sequence[Any]],
+    pool: verifier_pool.VerifierPool | None = None,
+    fns: dict[str, RewardFn] | None = None,
+    hang_after: int | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float], dict[str, dict[str, Any]]]:
     """Weighted sum of several reward functions.
 
     Args:
@@ -175,32 +190,48 @@ def score(
       pool: where to run them; None runs in this process (no timeout: trusted functions only), as do
         functions marked `in_process` and ones that cannot be pickled.
       fns: optional name -> callable overrides (functions not in the registry, e.g. lambdas).
+      hang_after: the pool's (`VerifierPool.map`): give up on a function after this many timeouts
+        with no item finished.
+
+    The same failures count in both paths: an exception, a value that is not a number or None, NaN
+    or inf is an error of its item (every item's, when the function raises or returns the wrong
+    number of values in this process), which scores 0; the pool adds timeouts and crashes.
 
     Returns:
       (total [N] float32, per-function rewards [N] with NaN for None, metrics: each function's mean
-      and std over its non-None values, the fraction of None, and the pool's timeouts/crashes/errors).
+      and std over its non-None values, its fraction of None, its errors/timeouts/crashes, and their
+      totals; failures: {name: {"errors", "timeouts", "crashes", "last_error", "hung", "items"}} for
+      each function that failed on some item).
     """
     n = len(completions)
     total = np.zeros(n, np.float64)
-    per_fn = {}
+    per_fn, failed = {}, {}
     counts = {"timeouts": 0, "crashes": 0, "errors": 0}
     for spec in specs:
         fn = (fns or {}).get(spec.name) or get_reward_fn(spec.name)
         if pool is not None and not getattr(fn, "grpo_in_process", False) and _picklable(fn):
-            values, stats = pool.map(fn, prompts, completions, columns)
-            for k in counts:
-                counts[k] += stats[k]
+            values, stats = pool.map(fn, prompts, completions, columns, hang_after=hang_after)
         else:
             try:
-                values = list(fn(list(prompts), list(completions), **{k: list(v) for k, v in columns.items()}))
-            except Exception as e:  # noqa: BLE001
-                raise RuntimeError(f"reward function {spec.name!r} raised {type(e).__name__}: {e}") from e
-            if len(values) != n:
-                raise ValueError(f"reward function {spec.name!r} returned {len(values)} values for {n} completions")
-        r = np.array([np.nan if v is None or not math.isfinite(float(v)) else float(v) for v in values], np.float64)
+                results = reward_worker.checked(fn(list(prompts), list(completions),
+                                                   **{k: list(v) for k, v in columns.items()}), n)
+            except Exception as e:  # noqa: BLE001 - counted and named, as in the pool
+                results = [("error", f"{type(e).__name__}: {str(e)[:300]}")] * n
+            errors = [v for status, v in results if status == "error"]
+            values = [v if status == "ok" else 0.0 for status, v in results]
+            stats = {"timeouts": 0, "crashes": 0, "errors": len(errors), "last_error": errors[-1] if errors else None,
+                     "hung": False}
+        if stats["timeouts"] or stats["crashes"] or stats["errors"]:
+            failed[spec.name] = {**stats, "items": n}
+        for k in counts:
+            counts[k] += stats[k]
+        r = np.array([np.nan if v is None else v for v in values], np.float64)
         per_fn[spec.name] = r.astype(np.float32)
         total += spec.weight * np.nan_to_num(r, nan=0.0)
-    return total.astype(np.float32), per_fn, reward_metrics(per_fn, counts)
+    metrics = reward_metrics(per_fn, counts)
+    for name, stats in failed.items():
+        metrics.update({f"rewards/{name}/{k}": float(stats[k]) for k in counts})
+    return total.astype(np.float32), per_fn, metrics, failed
 
 
 def reward_metrics(per_fn: dict[str, np.ndarray], counts: dict[str, int]) -> dict[str, float]:
@@ -220,6 +251,10 @@ def reward_metrics(per_fn: dict[str, np.ndarray], counts: dict[str, int]) -> dic
 # Scoring the completions of dataset rows
 
 
+class RewardHangError(RuntimeError):
+    """A reward function timed out on every completion it was given (verifier.on_hang="stop")."""
+
+
 @dataclasses.dataclass
 class Scorer:
     """Scores n completions of each dataset row with reward functions: `score` with the rows' fields
@@ -237,6 +272,13 @@ class Scorer:
       workers: verifier processes (0: one per CPU), or -1 to score in this process.
       timeout_s: wall-clock limit per item in the pool.
       sandbox: isolation of the `code` reward's programs (grpo_jax.sandbox.ISOLATIONS).
+      hang_after, on_hang: a function that times out on `hang_after` completions of a call with none
+        finished is taken to hang on all of them (its other items are not run): "disable" it for the
+        rest of the run (it scores 0 from then on, said once), or "stop" the run (RewardHangError).
+        Without them every later step would wait timeout_s per completion for it.
+      say: where the one line about a disabled function goes.
+
+    Failures (errors, timeouts, crashes, by function) accumulate until `take_failures()`.
     """
 
     prompt_field: str
@@ -246,16 +288,26 @@ class Scorer:
     workers: int = 0
     timeout_s: float = 10.0
     sandbox: str = "auto"
+    hang_after: int = 16
+    on_hang: str = "disable"
+    say: Callable[[str], None] = print
+    disabled: dict[str, str] = dataclasses.field(default_factory=dict, init=False)  # name -> why
+    _failures: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, init=False, repr=False)
     _pool: verifier_pool.VerifierPool | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.on_hang not in ("disable", "stop"):
+            raise ValueError(f"verifier.on_hang={self.on_hang!r}; expected 'disable' or 'stop'")
 
     @classmethod
     def from_config(cls, cfg, fns: dict[str, RewardFn] | None = None) -> Scorer:
         """The scorer of a run config (`data.prompt_field`, `sampling.max_new_tokens`,
         `grpo.overlong_buffer`, `reward_functions`, `verifier`), with `fns` on top."""
         own = {k: get_reward_fn(v) for k, v in cfg.reward_functions.items()}
+        v = cfg.verifier
         return cls(cfg.data.prompt_field, cfg.sampling.max_new_tokens, cfg.grpo.overlong_buffer,
-                   {**own, **(fns or {})}, workers=cfg.verifier.workers, timeout_s=cfg.verifier.timeout_s,
-                   sandbox=cfg.verifier.get("sandbox", "auto"))
+                   {**own, **(fns or {})}, workers=v.workers, timeout_s=v.timeout_s, sandbox=v.get("sandbox", "auto"),
+                   hang_after=v.get("hang_after", 16), on_hang=v.get("on_hang", "disable"))
 
     @property
     def pool(self) -> verifier_pool.VerifierPool | None:
@@ -263,9 +315,11 @@ class Scorer:
             self._pool = verifier_pool.VerifierPool(self.workers or None, self.timeout_s)
         return self._pool
 
-    @property
-    def last_error(self) -> str | None:
-        return None if self._pool is None else self._pool.last_error
+    def take_failures(self) -> dict[str, dict[str, Any]]:
+        """{name: {"errors", "timeouts", "crashes", "items", "last_error"}} of the functions that failed
+        on some completion since the last call."""
+        out, self._failures = self._failures, {}
+        return out
 
     def columns(self, rows: Sequence[dict], n: int, lengths: Sequence[int]) -> dict[str, list]:
         """The reward functions' keyword columns: each row's fields repeated n times, plus lengths."""
@@ -279,7 +333,31 @@ class Scorer:
                  lengths: Sequence[int]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
         """`score` of `texts` (the n completions of each row, adjacent)."""
         prompts = [str(r[self.prompt_field]) for r in rows for _ in range(n)]
-        return score(specs, prompts, texts, self.columns(rows, n, lengths), pool=self.pool, fns=self.fns)
+        live = [s for s in specs if s.name not in self.disabled]
+        total, per_fn, metrics, failed = score_functions(live, prompts, texts, self.columns(rows, n, lengths),
+                                                         pool=self.pool, fns=self.fns, hang_after=self.hang_after)
+        for name, stats in failed.items():
+            seen = self._failures.setdefault(name, {"errors": 0, "timeouts": 0, "crashes": 0, "items": 0})
+            for k in ("errors", "timeouts", "crashes", "items"):
+                seen[k] += stats[k]
+            seen["last_error"] = stats["last_error"] or seen.get("last_error")
+            if stats["hung"]:
+                self._hung(name, stats)
+        for s in specs:  # a disabled function: not applicable (NaN) everywhere, so its keys stay
+            if s.name not in per_fn:
+                per_fn[s.name] = np.full(len(texts), np.nan, np.float32)
+                metrics.update(reward_metrics({s.name: per_fn[s.name]}, {}))
+        return total, per_fn, metrics
+
+    def _hung(self, name: str, stats: dict[str, Any]) -> None:
+        why = (f"reward {name!r} timed out on the first {stats['timeouts'] - stats.get('abandoned', 0)} completions "
+               f"it was given and finished none (verifier.timeout_s={self.timeout_s:g}, "
+               f"verifier.hang_after={self.hang_after})")
+        if self.on_hang == "stop":
+            raise RewardHangError(f"{why}: the run stops (verifier.on_hang='stop'; 'disable' would go on without it)")
+        self.disabled[name] = why
+        self.say(f"{why}: disabled for the rest of the run, it scores 0 from now on (verifier.on_hang='disable'; "
+                 "'stop' stops the run instead)")
 
     def close(self) -> None:
         if self._pool is not None:

@@ -168,7 +168,7 @@ class Trainer:
         while self.step < last and not stop.requested:
             m = self.train_step()
             step = self.step
-            self._report_reward_failures(m, step)
+            self._report_reward_failures(step)
             self.writer.write(m, step)
             record = {"step": step, **{k: v for k, v in m.items() if not isinstance(v, str)}}
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
@@ -201,11 +201,11 @@ class Trainer:
         self.writer.flush()
         return {"history": history}
 
-    def _report_reward_failures(self, m: dict[str, Any], step: int) -> None:
-        if m.get("rewards/errors") or m.get("rewards/timeouts") or m.get("rewards/crashes"):
-            print(f"step {step}: reward functions failed on some completions, scored 0 "
-                  f"(errors {m['rewards/errors']:.0f}, timeouts {m['rewards/timeouts']:.0f}, "
-                  f"crashes {m['rewards/crashes']:.0f}); last error: {self.scorer.last_error}", flush=True)
+    def _report_reward_failures(self, step: int) -> None:
+        for name, f in self.scorer.take_failures().items():
+            print(f"step {step}: reward {name!r} failed on {f['errors'] + f['timeouts'] + f['crashes']} of {f['items']} "
+                  f"completions, scored 0 (errors {f['errors']}, timeouts {f['timeouts']}, crashes {f['crashes']})"
+                  + (f"; last error: {f['last_error']}" if f.get("last_error") else ""), flush=True)
 
     def close(self, quiet: bool = False) -> None:
         """Wait for the checkpoint in flight (raising if it could not be written, unless `quiet`:

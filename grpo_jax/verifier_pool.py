@@ -120,22 +120,32 @@ class VerifierPool:
         self._workers[i], self._spare = self._spare, _Worker(self.memory_mb)
 
     def map(self, fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
-            columns: dict[str, Sequence[Any]]) -> tuple[list[float | None], dict[str, int]]:
-        """fn on each (prompt, completion, row of columns); (rewards, counts of timeouts/crashes/errors).
-        An item that times out, crashes its worker or raises scores 0."""
+            columns: dict[str, Sequence[Any]], hang_after: int | None = None) -> tuple[list[float | None], dict[str, Any]]:
+        """fn on each (prompt, completion, row of columns). Returns the rewards and the counts of
+        timeouts, crashes and errors (an item that times out, crashes its worker, raises or returns
+        something that is not a finite number or None scores 0), `last_error`, and `hung`.
+
+        hang_after: when this many items have timed out and none has finished (min(n, hang_after)),
+          the function is taken to hang on every item: the rest are not run (counted as timeouts and
+          as `abandoned`) and `hung` is True. None: run every item.
+        """
         n = len(completions)
         results: list[float | None] = [0.0] * n
-        stats = {"timeouts": 0, "crashes": 0, "errors": 0}
+        stats: dict[str, Any] = {"timeouts": 0, "crashes": 0, "errors": 0, "last_error": None, "hung": False,
+                                 "abandoned": 0}
+        finished = 0
         fn_bytes = pickle.dumps(fn)
         size = max(1, min(MAX_CHUNK, math.ceil(n / (4 * self.num_workers))))
         queue = collections.deque(list(range(s, min(n, s + size))) for s in range(0, n, size))
 
         def give_up(w: int, kind: str) -> None:
             """The worker's current item timed out or crashed it: count it, requeue the rest."""
+            nonlocal finished
             worker = self._workers[w]
             k, _ = worker.current()
             k = min(max(k, 0), len(worker.chunk) - 1)
             stats[kind] += 1
+            finished += k  # the chunk's items before it ran to the end (they are scored again)
             rest = worker.chunk[:k] + worker.chunk[k + 1:]
             if rest:
                 queue.appendleft(rest)
@@ -171,7 +181,8 @@ class VerifierPool:
                         results[i] = value
                     else:
                         stats["errors"] += 1
-                        self.last_error = value
+                        self.last_error = stats["last_error"] = value
+                finished += len(worker.chunk)
                 worker.answered += len(worker.chunk)
                 worker.chunk = None
             now = time.monotonic()
@@ -180,7 +191,21 @@ class VerifierPool:
                     k, since = worker.current()
                     if k >= 0 and now - since >= self.timeout_s:
                         give_up(w, "timeouts")
+            if hang_after and not finished and stats["timeouts"] >= min(n, hang_after):
+                self._abandon(queue, stats)
+                break
         return results, stats
+
+    def _abandon(self, queue: collections.deque, stats: dict[str, Any]) -> None:
+        """Stop running a function that hangs: its queued and in-flight items count as timeouts."""
+        stats["hung"] = True
+        stats["abandoned"] = sum(len(chunk) for chunk in queue)
+        queue.clear()
+        for w, worker in enumerate(self._workers):
+            if worker.chunk is not None:
+                stats["abandoned"] += len(worker.chunk)
+                self._replace(w)
+        stats["timeouts"] += stats["abandoned"]
 
     def close(self) -> None:
         for worker in [*self._workers, self._spare]:

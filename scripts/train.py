@@ -27,6 +27,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from grpo_jax import checkpoint  # noqa: E402
 from grpo_jax import config  # noqa: E402
+from grpo_jax import rewards  # noqa: E402
 
 DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"))
 config.check_argv(sys.argv, DEFAULT_CONFIG)  # an old or misspelt field: one line naming it, before flag parsing
@@ -72,8 +73,8 @@ def run(argv):
         main(argv)
     except config.ConfigError as e:  # a value the run cannot use: named, before any work
         sys.exit(f"config: {e}")
-    except checkpoint.CheckpointError as e:  # a full disk; no intact checkpoint to resume from
-        sys.exit(str(e))
+    except (checkpoint.CheckpointError, rewards.RewardHangError) as e:  # a full disk, no intact checkpoint; a
+        sys.exit(str(e))                                                # reward that hangs (verifier.on_hang)
     except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM (grpo_jax.graceful_stop): no checkpoint this time
         sys.exit(f"{str(e) or 'interrupted'}; the last checkpoint is the newest one saved before it")
 

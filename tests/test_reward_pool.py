@@ -111,9 +111,59 @@ def test_hangs_crashes_errors_are_counted_and_scored_zero(pool):
     assert m["rewards/errors"] == 1
 
 
-def test_score_without_pool_surfaces_errors_clearly():
-    with pytest.raises(RuntimeError, match="reward function 'test_reward_pool:raises_on_odd' raised ValueError"):
-        rewards.score([rewards.RewardSpec("test_reward_pool:raises_on_odd")], [""], ["a"], {})
+def returns_nan(prompts, completions, **columns):
+    return [float("nan") if c == "b" else 1.0 for c in completions]
+
+
+def returns_inf(prompts, completions, **columns):
+    return [float("-inf") if c == "b" else 1.0 for c in completions]
+
+
+def returns_one_too_many(prompts, completions, **columns):
+    return [1.0] * (len(completions) + 1)
+
+
+def returns_text(prompts, completions, **columns):
+    return ["0.5" if c == "b" else 1.0 for c in completions]
+
+
+def returns_arrays(prompts, completions, **columns):  # numpy values and None are fine
+    return np.array([np.float32(1.0)] * len(completions), dtype=object) if completions[0] != "c" else [None]
+
+
+FAILURES = {  # function -> (its rewards for completions a, b, c; errors; what the error says)
+    "returns_nan": ([1.0, 0.0, 1.0], 1, "returned nan: rewards must be finite"),
+    "returns_inf": ([1.0, 0.0, 1.0], 1, "returned -inf: rewards must be finite"),
+    "returns_text": ([1.0, 0.0, 1.0], 1, "returned str '0.5', expected a number or None"),
+    "raises_on_odd": ([0.0, 1.0, 0.0], 2, "ValueError: bad completion"),
+}
+
+
+@pytest.mark.parametrize("in_pool", [True, False])
+@pytest.mark.parametrize("name", sorted(FAILURES))
+def test_bad_reward_values_are_errors_counted_by_function_in_both_paths(pool, name, in_pool):
+    want, errors, said = FAILURES[name]
+    spec = rewards.RewardSpec(f"test_reward_pool:{name}")
+    total, per_fn, m, failed = rewards.score_functions([rewards.RewardSpec("math", 0.0), spec], [""] * 3,
+                                                       ["a", "bb" if name == "raises_on_odd" else "b", "c"],
+                                                       {"answer": ["1"] * 3}, pool=pool if in_pool else None)
+    if name == "raises_on_odd" and not in_pool:  # in this process a raise is every item's error
+        want, errors = [0.0, 0.0, 0.0], 3
+    assert total.tolist() == want and m[f"rewards/{spec.name}/errors"] == errors == m["rewards/errors"]
+    assert list(failed) == [spec.name] and said in failed[spec.name]["last_error"]  # named by function
+
+
+@pytest.mark.parametrize("in_pool", [True, False])
+def test_a_wrong_number_of_values_is_an_error_in_both_paths(pool, in_pool):
+    spec = rewards.RewardSpec("test_reward_pool:returns_one_too_many")
+    total, _, m, failed = rewards.score_functions([spec], [""] * 3, ["a", "b", "c"], {}, pool=pool if in_pool else None)
+    assert total.tolist() == [0.0] * 3 and m["rewards/errors"] == 3
+    # The pool calls it on one completion at a time; this process on all of them.
+    assert failed[spec.name]["last_error"] == ("returned 2 values for 1 completion" if in_pool
+                                               else "returned 4 values for 3 completions")
+    total, per_fn, m, failed = rewards.score_functions([rewards.RewardSpec("test_reward_pool:returns_arrays")],
+                                                       [""], ["a"], {}, pool=pool if in_pool else None)
+    assert total.tolist() == [1.0] and not failed
 
 
 # ---- untrusted code --------------------------------------------------------------------------------
@@ -175,11 +225,42 @@ def test_chunks_keep_a_timeout_and_a_crash_on_their_own_item():
         values, stats = pool.map(hangs_on_seven, [""] * n, items, {})
         assert time.monotonic() - t < 2.0 + 10
         assert values == [0.0 if i == 7 else float(i) for i in range(n)]
-        assert stats == {"timeouts": 1, "crashes": 0, "errors": 0}
+        assert (stats["timeouts"], stats["crashes"], stats["errors"], stats["hung"]) == (1, 0, 0, False)
         values, stats = pool.map(dies_on_five, [""] * n, items, {})
         assert values == [0.0 if i == 5 else float(i) for i in range(n)]
-        assert stats == {"timeouts": 0, "crashes": 1, "errors": 0}
+        assert (stats["timeouts"], stats["crashes"], stats["errors"], stats["hung"]) == (0, 1, 0, False)
         assert pool._spare.proc.poll() is None  # a spare is started again after each replacement
+
+
+def test_a_function_that_hangs_on_every_item_is_given_up_then_disabled_or_stops_the_run():
+    said = []
+    rows = [{"question": str(i), "answer": "1"} for i in range(16)]
+    texts, lengths = ["#### 1"] * 64, [3] * 64
+    specs = [rewards.RewardSpec("math"), rewards.RewardSpec("test_reward_pool:sleeps_forever")]
+    with rewards.Scorer("question", 8, workers=2, timeout_s=0.5, hang_after=4, say=said.append) as scorer:
+        t = time.monotonic()
+        total, per_fn, _ = scorer(specs, rows, 4, texts, lengths)
+        # 4 timeouts on 2 workers, not 64 x 0.5 s / 2 = 16 s
+        assert time.monotonic() - t < 6 and total.tolist() == [1.0] * 64
+        failures = scorer.take_failures()["test_reward_pool:sleeps_forever"]
+        assert failures["timeouts"] == failures["items"] == 64 and scorer.take_failures() == {}
+        (line,) = said
+        assert line.startswith("reward 'test_reward_pool:sleeps_forever' timed out on the first ")
+        assert "disabled for the rest of the run" in line
+        t = time.monotonic()
+        total, per_fn, m = scorer(specs, rows, 4, texts, lengths)  # not run again
+        assert time.monotonic() - t < 1 and total.tolist() == [1.0] * 64 and len(said) == 1
+        assert np.isnan(per_fn["test_reward_pool:sleeps_forever"]).all()
+        assert m["rewards/test_reward_pool:sleeps_forever/frac_none"] == 1.0
+    with rewards.Scorer("question", 8, workers=2, timeout_s=0.5, hang_after=4, on_hang="stop") as scorer:
+        with pytest.raises(rewards.RewardHangError, match="sleeps_forever' timed out .* the run stops"):
+            scorer(specs, rows, 4, texts, lengths)
+    # A function that hangs on one item among others is not taken for one that hangs.
+    with rewards.Scorer("question", 8, workers=1, timeout_s=0.5, hang_after=1) as scorer:
+        total, _, _ = scorer([rewards.RewardSpec("test_reward_pool:hangs_on_seven")],
+                             [{"question": str(i), "answer": "1"} for i in range(5, 12)], 1,
+                             [str(i) for i in range(5, 12)], [1] * 7)
+        assert total.tolist() == [5.0, 6.0, 0.0, 8.0, 9.0, 10.0, 11.0] and not scorer.disabled
 
 
 def test_in_process_functions_run_here_with_the_whole_batch():
