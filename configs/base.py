@@ -123,7 +123,9 @@ def get_config() -> ConfigDict:
     # the state meanwhile); False: each save blocks until written. Checkpoints are verified on restore.
     c.checkpoint = ConfigDict(dict(every=50, keep=3, asynchronous=True))
     c.eval = ConfigDict(dict(every=25, k=4, batch_size=64, reward="math", at_start=True))
-    c.log = ConfigDict(dict(every=1, samples_every=10))
+    # A step line every `every` steps; without a progress bar (output not a terminal) also the first
+    # step and a line whenever every_s seconds pass without one (0: off).
+    c.log = ConfigDict(dict(every=1, every_s=30.0, samples_every=10))
     return c
 
 

@@ -144,6 +144,9 @@ def _check_ranges(cfg: ConfigDict) -> None:
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"optimizer.learning_rate={lr!r}; expected a finite number > 0 (a negative rate ascends "
                          "the loss)")
+    every_s = flat.get("log.every_s")
+    if every_s is not None and not (isinstance(every_s, (int, float)) and every_s >= 0):
+        raise ConfigError(f"log.every_s={every_s!r}; expected seconds >= 0 (0: off)")
     timeout = flat.get("verifier.timeout_s")
     if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ConfigError(f"verifier.timeout_s={timeout!r}; expected seconds > 0 per completion")

@@ -29,6 +29,7 @@ disagreements with math-verify.
 
 from __future__ import annotations
 
+import logging
 import re
 from fractions import Fraction
 from typing import Any
@@ -326,6 +327,10 @@ _CLOCK = re.compile(r"^\d+(?::\d+)+$")
 _BASE = re.compile(r"^(\w+)_\{?(\d+)\}?$")
 
 
+def _without_timeout_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Timeout is disabled")
+
+
 def _sympy(s: str):
     """A sympy object of a LaTeX string through math-verify's parser, or None."""
     if len(s) > MAX_ANSWER or _DANGEROUS.search(s):
@@ -336,6 +341,9 @@ def _sympy(s: str):
     # Its own normalisation off: it would drop any letters after a number as units (`4m` -> 4).
     config = LatexExtractionConfig(normalization_config=NormalizationConfig(
         basic_latex=True, units=False, malformed_operators=False, nits=False, boxed="none", equations=False))
+    # Its timeout (SIGALRM, main thread only) is off: the verifier pool times each item out. It warns
+    # about that once per process, into every run's output; the filter is added once (same object).
+    logging.getLogger("math_verify.parser").addFilter(_without_timeout_warning)
     try:
         parsed = parse(f"${s}$", extraction_config=[config], parsing_timeout=None)
     except Exception:  # noqa: BLE001 - unparseable means "not shown equal"

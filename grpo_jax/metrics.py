@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any, Mapping
 
@@ -40,11 +41,17 @@ class MetricWriter:
             self._w = SummaryWriter(logdir)
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        """Finite numbers as one event of scalars, under their own names: tensorboardX's add_scalar
+        would store eval/pass@1 as eval/pass_1 (TensorFlow's op-name rule), which TensorBoard does
+        not need, and the console and event files would disagree."""
         if self._w is None:
             return
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                self._w.add_scalar(k, float(v), step)
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if values:
+            self._w._get_file_writer().add_summary(Summary(value=values), step)
 
     def write(self, metrics: Mapping[str, Any], step: int) -> None:
         """Numbers as scalars, strings as text."""
@@ -66,8 +73,13 @@ class MetricWriter:
             self._w.close()
 
 
+# Event files written before 2026-12-01 (tensorboardX's add_scalar) hold eval/pass@1 as eval/pass_1.
+_OLD_AT = re.compile(r"^(eval/(?:pass|maj|mean))_(\d+)")
+
+
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of every event file in `logdir`, as {tag: [(step, value), ...]} (for plots and tests)."""
+    """Scalars of every event file in `logdir`, as {tag: [(step, value), ...]} (for plots and tests);
+    older files' eval/pass_1 is read as eval/pass@1."""
     import os
     import struct
 
@@ -87,5 +99,5 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
             event = event_pb2.Event.FromString(payload)
             for v in event.summary.value:
                 if v.HasField("simple_value"):
-                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
+                    out.setdefault(_OLD_AT.sub(r"\1@\2", v.tag), []).append((event.step, v.simple_value))
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import jax
@@ -57,6 +58,8 @@ class Trainer:
         self.cfg = cfg
         self.workdir = cfg.workdir
         os.makedirs(self.workdir, exist_ok=True)
+        if jax.process_index() == 0:  # loading a model and compiling take a while: say what is going on
+            print(f"{cfg.trainer} run in {self.workdir}: loading {cfg.init_from or cfg.model.source}", flush=True)
         # Before any work: a second run into this workdir would overwrite this one's checkpoints.
         self._lock = workdir_lock.WorkdirLock(self.workdir).acquire() if jax.process_index() == 0 else None
         pol, self.source = policy.load(cfg)
@@ -155,6 +158,7 @@ class Trainer:
             say(f"resumed from step {self.step}" if self.restore() else
                 f"no checkpoint in {checkpoint.directory(self.workdir)} yet: starting from step 0")
         bar.update(self.step)
+        first, last_said = self.step + 1, time.monotonic()
         history = []
         if self.step == 0:
             self.algorithm.before_training(self.state, say)
@@ -179,10 +183,15 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {"loss": f"{m['loss']:.3f}"}),
                             **({} if accuracy is None else {"pass@1": f"{accuracy:.3f}"}))
-            if step % cfg.log.every == 0 or step == last or "eval/pass@1" in record:
+            # Every log.every steps, and without a progress bar also the first step of the session
+            # (it includes compiling) and whenever log.every_s seconds have passed without a line.
+            quiet_for = time.monotonic() - last_said
+            if (step % cfg.log.every == 0 or step == last or "eval/pass@1" in record
+                    or (bar.disable and (step == first or 0 < cfg.log.get("every_s", 0) <= quiet_for))):
                 evals = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/"))
                 say(f"step {step}/{cfg.steps} | {self.algorithm.summary(m)} | " + (f"{evals} | " if evals else "")
                     + f"{m['time/step_s']:.2f}s")
+                last_said = time.monotonic()
             history.append(record)
             self.checkpoints.poll()  # a background save that failed stops the run now, not at the next save
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == last):

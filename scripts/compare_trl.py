@@ -143,10 +143,10 @@ def timed(cmd: list[str], log: str) -> dict:
 def grpo_jax_curves(workdir: str) -> dict:
     from grpo_jax import metrics
 
-    s = metrics.read_scalars(os.path.join(workdir, "grpo", "tb"))  # TensorBoard writes eval/pass@1 as eval/pass_1
+    s = metrics.read_scalars(os.path.join(workdir, "grpo", "tb"))
     return {"reward": s.get("reward", []), "rewards/answer_format/mean": s.get("rewards/answer_format/mean", []),
-            "eval/pass@1": s.get("eval/pass_1", []),
-            "eval/sampled": next((v for k, v in s.items() if k.startswith("eval/mean_") and k.endswith("_sampled")), [])}
+            "eval/pass@1": s.get("eval/pass@1", []),
+            "eval/sampled": next((v for k, v in s.items() if k.startswith("eval/mean@") and k.endswith("_sampled")), [])}
 
 
 def trl_curves(out: str) -> dict:

@@ -49,8 +49,8 @@ def main() -> None:
         if tag in s:
             steps, values = zip(*s[tag])
             ax.plot(steps, smooth(list(values), args.smooth), color="tab:gray", lw=1, label=label)
-    for tag, label, style in (("eval/pass_1", "held-out pass@1 (greedy)", "o-"),
-                              ("eval/mean_1_sampled", "held-out accuracy (sampled, T=1)", "s--")):
+    for tag, label, style in (("eval/pass@1", "held-out pass@1 (greedy)", "o-"),
+                              ("eval/mean@1_sampled", "held-out accuracy (sampled, T=1)", "s--")):
         if tag in s:
             steps, values = zip(*s[tag])
             ax.plot(steps, values, style, label=label)

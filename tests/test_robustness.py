@@ -231,3 +231,37 @@ def test_reward_functions_that_misbehave_are_named_and_one_that_hangs_is_disable
     assert len(odd) == 3 and all("last error: returned nan: rewards must be finite" in line for line in odd)
     tb = metrics.read_scalars(str(tmp_path / "run" / "tb"))
     assert [v for _, v in tb["rewards/slow/timeouts"]] == [16.0] and len(tb["rewards/odd/errors"]) == 3
+
+
+def test_event_files_hold_the_console_names_and_older_files_read_the_same(tmp_path):
+    import tensorboardX
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = metrics.MetricWriter(str(tmp_path / "new"))
+    writer.write({"eval/pass@1": 0.5, "eval/maj@4": 0.75, "reward": float("nan")}, 3)
+    writer.close()
+    tb = EventAccumulator(str(tmp_path / "new"))
+    tb.Reload()
+    assert sorted(tb.Tags()["scalars"]) == ["eval/maj@4", "eval/pass@1"]  # what TensorBoard shows; NaN left out
+    assert [(e.step, e.value) for e in tb.Scalars("eval/pass@1")] == [(3, 0.5)]
+    old = tensorboardX.SummaryWriter(str(tmp_path / "old"))  # how runs before 2026-12-01 wrote them
+    old.add_scalar("eval/pass@1", 0.25, 2)
+    old.close()
+    assert metrics.read_scalars(str(tmp_path / "old")) == {"eval/pass@1": [(2, 0.25)]}
+
+
+def test_progress_lines_come_from_the_start_without_a_terminal(tmp_path):
+    # stdout is a pipe (no progress bar) and log.every is larger than the run: the step lines come
+    # from the first step and from log.every_s, in the cold start too.
+    t = time.monotonic()
+    p = subprocess.Popen([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", "--config.cold_start.steps=40",
+                          "--config.steps=1", "--config.log.every=1000", "--config.log.every_s=0.3", "--config.eval.every=0",
+                          "--config.data.eval_size=4", "--config.eval.k=1", "--config.grpo.prompts_per_step=4",
+                          "--config.grpo.num_generations=4"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = [(time.monotonic() - t, line) for line in p.stdout]
+    assert p.wait() == 0
+    assert lines[0][1].startswith("== stage cold_start") and lines[0][0] < 15  # before the model loads
+    assert lines[1][1].startswith(f"sft run in {tmp_path / 'cold_start'}: loading shape:tiny")
+    cold = [int(line.split()[1].split("/")[0]) for _, line in lines if line.startswith("step ") and "/40 " in line]
+    assert cold[0] == 1 and cold[-1] == 40 and len(cold) >= 3, cold  # first, time-based, last

@@ -51,7 +51,7 @@ def test_end_to_end_writes_metrics_checkpoints_and_evaluates(tmp_path):
     from grpo_jax.metrics import read_scalars
 
     scalars = read_scalars(str(tmp_path / "tb"))
-    assert {"reward", "loss", "eval/pass_1", "rewards/math/mean"} <= set(scalars)  # TensorBoard spells @ as _
+    assert {"reward", "loss", "eval/pass@1", "rewards/math/mean"} <= set(scalars)  # the console's names
     assert [s for s, _ in scalars["reward"]] == [1, 2, 3]
 
 
