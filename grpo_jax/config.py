@@ -16,6 +16,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 from ml_collections import ConfigDict
@@ -172,6 +173,37 @@ def _check_ranges(cfg: ConfigDict) -> None:
     s = cfg.get("sft")
     if s is not None and s.batch_size % s.microbatches:
         raise ConfigError(f"sft.batch_size={s.batch_size} does not split into sft.microbatches={s.microbatches}")
+
+
+def check_mesh(cfg: ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """The mesh against the devices, and the batches against the mesh's batch axes (data x fsdp x
+    expert), before any model is loaded. Several hosts: each update's rows must split evenly over
+    the batch axes (jax.make_array_from_callback needs it); one host replicates a batch that does
+    not, so every device would compute all of it: said, not refused."""
+    m = cfg.mesh
+    sizes = {"data": m.data, "fsdp": m.fsdp, "expert": m.get("expert", 1), "tensor": m.tensor}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    bad = [k for k, v in sizes.items() if not isinstance(v, int) or v == 0 or v < -1]
+    if bad or list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"mesh={sizes}: sizes are positive integers, at most one -1 (the rest of the devices)")
+    if (-1 in sizes.values() and num_devices % fixed) or (-1 not in sizes.values() and fixed != num_devices):
+        raise ConfigError(f"mesh={sizes} does not fit the {num_devices} devices (the sizes multiply to the device "
+                          "count; one of them may be -1)")
+    shards = math.prod(num_devices // fixed if v == -1 else v for k, v in sizes.items() if k != "tensor")
+    if cfg.get("trainer") == "grpo":
+        g = cfg.grpo
+        rows = g.prompts_per_step * g.num_generations // (g.minibatches * g.microbatches)
+        where = (f"grpo.prompts_per_step x grpo.num_generations / (grpo.minibatches x grpo.microbatches) = {rows} rows "
+                 f"per update chunk")
+    else:
+        rows = cfg.sft.batch_size // cfg.sft.microbatches
+        where = f"sft.batch_size / sft.microbatches = {rows} rows per update chunk"
+    if rows % shards:
+        what = (f"{where} do not split over the mesh's batch axes (data x fsdp x expert = {shards} of {num_devices} "
+                "devices)")
+        if num_processes > 1:
+            raise ConfigError(f"{what}: with {num_processes} hosts they must; change the batch or the mesh")
+        warnings.warn(f"{what}: each update chunk is replicated, every device computing all of it", stacklevel=2)
 
 
 def check_token_ids(cfg: ConfigDict, vocab_size: int) -> None:

@@ -249,7 +249,7 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
     if until_stage is not None and until_stage not in names:
         raise ValueError(f"until_stage={until_stage!r}; the stages are {names}")
     for name in names:  # every stage's config checked before the first one starts
-        stage_config(cfg, name)
+        config.check_mesh(stage_config(cfg, name), jax.device_count(), jax.process_count())
     lead = jax.process_index() == 0
     with workdir_lock.WorkdirLock(cfg.workdir) if lead else contextlib.nullcontext():
         return _run_stages(cfg, names, until_stage, reward_fns, lead)

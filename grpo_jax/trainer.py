@@ -52,6 +52,7 @@ class Trainer:
 
     def __init__(self, cfg: ConfigDict, reward_fns: dict[str, rewards.RewardFn] | None = None):
         config.check(cfg)
+        config.check_mesh(cfg, jax.device_count(), jax.process_count())
         if cfg.cold_start.steps:
             raise ValueError(f"cold_start.steps={cfg.cold_start.steps}: the cold start is a stage of its own; run the "
                              "config with grpo_jax.pipeline.run(cfg) (scripts/train.py does): cold_start, then grpo")

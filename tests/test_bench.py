@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import jax
+import pytest
 
 from grpo_jax import model
 
@@ -120,6 +121,7 @@ def test_bench_layout_tiny(tmp_path):
     assert res["sampling"]["decode_loop_weight_all_gathers"] == 0
 
 
+@pytest.mark.slow  # ~18 s on 2 cores: a LoRA and a full run side by side
 def test_bench_lora_tiny():
     """LoRA in the benchmarks: the update of a LoRA state (adapters trained, base frozen in bf16)
     compiled for one device needs less than the full fine-tune's, whose state is 3 float32 copies of

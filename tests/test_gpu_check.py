@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,22 +19,31 @@ def _module():
     return mod
 
 
-def test_every_stage_runs_on_tiny_shapes_and_writes_its_figures(tmp_path):
-    out = tmp_path / "gc"
-    p = subprocess.run([sys.executable, "scripts/gpu_check.py", "--tiny", f"--out={out}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+def _run_tiny(out, *only):
+    p = subprocess.run([sys.executable, "scripts/gpu_check.py", "--tiny", f"--out={out}",
+                        *(["--only", *only] if only else [])], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads((out / "gpu_check.json").read_text())
-    names = [name for name, _, _ in _module().stages(True, str(out))]
+    names = [name for name, _, _ in _module().stages(True, str(out)) if not only or name in only]
     assert list(res["stages"]) == names
     assert {n: s["status"] for n, s in res["stages"].items()} == {n: "ok" for n in names}, \
         (out / "gpu_check.log").read_text()[-3000:]
-    st = res["stages"]
+    return res["stages"]
+
+
+def test_the_checks_of_correctness_run_on_tiny_shapes(tmp_path):
+    st = _run_tiny(tmp_path / "gc", "attention", "greedy")
     att = st["attention"]["results"][0]
     assert att["ok"] and att["other"] == "xla"  # no cuDNN on a CPU: XLA's attention stands in
     assert att["einsum"]["logp_abs_err_max"] > 0  # bf16 against float32: a real, non-zero error
     greedy = st["greedy"]["results"][0]
     assert greedy["ok"] and greedy["tiny_random"]["float32"]["identical_rows"] == 3
+
+
+@pytest.mark.slow  # ~100 s on 2 cores; the correctness stages above always run
+def test_every_stage_runs_on_tiny_shapes_and_writes_its_figures(tmp_path):
+    out = tmp_path / "gc"
+    st = _run_tiny(out)
     assert [r["batch"] for r in st["grpo_step"]["results"][0]["runs"]] == [64, 256]
     assert all(len(s["results"]) == len(c) for (n, _, c), s in zip(_module().stages(True, str(out)), st.values()))
 

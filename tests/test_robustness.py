@@ -114,6 +114,30 @@ def test_values_that_cannot_work_are_named_before_any_work(field, value, message
         config.check(cfg)
 
 
+def test_the_mesh_and_the_batches_it_splits_are_checked_before_any_work(tmp_path):
+    cfg = default.get_config()
+    cfg.grpo.prompts_per_step, cfg.grpo.num_generations, cfg.grpo.microbatches = 2, 4, 2  # 4 rows per chunk
+    config.check_mesh(cfg, num_devices=4)
+    with pytest.raises(config.ConfigError, match=r"mesh=\{'data': 3, .* does not fit the 8 devices"):
+        cfg.mesh.data = 3
+        config.check_mesh(cfg, num_devices=8)
+    cfg.mesh.data = -1
+    with pytest.raises(config.ConfigError, match=r"= 4 rows per update chunk do not split over the mesh's batch axes "
+                                                 r"\(data x fsdp x expert = 8 of 8 devices\): with 2 hosts they must"):
+        config.check_mesh(cfg, num_devices=8, num_processes=2)
+    with pytest.warns(UserWarning, match="each update chunk is replicated"):
+        config.check_mesh(cfg, num_devices=8)
+    cfg.mesh.tensor = 2  # 4 batch shards x 2: fits
+    config.check_mesh(cfg, num_devices=8, num_processes=2)
+    # Through train.py, before anything is loaded: one line, nothing written.
+    p = subprocess.run([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", "--config.cold_start.steps=0",
+                        "--config.mesh.fsdp=2", "--config.mesh.data=2"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        "config: mesh={'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 1} does not fit the 1 devices (the sizes multiply "
+        "to the device count; one of them may be -1)")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_the_command_line_names_bad_fields_in_one_line_and_takes_lists(tmp_path):
     def run(*args):
         p = subprocess.run([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", *args], cwd=ROOT,
@@ -255,9 +279,8 @@ def test_progress_lines_come_from_the_start_without_a_terminal(tmp_path):
     # from the first step and from log.every_s, in the cold start too.
     t = time.monotonic()
     p = subprocess.Popen([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", "--config.cold_start.steps=40",
-                          "--config.steps=1", "--config.log.every=1000", "--config.log.every_s=0.3", "--config.eval.every=0",
-                          "--config.data.eval_size=4", "--config.eval.k=1", "--config.grpo.prompts_per_step=4",
-                          "--config.grpo.num_generations=4"],
+                          "--until_stage=cold_start", "--config.log.every=1000", "--config.log.every_s=0.3",
+                          "--config.data.eval_size=4", "--config.eval.k=1"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines = [(time.monotonic() - t, line) for line in p.stdout]
     assert p.wait() == 0
