@@ -158,18 +158,12 @@ def _picklable(fn) -> bool:
         return False
 
 
-def score(
-    specs: Sequence[RewardSpec],
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    columns: dict[str, Sequence[Any]],
-    pool: verifier_pool.VerifierPool | None = None,
-    fns: dict[str, RewardFn] | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+def score(specs: Sequence[RewardSpec], prompts: Sequence[str], completions: Sequence[str],
+          columns: dict[str, Sequence[Any]], pool: verifier_pool.VerifierPool | None = None,
+          fns: dict[str, RewardFn] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
     """Weighted sum of several reward functions: (total [N] float32, per-function rewards [N] with
-    NaN for None, metrics). `score_functions` without its failure messages."""
-    total, per_fn, metrics, _ = score_functions(specs, prompts, completions, columns, pool, fns)
-    return total, per_fn, metrics
+    NaN for None, metrics); `score_functions` without the failures by function."""
+    return score_functions(specs, prompts, completions, columns, pool, fns)[:3]
 
 
 def score_functions(
