@@ -274,7 +274,8 @@ class Checkpoints:
                  say: Callable[[str], None] = print):
         self.base, self.reference, self.asynchronous, self.say = base, reference, asynchronous, say
         self.dir = directory(workdir)
-        self._writing: list[int] = []  # steps handed to orbax, oldest first, whose manifest is still due
+        # Steps handed to orbax, oldest first, whose manifest is still due (process 0 only).
+        self._writing: list[int] = []
         self._failed: CheckpointError | None = None
         self._orbax_errors = _OrbaxErrors()
         logging.getLogger("absl").addFilter(self._orbax_errors)  # orbax logs through absl
@@ -312,10 +313,18 @@ class Checkpoints:
             "checkpoint.keep) and resume")
         return self._failed
 
-    def _remove_unfinished(self) -> None:
-        if jax.process_index() == 0:
+    def _remove_unfinished(self, settle_s: float = 0.0) -> None:
+        """Remove unfinished saves' folders; for `settle_s` more seconds, again as they reappear
+        (tensorstore finishes the writes orbax stopped waiting for, recreating their folders)."""
+        if jax.process_index() != 0:
+            return
+        end = time.monotonic() + settle_s
+        while True:
             for path in glob.glob(os.path.join(self.dir, f"*{_TMP}*")):
                 shutil.rmtree(path, ignore_errors=True)
+            if time.monotonic() >= end:
+                return
+            time.sleep(0.05)
 
     def save(self, state: train_state.TrainState) -> None:
         step = int(state.step)
@@ -329,13 +338,14 @@ class Checkpoints:
         for name, record in (("base", self.base), ("reference", self.reference)):
             if record is not None:
                 items[name] = ocp.args.JsonSave(record)
-        self._writing.append(step)
+        if jax.process_index() == 0:  # orbax runs the manifest callback on the primary host only
+            self._writing.append(step)
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - the previous save's error surfaces here too
             raise self._fail(step, e) from e
         if not saved:
-            self._writing.pop()
+            self._writing.clear()
             raise CheckpointError(f"orbax declined to save step {step} in {self.dir} (its latest is "
                                   f"{self.latest_step()})")
         if not self.asynchronous:
@@ -343,19 +353,22 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Block until the saves in flight are written (their checksums and rename included)."""
+        self._raise_failure(self.manager.wait_until_finished)
+
+    def poll(self) -> None:
+        """Raise now if a save in the background has failed; never waits for one in flight (and
+        involves no other host)."""
+        if not self.manager.is_saving_in_progress():
+            self._raise_failure()
+
+    def _raise_failure(self, wait: Callable[[], None] = lambda: None) -> None:
         try:
-            self.manager.wait_until_finished()
+            wait()
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
             raise self._fail(self._writing[0] if self._writing else self.latest_step() or 0, e) from e
         if self._writing:  # orbax logged a failed save instead of raising it
             raise self._fail(self._writing[0], self._orbax_errors.last or RuntimeError("orbax did not finish the save"))
-
-    def poll(self) -> None:
-        """Raise now if a save in the background has failed (does not wait for one in flight)."""
-        if self.manager.is_saving_in_progress():
-            return
-        self.wait()
 
     def restore(self, like: train_state.TrainState, step: int | None = None) -> train_state.TrainState | None:
         """The newest intact checkpoint (or the one at `step`) in the structure, dtypes and shardings
@@ -408,7 +421,7 @@ class Checkpoints:
                     raise
             logging.getLogger("absl").removeFilter(self._orbax_errors)
             if self._failed is not None:  # tensorstore may have gone on writing after the failure
-                self._remove_unfinished()
+                self._remove_unfinished(settle_s=1.0)
 
 
 def restore_params(workdir: str, like: Any, step: int | None = None, base: str | None = None,
