@@ -2,7 +2,7 @@
 
     state = train_state.create(params, tx, mesh, seed=0, data=iterator.state())
     state, metrics = update(state, batch)            # grpo.update / sft.update: jitted, donated
-    checkpoint.Checkpoints(workdir).save(state)      # a checkpoint is exactly this state
+    checkpoint.Checkpoints(workdir).save(state)      # a checkpoint is this state, less what is rebuilt
 
 Fields:
     step        [] int32    training steps done (a GRPO step may make several optimizer updates)
