@@ -195,7 +195,7 @@ class Trainer:
                 last_said = time.monotonic()
             history.append(record)
             self.checkpoints.poll()  # a background save that failed stops the run now, not at the next save
-            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == last):
+            if step == last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):  # every=0: at the end
                 self.save()
         bar.close()
         if stop.requested:

@@ -244,6 +244,11 @@ def test_steps_on_a_2x4_mesh_of_8_devices_match_one_device(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    # Both hosts wrote the final checkpoint; process 0 recorded every file of it after orbax's barrier.
+    from grpo_jax import checkpoint
+
+    final = os.path.join(checkpoint.directory(str(tmp_path / "hosts")), "2")
+    assert checkpoint.verified(final) and checkpoint.problem(final) is None
     scalars = read_scalars(str(tmp_path / "hosts" / "tb"))
     for step, want in enumerate(one, start=1):
         got = {k: dict(scalars[k])[step] for k in want}
