@@ -1,7 +1,7 @@
 """Shared defaults of every run; the other configs change a few fields of this one.
 
 Fields that may be unset are `placeholder(TYPE)` (None until given). Renamed fields are listed in
-grpo_jax/config.py: a config that uses an old name stops with the new one.
+grpo_jax/run/config.py: a config that uses an old name stops with the new one.
 """
 
 from ml_collections import ConfigDict
@@ -14,7 +14,7 @@ def get_config() -> ConfigDict:
     c.steps = 100
     c.workdir = "runs/default"
     c.resume = False
-    c.trainer = "grpo"  # "grpo" or "sft" (grpo_jax.sft: prompt/completion pairs)
+    c.trainer = "grpo"  # "grpo" or "sft" (grpo_jax.rl.sft: prompt/completion pairs)
     c.init_from = placeholder(str)  # a workdir whose latest checkpoint's parameters start this run (pipelines set it)
 
     c.model = ConfigDict(dict(
@@ -25,11 +25,11 @@ def get_config() -> ConfigDict:
         # weights, optimizer state and gradient sums; bf16 matmuls). bf16 storage refuses learning
         # rates its weights cannot represent (train_state.check_precision).
         dtype="float32", param_dtype="float32", remat="none",
-        residual_dtype=placeholder(str),  # the residual stream (unset: dtype); see model.ModelConfig
-        attention="einsum",  # cache-free passes: "einsum", "xla" or "cudnn" (see model.ModelConfig)
-        # LoRA (grpo_jax.lora): rank > 0 trains adapters on these projections of a frozen base, stored
+        residual_dtype=placeholder(str),  # the residual stream (unset: dtype); see architecture.ModelConfig
+        attention="einsum",  # cache-free passes: "einsum", "xla" or "cudnn" (see architecture.ModelConfig)
+        # LoRA (grpo_jax.models.lora): rank > 0 trains adapters on these projections of a frozen base, stored
         # once in `dtype`, which is also the KL reference (adapters off). 0: a full fine-tune.
-        lora=ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,  # dropout: 0 only (see grpo_jax.policy)
+        lora=ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,  # dropout: 0 only (see grpo_jax.rollout.policy)
                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))))
 
     c.data = ConfigDict(dict(
@@ -71,7 +71,7 @@ def get_config() -> ConfigDict:
         dual_clip=placeholder(float),  # c > 1 caps negative-advantage losses; unset: off
         beta=0.04, kl_estimator="k3", aggregation="seq-mean-token-mean", importance_level="token",
         mask_truncated=False, overlong_buffer=0, logprob_chunk=1024,
-        # The sampler/trainer mismatch (grpo_jax.rollout_correction): None (measured, not corrected),
+        # The sampler/trainer mismatch (grpo_jax.rl.rollout_correction): None (measured, not corrected),
         # "token_truncate" (TIS), "token_mask", "sequence_truncate" or "sequence_mask" (MIS), with
         # the weights capped to [rollout_correction_min, rollout_correction_max].
         rollout_correction=placeholder(str), rollout_correction_max=2.0, rollout_correction_min=placeholder(float),
@@ -90,7 +90,7 @@ def get_config() -> ConfigDict:
     c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0, sandbox="auto", hang_after=16, on_hang="disable"))
 
     # Supervised fine-tuning: trainer="sft" runs cfg.steps steps with cfg.optimizer on `data`
-    # (comma-separated: "demonstrations", "rejection_samples", files or hub datasets; see grpo_jax/sft.py).
+    # (comma-separated: "demonstrations", "rejection_samples", files or hub datasets; see grpo_jax/rl/sft.py).
     c.sft = ConfigDict(dict(
         data="demonstrations", completion_field="completion", batch_size=32, microbatches=1,
         max_completion_tokens=placeholder(int),  # unset: sampling.max_new_tokens
@@ -99,7 +99,7 @@ def get_config() -> ConfigDict:
 
     # Cold start (stage 1 of DeepSeek-R1). With steps > 0 a GRPO run first fine-tunes on
     # demonstrations as an SFT stage of its own, in WORKDIR/cold_start (checkpointed and resumable
-    # like any stage), then trains in WORKDIR/grpo (grpo_jax/pipeline.py). The fields here override
+    # like any stage), then trains in WORKDIR/grpo (grpo_jax/run/pipeline.py). The fields here override
     # this config for that stage, as a pipeline stage's do.
     c.cold_start = ConfigDict(dict(
         steps=0,

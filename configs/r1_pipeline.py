@@ -10,7 +10,7 @@
     python scripts/train.py --config=configs/r1_pipeline.py          # rerun to resume after a stop
     python scripts/test_time_scaling.py --config=configs/r1_pipeline.py --n=16
 
-Every stage starts from the previous one's final checkpoint; see grpo_jax/pipeline.py.
+Every stage starts from the previous one's final checkpoint; see grpo_jax/run/pipeline.py.
 """
 
 import re

@@ -9,7 +9,7 @@ nothing to learn from. Stage 1 (runs/smollm2/cold_start): 16 SFT steps, one pass
 G=8, 16 new tokens, beta 0) on the other training problems. Held out: 128 problems never trained on.
 Reaches (README, "A real pretrained model on a CPU"): held-out greedy pass@1 0.000 before the cold
 start, 0.523 after it, 0.695 after GRPO (+17 points from RL). The same GRPO settings under TRL's GRPOTrainer:
-scripts/compare_trl.py.
+benchmarks/compare_trl.py.
 """
 
 from ml_collections import ConfigDict
@@ -41,7 +41,7 @@ def get_config():
     c.cold_start.optimizer = ConfigDict(dict(learning_rate=2e-5, schedule="constant", warmup_steps=0, b2=0.999,
                                              weight_decay=0.0))
 
-    # Stage 2: GRPO, with the settings scripts/compare_trl.py gives TRL's GRPOTrainer (TRL's
+    # Stage 2: GRPO, with the settings benchmarks/compare_trl.py gives TRL's GRPOTrainer (TRL's
     # defaults where they differ from ours: sample std, seq-mean-token-mean is its loss_type="grpo").
     c.steps = 100
     c.grpo.prompts_per_step, c.grpo.num_generations = 8, 8

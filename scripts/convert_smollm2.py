@@ -7,7 +7,7 @@ return the cached folder).
 """
 import argparse
 
-from grpo_jax.pretrained import cache_dir, smollm2_path
+from grpo_jax.models.pretrained import cache_dir, smollm2_path
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,7 +7,7 @@
 
 Prints pass@1 (greedy), maj@k, pass@k (unbiased) and mean sampled accuracy as JSON, with the same
 verifier the run used (config eval.reward). --config.FIELD=value overrides work as in train.py. Only
-the policy's parameters are loaded (grpo_jax.policy): no optimizer state, no random init first.
+the policy's parameters are loaded (grpo_jax.rollout.policy): no optimizer state, no random init first.
 """
 
 import json
@@ -19,7 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from grpo_jax import config  # noqa: E402
+from grpo_jax.common import data
+from grpo_jax.rewards import scoring
+from grpo_jax.rollout import evaluation
+from grpo_jax.run import config
+from grpo_jax.run import pipeline
 
 config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
 
@@ -38,13 +42,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from grpo_jax import data, evaluation, pipeline, rewards
 
     logging.set_verbosity(logging.WARNING)
     pol, cfg, source = pipeline.load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
     task = data.load_task(cfg.data, cfg.seed)
     options = {**evaluation.settings(cfg), **({} if _K.value is None else {"k": _K.value})}
-    with rewards.Scorer.from_config(cfg) as scorer:
+    with scoring.Scorer.from_config(cfg) as scorer:
         result = {"model": source, "problems": len(task.eval), **evaluation.evaluate(pol, task.eval, scorer, **options)}
     text = json.dumps(result, indent=2)
     print(text)

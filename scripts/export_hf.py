@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from grpo_jax import config  # noqa: E402
+from grpo_jax.run import config
+from grpo_jax.run import loading
+from grpo_jax.run import pipeline
 
 config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
 
@@ -38,14 +40,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from grpo_jax import pipeline
-    from grpo_jax import policy
 
     logging.set_verbosity(logging.WARNING)
     pol, run, source = pipeline.load_policy(_CONFIG.value, _STAGE.value, _STEP.value)
     if _PEFT.value:
         # The base as the run recorded it (pipeline stages start from the previous stage's policy).
-        base = policy.hf_base(policy.run_config(run.workdir) or run)
+        base = loading.hf_base(loading.run_config(run.workdir) or run)
         out = pol.export_peft(_OUT.value, base_model=base)
         print(f"wrote the adapters of {source} to {out}" + ("" if base else
               " (their base is not a published model: export it with this script too, e.g. --stage=NAME of the stage "

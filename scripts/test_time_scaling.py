@@ -8,7 +8,7 @@ the run's verifier (eval.reward), and reports for k = 1, 2, 4, ..., n the unbias
 vote over normalised final answers (maj@k) and best-of-k picked by each --select score: a reward
 function name (built-in or "module:function") or `logprob` (the policy's mean token log-probability,
 its own confidence). Picking by the verifier itself would give pass@k. Greedy pass@1 is reported
-too. Prints a markdown table; --output writes JSON, --plot a PNG. See grpo_jax/test_time.py.
+too. Prints a markdown table; --output writes JSON, --plot a PNG. See grpo_jax/rollout/at_k.py.
 """
 
 import json
@@ -20,7 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from grpo_jax import config  # noqa: E402
+from grpo_jax.common import data
+from grpo_jax.parallel import multihost
+from grpo_jax.rewards import math_grader
+from grpo_jax.rewards import scoring
+from grpo_jax.rollout import at_k
+from grpo_jax.rollout import evaluation
+from grpo_jax.run import config
+from grpo_jax.run import pipeline
 
 config.check_argv(sys.argv)  # an old field name: say the new one (flag parsing would not)
 
@@ -42,22 +49,21 @@ def measure(pol, cfg, scorer, rows, n: int, selectors) -> dict:
     import jax
     import numpy as np
 
-    from grpo_jax import evaluation, math_grader, multihost, rewards, test_time
 
     greedy = evaluation.evaluate(pol, rows, scorer, **{**evaluation.settings(cfg), "k": 0})["eval/pass@1"]
     block = multihost.host_block(rows, jax.process_count())
     gen = pol.sample(block, n, jax.random.key(cfg.seed + 7), batch_size=evaluation.prompts_per_call(cfg, n))
-    scores, _, _ = scorer([rewards.RewardSpec(cfg.eval.reward, 1.0)], block, n, gen.texts, gen.lengths)
+    scores, _, _ = scorer([scoring.RewardSpec(cfg.eval.reward, 1.0)], block, n, gen.texts, gen.lengths)
     correct = multihost.all_hosts(np.asarray(scores).reshape(len(block), n) > 0.5)
     answers = multihost.all_hosts_json(
         [[math_grader.normalize_answer(math_grader.extract_answer(t) or "") for t in gen.texts[i * n:(i + 1) * n]]
          for i in range(len(block))])
     chosen = {}
     for name in selectors:
-        s = gen.mean_logp if name == "logprob" else scorer([rewards.RewardSpec(name, 1.0)], block, n, gen.texts, gen.lengths)[0]
+        s = gen.mean_logp if name == "logprob" else scorer([scoring.RewardSpec(name, 1.0)], block, n, gen.texts, gen.lengths)[0]
         chosen[name] = multihost.all_hosts(np.asarray(s, np.float64).reshape(len(block), n))
     return {"problems": len(rows), "n": n, "greedy_pass@1": greedy,
-            "curve": test_time.scaling_curve(correct, answers, chosen)}
+            "curve": at_k.scaling_curve(correct, answers, chosen)}
 
 
 def table(result: dict) -> str:
@@ -96,13 +102,12 @@ def main(argv):
 
     import jax
 
-    from grpo_jax import data, pipeline, rewards
 
     logging.set_verbosity(logging.WARNING)
     pol, cfg, source = pipeline.load_policy(_CONFIG.value, _STAGE.value, _STEP.value, _HF.value)
     task = data.load_task(cfg.data, cfg.seed)
     rows = task.eval[:_PROBLEMS.value] if _PROBLEMS.value else task.eval
-    with rewards.Scorer.from_config(cfg) as scorer:
+    with scoring.Scorer.from_config(cfg) as scorer:
         result = {"model": source, **measure(pol, cfg, scorer, rows, _N.value, _SELECT.value)}
     if jax.process_index() != 0:
         return

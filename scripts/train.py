@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from grpo_jax import checkpoint  # noqa: E402
-from grpo_jax import config  # noqa: E402
-from grpo_jax import rewards  # noqa: E402
+from grpo_jax.rewards import scoring
+from grpo_jax.run import checkpoint
+from grpo_jax.run import config
+from grpo_jax.run import pipeline
 
 DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"))
 config.check_argv(sys.argv, DEFAULT_CONFIG)  # an old or misspelt field: one line naming it, before flag parsing
@@ -46,7 +47,6 @@ def main(argv):
 
     import jax
 
-    from grpo_jax import pipeline
 
     if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs use their own
@@ -73,9 +73,9 @@ def run(argv):
         main(argv)
     except config.ConfigError as e:  # a value the run cannot use: named, before any work
         sys.exit(f"config: {e}")
-    except (checkpoint.CheckpointError, rewards.RewardHangError) as e:  # a full disk, no intact checkpoint; a
+    except (checkpoint.CheckpointError, scoring.RewardHangError) as e:  # a full disk, no intact checkpoint; a
         sys.exit(str(e))                                                # reward that hangs (verifier.on_hang)
-    except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM (grpo_jax.graceful_stop): no checkpoint this time
+    except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM (grpo_jax.run.graceful_stop): no checkpoint this time
         sys.exit(f"{str(e) or 'interrupted'}; the last checkpoint is the newest one saved before it")
 
 

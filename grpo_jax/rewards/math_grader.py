@@ -1,0 +1,513 @@
+"""Math answers: extract the final answer of a completion and decide whether it equals the gold one.
+
+Written to never accept a wrong answer (a reward a policy would learn to hack), accepting every
+equivalent form it can prove equal:
+
+  - integers compare exactly (`1000001` is not `1000000`); `1,234`, `1\\,234`, `11,\\! 111` and
+    `1 000` are thousands separators, `1 2 3` is three numbers, not 123;
+  - a decimal gold answer has a precision: a prediction written with more digits, or an exact value
+    (`\\frac13`, `\\pi`), matches when it rounds to the gold at the gold's number of decimals
+    (gold 0.33: 1/3 yes, 0.34 no); with as many digits or fewer it must be equal. An exact gold
+    (integer, fraction, surd) needs an exactly equal prediction (`\\pi` is not 3.14);
+  - LaTeX as LaTeX means it: `\\frac123` is (1/2)*3, `\\sqrt2` is sqrt(2); surds, powers and
+    expressions in variables are compared with sympy (math-verify's LaTeX parser; no wall-clock
+    limit inside: a reward is a function of the text alone, the verifier pool's timeout is the
+    only one);
+  - only known units are dropped (`5 \\mathrm{cm}`, `5\\,\\text{m}^2`, `12 dollars`): letters after
+    a number are never assumed to be units (`5x`, `2i`, `3 pi` are not 5, 2, 3); other words make
+    the comparison a string comparison;
+  - lists compare in order, item by item (`1, 2` is not `2, 1`, and a list never equals one
+    number); tuples and intervals by their brackets and items; sets `\\{...\\}` as sets; matrices
+    and vectors by shape and entries (pmatrix, bmatrix and matrix alike);
+  - equations as equations: `2x+4y-3=0` equals `y=-\\frac12x+\\frac34` (one side minus the other
+    agrees up to a nonzero constant factor); `x = 5` equals 5.
+
+The table this is measured against (false positives 0, false negatives counted) is
+tests/data/math_answers.jsonl; `python benchmarks/bench_math_grader.py` prints the figures and the
+disagreements with math-verify.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from fractions import Fraction
+from typing import Any
+
+MAX_TEXT = 20_000  # characters of a completion looked at for answers (the end, where answers are)
+MAX_ANSWER = 400  # longest answer handed to sympy
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+
+
+def _last_braced(text: str, command: str) -> str | None:
+    """Content of the last `command{...}` whose braces balance (nested), in one linear pass."""
+    starts = set()
+    i = text.find(command + "{")
+    while i != -1:
+        starts.add(i + len(command))
+        i = text.find(command + "{", i + 1)
+    if not starts:
+        return None
+    stack, best = [], None
+    for j, c in enumerate(text):
+        if c == "{":
+            stack.append(j)
+        elif c == "}" and stack:
+            o = stack.pop()
+            if o in starts and (best is None or o > best[0]):
+                best = (o, j)
+    return None if best is None else text[best[0] + 1:best[1]]
+
+
+_ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]{1,200})", re.IGNORECASE)
+_GSM8K = re.compile(r"####[ \t]*([^\n]{1,200})")
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final answer of a completion, or None if it states none.
+
+    Looks, in this order, for <answer>...</answer> (the last one; a \\boxed{} inside wins), the last
+    \\boxed{...} (nested braces), GSM8K's `#### 42`, and "the answer is ...".
+    """
+    if not text:
+        return None
+    text = text[-MAX_TEXT:]
+    close = text.rfind("</answer>")
+    if close != -1:
+        open_ = text.rfind("<answer>", 0, close)
+        if open_ != -1:
+            inner = text[open_ + len("<answer>"):close]
+            return _last_braced(inner, "\\boxed") or _last_braced(inner, "\\fbox") or inner.strip() or None
+    for command in ("\\boxed", "\\fbox"):
+        boxed = _last_braced(text, command)
+        if boxed is not None:
+            return boxed
+    m = None
+    for m in _GSM8K.finditer(text):
+        pass
+    if m:
+        return m.group(1)
+    for m in _ANSWER_IS.finditer(text):
+        pass
+    if m:
+        return m.group(1).strip().rstrip(".")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+
+_UNIT_WORDS = """mm cm dm m km in inch inches ft foot feet yd yard yards mi mile miles meter meters metre
+metres centimeter centimeters millimeter millimeters kilometer kilometers mg g kg gram grams kilogram
+kilograms lb lbs pound pounds oz ounce ounces ton tons tonne tonnes s sec secs second seconds min mins
+minute minutes h hr hrs hour hours day days week weeks month months year years ml mL l L liter liters
+litre litres gallon gallons cup cups quart quarts pint pints mph kph km/h m/s dollar dollars cent cents
+euro euros degree degrees deg rad radian radians unit units percent percentage pct sq""".split()
+_UNIT = "|".join(sorted((re.escape(u) for u in _UNIT_WORDS), key=len, reverse=True))
+_LONG_UNIT = "|".join(sorted((re.escape(u) for u in _UNIT_WORDS if len(u) > 2), key=len, reverse=True))
+_POWER = r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?"
+_TEXT_UNIT = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|rm)\s*\{\s*(?:(?:square|cubic|sq\.?)\s+)?"
+                        rf"(?:{_UNIT})\s*\}}{_POWER}\s*$")
+# A plain-text unit ends the answer; one of one or two letters only after a space (`5 m`, not `5m`).
+_PLAIN_UNIT = re.compile(rf"(?:\s+(?:(?:square|cubic|sq\.?)\s+)?(?:{_UNIT})|(?<=[\d}}])(?:{_LONG_UNIT})){_POWER}\s*$")
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|rm)\s*\{([^{}]{0,100})\}")
+_NOISE = re.compile(r"\\(?:left|right|displaystyle|quad|qquad)(?![a-zA-Z])|(?<!\\)\\[!,;: ]\s*|~|\$|\\\$|"
+                    r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\%|%")
+_FUNCTION_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+                   "log", "ln", "exp", "sqrt", "frac", "dfrac", "tfrac", "pi", "infty", "inf", "cdot", "times",
+                   "div", "pm", "mp", "le", "ge", "leq", "geq", "neq", "ne", "lt", "gt", "in", "cup", "cap",
+                   "emptyset", "varnothing", "mathbb", "begin", "end", "matrix", "pmatrix", "bmatrix",
+                   "Bmatrix", "vmatrix", "Vmatrix", "smallmatrix", "alpha", "beta", "gamma", "delta",
+                   "theta", "phi", "varphi", "lambda", "mu", "sigma", "omega", "tau", "rho", "epsilon", "to",
+                   "circ", "prime", "dots", "ldots", "cdots", "mathbf", "vec", "overline", "hat", "det"}
+# ASCII and short relation signs as LaTeX, so that `!=` and `>=` are not read as equations
+_RELATIONS = ((">=", "\\geq "), ("<=", "\\leq "), ("!=", "\\neq "), ("\\ge ", "\\geq "), ("\\le ", "\\leq "),
+              ("\\ne ", "\\neq "), ("\\lt", "<"), ("\\gt", ">"))
+_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
+
+
+def _unbraced_args(s: str) -> str:
+    """`\\frac123` -> `\\frac{1}{2}3` and `\\sqrt2` -> `\\sqrt{2}`: a LaTeX argument is a braced group
+    or one token (a character or a command), so brace every argument before parsing."""
+    if "frac" not in s and "sqrt" not in s:
+        return s
+    out, i, n = [], 0, len(s)
+    commands = (("\\dfrac", 2), ("\\tfrac", 2), ("\\frac", 2), ("\\sqrt", 1))
+    while i < n:
+        for name, nargs in commands:
+            if s.startswith(name, i) and not (i + len(name) < n and s[i + len(name)].isalpha()):
+                i += len(name)
+                out.append("\\frac" if nargs == 2 else name)
+                if name == "\\sqrt" and i < n and s[i] == "[":  # \sqrt[3]{x}
+                    j = s.find("]", i)
+                    if j == -1:
+                        return "".join(out) + s[i:]
+                    out.append(s[i:j + 1])
+                    i = j + 1
+                for _ in range(nargs):
+                    while i < n and s[i] == " ":
+                        i += 1
+                    if i >= n:
+                        break
+                    if s[i] == "{":
+                        depth, j = 0, i
+                        while j < n:
+                            depth += {"{": 1, "}": -1}.get(s[j], 0)
+                            if depth == 0:
+                                break
+                            j += 1
+                        out.append(_unbraced_args(s[i:j + 1]))
+                        i = j + 1
+                    elif s[i] == "\\":
+                        m = re.match(r"\\[a-zA-Z]+|\\.", s[i:])
+                        out.append("{" + m.group(0) + "}")
+                        i += len(m.group(0))
+                    else:
+                        out.append("{" + s[i] + "}")
+                        i += 1
+                break
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def normalize_answer(ans: str) -> str:
+    """Canonical string of an answer: known units, $, percent and degree signs, LaTeX spacing, \\left/
+    \\right and trailing punctuation (. , ;) removed; \\text{} unwrapped; arguments of \\frac and \\sqrt braced;
+    whitespace collapsed. (Also what majority votes count.)"""
+    s = str(ans).strip()
+    s = _TEXT_UNIT.sub("", s).strip()  # `5\,\text{m}^2`
+    s = _TEXT_CMD.sub(lambda m: m.group(1), s)  # `\text{5 cm}` -> `5 cm`
+    if re.search(r"[\d}]", s[:-1]):
+        s = _PLAIN_UNIT.sub("", s)
+    s = _NOISE.sub(lambda m: " " if m.group(0).startswith("\\quad") else "", s)
+    s = s.strip().rstrip(".,;").strip()
+    if re.search(r"[\d}]", s[:-1]):  # `12 dollars.`, `$5$ cm`
+        s = _PLAIN_UNIT.sub("", s).strip()
+    for ascii_, latex in _RELATIONS:
+        s = s.replace(ascii_, latex)
+    s = _unbraced_args(s)
+    return " ".join(s.split())
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers written plainly: exact values with the precision they were written at
+
+_DECIMAL = re.compile(r"^([-+]?)(\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)?(?:\.(\d+))?(?:[eE]([-+]?\d+))?$")
+_FRAC = re.compile(r"^([-+]?)\\frac\{([-+]?\d+)\}\{([-+]?\d+)\}$")
+_SLASH = re.compile(r"^([-+]?)(\d+)\s*/\s*([-+]?\d+)$")
+_MIXED = re.compile(r"^(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$")
+
+
+def to_number(s: str) -> tuple[Fraction, int | None] | None:
+    """(exact value, decimal places as written: 0 for an integer, None for an exact form such as a/b)
+    of an integer or decimal (thousands separators and an exponent allowed), a/b, \\frac{a}{b} or a
+    mixed number a\\frac{b}{c}; else None."""
+    s = s.strip()
+    if len(s) > 80 or not s:
+        return None
+    m = _DECIMAL.match(s)
+    if m and (m.group(2) or m.group(3)):
+        sign, whole, digits, exponent = m.groups()
+        exponent = int(exponent or 0)
+        if abs(exponent) > 100:  # Fraction("1e999999999") would build a huge integer
+            return None
+        value = Fraction(int((whole or "0").replace(",", "").replace(" ", "")))
+        if digits:
+            value += Fraction(int(digits), 10 ** len(digits))
+        if exponent:
+            value *= Fraction(10) ** exponent
+        return (-value if sign == "-" else value), max(len(digits or "") - exponent, 0)
+    for pattern in (_FRAC, _SLASH):
+        m = pattern.match(s)
+        if m:
+            sign, num, den = m.groups()
+            if int(den) == 0:
+                return None
+            return Fraction(int(num), int(den)) * (-1 if sign == "-" else 1), None
+    m = _MIXED.match(s)
+    if m and int(m.group(3)) != 0 and int(m.group(2)) < int(m.group(3)):
+        return int(m.group(1)) + Fraction(int(m.group(2)), int(m.group(3))), None
+    return None
+
+
+def _close_at_precision(gold: Fraction, places: int, pred) -> bool:
+    """Whether `pred` (a Fraction or a sympy number) rounds to `gold` at `places` decimals: it lies
+    within half a unit of the last place (inclusive)."""
+    half = Fraction(1, 2 * 10**places)
+    if isinstance(pred, Fraction):
+        return abs(pred - gold) <= half
+    import sympy
+
+    diff = sympy.N(pred - sympy.Rational(gold.numerator, gold.denominator), 60)
+    return bool(diff.is_real) and abs(float(diff)) <= float(half) * (1 + 1e-12)
+
+
+def _numbers_equal(gold: tuple[Fraction, int | None], pred: tuple[Fraction, int | None]) -> bool:
+    (g, g_places), (p, p_places) = gold, pred
+    if g == p:
+        return True
+    # A decimal gold: a more precise prediction may round to it; an equally precise one must equal it.
+    if g_places is not None and g_places > 0 and (p_places is None or p_places > g_places):
+        return _close_at_precision(g, g_places, p)
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Structure: lists, tuples and intervals, sets, matrices
+
+
+def _split_top(s: str, sep: str = ",") -> list[str]:
+    """Split at `sep` outside (), [], {} (and \\{ \\})."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s) and s[i + 1] in "{}":
+            depth += 1 if s[i + 1] == "{" else -1
+            i += 2
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            start = i + len(sep)
+        i += 1
+    parts.append(s[start:])
+    return [p.strip() for p in parts]
+
+
+_LIST_WORDS = re.compile(r"^(?:and|or)\s+|^\\text\{\s*(?:and|or)\s*\}\s*")
+_MATRIX = re.compile(r"^\\begin\{(p|b|B|v|V|small|)matrix\}(.*)\\end\{\1matrix\}$", re.DOTALL)
+_NUMBER_SPACE_NUMBER = re.compile(r"\d\s+[-+]?\d")
+
+
+def _matrix(s: str) -> tuple[str, list[list[str]]] | None:
+    m = _MATRIX.match(s)
+    if not m:
+        return None
+    kind = "det" if m.group(1) in ("v", "V") else "matrix"
+    rows = [r.strip() for r in m.group(2).split("\\\\")]
+    while rows and not rows[-1]:
+        rows.pop()
+    return kind, [[c.strip() for c in r.split("&")] for r in rows]
+
+
+def _brackets(s: str) -> tuple[str, str, str] | None:
+    """(open, close, inner) of a bracketed tuple, interval or set, else None."""
+    if s.startswith("\\{") and s.endswith("\\}"):
+        return "{", "}", s[2:-2]
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
+        inner = s[1:-1]
+        # `(x+1)(x-1)` is not one bracketed group
+        depth = 0
+        for c in inner:
+            depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(c, 0)
+            if depth < 0:
+                return None
+        if depth == 0 and len(_split_top(inner)) > 1:
+            return s[0], s[-1], inner
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparison
+
+# What sympy would spend forever on: huge exponents, towers of powers, huge factorials.
+_DANGEROUS = re.compile(r"(\*\*|\^)\s*\{?\s*\(?\s*\d{4,}|\^\s*\{[^{}]*\^|(\*\*|\^)\s*\(?\s*\w+\s*\)?\s*(\*\*|\^)|"
+                        r"\d{5,}\s*!|\\underbrace|\\overbrace")
+# `x =`, `x_1 =`, `f(x) =`, `(p, q) =` in front of an answer
+_SIMPLE_LHS = re.compile(r"^(?:[a-zA-Z](?:_\{?\w{1,5}\}?)?|[a-zA-Z]\([a-zA-Z]\)|\((?:\s*[a-zA-Z]\s*,)+\s*[a-zA-Z]\s*\))"
+                         r"\s*=\s*(?!.*=)(.+)$")
+_CLOCK = re.compile(r"^\d+(?::\d+)+$")
+_BASE = re.compile(r"^(\w+)_\{?(\d+)\}?$")
+
+
+def _without_timeout_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Timeout is disabled")
+
+
+def _sympy(s: str):
+    """A sympy object of a LaTeX string through math-verify's parser, or None."""
+    if len(s) > MAX_ANSWER or _DANGEROUS.search(s):
+        return None
+    from latex2sympy2_extended.math_normalization import NormalizationConfig
+    from math_verify import LatexExtractionConfig, parse
+
+    # Its own normalisation off: it would drop any letters after a number as units (`4m` -> 4).
+    config = LatexExtractionConfig(normalization_config=NormalizationConfig(
+        basic_latex=True, units=False, malformed_operators=False, nits=False, boxed="none", equations=False))
+    # Its timeout (SIGALRM, main thread only) is off: the verifier pool times each item out. It warns
+    # about that once per process, into every run's output; the filter is added once (same object).
+    logging.getLogger("math_verify.parser").addFilter(_without_timeout_warning)
+    try:
+        parsed = parse(f"${s}$", extraction_config=[config], parsing_timeout=None)
+    except Exception:  # noqa: BLE001 - unparseable means "not shown equal"
+        return None
+    return parsed[0] if parsed and not isinstance(parsed[0], str) else None
+
+
+def _exact(x):
+    """sympy Floats (a decimal written in an expression) as exact rationals."""
+    import sympy
+
+    return x.xreplace({f: sympy.Rational(str(f)) for f in x.atoms(sympy.Float)}) if hasattr(x, "atoms") else x
+
+
+def _expr_equal(a, b) -> bool:
+    import sympy
+
+    try:
+        if any(isinstance(x, sympy.Basic) and x.has(sympy.zoo, sympy.nan) for x in (a, b)):
+            return False  # `12:00` parses to zoo, and so does every other time of day
+        if isinstance(a, sympy.Equality) or isinstance(b, sympy.Equality):
+            if not (isinstance(a, sympy.Equality) and isinstance(b, sympy.Equality)):
+                return False
+            da, db = _exact(a.lhs - a.rhs), _exact(b.lhs - b.rhs)
+            if da == 0 or db == 0:
+                return da == db
+            ratio = sympy.simplify(da / db)
+            return bool(ratio.is_number and ratio.is_finite and ratio != 0)
+        if isinstance(a, sympy.core.relational.Relational) or isinstance(b, sympy.core.relational.Relational):
+            if not (isinstance(a, sympy.core.relational.Relational) and isinstance(b, sympy.core.relational.Relational)):
+                return False
+            ca, cb = a.canonical, b.canonical  # `5 \leq x` is `x \geq 5`
+            return type(ca) is type(cb) and sympy.simplify(_exact(ca.lhs - ca.rhs) - _exact(cb.lhs - cb.rhs)) == 0
+        if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr)):
+            return a == b
+        a, b = _exact(a), _exact(b)
+        if a == b:
+            return True
+        diff = sympy.simplify(a - b)
+        if diff == 0:
+            return True
+        if diff.is_number:  # equal surds sympy cannot simplify: 60 significant digits agree
+            value = sympy.N(diff, 60)
+            return bool(value.is_zero) or (value.is_real and abs(value) < sympy.Float("1e-45")) or False
+        return False
+    except Exception:  # noqa: BLE001 - sympy failures mean "not shown equal"
+        return False
+
+
+def _scalar_equal(g: str, p: str) -> bool:
+    if g == p:
+        return True
+    gn, pn = to_number(g), to_number(p)
+    if gn is not None and pn is not None:
+        return _numbers_equal(gn, pn)
+    if ":" in g or ":" in p:  # times and ratios: the same numbers in the same order
+        return bool(_CLOCK.match(g) and _CLOCK.match(p)) and [int(x) for x in g.split(":")] == [int(x) for x in p.split(":")]
+    for s in (g, p):  # `1 2 3` is three numbers; `5 apples` is words: string equality only
+        if _NUMBER_SPACE_NUMBER.search(s) or any(w not in _FUNCTION_WORDS for w in _WORD.findall(s)):
+            return g.lower() == p.lower()
+    gb, pb = _BASE.match(g), _BASE.match(p)
+    if gb or pb:  # 4210_{7}: digits and base must both agree
+        return bool(gb and pb and gb.groups() == pb.groups())
+    gs, ps = _sympy(g), _sympy(p)
+    if gs is None or ps is None:
+        return False
+    if gn is not None and gn[1] and getattr(ps, "is_number", False):  # decimal gold, exact prediction
+        return _close_at_precision(gn[0], gn[1], ps)
+    return _expr_equal(gs, ps)  # an exact gold needs an exactly equal prediction (decimals made exact)
+
+
+def _unwrap(s: str) -> str:
+    """`{4}` -> `4`: braces around the whole answer group nothing."""
+    while len(s) > 2 and s[0] == "{" and s[-1] == "}" and _split_top(s[1:-1], "}")[0] == s[1:-1]:
+        s = s[1:-1].strip()
+    return s
+
+
+def _equal(g: str, p: str, depth: int = 0) -> bool:
+    g, p = _unwrap(g), _unwrap(p)
+    if depth > 8 or not p:
+        return False
+    if g == p:
+        return True
+    # lists: in order, item by item; a list never equals a single item
+    g_items = [_LIST_WORDS.sub("", x) for x in _split_top(g)] if to_number(g) is None else [g]
+    p_items = [_LIST_WORDS.sub("", x) for x in _split_top(p)] if to_number(p) is None else [p]
+    if len(g_items) > 1 or len(p_items) > 1:
+        return len(g_items) == len(p_items) and all(_equal(a, b, depth + 1) for a, b in zip(g_items, p_items))
+    # equations, and `x = 5` against `5`
+    g_eq, p_eq = "=" in g, "=" in p
+    if g_eq != p_eq:
+        m = _SIMPLE_LHS.match(p if p_eq else g)
+        if not m:
+            return False
+        return _equal(g, m.group(1).strip(), depth + 1) if p_eq else _equal(m.group(1).strip(), p, depth + 1)
+    if g_eq and p_eq:
+        gm, pm = _SIMPLE_LHS.match(g), _SIMPLE_LHS.match(p)
+        if gm and pm and g.split("=")[0].strip() == p.split("=")[0].strip():
+            return _equal(gm.group(1).strip(), pm.group(1).strip(), depth + 1)
+        if g.count("=") != 1 or p.count("=") != 1:
+            return False
+        gs, ps = _sympy(g), _sympy(p)
+        return gs is not None and ps is not None and _expr_equal(gs, ps)
+    # matrices and vectors
+    gm, pm = _matrix(g), _matrix(p)
+    if gm or pm:
+        if not (gm and pm) or gm[0] != pm[0] or [len(r) for r in gm[1]] != [len(r) for r in pm[1]]:
+            return False
+        return all(_equal(a, b, depth + 1) for ra, rb in zip(gm[1], pm[1]) for a, b in zip(ra, rb))
+    # tuples, intervals, sets
+    gb, pb = _brackets(g), _brackets(p)
+    if gb or pb:
+        if not (gb and pb) or gb[:2] != pb[:2]:
+            return False
+        ga, pa = _split_top(gb[2]), _split_top(pb[2])
+        if len(ga) != len(pa):
+            return False
+        if gb[0] == "{":  # a set: every item matched once
+            left = list(pa)
+            for a in ga:
+                hit = next((k for k, b in enumerate(left) if _equal(a, b, depth + 1)), None)
+                if hit is None:
+                    return False
+                left.pop(hit)
+            return True
+        return all(_equal(a, b, depth + 1) for a, b in zip(ga, pa))
+    return _scalar_equal(g, p)
+
+
+def matches(gold: Any, text: str | None) -> bool:
+    """`answers_match` of the answer `text` states (####, \\boxed{}, <answer>, "the answer is"), or of
+    `text` itself when it states none: one call for completions and bare answers alike."""
+    if text is None or gold is None:
+        return False
+    answer = extract_answer(text)
+    return answers_match(_gold(gold), text if answer is None else answer)
+
+
+def answers_match(gold: Any, pred: str | None) -> bool:
+    """True when the predicted answer equals the gold one (see the module docstring for the rules)."""
+    if pred is None or gold is None:
+        return False
+    g, p = normalize_answer(str(gold)), normalize_answer(str(pred))
+    if not p or not g:
+        return False
+    return _equal(g, p)
+
+
+def math_reward(completion: str | None, answer: Any) -> float:
+    """1.0 when the completion's final answer matches `answer`, else 0.0. A gold answer written as a
+    solution (`#### 42`, `\\boxed{42}`) is reduced to its final answer first."""
+    if answer is None:
+        return 0.0
+    return 1.0 if answers_match(_gold(answer), extract_answer(completion)) else 0.0
+
+
+def format_reward(completion: str | None) -> float:
+    """1.0 when the completion states a final answer `math_reward` can read and it is a number, right
+    or wrong (the format half of `math_reward`), else 0.0."""
+    pred = extract_answer(completion)
+    return 0.0 if pred is None or to_number(normalize_answer(pred)) is None else 1.0
+
+
+def _gold(answer: Any) -> str:
+    gold = str(answer)
+    return (extract_answer(gold) or gold) if "####" in gold or "\\boxed" in gold else gold

@@ -1,0 +1,376 @@
+"""Running untrusted Python (a policy's completion) and judging it so that it cannot cheat.
+
+    runner.run_script(code, stdin, limits) -> {"returncode", "stdout", "timed_out", "output_capped"}
+    runner.run_tests(code, ["assert f(1) == 2", ...], limits) -> [True, False, ...]
+
+Isolation (`Limits.isolation`):
+  "namespaces": Linux user, mount, pid, network, ipc and uts namespaces (see sandbox_launcher): no
+      network at all, a read-only system with one private writable folder, a pid namespace whose end
+      kills every descendant; plus kernel limits (CPU seconds, address space, file size, open files,
+      processes as the unprivileged user) and, as a second layer, a Python audit hook.
+  "python": the kernel limits and the audit hook only, in a session of its own (macOS, containers
+      that forbid user namespaces). Python code can defeat an audit hook, so this is weaker: see
+      `FALLBACK_WARNING`.
+  "auto" (default): namespaces where `namespaces_available()`, else "python" with a one-time warning.
+
+Every run gets a fresh folder, removed at the end; a run that outlives `timeout_s` (wall clock) is
+killed with everything it started. stdin is a file, so a program that never reads it cannot block
+the runner.
+
+Why the verdict of `run_tests` cannot be forged: the tests never run in the solution's process.
+The sandbox (sandbox_server) only runs the solution and answers calls to its functions with plain
+data; the test code runs here, in the runner, calling those functions through a pipe and evaluating
+the asserts on the decoded values. Nothing the solution can print, exit with, read (its files, argv,
+environment, memory) or install (atexit, excepthook, patched builtins) can make an assert that runs in
+another process succeed: its only influence is the values its functions return, which is what is
+being tested. Values cross as plain data (exact types: no subclasses, no objects), so a result whose
+`__eq__` is always True cannot arrive. The tests' source and expected values never enter the
+sandbox, so they cannot be read there either.
+Not covered: a solution that hard-codes answers it can guess or derive from the arguments it is called
+with; tests that need objects other than plain data, or that check in-place mutation of arguments
+(arguments are copies) fail; the test code itself is trusted (it comes with the dataset and runs in
+the runner's process, under the verifier pool's timeout).
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import functools
+import json
+import math
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from typing import Any, Sequence
+
+from grpo_jax.rewards.sandbox import server
+
+ISOLATIONS = ("auto", "namespaces", "python")
+_LAUNCHER = open(os.path.join(os.path.dirname(__file__), "launcher.py"), encoding="utf-8").read()
+_SERVER = open(server.__file__, encoding="utf-8").read()
+UNAVAILABLE = 125  # the launcher's exit status when a namespace step fails
+
+FALLBACK_WARNING = (
+    "grpo_jax.rewards.sandbox.runner: Linux namespaces are unavailable ({reason}); untrusted code runs with kernel "
+    "limits and a Python audit hook only. NOT isolated: the network (loopback and the host's network "
+    "are reachable by code that disables the hook), the filesystem outside the run's folder (writable "
+    "wherever the sandbox user may write), and processes that leave the process group (they can "
+    "outlive the run).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """timeout_s: wall clock per run (also the CPU-time limit, rounded up); memory_mb: address space;
+    max_output: bytes of stdout read; max_procs: processes of the sandbox user; isolation: see module."""
+
+    timeout_s: float = 5.0
+    memory_mb: int = 512
+    max_output: int = 1 << 20
+    max_procs: int = 32
+    isolation: str = "auto"
+
+    def __post_init__(self):
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"sandbox isolation {self.isolation!r}: expected one of {ISOLATIONS}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity and isolation
+
+
+def _world_executable(path: str) -> bool:
+    """Whether any user may run `path`: o+x on the file and on every folder above it."""
+    path = os.path.realpath(path)
+    try:
+        while True:
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return False
+            if path == os.path.dirname(path):
+                return True
+            path = os.path.dirname(path)
+    except OSError:
+        return False
+
+
+@functools.cache
+def _identity() -> tuple[int, int, str]:
+    """(uid, gid, interpreter). As root the code runs as `nobody` (so that RLIMIT_NPROC and file
+    permissions apply) with an interpreter `nobody` may execute (ours if it can, else the system
+    python3); otherwise as ourselves (-1, -1) with our interpreter."""
+    if os.geteuid() != 0:
+        return -1, -1, sys.executable
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        return -1, -1, sys.executable
+    for exe in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
+        if exe and _world_executable(exe):
+            return nobody.pw_uid, nobody.pw_gid, exe
+    return -1, -1, sys.executable
+
+
+@functools.cache
+def namespaces_available() -> tuple[bool, str]:
+    """(True, "") when a sandbox with namespaces starts here, else (False, why). Probed once per
+    process by running a one-line program in one."""
+    if not sys.platform.startswith("linux"):
+        return False, f"not Linux ({sys.platform})"
+    r = _run("print('ok')", "", Limits(timeout_s=20.0), namespaces=True)
+    if r["returncode"] == 0 and r["stdout"].strip() == "ok":
+        return True, ""
+    return False, (r["stdout"].strip()[:200] or f"probe exited with {r['returncode']}")
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(FALLBACK_WARNING.format(reason=reason), RuntimeWarning, stacklevel=3)
+
+
+def _use_namespaces(isolation: str) -> bool:
+    if isolation == "python":
+        return False
+    ok, reason = namespaces_available()
+    if not ok and isolation == "namespaces":
+        raise RuntimeError(f"sandbox isolation 'namespaces' requested but unavailable: {reason}")
+    if not ok:
+        _warn_fallback(reason)
+    return ok
+
+
+# --------------------------------------------------------------------------------------------------
+# Starting and stopping one sandbox
+
+
+@dataclasses.dataclass
+class _Sandbox:
+    proc: subprocess.Popen
+    workdir: str
+    namespaces: bool
+
+    def stop(self) -> None:
+        """Kill everything the run started and remove its folder. With namespaces the launcher kills
+        the pid namespace and waits until it is empty; without, the session's process group is
+        killed."""
+        if self.proc.poll() is None and self.namespaces:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _start(code: str, mode: str, stdin: str, limits: Limits, namespaces: bool, stdout,
+           pass_fds: Sequence[int] = ()) -> _Sandbox:
+    uid, gid, python = _identity()
+    workdir = tempfile.mkdtemp(prefix="grpo_code_")
+    try:
+        for name, text in (("main.py", code), ("stdin", stdin)):
+            with open(os.path.join(workdir, name), "w", encoding="utf-8", errors="replace") as fh:
+                fh.write(text)
+        if uid >= 0:
+            for path in (workdir, os.path.join(workdir, "main.py")):
+                os.chown(path, uid, gid)
+        # RLIMIT_NPROC counts every task of the real user: as `nobody` that is the sandbox's alone; as
+        # ourselves it includes this process's threads (JAX starts dozens), so the budget goes on top.
+        nproc = limits.max_procs if uid >= 0 else _tasks_of(os.getuid()) + limits.max_procs
+        cfg = {"parent": os.getpid(), "workdir": workdir, "cpu_s": max(1, int(math.ceil(limits.timeout_s))),
+               "memory": limits.memory_mb << 20, "fsize": 16 << 20, "nproc": nproc, "uid": uid,
+               "gid": gid, "namespaces": namespaces, "python": python, "server": _SERVER,
+               "server_args": [mode, *map(str, pass_fds)]}
+        # The launcher applies the limits and then execs: no preexec_fn, so subprocess can use
+        # vfork/posix_spawn instead of forking a multithreaded (JAX) parent.
+        with open(os.path.join(workdir, "stdin"), "rb") as stdin_fh:
+            proc = subprocess.Popen(
+                [python, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg)], cwd=workdir, env={"PATH": "/usr/bin:/bin"},
+                stdin=stdin_fh, stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True,
+                close_fds=True, pass_fds=tuple(pass_fds))
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return _Sandbox(proc, workdir, namespaces)
+
+
+def _tasks_of(uid: int) -> int:
+    """Threads of all processes whose real user is `uid` (what RLIMIT_NPROC counts)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                status = dict(line.split(":", 1) for line in fh if ":" in line)
+        except OSError:
+            continue
+        if int(status.get("Uid", "-1").split()[0]) == uid:
+            total += int(status.get("Threads", "1"))
+    return total
+
+
+def _read_capped(pipe, out: bytearray, cap: int) -> None:
+    while len(out) < cap:
+        chunk = pipe.read1(65536)
+        if not chunk:
+            return
+        out.extend(chunk)
+
+
+def _run(code: str, stdin: str, limits: Limits, namespaces: bool) -> dict[str, Any]:
+    box = _start(code, "script", stdin, limits, namespaces, subprocess.PIPE)
+    out, timed_out = bytearray(), False
+    reader = threading.Thread(target=_read_capped, args=(box.proc.stdout, out, limits.max_output), daemon=True)
+    reader.start()
+    start = time.monotonic()
+    try:
+        reader.join(limits.timeout_s)
+        capped = len(out) >= limits.max_output
+        if reader.is_alive():
+            timed_out = True
+        elif not capped:  # output closed: wait for the exit in the time left
+            try:
+                box.proc.wait(timeout=max(0.05, limits.timeout_s - (time.monotonic() - start)))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+    finally:
+        box.stop()
+        reader.join(1.0)
+        box.proc.stdout.close()
+    returncode = box.proc.returncode
+    timed_out = timed_out or returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU)  # the CPU limit hit
+    return {"returncode": returncode, "stdout": bytes(out[:limits.max_output]).decode("utf-8", "replace"),
+            "timed_out": timed_out, "output_capped": capped}
+
+
+def run_script(code: str, stdin: str = "", limits: Limits = Limits()) -> dict[str, Any]:
+    """Run `code` as a program with `stdin`; returns {"returncode", "stdout", "timed_out",
+    "output_capped"} (at most limits.max_output bytes of stdout are read; stderr is discarded)."""
+    return _run(code, stdin, limits, _use_namespaces(limits.isolation))
+
+
+# --------------------------------------------------------------------------------------------------
+# Assert tests against a solution served from the sandbox
+
+
+class SandboxFailure(Exception):
+    """The sandbox died, timed out, or broke the protocol: the test fails."""
+
+
+class SolutionError(RuntimeError):
+    """The solution's function raised an exception that is not a builtin one."""
+
+
+class _Channel:
+    """The runner's end of the call pipes, with one deadline for the whole test."""
+
+    def __init__(self, requests: int, responses: int, deadline: float, max_bytes: int):
+        self.requests, self.responses, self.deadline, self.max_bytes = requests, responses, deadline, max_bytes
+        self.failed: str | None = None
+
+    def _read(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.responses], [], [], left)[0]:
+                raise SandboxFailure("timed out")
+            chunk = os.read(self.responses, n - len(buf))
+            if not chunk:
+                raise SandboxFailure("the solution's process ended")
+            buf += chunk
+        return buf
+
+    def receive(self):
+        try:
+            size = int.from_bytes(self._read(8), "little")
+            if size > self.max_bytes:
+                raise SandboxFailure(f"a {size}-byte message is over the {self.max_bytes}-byte limit")
+            return json.loads(self._read(size))
+        except SandboxFailure as e:
+            self.failed = str(e)
+            raise
+        except (ValueError, RecursionError) as e:
+            self.failed = f"unreadable message: {e}"
+            raise SandboxFailure(self.failed) from None
+
+    def call(self, name: str, args: tuple, kwargs: dict):
+        if self.failed:
+            raise SandboxFailure(self.failed)
+        try:
+            server.write_message(self.requests, [name, server.encode(args),
+                                                         server.encode(kwargs)])
+        except (BrokenPipeError, OSError) as e:
+            self.failed = f"the solution's process ended ({e})"
+            raise SandboxFailure(self.failed) from None
+        response = self.receive()
+        if type(response) is list and len(response) == 2 and response[0] == "ok":
+            try:
+                return server.decode(response[1])
+            except (TypeError, ValueError, RecursionError) as e:  # e.g. an unhashable dict key
+                self.failed = f"undecodable result: {e}"
+                raise SandboxFailure(self.failed) from None
+        if type(response) is list and len(response) == 3 and response[0] == "raise":
+            kind = getattr(builtins, str(response[1]), None)
+            if isinstance(kind, type) and issubclass(kind, Exception):
+                raise kind(str(response[2]))
+            raise SolutionError(f"{response[1]}: {response[2]}")
+        self.failed = "bad response"
+        raise SandboxFailure(self.failed)
+
+    def stub(self, name: str):
+        def call(*args, **kwargs):
+            return self.call(name, args, kwargs)
+        call.__name__ = call.__qualname__ = name
+        return call
+
+
+def _run_test(code: str, test: str, limits: Limits, namespaces: bool) -> bool:
+    requests_r, requests_w = os.pipe()
+    responses_r, responses_w = os.pipe()
+    try:
+        box = _start(code, "serve", "", limits, namespaces, subprocess.DEVNULL, pass_fds=(requests_r, responses_w))
+    finally:
+        os.close(requests_r)
+        os.close(responses_w)
+    channel = _Channel(requests_w, responses_r, time.monotonic() + limits.timeout_s, limits.max_output)
+    try:
+        ready = channel.receive()
+        if not (type(ready) is list and len(ready) == 3 and ready[0] == "ready" and type(ready[1]) is list
+                and type(ready[2]) is dict):
+            return False
+        namespace: dict[str, Any] = {"__name__": "__test__"}
+        namespace.update({str(k): server.decode(v) for k, v in ready[2].items()})
+        namespace.update({str(name): channel.stub(str(name)) for name in ready[1]})
+        exec(compile(test, "<test>", "exec"), namespace)  # noqa: S102 - the dataset's test, trusted
+        return channel.failed is None  # a timeout that the test swallowed is still a failure
+    except Exception:  # noqa: BLE001 - a failed assert, an error of the solution, a dead sandbox
+        return False
+    finally:
+        os.close(requests_w)
+        os.close(responses_r)
+        box.stop()
+
+
+def run_tests(code: str, tests: Sequence[str], limits: Limits = Limits()) -> list[bool]:
+    """Whether the solution `code` passes each test (Python source: asserts, `check(fn)`), each in a
+    fresh sandbox with `limits.timeout_s` for the solution's start and the test's calls together.
+
+    The test runs here and calls the solution's top-level functions (and reads its plain-data
+    constants) by name; see the module docstring for why its verdict cannot be forged.
+    """
+    namespaces = _use_namespaces(limits.isolation)
+    return [_run_test(code, str(test), limits, namespaces) for test in tests]

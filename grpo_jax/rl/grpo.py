@@ -1,0 +1,377 @@
+"""GRPO (DeepSeekMath, Shao et al. 2024): one step over a train state, top to bottom.
+
+    rows -> rollout (G completions per prompt) -> scores (host verifiers) -> advantages -> update
+
+    algo = GRPO.from_config(cfg, pol, scorer, task)
+    state, metrics = algo.step(state)                       # one step, host and device
+    state, metrics = update(state, batch, model_cfg=..., loss_cfg=..., mesh=..., num_microbatches=1, tx=tx)
+
+`update` is the pure function the step jits and donates: the GRPO loss of `batch` (grpo_jax.rl.objective,
+grpo_jax.rl.loss) and one optimizer step on the train state; a batch in which no token carries a non-zero
+advantage makes no step (its gradient is rounding noise, or the KL term alone, which Adam would
+turn into a full-size step).
+
+The old policy of the clipped ratio is the trainer's own, never the sampler's log-probabilities
+(which differ in bfloat16; grpo_jax.rl.rollout_correction measures and can correct that): with one
+update per rollout it is π_θ itself under stop_gradient, so the ratio is exactly 1; with several
+(num_iterations > 1 or minibatches > 1) the trainer's forward computes it once, before the first
+update. The reference log-probabilities (beta > 0) come from `state.ref_params`, the frozen policy
+the run started from, stored in the compute dtype; a LoRA run's reference is its frozen base with
+the adapters off (`state.frozen`, no second copy). Both passes run in micro-batches of the update's
+size (`batch_logprobs`).
+
+Dynamic sampling (DAPO, Yu et al. 2025): with `dynamic_sampling`, groups whose G rewards are all
+equal (no advantage, no gradient) are dropped and more prompts are sampled, prompts_per_step at a
+time, until prompts_per_step groups with signal fill the batch or `max_sampling_rounds` rounds
+are done (the rest is then filled with groups without signal, which add no gradient). Each round
+reads the next prompts of the data iterator and its own key (fold_in(step key, round)), so a step
+is deterministic and a resumed run repeats it exactly.
+
+Completions are trimmed to the bucket of the longest one before the reference pass and the update:
+their cost follows the tokens sampled, not `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from grpo_jax.common import data
+from grpo_jax.common import metrics
+from grpo_jax.models import architecture
+from grpo_jax.models import lora
+from grpo_jax.parallel import multihost
+from grpo_jax.parallel import partitioning
+from grpo_jax.rewards import scoring
+from grpo_jax.rl import logprobs
+from grpo_jax.rl import loss
+from grpo_jax.rl import objective
+from grpo_jax.rl import train_state
+from grpo_jax.rollout import policy
+from grpo_jax.rollout import sampler
+
+Batch = dict[str, jax.Array]
+_SEQUENCES = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+
+
+def loss_config(cfg: ConfigDict) -> loss.LossConfig:
+    """The loss settings of a run config (`grpo.*` and the sampling fields the loss reads)."""
+    g, s = cfg.grpo, cfg.sampling
+    return loss.LossConfig(
+        advantage_estimator=g.advantage_estimator, scale_rewards=g.scale_rewards, std_ddof=g.std_ddof,
+        clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, dual_clip=g.dual_clip,
+        beta=g.beta, kl_estimator=g.kl_estimator, aggregation=g.aggregation,
+        max_completion_length=s.max_new_tokens, importance_level=g.importance_level,
+        mask_truncated=g.mask_truncated, temperature=s.temperature, logprob_chunk=g.logprob_chunk,
+        rollout_correction=g.rollout_correction, rollout_correction_max=g.rollout_correction_max,
+        rollout_correction_min=g.rollout_correction_min, router_aux_loss_coef=g.router_aux_loss_coef)
+
+
+def update(state: train_state.TrainState, batch: Batch, *, model_cfg: architecture.ModelConfig, loss_cfg: loss.LossConfig,
+           mesh, num_microbatches: int, tx) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the GRPO loss of `batch` (objective.loss_and_grad's batch layout). The
+    state is left as it was when the loss or gradient is not finite (metrics["update_nonfinite"]) or
+    when no token carries advantage (metrics["update_no_signal"]); update_skipped counts both."""
+    loss_value, grads, out = objective.loss_and_grad(state.params, batch, model_cfg, loss_cfg, mesh, num_microbatches,
+                                                     frozen=state.frozen)
+    signal = loss.has_signal(batch["advantages"], batch["completion_mask"], batch.get("truncated"), loss_cfg)
+    state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx, skip=~signal)
+    return state, {**out, **opt_metrics, "update_no_signal": (~signal).astype(jnp.float32)}
+
+
+def batch_logprobs(params: architecture.Params, batch: Batch, *, model_cfg: architecture.ModelConfig, loss_cfg: loss.LossConfig,
+                   mesh, num_microbatches: int) -> jax.Array:
+    """log π(o_t | q, o_<t) [B, C] of the batch's completions under `params` (the reference, or the
+    policy before its first update), `num_microbatches` rows groups at a time (lax.map: one
+    micro-batch's activations live at once, as in the update)."""
+    def one(mb):
+        return logprobs.completion_logprobs(params, model_cfg, mb["prompt_ids"], mb["prompt_mask"],
+                                            mb["completion_ids"], mb["completion_mask"], loss_cfg.temperature,
+                                            loss_cfg.logprob_chunk, mesh=mesh)[0]
+
+    if num_microbatches == 1:
+        return one(batch)
+    return objective.merge_microbatches(jax.lax.map(one, objective.split_microbatches(batch, num_microbatches)))
+
+
+@dataclasses.dataclass
+class Groups:
+    """This host's completions of a step, the G of each prompt adjacent. What the host reads (texts,
+    lengths, rewards) is numpy rows; the sequences that make the batch are the sampler's device
+    arrays (`rollout`, every host's rows) when the groups are one round as sampled, so they never
+    leave the devices, or this host's numpy rows when dynamic sampling selects and concatenates
+    groups of several rounds."""
+
+    rows: list[dict]  # the prompts' dataset rows
+    texts: list[str]
+    lengths: np.ndarray  # [N] tokens, EOS included
+    truncated: np.ndarray  # [N] bool
+    rollout: sampler.Rollout | None = None
+    prompt_ids: np.ndarray | None = None  # [N, P] left-padded (without `rollout`)
+    prompt_mask: np.ndarray | None = None
+    tokens: np.ndarray | None = None  # [N, T] right-padded
+    mask: np.ndarray | None = None
+    logprobs: np.ndarray | None = None  # [N, T] the sampler's
+    rewards: np.ndarray | None = None  # [N] weighted total
+    per_fn: dict[str, np.ndarray] | None = None  # [N] per reward function (NaN: None)
+    counts: dict[str, int] | None = None  # verifier timeouts, crashes, errors (in total and by function)
+
+    @classmethod
+    def sampled(cls, rows: list[dict], rollout: sampler.Rollout, decode, on_host: bool) -> Groups:
+        """This host's groups of a rollout; `on_host`: with the sequences copied to the host."""
+        local = {k: multihost.local_rows(getattr(rollout, k)) for k in
+                 (("prompt_ids", "prompt_mask", "tokens", "mask", "logprobs") if on_host else ("tokens",))}
+        lengths = multihost.local_rows(rollout.lengths)
+        return cls(rows, decode(local["tokens"], lengths), lengths, multihost.local_rows(rollout.truncated),
+                   rollout=None if on_host else rollout, **(local if on_host else {}))
+
+    def batch(self, C: int, mesh) -> Batch:
+        """The sequences as a global batch over the mesh, completions cut to C tokens."""
+        src = self if self.rollout is None else self.rollout
+        arrays = {"prompt_ids": src.prompt_ids, "prompt_mask": src.prompt_mask, "completion_ids": src.tokens[:, :C],
+                  "completion_mask": src.mask[:, :C], "truncated": src.truncated, "sampler_logp": src.logprobs[:, :C]}
+        return arrays if self.rollout is not None else multihost.global_batch(arrays, mesh)
+
+    def signal(self, G: int) -> np.ndarray:
+        """[prompts] bool: the groups whose rewards are not all equal."""
+        r = self.rewards.reshape(-1, G)
+        return r.max(axis=1) != r.min(axis=1)
+
+    def select(self, groups: np.ndarray, G: int) -> Groups:
+        """The completions of the prompts `groups` (indices into this Groups' prompts)."""
+        idx = (np.asarray(groups, np.int64)[:, None] * G + np.arange(G)).reshape(-1)
+        arrays = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+                  if isinstance(getattr(self, f.name), np.ndarray)}
+        return dataclasses.replace(self, rows=[self.rows[i] for i in groups], texts=[self.texts[i] for i in idx],
+                                   per_fn={k: v[idx] for k, v in self.per_fn.items()}, **arrays)
+
+    @staticmethod
+    def concat(parts: Sequence[Groups], pad_id: int) -> Groups:
+        """One Groups of several (prompts left-padded to the widest)."""
+        if len(parts) == 1:
+            return parts[0]
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        left = lambda x, fill: np.pad(x, ((0, 0), (P - x.shape[1], 0)), constant_values=fill)
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
+        return Groups(
+            rows=[r for p in parts for r in p.rows], texts=[t for p in parts for t in p.texts],
+            lengths=cat("lengths"), truncated=cat("truncated"),
+            prompt_ids=np.concatenate([left(p.prompt_ids, pad_id) for p in parts]),
+            prompt_mask=np.concatenate([left(p.prompt_mask, False) for p in parts]),
+            tokens=cat("tokens"), mask=cat("mask"), logprobs=cat("logprobs"), rewards=cat("rewards"),
+            per_fn={k: np.concatenate([p.per_fn[k] for p in parts]) for k in parts[0].per_fn},
+            counts={k: sum(p.counts.get(k, 0) for p in parts) for k in set().union(*(p.counts for p in parts))})
+
+
+@dataclasses.dataclass
+class GRPO:
+    """The GRPO steps of a run: its prompts, reward functions and the jitted pieces of a step."""
+
+    policy: policy.Policy  # tokenizer, mesh, prompt format and sampling; parameters come from the state
+    scorer: scoring.Scorer
+    specs: list[scoring.RewardSpec]
+    prompts: data.PromptIterator
+    loss_cfg: loss.LossConfig
+    tx: Any
+    num_generations: int
+    num_iterations: int = 1
+    minibatches: int = 1
+    num_microbatches: int = 1
+    seed: int = 0
+    skipped_rows: int = 0
+    samples_every: int = 0
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 1
+    max_nonfinite_updates: int = 10
+    name = "GRPO"
+
+    def __post_init__(self):
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"grpo.max_sampling_rounds={self.max_sampling_rounds}; expected >= 1")
+        statics = dict(model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh)
+        self.update_fn = jax.jit(functools.partial(update, num_microbatches=self.num_microbatches, tx=self.tx,
+                                                   **statics), donate_argnums=0)
+        # The reference and old-policy passes see all of a step's rows at once: as many micro-batches
+        # as the updates split them into, so that their activations are no larger than one update's.
+        self.logprobs_fn = jax.jit(functools.partial(
+            batch_logprobs, num_microbatches=self.minibatches * self.num_microbatches, **statics))
+        # A LoRA run's reference: the frozen base run without its adapters.
+        self.base_logprobs_fn = jax.jit(functools.partial(
+            batch_logprobs, num_microbatches=self.minibatches * self.num_microbatches,
+            **{**statics, "model_cfg": lora.base_config(self.policy.model_cfg)}))
+        self.nonfinite = train_state.NonFiniteStop(self.max_nonfinite_updates)
+
+    @classmethod
+    def from_config(cls, cfg: ConfigDict, pol: policy.Policy, scorer: scoring.Scorer, task: data.Task) -> GRPO:
+        g, hosts = cfg.grpo, jax.process_count()
+        if g.prompts_per_step % hosts:
+            raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} (global) does not split over {hosts} hosts")
+        n, shards = g.prompts_per_step * g.num_generations, partitioning.batch_shards(pol.mesh)
+        if n % (g.minibatches * g.microbatches * shards):
+            axes = ("data", "fsdp") + (("expert",) if pol.mesh.shape["expert"] > 1 else ())
+            raise ValueError(
+                f"grpo.prompts_per_step x grpo.num_generations = {g.prompts_per_step} x {g.num_generations} = {n} "
+                f"completions per step must split into grpo.minibatches={g.minibatches} x grpo.microbatches="
+                f"{g.microbatches} parts of equal rows over the mesh's {' x '.join(axes)} = {shards} devices "
+                f"({', '.join('mesh.' + a for a in axes)}); {n} is not a multiple of {g.minibatches * g.microbatches * shards}")
+        tx, _ = train_state.make_optimizer(cfg.optimizer, cfg.steps * g.num_iterations * g.minibatches)
+        prompts = data.PromptIterator(task.train, g.prompts_per_step // hosts, seed=cfg.seed,
+                                      host=jax.process_index(), num_hosts=hosts)
+        return cls(pol, scorer, [scoring.RewardSpec(k, w) for k, w in cfg.rewards.items()], prompts,
+                   loss_config(cfg), tx, g.num_generations, g.num_iterations, g.minibatches,
+                   g.microbatches, cfg.seed, task.skipped, cfg.log.samples_every, g.dynamic_sampling,
+                   g.max_sampling_rounds if g.dynamic_sampling else 1, cfg.optimizer.max_nonfinite_updates)
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.num_iterations * self.minibatches
+
+    def initial_data(self) -> dict[str, int]:
+        return self.prompts.state()
+
+    def reference_params(self, params):
+        """The frozen reference of the KL term, only when beta > 0: a copy of the starting policy in
+        the compute dtype (it only runs forward, and the forward computes in that dtype anyway), in
+        the policy's layout. None for LoRA: the reference is the frozen base the run keeps anyway."""
+        if self.loss_cfg.beta <= 0 or self.policy.model_cfg.lora_rank:
+            return None
+        dtype = jnp.dtype(self.policy.model_cfg.dtype)
+        cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        return jax.jit(lambda t: jax.tree.map(cast, t), out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
+
+    def before_training(self, state: train_state.TrainState, say: Callable[[str], None]) -> None:
+        pass
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def step(self, state: train_state.TrainState,
+             clock: metrics.Stopwatch | None = None) -> tuple[train_state.TrainState, dict[str, Any]]:
+        """One step: G completions of each of this host's prompts from the state's policy, their
+        rewards r (host), group advantages A_i = (r_i - mean(r)) / std(r) (or the configured
+        estimator), then num_iterations x minibatches updates of the clipped surrogate. Returns the
+        next state and the step's metrics; `clock` gets a lap per phase."""
+        clock = clock or metrics.Stopwatch()
+        G, mesh, step = self.num_generations, self.policy.mesh, int(state.step)
+        sampled, next_data, rounds = self._sample(state, clock)
+        groups = self._batch_groups(sampled) if self.dynamic_sampling else sampled
+        C = self.trimmed_length(multihost.host_max([int(groups.lengths.max(initial=0))])[0])
+        batch = groups.batch(C, mesh)
+        # Dispatched before the host scores: the device computes them while the verifiers run.
+        seqs = {k: batch[k] for k in _SEQUENCES}
+        if self.updates_per_step > 1:  # else π_old = stop_gradient(π_θ) in the loss: the ratio is exactly 1
+            batch["old_logp"] = self.logprobs_fn(train_state.policy_params(state), seqs)
+        if state.ref_params is not None:
+            batch["ref_logp"] = self.logprobs_fn(state.ref_params, seqs)
+        elif self.loss_cfg.beta > 0 and state.frozen is not None:
+            batch["ref_logp"] = self.base_logprobs_fn(state.frozen, seqs)
+        if groups.rewards is None:
+            self._score(groups)
+            clock.lap("rewards")
+
+        # The device runs in order: advantages computed there would wait for the reference pass.
+        jax.block_until_ready((batch.get("old_logp"), batch.get("ref_logp")))
+        # Over every host's rewards: scale_rewards="batch" divides by the std of the global batch.
+        total = multihost.all_hosts(groups.rewards)
+        advantages, adv_metrics = loss.compute_advantages(jnp.asarray(total), G, self.loss_cfg)
+        batch["advantages"] = multihost.place_rows(np.asarray(advantages), mesh)
+        batch = partitioning.shard_batch(batch, mesh)
+        clock.lap("ref_logprobs")
+
+        state, update_metrics = self._updates(state, batch, step)
+        jax.block_until_ready(state.params)  # updates run asynchronously: time them, not their dispatch
+        clock.lap("update")
+
+        state = train_state.advance(state, next_data, mesh)
+        out = {**update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **self._sample_metrics(sampled)}
+        out["completion_length/padded"] = float(C)
+        if self.dynamic_sampling:
+            all_signal = multihost.all_hosts(sampled.signal(G))
+            out.update({"dynamic_sampling/rounds": float(rounds),
+                        "dynamic_sampling/kept_fraction": float(all_signal.mean()),
+                        "dynamic_sampling/filled_without_signal": float(adv_metrics["frac_reward_zero_std"])})
+        if self.samples_every and (step + 1) % self.samples_every == 0:
+            out["samples"] = "\n\n".join(
+                f"**prompt** {groups.rows[i // G][self.policy.prompt.field]!r}\n**completion** {groups.texts[i]!r}\n"
+                f"**reward** {groups.rewards[i]:.3f}" for i in range(min(4, len(groups.texts))))
+        return state, out
+
+    def _sample(self, state: train_state.TrainState, clock: metrics.Stopwatch) -> tuple[Groups, dict[str, int], int]:
+        """This host's completions of the step (every round's, scored when dynamic sampling needs
+        the rewards to decide), the data iterator's next position, and the number of rounds."""
+        G = self.num_generations
+        pol = self.policy.replace(params=train_state.policy_params(state)).for_sampling()  # one sampling copy for every round
+        key, position, rounds = train_state.step_key(state), state.data, []
+        while True:
+            rows, position = self.prompts.batch(position)
+            rollout = pol.rollout(rows, G, key if not rounds else jax.random.fold_in(key, len(rounds)))
+            part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling)
+            rounds.append(part)
+            clock.lap("sampling")
+            if not self.dynamic_sampling:
+                return part, position, 1
+            self._score(part)
+            clock.lap("rewards")
+            enough = sum(int(p.signal(G).sum()) for p in rounds) >= len(rows)
+            # The sampler is one program over all hosts: every host samples in every round, until all
+            # have enough groups with signal.
+            if multihost.all_hosts(np.asarray([enough])).all() or len(rounds) >= self.max_sampling_rounds:
+                return Groups.concat(rounds, self.policy.sampling.pad_id), position, len(rounds)
+
+    def _batch_groups(self, sampled: Groups) -> Groups:
+        """prompts_per_step // hosts groups of `sampled`: those with signal first, in sampling order,
+        then (only when the rounds ran out) groups without signal, which carry no advantage."""
+        signal = sampled.signal(self.num_generations)
+        order = np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])
+        return sampled.select(np.sort(order[:self.prompts.batch_size]), self.num_generations)
+
+    def _score(self, groups: Groups) -> None:
+        total, per_fn, m = self.scorer(self.specs, groups.rows, self.num_generations, groups.texts, groups.lengths)
+        groups.rewards, groups.per_fn = total, per_fn
+        # rewards/errors, ... and rewards/NAME/errors, ...: the verifier failures, in total and by function
+        groups.counts = {k.removeprefix("rewards/"): m[k] for k in m if k.endswith(("/errors", "/timeouts", "/crashes"))}
+
+    def _updates(self, state, batch: Batch, step: int):
+        """num_iterations passes over the batch, each in `minibatches` updates of a seeded shuffle.
+        Metrics: the mean over the updates (`*_max` / `*_min`: the max / min)."""
+        n, mb = batch["completion_ids"].shape[0], self.minibatches  # all hosts' completions
+        all_metrics = []
+        for it in range(self.num_iterations):
+            order = np.random.default_rng([self.seed, step, it]).permutation(n) if mb > 1 else np.arange(n)
+            for m in range(mb):
+                idx = jnp.asarray(np.sort(order[m * n // mb:(m + 1) * n // mb]))
+                part = jax.tree.map(lambda x: x[idx], batch) if mb > 1 else batch
+                state, out = self.update_fn(state, part)
+                all_metrics.append(out)
+        all_metrics = [{k: float(v) for k, v in m.items()} for m in all_metrics]
+        for m in all_metrics:
+            self.nonfinite.observe(m["update_nonfinite"], step + 1)
+        reduce = lambda k: max if k.endswith("_max") else min if k.endswith("_min") else np.mean
+        return state, {k: float(reduce(k)([m[k] for m in all_metrics])) for k in all_metrics[0]}
+
+    def trimmed_length(self, longest: int) -> int:
+        """The completion length the update pads to: the smallest completion bucket (the prompt
+        buckets below max_new_tokens, and max_new_tokens) that holds the longest completion."""
+        s = self.policy.sampling
+        return sampler.bucket_length(max(longest, 1), sampler.completion_buckets(s.prompt_buckets, s.max_new_tokens))
+
+    def _sample_metrics(self, sampled: Groups) -> dict[str, float]:
+        """Rewards and lengths of every completion sampled this step (all rounds; per-function
+        rewards and verifier failures: this host's)."""
+        total, lens = multihost.all_hosts(sampled.rewards), multihost.all_hosts(sampled.lengths).astype(np.float64)
+        return {
+            **scoring.reward_metrics(sampled.per_fn, sampled.counts),
+            "data/skipped_rows": float(self.skipped_rows),
+            "reward": float(total.mean()), "reward_std": float(total.std()),
+            "completion_length/mean": lens.mean(), "completion_length/min": lens.min(),
+            "completion_length/max": lens.max(), "completion_tokens": lens.sum(),
+            "frac_truncated": float(multihost.all_hosts(sampled.truncated).mean()),
+        }
+
+    def summary(self, m: dict[str, float]) -> str:
+        return f"reward {m['reward']:.3f} | kl {m.get('kl', 0):.4f} | len {m['completion_length/mean']:.1f}"

@@ -1,0 +1,291 @@
+"""Faults an operator meets, each provoked for real: a scheduler's SIGTERM, Ctrl-C, a second run into a
+busy workdir, config values that cannot work. What is said, the exit status, what was saved."""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs import default
+from grpo_jax.common import data
+from grpo_jax.common import metrics
+from grpo_jax.rollout import policy
+from grpo_jax.rollout import sampler
+from grpo_jax.run import config
+from grpo_jax.run import loading
+from grpo_jax.run import workdir_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHORT = ["--config.cold_start.steps=0", "--config.steps=8", "--config.grpo.prompts_per_step=4",
+         "--config.grpo.num_generations=4", "--config.eval.every=0", "--config.data.eval_size=4",
+         "--config.eval.k=1", "--config.checkpoint.every=100", "--config.verifier.workers=1", "--config.log.every=1"]
+
+
+def _train(workdir, *extra, **kw):
+    return subprocess.Popen([sys.executable, "scripts/train.py", f"--config.workdir={workdir}", *SHORT, *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_line(p, prefix: str) -> list[str]:
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no line starting {prefix!r}; got {lines}; stderr {p.stderr.read()}")
+
+
+def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    p = _train(tmp_path / "stopped")
+    _wait_for_line(p, "step 3/8")
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split("/")[0])
+    assert 3 <= stopped_at < 8 and "checkpoint saved in" in out
+    assert "Traceback" not in err and "finishing this step" in err
+    assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == [str(stopped_at)]  # nothing lost
+
+    resumed = _train(tmp_path / "stopped", "--config.resume=True")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed from step {stopped_at}" in out
+    whole = _train(tmp_path / "whole")
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+
+    a = metrics.read_scalars(str(tmp_path / "stopped" / "tb"))
+    b = metrics.read_scalars(str(tmp_path / "whole" / "tb"))
+    for key in ("loss", "reward", "grad_norm"):
+        assert dict(a[key]) == dict(b[key]) and len(dict(b[key])) == 8, key
+
+
+def test_ctrl_c_stops_quietly_and_a_second_one_stops_at_once(tmp_path):
+    # Ctrl-C signals the whole foreground process group: the trainer and its verifier workers.
+    p = _train(tmp_path / "run", start_new_session=True)
+    _wait_for_line(p, "step 2/8")
+    os.killpg(p.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith("SIGINT again: stopped at once")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err  # the workers ignored it too
+
+
+def test_a_second_run_into_a_busy_workdir_stops_naming_the_holder(tmp_path):
+    with workdir_lock.WorkdirLock(str(tmp_path)):
+        p = _train(tmp_path)
+        out, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert f"is in use by pid {os.getpid()}" in err and "another workdir" in err
+    assert not (tmp_path / "checkpoints").exists()
+    # A holder killed with -9 leaves the file but not the lock: the next run takes it over.
+    holder = subprocess.Popen([sys.executable, "-c", f"from grpo_jax import workdir_lock; import time; "
+                               f"lock = workdir_lock.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {holder.pid}"):
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+    holder.kill()
+    holder.wait()
+    workdir_lock.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer.learning_rate", -1.0, "optimizer.learning_rate=-1.0; expected a finite number > 0"),
+    ("steps", -5, "steps=-5; expected an integer >= 1"),
+    ("grpo.num_iterations", 0, "grpo.num_iterations=0; expected an integer >= 1"),
+    ("grpo.prompts_per_step", 0, "grpo.prompts_per_step=0; expected an integer >= 1"),
+    ("sft.batch_size", 0, "sft.batch_size=0; expected an integer >= 1"),
+    ("grpo.num_generations", 1, "grpo.num_generations=1; expected >= 2"),
+    ("grpo.minibatches", 3, "= 128 completions do not split into grpo.minibatches=3"),
+    ("grpo.microbatches", 3, "grpo.microbatches=3 equal parts"),
+    ("sampling.eos_ids", (-5,), "sampling.eos_ids=(-5,); expected token ids >= 0"),
+])
+def test_values_that_cannot_work_are_named_before_any_work(field, value, message):
+    cfg = copy.deepcopy(default.get_config())
+    *parents, leaf = field.split(".")
+    node = cfg
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.check(cfg)
+
+
+def test_the_mesh_and_the_batches_it_splits_are_checked_before_any_work(tmp_path):
+    cfg = default.get_config()
+    cfg.grpo.prompts_per_step, cfg.grpo.num_generations, cfg.grpo.microbatches = 2, 4, 2  # 4 rows per chunk
+    config.check_mesh(cfg, num_devices=4)
+    with pytest.raises(config.ConfigError, match=r"mesh=\{'data': 3, .* does not fit the 8 devices"):
+        cfg.mesh.data = 3
+        config.check_mesh(cfg, num_devices=8)
+    cfg.mesh.data = -1
+    with pytest.raises(config.ConfigError, match=r"= 4 rows per update chunk do not split over the mesh's batch axes "
+                                                 r"\(data x fsdp x expert = 8 of 8 devices\): with 2 hosts they must"):
+        config.check_mesh(cfg, num_devices=8, num_processes=2)
+    with pytest.warns(UserWarning, match="each update chunk is replicated"):
+        config.check_mesh(cfg, num_devices=8)
+    cfg.mesh.tensor = 2  # 4 batch shards x 2: fits
+    config.check_mesh(cfg, num_devices=8, num_processes=2)
+    # Through train.py, before anything is loaded: one line, nothing written.
+    p = subprocess.run([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", "--config.cold_start.steps=0",
+                        "--config.mesh.fsdp=2", "--config.mesh.data=2"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        "config: mesh={'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 1} does not fit the 1 devices (the sizes multiply "
+        "to the device count; one of them may be -1)")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_command_line_names_bad_fields_in_one_line_and_takes_lists(tmp_path):
+    def run(*args):
+        p = subprocess.run([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        return p.returncode, p.stderr.strip().splitlines()
+
+    rc, err = run("--config.sampling.eos_id=[2]")
+    assert rc and len(err) == 1 and "has no field 'sampling.eos_id'; did you mean sampling.eos_ids" in err[0]
+    rc, err = run("--config.optimizer.learning_rate=-1")
+    assert rc and err == ["config: optimizer.learning_rate=-1.0; expected a finite number > 0 (a negative rate "
+                          "ascends the loss)"]
+    # A list is a tuple field's value too; an id outside the vocabulary stops before the weights load.
+    rc, err = run("--config.sampling.eos_ids=[99999]")
+    assert rc and err[-1] == "config: sampling.eos_ids=(99999,): [99999] outside the vocabulary of 99 tokens"
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unusable_data_files_are_named_with_the_reason(tmp_path):
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "no_answer.jsonl").write_text('{"question": "1 + 1?", "solution": "2"}\n{"question": "2 + 2?"}\n')
+    (tmp_path / "bytes.jsonl").write_bytes(b'{"question": "1 + 1?", "answer": "2"}\n{"question": "\xff\xfe", "answer": "1"}\n')
+    need = ("question", "answer")
+    with pytest.raises(ValueError, match="empty.jsonl holds no rows"):
+        data.load_rows(str(tmp_path / "empty.jsonl"), required=need)
+    with pytest.raises(ValueError, match=r"every one of its 2 rows lacks a required field \('answer' missing or empty "
+                                         r"in 2; .*the rows have \['question', 'solution'\]"):
+        data.load_rows(str(tmp_path / "no_answer.jsonl"), required=need)
+    with pytest.raises(ValueError, match="bytes.jsonl, line 2: UnicodeDecodeError"):
+        data.load_rows(str(tmp_path / "bytes.jsonl"), required=need)
+
+
+def test_prompts_too_long_to_sample_are_skipped_at_load_time_and_counted(tmp_path):
+    import json
+
+    rows = [{"question": f"What is {i} + {i % 7}?", "answer": str(i + i % 7)} for i in range(40)]
+    rows[17]["question"] = "What is " + "1 + " * 250_000 + "1?"  # 1 MB: used to stop the run when drawn
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = _train(tmp_path / "run", f"--config.data.source={tmp_path / 'train.jsonl'}", "--config.steps=12")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "prompts are longer than the largest prompt bucket (1024 tokens, sampling.prompt_buckets): skipped" in out
+    first = [line for line in out.splitlines() if line.startswith("data: ")]
+    assert len(first) == 1 and ("1 of 36 training and 0 of 4" in first[0] or "0 of 36 training and 1 of 4" in first[0])
+    skipped = dict(metrics.read_scalars(str(tmp_path / "run" / "tb"))["data/skipped_rows"])
+    assert set(skipped.values()) == {1.0} and len(skipped) == 12  # 12 steps x 4 prompts: every row drawn
+
+
+def test_only_prompts_too_long_to_sample_is_an_error_before_training(tmp_path):
+
+    task = data.Task(train=[{"q": "x" * 50}] * 3, eval=[{"q": "y"}], skipped=0)
+    with pytest.raises(ValueError, match=r"3 of 3 training and 0 of 1 held-out prompts are longer than the largest "
+                                         r"prompt bucket \(16 tokens.*nothing would be left to train on"):
+        data.without_long_prompts(task, lambda rows: [i for i, r in enumerate(rows) if len(r["q"]) > 16], 16)
+    kept, line = data.without_long_prompts(task, lambda rows: [], 16)
+    assert kept is task and line == ""
+
+
+@pytest.mark.parametrize("tok,template", [("char", "plain"), ("qwen2", "chat"), ("smollm2", "chat"), ("qwen2", "plain")])
+def test_too_long_is_exact_while_tokenising_only_the_rows_that_might_be(tok, template):
+    import random
+
+    from ml_collections import ConfigDict
+
+
+    tokenizer = loading.load_tokenizer(ConfigDict({"tokenizer": tok}))
+    pieces = ["7", " plus ", "é", "数学", "🙂", "\n", "  ", "x" * 5]
+    rng = random.Random(0)
+    rows = [{"question": "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))} for _ in range(300)]
+    fmt = policy.PromptFormat(template=template, instruction="Answer with a number.")
+    lengths = [len(fmt.ids(r, tokenizer)) for r in rows]
+    limit = sorted(lengths)[len(rows) // 2]  # half the rows are too long
+    pol = policy.Policy(params=None, model_cfg=None, tokenizer=tokenizer, mesh=None, prompt=fmt,
+                        sampling=sampler.SamplingConfig(prompt_buckets=(8, limit)))
+    exact = [i for i, n in enumerate(lengths) if n > limit]
+    calls = []
+    counting = policy.PromptFormat.ids
+    try:
+        policy.PromptFormat.ids = lambda self, row, t: calls.append(1) or counting(self, row, t)
+        assert pol.too_long(rows) == exact
+    finally:
+        policy.PromptFormat.ids = counting
+    assert len(calls) < len(rows)  # rows too short to matter were not tokenised
+
+
+def test_reward_functions_that_misbehave_are_named_and_one_that_hangs_is_disabled(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "import time\n"
+        "def hangs(prompts, completions, **columns):\n    time.sleep(3600)\n"
+        "def nan_on_odd(prompts, completions, **columns):\n"
+        "    return [float('nan') if len(c) % 2 else 1.0 for c in completions]\n")
+    (tmp_path / "config.py").write_text(
+        "from configs import default\n"
+        "def get_config():\n"
+        "    c = default.get_config()\n"
+        "    c.reward_functions = {'slow': 'my_rewards:hangs', 'odd': 'my_rewards:nan_on_odd'}\n"
+        "    c.rewards = {'math': 1.0, 'slow': 1.0, 'odd': 0.5}\n"
+        "    c.verifier.timeout_s, c.verifier.hang_after = 0.5, 4\n"
+        "    return c\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    t = time.monotonic()
+    p = subprocess.Popen([sys.executable, "scripts/train.py", f"--config={tmp_path / 'config.py'}",
+                          f"--config.workdir={tmp_path / 'run'}", *SHORT, "--config.steps=3"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert time.monotonic() - t < 120  # 16 completions x 3 steps x 0.5 s would be 24 s more of waiting alone
+    disabled = [line for line in out.splitlines() if "disabled for the rest of the run" in line]
+    assert len(disabled) == 1 and disabled[0].startswith("reward 'slow' timed out on the first ")
+    assert "step 1: reward 'slow' failed on 16 of 16 completions, scored 0 (errors 0, timeouts 16" in out
+    odd = [line for line in out.splitlines() if line.startswith("step ") and "reward 'odd' failed on" in line]
+    assert len(odd) == 3 and all("last error: returned nan: rewards must be finite" in line for line in odd)
+    tb = metrics.read_scalars(str(tmp_path / "run" / "tb"))
+    assert [v for _, v in tb["rewards/slow/timeouts"]] == [16.0] and len(tb["rewards/odd/errors"]) == 3
+
+
+def test_event_files_hold_the_console_names_and_older_files_read_the_same(tmp_path):
+    import tensorboardX
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = metrics.MetricWriter(str(tmp_path / "new"))
+    writer.write({"eval/pass@1": 0.5, "eval/maj@4": 0.75, "reward": float("nan")}, 3)
+    writer.close()
+    tb = EventAccumulator(str(tmp_path / "new"))
+    tb.Reload()
+    assert sorted(tb.Tags()["scalars"]) == ["eval/maj@4", "eval/pass@1"]  # what TensorBoard shows; NaN left out
+    assert [(e.step, e.value) for e in tb.Scalars("eval/pass@1")] == [(3, 0.5)]
+    old = tensorboardX.SummaryWriter(str(tmp_path / "old"))  # how runs before 2026-12-01 wrote them
+    old.add_scalar("eval/pass@1", 0.25, 2)
+    old.close()
+    assert metrics.read_scalars(str(tmp_path / "old")) == {"eval/pass@1": [(2, 0.25)]}
+
+
+def test_progress_lines_come_from_the_start_without_a_terminal(tmp_path):
+    # stdout is a pipe (no progress bar) and log.every is larger than the run: the step lines come
+    # from the first step and from log.every_s, in the cold start too.
+    t = time.monotonic()
+    p = subprocess.Popen([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", "--config.cold_start.steps=40",
+                          "--until_stage=cold_start", "--config.log.every=1000", "--config.log.every_s=0.3",
+                          "--config.data.eval_size=4", "--config.eval.k=1"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = [(time.monotonic() - t, line) for line in p.stdout]
+    assert p.wait() == 0
+    assert lines[0][1].startswith("== stage cold_start") and lines[0][0] < 15  # before the model loads
+    assert lines[1][1].startswith(f"sft run in {tmp_path / 'cold_start'}: loading shape:tiny")
+    cold = [int(line.split()[1].split("/")[0]) for _, line in lines if line.startswith("step ") and "/40 " in line]
+    assert cold[0] == 1 and cold[-1] == 40 and len(cold) >= 3, cold  # first, time-based, last

@@ -1,0 +1,104 @@
+"""DAPO's dynamic sampling: batches of groups whose rewards differ, a cap on rounds, exact resume."""
+
+import os
+import re
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from grpo_jax.rl import grpo
+from grpo_jax.run import trainer
+from test_on_policy import _record, _setup, constant  # noqa: E402
+from test_trainer import tiny_config  # noqa: E402
+
+
+def odd_first_operand(prompts, completions, **columns):
+    """No signal for prompts whose first number is even (every completion scores 0); the others score
+    by their text, which differs within almost every group."""
+    out = []
+    for p, c in zip(prompts, completions):
+        a = int(re.search(r"\d+", p).group())
+        out.append(0.0 if a % 2 == 0 else sum(map(ord, c)) % 5 / 5)
+    return out
+
+
+def _algo(tmp_path, reward, rounds):
+    cfg, _, algo, state = _setup(tmp_path, reward, dtype="float32", dynamic_sampling=True, max_sampling_rounds=rounds,
+                                 prompts_per_step=4)
+    return cfg, algo, state
+
+
+def test_batches_hold_only_groups_with_signal(tmp_path):
+    cfg, algo, state = _algo(tmp_path, odd_first_operand, rounds=8)
+    seen = _record(algo)
+    G, n = cfg.grpo.num_generations, cfg.grpo.prompts_per_step
+    position = int(state.data["position"])
+    total_rounds = 0
+    for _ in range(3):
+        state, m = algo.step(state)
+        batch, out = seen[-1]
+        rounds = int(m["dynamic_sampling/rounds"])
+        total_rounds += rounds
+        # Full batch, every group with signal: non-zero advantages in each, from prompts with odd a.
+        assert batch["completion_ids"].shape[0] == n * G
+        assert np.all(np.abs(batch["advantages"].reshape(n, G)).max(axis=1) > 0)
+        assert m["frac_reward_zero_std"] == 0.0 and m["dynamic_sampling/filled_without_signal"] == 0.0
+        assert 0 < m["dynamic_sampling/kept_fraction"] <= 1 and out["update_skipped"] == 0.0
+        assert rounds >= 1 and m["dynamic_sampling/kept_fraction"] <= 1
+    # Each round reads the next prompts_per_step prompts.
+    assert int(state.data["position"]) - position == total_rounds * n
+    assert total_rounds > 3  # about half the prompts have no signal: some steps needed a second round
+
+
+def test_rounds_stop_at_the_cap(tmp_path):
+    cfg, algo, state = _algo(tmp_path, constant, rounds=3)
+    seen = _record(algo)
+    state, m = algo.step(state)
+    assert m["dynamic_sampling/rounds"] == 3 and m["dynamic_sampling/kept_fraction"] == 0.0
+    assert m["dynamic_sampling/filled_without_signal"] == 1.0
+    assert int(state.data["position"]) == 3 * cfg.grpo.prompts_per_step
+    (_, out), = seen
+    assert out["update_no_signal"] == 1.0  # a full batch of groups without signal: no step
+    with pytest.raises(ValueError, match="max_sampling_rounds=0"):
+        grpo.GRPO(**{**{f: getattr(algo, f) for f in ("policy", "scorer", "specs", "prompts", "loss_cfg", "tx",
+                                                       "num_generations")}, "max_sampling_rounds": 0})
+
+
+def test_dynamic_sampling_resumes_bit_for_bit(tmp_path):
+    def config(workdir):
+        cfg = tiny_config(workdir, steps=4)
+        cfg.grpo.dynamic_sampling, cfg.grpo.max_sampling_rounds, cfg.grpo.prompts_per_step = True, 4, 4
+        cfg.rewards = {"odd": 1.0}
+        cfg.eval.every, cfg.checkpoint.every = 0, 2
+        return cfg
+
+    fns = {"odd": odd_first_operand}
+    straight = trainer.Trainer(config(tmp_path / "a"), reward_fns=fns)
+    hist = straight.run()["history"]
+    straight.close()
+    assert max(h["dynamic_sampling/rounds"] for h in hist) > 1
+
+    first = trainer.Trainer(config(tmp_path / "b"), reward_fns=fns)
+    first.run(until=2)
+    first.close()
+    cfg = config(tmp_path / "b")
+    cfg.resume = True
+    resumed = trainer.Trainer(cfg, reward_fns=fns)
+    hist_b = resumed.run()["history"]
+    resumed.close()
+    assert [h["step"] for h in hist_b] == [3, 4]
+    for a, b in zip(hist[2:], hist_b):
+        assert a["dynamic_sampling/rounds"] == b["dynamic_sampling/rounds"] and a["reward"] == b["reward"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.state), jax.device_get(resumed.state))
+
+
+def test_dapo_config_uses_dynamic_sampling():
+    from configs import dapo
+
+    c = dapo.get_config()
+    assert c.grpo.dynamic_sampling and c.grpo.max_sampling_rounds > 1

@@ -1,0 +1,234 @@
+"""Checkpoints that can be trusted: every save records its files' checksums inside orbax's atomic
+commit; a damaged or unfinished checkpoint is named and the newest intact one is used; a save that
+cannot be written says why in one line and leaves nothing behind; the KL reference is not stored."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh
+
+from grpo_jax.common import metrics
+from grpo_jax.rl import train_state
+from grpo_jax.run import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHORT = ["--config.cold_start.steps=0", "--config.grpo.prompts_per_step=4", "--config.grpo.num_generations=4",
+         "--config.eval.every=0", "--config.data.eval_size=4", "--config.eval.k=1", "--config.verifier.workers=1",
+         "--config.log.every=1", "--config.checkpoint.every=2"]
+
+
+def _state(step: int, ref: bool = False) -> train_state.TrainState:
+    """A small train state whose values differ from step to step (random: they do not compress)."""
+    params = {"w": jax.random.normal(jax.random.key(step), (64, 256)), "b": jnp.full((256,), float(step))}
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = train_state.create(params, optax.adam(1e-3), mesh, seed=step, data={"epoch": 0, "position": step, "seed": 0},
+                               ref_params=jax.tree.map(lambda x: x * 0 + 7, params) if ref else None)
+    return state.replace(step=state.step + step)
+
+
+def _saved(tmp_path, steps=(2, 4, 6), **kw) -> dict[int, train_state.TrainState]:
+    ckpt = checkpoint.Checkpoints(str(tmp_path), keep=5, **kw)
+    states = {s: _state(s) for s in steps}
+    for s in steps:
+        ckpt.save(states[s])
+    ckpt.close()
+    return states
+
+
+def _biggest_file(step_dir) -> str:
+    return max(glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True), key=os.path.getsize)
+
+
+def _flip(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(64)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+DAMAGE = {
+    "bytes flipped": lambda d: _flip(_biggest_file(d)),
+    "truncated file": lambda d: os.truncate(_biggest_file(d), os.path.getsize(_biggest_file(d)) // 2),
+    "missing file": lambda d: os.remove(_biggest_file(d)),
+    "missing item": lambda d: __import__("shutil").rmtree(os.path.join(d, "state")),
+    "empty step folder": lambda d: [__import__("shutil").rmtree(os.path.join(d, x)) if os.path.isdir(os.path.join(d, x))
+                                    else os.remove(os.path.join(d, x)) for x in os.listdir(d)],
+    "unreadable manifest": lambda d: open(os.path.join(d, checkpoint.MANIFEST), "w").write("{"),
+}
+SAID = {"bytes flipped": "SHA-256 of params/", "truncated file": "bytes, ", "missing file": "is missing",
+        "missing item": "state/", "empty step folder": "holds no params or state item",
+        "unreadable manifest": "manifest is unreadable"}
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, damage, asynchronous):
+    states = _saved(tmp_path, asynchronous=asynchronous)
+    ckpt_dir = checkpoint.directory(str(tmp_path))
+    assert all(os.path.exists(os.path.join(ckpt_dir, str(s), checkpoint.MANIFEST)) for s in states)
+    DAMAGE[damage](os.path.join(ckpt_dir, "6"))
+    said = []
+    ckpt = checkpoint.Checkpoints(str(tmp_path), keep=5, asynchronous=asynchronous, say=said.append)
+    back = ckpt.restore(jax.tree.map(jnp.zeros_like, states[6]))
+    assert int(back.step) == 4
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(states[4]))
+    (line,) = said
+    assert f"checkpoint 6 in {ckpt_dir} is damaged" in line and SAID[damage] in line and "resuming from checkpoint 4" in line
+    # Set aside, not deleted: step 6 can be saved again (orbax refuses a step that exists).
+    assert os.listdir(os.path.join(str(tmp_path), "checkpoints_damaged")) == ["6"]
+    ckpt.save(states[6])
+    ckpt.close()
+    assert checkpoint.problem(os.path.join(ckpt_dir, "6")) is None
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(tmp_path):
+    _saved(tmp_path, steps=(2, 4))
+    ckpt_dir = checkpoint.directory(str(tmp_path))
+    _flip(_biggest_file(os.path.join(ckpt_dir, "4")))
+    os.remove(_biggest_file(os.path.join(ckpt_dir, "2")))
+    ckpt = checkpoint.Checkpoints(str(tmp_path), say=lambda line: None)
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint 4 .* damaged .*checkpoint 2 .* damaged .*no intact"):
+        ckpt.restore(_state(0))
+    ckpt.close()
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4"]  # nothing moved when nothing can be used
+
+
+def test_an_unfinished_save_is_said_and_removed(tmp_path):
+    states = _saved(tmp_path, steps=(2,))
+    ckpt_dir = checkpoint.directory(str(tmp_path))
+    # What kill -9 in the middle of orbax's write of step 4 leaves: its temporary folder.
+    os.makedirs(os.path.join(ckpt_dir, "4.orbax-checkpoint-tmp", "params"))
+    said = []
+    ckpt = checkpoint.Checkpoints(str(tmp_path), say=said.append)
+    assert said == [f"checkpoint 4 in {ckpt_dir} was never finished (the run stopped while writing it): removed"]
+    assert int(ckpt.restore(states[2]).step) == 2
+    ckpt.close()
+    assert os.listdir(ckpt_dir) == ["2"]
+
+
+def test_an_async_save_keeps_the_values_of_a_state_donated_right_after(tmp_path):
+    state = _state(3)
+    expected = jax.device_get(state)
+    ckpt = checkpoint.Checkpoints(str(tmp_path), asynchronous=True)
+    ckpt.save(state)
+    # The next update donates the state's buffers (overwritten in place where XLA can) while orbax
+    # may still be writing in the background.
+    after = jax.jit(lambda s: s.replace(params=jax.tree.map(lambda x: x + 1, s.params)), donate_argnums=0)(state)
+    back = ckpt.restore(jax.tree.map(jnp.zeros_like, after))
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), expected)
+
+
+def test_the_reference_is_recorded_not_stored_and_a_changed_one_is_refused(tmp_path):
+    state = _state(2, ref=True)
+    recorded = {"source": "runs/a", "fingerprint": "0123abcd"}
+    ckpt = checkpoint.Checkpoints(str(tmp_path), reference=recorded)
+    ckpt.save(state)
+    ckpt.close()
+    like = jax.tree.map(jnp.zeros_like, state).replace(ref_params=state.ref_params)  # rebuilt by the run
+    ckpt = checkpoint.Checkpoints(str(tmp_path), reference=recorded)
+    assert set(ckpt.manager.item_metadata(2)["state"]) == {"step", "opt_state", "rng", "data"}
+    back = ckpt.restore(like)
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(state))
+    other = checkpoint.Checkpoints(str(tmp_path), reference={"source": "runs/b", "fingerprint": "ffff0000"})
+    with pytest.raises(ValueError, match="KL reference 'runs/a' .*0123abcd.* rebuilt its reference from 'runs/b'"):
+        other.restore(like)
+    other.close()
+
+
+def test_a_checkpoint_written_before_manifests_restores_unverified(tmp_path):
+    # The layout of grpo_jax < 2026-12-01: the reference inside `state`, no manifest.
+    state = _state(5, ref=True)
+    params, rest = train_state.to_items(state)
+    with ocp.CheckpointManager(checkpoint.directory(str(tmp_path))) as old:
+        old.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(
+            {**rest, "ref_params": state.ref_params})))
+    said = []
+    like = jax.tree.map(jnp.zeros_like, state).replace(ref_params=state.ref_params)
+    ckpt = checkpoint.Checkpoints(str(tmp_path), say=said.append)
+    back = ckpt.restore(like)
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(state))
+    assert said and "no manifest" in said[0] and "without checking" in said[0]
+
+
+# -- the same faults met by scripts/train.py -----------------------------------------------------
+
+def _train(workdir, *extra, before: str = ""):
+    """scripts/train.py in a subprocess, after the Python statements `before` (a fault to provoke)."""
+    run = f"{before}\nimport runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    cmd = [sys.executable, "-c", run, "scripts/train.py", f"--config.workdir={workdir}", *SHORT, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_train_resumes_from_the_newest_intact_checkpoint_and_repeats_the_steps_exactly(tmp_path):
+    first = _train(tmp_path, "--config.steps=6")
+    assert first.returncode == 0, first.stderr
+    _flip(_biggest_file(tmp_path / "checkpoints" / "6"))
+    resumed = _train(tmp_path, "--config.steps=8", "--config.resume=True")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "checkpoint 6 in" in resumed.stdout and "is damaged (the SHA-256 of params/" in resumed.stdout
+    assert "resumed from step 4" in resumed.stdout
+    # Steps 5 and 6 ran twice (the event file keeps both): the resumed run repeats them bit for bit.
+    scalars = metrics.read_scalars(str(tmp_path / "tb"))
+    for key in ("loss", "reward", "grad_norm"):
+        steps = [s for s, _ in scalars[key]]
+        assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8], key
+        assert scalars[key][4:6] == scalars[key][6:8], key
+
+
+# Writes past the limit fail with EFBIG ("File too large"), as they would on a full disk.
+FILE_SIZE_LIMIT = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))")
+
+
+def test_a_save_that_cannot_be_written_stops_in_one_line_and_leaves_nothing_behind(tmp_path):
+    assert _train(tmp_path, "--config.steps=2").returncode == 0
+    # Parameter files are ~2 MB: every later save fails part-way, as on a full disk.
+    out = _train(tmp_path, "--config.steps=4", "--config.resume=True", before=FILE_SIZE_LIMIT)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("checkpoint 4 could not be written to ")
+    assert "File too large" in out.stderr and "the earlier checkpoints are intact" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    ckpt_dir = checkpoint.directory(str(tmp_path))
+    assert os.listdir(ckpt_dir) == ["2"] and checkpoint.problem(os.path.join(ckpt_dir, "2")) is None
+
+
+def test_a_synchronous_save_that_fails_part_way_raises_one_line_and_removes_its_files(tmp_path):
+    import resource
+    import signal
+
+    ckpt = checkpoint.Checkpoints(str(tmp_path), asynchronous=False, say=lambda line: None)
+    ckpt.save(_state(2))
+    big = _state(4).replace(params={"w": jax.random.normal(jax.random.key(1), (1024, 1024)), "b": jnp.zeros(256)})
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, limits[1]))  # the 4 MB parameter file cannot be written
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint 4 could not be written .*\(File too large; "):
+            ckpt.save(big)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+        ckpt.close()
+    assert os.listdir(checkpoint.directory(str(tmp_path))) == ["2"]
+
+
+def test_a_save_larger_than_the_free_space_is_refused_before_writing(tmp_path):
+    full_disk = ("import collections, shutil; usage = collections.namedtuple('usage', 'total used free'); "
+                 "shutil.disk_usage = lambda path: usage(10**12, 10**12 - 10**5, 10**5)")
+    out = _train(tmp_path, "--config.steps=2", before=full_disk)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("checkpoint 2 needs about ")
+    assert "has 0.1 MB free" in out.stderr and "Traceback" not in out.stderr
+    assert os.listdir(checkpoint.directory(str(tmp_path))) == []

@@ -1,0 +1,170 @@
+"""Run configs: one sampling section, unset fields are None, and old field names stop with the new one
+(in a config file, a pipeline stage, on the command line, and in stage markers written before)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TEST_DIRS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from configs import base  # noqa: E402
+from grpo_jax import data, grpo, policy, rewards
+from grpo_jax.common import data
+from grpo_jax.rewards import scoring
+from grpo_jax.rl import grpo
+from grpo_jax.run import config
+from grpo_jax.run import loading
+from grpo_jax.run import pipeline
+
+
+def test_every_sampling_setting_is_in_one_section_and_unset_means_none():
+    c = base.get_config()
+    assert {"max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "prompt_buckets"} <= set(c.sampling)
+    assert "max_new_tokens" not in c.grpo and "temperature" not in c.grpo
+    for path in ("grpo.clip_eps_high", "grpo.dual_clip", "grpo.scale_rewards", "sft.max_completion_tokens",
+                 "sft.examples", "rejection.max_problems", "data.eval_split", "init_from"):
+        section, _, name = path.rpartition(".")
+        assert (c[section] if section else c)[name] is None, path
+    loss_cfg = grpo.loss_config(c)
+    assert loss_cfg.clip_eps_high is None and loss_cfg.eps_high == c.grpo.clip_eps_low and loss_cfg.dual_clip is None
+    assert loss_cfg.reward_scaling == "group" and loss_cfg.max_completion_length == c.sampling.max_new_tokens
+    c.grpo.clip_eps_high, c.grpo.dual_clip, c.grpo.scale_rewards = 0.28, 3.0, "batch"  # typed placeholders
+    loss_cfg = grpo.loss_config(c)
+    assert (loss_cfg.eps_high, loss_cfg.dual_clip, loss_cfg.reward_scaling) == (0.28, 3.0, "batch")
+
+
+@pytest.mark.parametrize("old,new", sorted(config.RENAMED.items()))
+def test_an_old_field_name_stops_with_the_new_one(old, new):
+    c = base.get_config()
+    section, _, name = old.rpartition(".")
+    c[section][name] = 1  # what an old config file does (get_config works on an unlocked ConfigDict)
+    with pytest.raises(ValueError, match=f"'{old}' was renamed '{new}'"):
+        config.check(c)
+    # ... and inside a pipeline stage's overrides
+    p = base.get_config()
+    p.stages = "a"
+    p.stage = {"a": {"trainer": "grpo", section: {name: 1}}}
+    with pytest.raises(ValueError, match=f"renamed '{new}'"):
+        pipeline.stage_config(p, "a")
+
+
+def test_old_unset_sentinels_are_refused_where_they_would_change_meaning():
+    c = base.get_config()
+    c.grpo.clip_eps_high = 0.0  # used to mean "the same as clip_eps_low"; now it would mean no upside
+    with pytest.raises(ValueError, match=r"grpo.clip_eps_high=0.0: 0.0 no longer means the same as clip_eps_low"):
+        config.check(c)
+    c = base.get_config()
+    c.sft.examples = 0
+    with pytest.raises(ValueError, match="sft.examples=0"):
+        config.check(c)
+    config.check(base.get_config())  # the defaults pass
+
+
+def test_command_line_old_name_and_tuple_fields(tmp_path):
+    script = os.path.join(ROOT, "scripts", "evaluate.py")
+    r = subprocess.run([sys.executable, script, "--config.grpo.temperature=0.7"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode != 0 and "renamed 'sampling.temperature'" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_stage_markers_written_before_the_renames_still_match():
+    """A finished stage of an older grpo_jax recorded grpo.max_new_tokens and sentinel zeros; its
+    settings, renamed, equal today's, so the stage is not taken as changed."""
+    c = base.get_config()
+    c.stages, c.stage = "a", {"a": {"trainer": "grpo"}}
+    now = pipeline.stage_settings(pipeline.stage_config(c, "a"))
+    old = {("grpo." + k[len("sampling."):] if k in ("sampling.max_new_tokens", "sampling.temperature") else k): v
+           for k, v in now.items()}
+    old.update({"grpo.clip_eps_high": 0.0, "grpo.dual_clip": 0.0, "grpo.scale_rewards": "", "sft.examples": 0,
+                "sft.steps": 0, "sft.learning_rate": 1e-3})
+    record = {"fingerprint": "0" * 16, "settings": old}
+    assert pipeline._same_stage(record, now, pipeline.fingerprint(now))
+    changed = {**old, "grpo.beta": 0.5}
+    assert not pipeline._same_stage({"fingerprint": "0" * 16, "settings": changed}, now, pipeline.fingerprint(now))
+    # A marker written by this version is compared by fingerprint alone.
+    assert not pipeline._same_stage({"fingerprint": "0" * 16, "settings": now,
+                                     "settings_version": pipeline.SETTINGS_VERSION}, now, pipeline.fingerprint(now))
+
+
+def test_stage_markers_written_before_a_field_existed_still_match():
+    """Fields added later (config.ADDED) are absent from older markers; at the value that behaves as
+    before the stage matches, at any other it has changed."""
+    c = base.get_config()
+    c.stages, c.stage = "a", {"a": {"trainer": "grpo"}}
+    now = pipeline.stage_settings(pipeline.stage_config(c, "a"))
+    old = {k: v for k, v in now.items() if k not in config.ADDED}
+    assert len(old) == len(now) - len(config.ADDED)
+    record = {"fingerprint": "0" * 16, "settings": old, "settings_version": 2}
+    assert pipeline._same_stage(record, now, pipeline.fingerprint(now))
+    c.stage = {"a": {"trainer": "grpo", "grpo": {"dynamic_sampling": True}}}
+    changed = pipeline.stage_settings(pipeline.stage_config(c, "a"))
+    assert changed["grpo.dynamic_sampling"] is True
+    assert not pipeline._same_stage({"fingerprint": "0" * 16, "settings": old, "settings_version": 2}, changed,
+                                    pipeline.fingerprint(changed))
+    # a marker of the current version written before a late addition (model.residual_dtype) matches too
+    without_residual = {k: v for k, v in now.items() if k != "model.residual_dtype"}
+    assert pipeline._same_stage({"fingerprint": "0" * 16, "settings": without_residual,
+                                 "settings_version": pipeline.SETTINGS_VERSION}, now, pipeline.fingerprint(now))
+
+
+MESH_CHECKS = """
+import sys, warnings
+sys.path[:0] = [{root!r}, *{tests!r}]
+import jax
+from test_trainer import tiny_config
+assert jax.device_count() == 4
+cfg = tiny_config({workdir!r})
+cfg.mesh.data, cfg.mesh.tensor = 1, 4
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pol, _ = loading.load(cfg)
+print("WARN", " | ".join(str(w.message) for w in caught))
+cfg = tiny_config({workdir!r})
+cfg.grpo.prompts_per_step, cfg.grpo.num_generations = 1, 2  # 2 completions on 4 data-parallel devices
+pol, _ = loading.load(cfg)
+try:
+    grpo.GRPO.from_config(cfg, pol, scoring.Scorer("question", 6, workers=-1), data.load_task(cfg.data, cfg.seed))
+except ValueError as e:
+    print("ERROR", e)
+"""
+
+
+def test_mesh_mismatches_are_named_before_any_work(tmp_path):
+    """A weight dimension the mesh cannot split is named in a warning (it is replicated); a batch
+    that does not split over the data-parallel devices stops at set-up, naming the fields."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    code = MESH_CHECKS.format(root=ROOT, tests=TEST_DIRS, workdir=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warn = r.stdout.split("WARN", 1)[1].split("\n", 1)[0]
+    assert "layers/attn/k_proj/kernel: kv_heads 2 over tensor 4" in warn and "q_proj" not in warn
+    error = r.stdout.split("ERROR", 1)[1]
+    assert "grpo.prompts_per_step x grpo.num_generations = 1 x 2 = 2" in error and "data x fsdp = 4" in error
+
+
+def test_minibatches_that_do_not_split_the_batch_stop_at_set_up(tmp_path):
+    from test_trainer import tiny_config
+
+
+    cfg = tiny_config(tmp_path)
+    cfg.grpo.minibatches = 3  # 2 prompts x 4 completions = 8 rows
+    pol, _ = loading.load(cfg)
+    with pytest.raises(ValueError, match=r"= 8 completions per step must split into grpo.minibatches=3"):
+        grpo.GRPO.from_config(cfg, pol, scoring.Scorer("question", 6, workers=-1), data.load_task(cfg.data, cfg.seed))
+
+
+def test_verifier_sandbox_is_checked_and_reaches_the_code_reward():
+
+    c = base.get_config()
+    assert c.verifier.sandbox == "auto"
+    c.verifier.sandbox = "chroot"
+    with pytest.raises(ValueError, match=r"verifier.sandbox='chroot'; expected one of \('auto', 'namespaces', 'python'\)"):
+        config.check(c)
+    c.verifier.sandbox = "python"
+    scorer = scoring.Scorer.from_config(c)
+    assert scorer.columns([{"question": "q"}], 2, [3, 4])["sandbox"] == ["python", "python"]
