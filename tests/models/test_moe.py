@@ -143,7 +143,14 @@ def test_qwen3_30b_a3b_shape():
 
 EXPERT_PARALLEL = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from grpo_jax import compiled, loss, model, objective, sampler, sharding
+    from grpo_jax.models import architecture
+    from grpo_jax.models import placement
+    from grpo_jax.models import transformer
+    from grpo_jax.parallel import compiled
+    from grpo_jax.parallel import partitioning
+    from grpo_jax.rl import loss
+    from grpo_jax.rl import objective
+    from grpo_jax.rollout import sampler
     assert jax.device_count() == 8
     E, D, F = 8, 64, 48
     cfg = architecture.SHAPES["tiny"].replace(architecture="qwen3_moe", qk_norm=True, num_experts=E, num_experts_per_tok=2,

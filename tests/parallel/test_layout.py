@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 COMMON = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from grpo_jax import compiled, loss, model, objective, partitioning, sampler, sharding
+    from grpo_jax.models import architecture
+    from grpo_jax.parallel import partitioning
     assert jax.device_count() == 8
     B, PL, C, D, V = 32, 32, 32, 256, 1000
     # distinct sizes, so that shapes in the HLO say what they are: heads 8 x 32, rows 32, tokens 64
@@ -169,7 +170,7 @@ def test_inference_copy_gives_the_same_logits():
 
 LOAD_WORKER = COMMON + textwrap.dedent("""
     import sys, tempfile
-    from grpo_jax import hf
+    from grpo_jax.models import hf
     mesh = mesh_of((1, 8, 1))
     small = cfg.replace(dtype="float32")
     expect = placement.param_shardings(small, mesh)

@@ -16,7 +16,12 @@ WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
     import numpy as np
-    from grpo_jax import loss, multihost, sharding
+    from grpo_jax.models import architecture
+    from grpo_jax.models import placement
+    from grpo_jax.parallel import multihost
+    from grpo_jax.parallel import partitioning
+    from grpo_jax.rl import loss
+    from grpo_jax.rollout import sampler
     host = jax.process_index()
     d = jax.devices()
     assert [x.process_index for x in d] == [0, 0, 1, 1], d
@@ -34,7 +39,6 @@ WORKER = textwrap.dedent("""
     adv, _ = loss.compute_advantages(everyone, 2, loss.LossConfig(scale_rewards="batch"))
     assert abs(float(np.asarray(adv)[1]) - 0.5 / (np.std(everyone) + 1e-4)) < 1e-5
     # A rollout: each host's prompts become its block of rows, whatever the device order.
-    from grpo_jax import model, sampler
     cfg = architecture.SHAPES["tiny"]
     params = placement.init_params(cfg, mesh, jax.random.key(0))
     prompts = [[5 + host, 7], [9, 11 + host, 13]]
@@ -69,7 +73,12 @@ GRPO_WORKER = textwrap.dedent("""
     jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
     sys.path.insert(0, "tests")
     import numpy as np
-    from grpo_jax import data, grpo, multihost, policy, rewards, train_state
+    from grpo_jax.common import data
+    from grpo_jax.parallel import multihost
+    from grpo_jax.rewards import scoring
+    from grpo_jax.rl import grpo
+    from grpo_jax.rl import train_state
+    from grpo_jax.run import loading
     from test_dynamic_sampling import odd_first_operand
     from test_trainer import tiny_config
     cfg = tiny_config(sys.argv[3])

@@ -17,7 +17,12 @@ from grpo_jax.parallel import partitioning
 
 WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from grpo_jax import model, sharding
+    from grpo_jax.models import architecture
+    from grpo_jax.models import lora
+    from grpo_jax.models import placement
+    from grpo_jax.models import transformer
+    from grpo_jax.parallel import partitioning
+    from grpo_jax.rollout import sampler
     assert jax.device_count() == 8, jax.devices()
     cfg = architecture.SHAPES["tiny"].replace(vocab_size=256, intermediate_size=96)
     params = transformer.init_params(cfg, jax.random.key(0))
@@ -36,7 +41,6 @@ WORKER = textwrap.dedent("""
         q = p["layers"]["attn"]["q_proj"]["kernel"]
         print(shape, "max err", err, "q_proj spec", q.sharding.spec, "shards", len(q.addressable_shards))
     # A LoRA checkpoint's base fingerprint reads exact values: the same on every mesh.
-    from grpo_jax import lora
     prints = {lora.fingerprint(placement.shard_params(params, cfg, partitioning.make_mesh(*s))) for s in [(8, 1, 1), (1, 2, 4)]}
     assert prints == {lora.fingerprint(params)}, prints
     mesh = partitioning.make_mesh(1, 2, 4)
@@ -44,7 +48,6 @@ WORKER = textwrap.dedent("""
     assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None), spec  # 2 kv heads: not split 4 ways
     # The sampler under a mesh: rows split over data x fsdp, KV heads over tensor; same tokens as on
     # one device (greedy), and the same log-probabilities.
-    from grpo_jax import sampler
     prompts = [list(rng.integers(1, 256, n)) for n in (3, 7, 5, 2)]
     sc = sampler.SamplingConfig(max_new_tokens=6, greedy=True, prompt_buckets=(8,))
     ref = sampler.sample(params, cfg, prompts, 2, sc, jax.random.key(0))

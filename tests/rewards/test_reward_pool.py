@@ -6,7 +6,6 @@ import time
 import numpy as np
 import pytest
 
-from grpo_jax import rewards, verifier_pool
 from grpo_jax.rewards import checks
 from grpo_jax.rewards import math_grader
 from grpo_jax.rewards import scoring
@@ -287,6 +286,8 @@ def test_workers_do_not_import_the_main_script(tmp_path):
     script = tmp_path / "train_like.py"
     script.write_text(f"""
 import sys
+from grpo_jax.rewards import scoring
+from grpo_jax.rewards import verifier_pool
 open({str(log)!r}, "a").write("top level ran\\n")
 
 def mine(prompts, completions, **columns):

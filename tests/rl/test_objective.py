@@ -135,7 +135,12 @@ WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import sys; sys.path.insert(0, "tests")
     from test_objective import _policy_batch
-    from grpo_jax import model, loss, objective, sharding
+    from grpo_jax.models import architecture
+    from grpo_jax.models import placement
+    from grpo_jax.models import transformer
+    from grpo_jax.parallel import partitioning
+    from grpo_jax.rl import loss
+    from grpo_jax.rl import objective
     assert jax.device_count() == 8
     cfg = architecture.SHAPES["tiny"]
     params = transformer.init_params(cfg, jax.random.key(0))

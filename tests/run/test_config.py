@@ -12,7 +12,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from configs import base  # noqa: E402
-from grpo_jax import data, grpo, policy, rewards
 from grpo_jax.common import data
 from grpo_jax.rewards import scoring
 from grpo_jax.rl import grpo
@@ -117,6 +116,10 @@ import sys, warnings
 sys.path[:0] = [{root!r}, *{tests!r}]
 import jax
 from test_trainer import tiny_config
+from grpo_jax.common import data
+from grpo_jax.rewards import scoring
+from grpo_jax.rl import grpo
+from grpo_jax.run import loading
 assert jax.device_count() == 4
 cfg = tiny_config({workdir!r})
 cfg.mesh.data, cfg.mesh.tensor = 1, 4

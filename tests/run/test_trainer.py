@@ -14,7 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from configs import base  # noqa: E402
-from grpo_jax import trainer
 from grpo_jax.common import data
 from grpo_jax.models import architecture
 from grpo_jax.models import placement
@@ -194,6 +193,7 @@ import json, sys
 sys.path[:0] = [{root!r}, *{tests!r}]
 import jax
 from test_trainer import tiny_config
+from grpo_jax.run import trainer
 cfg = tiny_config(sys.argv[1], steps=2)
 cfg.mesh.data, cfg.mesh.fsdp = int(sys.argv[2]), int(sys.argv[3])
 cfg.eval.every, cfg.checkpoint.every = 2, 0
