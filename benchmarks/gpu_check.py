@@ -16,7 +16,7 @@ all of them goes to OUT/gpu_check.log):
                batch: completion log-probabilities, GRPO loss and gradients, each against a float32
                einsum reference, next to the einsum path's own bf16 error (CPU: "xla" stands in).
    greedy      the sampler's greedy tokens for SmolLM2 against the CPU tokens committed in
-               scripts/gpu_check_reference.json (float32 at "highest" matmul precision, and bf16).
+               benchmarks/gpu_check_reference.json (float32 at "highest" matmul precision, and bf16).
                The real weights when their folder exists there; else the SmolLM2 shape with seeded
                random weights, whose reference tokens were made the same way.
    mismatch    sampler vs trainer log-probabilities in bf16 (benchmarks/bench_mismatch.py).
@@ -40,7 +40,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.path.join(ROOT, "scripts", "gpu_check_reference.json")
+REFERENCE = os.path.join(ROOT, "benchmarks", "gpu_check_reference.json")
 
 
 def stages(tiny: bool, out: str) -> list[tuple[str, int, list[list[str]]]]:
@@ -281,7 +281,7 @@ def main():
     ap.add_argument("--only", nargs="*", default=None, help="run these stages only")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # in-process stages, in a child process
     ap.add_argument("--write_reference", action="store_true",
-                    help="CPU: (re)write the greedy stage's reference tokens (scripts/gpu_check_reference.json)")
+                    help="CPU: (re)write the greedy stage's reference tokens (benchmarks/gpu_check_reference.json)")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
     if a.stage or a.write_reference:

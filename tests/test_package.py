@@ -79,7 +79,7 @@ def test_the_package_is_layered():
 
 
 def test_rewards_import_no_jax():
-    code = ("import sys, grpo_jax.rewards.scoring, grpo_jax.rewards.verifier_pool, grpo_jax.rewards.worker, "
+    code = ("import sys, grpo_jax.rewards.scoring, grpo_jax.rewards.verifier_pool, grpo_jax.rewards.pool_worker, "
             "grpo_jax.rewards.checks, grpo_jax.rewards.math_grader, grpo_jax.rewards.sandbox.runner; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -123,7 +123,7 @@ def python_files():
 
 
 def test_modules_are_imported_by_their_full_names():
-    """`from grpo_jax import sampler`, never `... import sampler as S`: a grep finds every use."""
+    """`from grpo_jax.rollout import sampler`, never `... import sampler as S`: a grep finds every use."""
     aliased = []
     for path in python_files():
         tree = ast.parse(open(os.path.join(ROOT, path), encoding="utf-8").read())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
-import flax.linen as nn
+
 import jax
 
 
@@ -118,9 +118,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+            raise ValueError(f"remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention={self.attention!r}; expected one of {list(_ATTENTION)}")
+            raise ValueError(f"attention={self.attention!r}; expected one of {list(ATTENTION_IMPLS)}")
         if self.residual_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"residual_dtype={self.residual_dtype!r}; expected None (the compute dtype), "
                              "'float32', 'bfloat16' or 'float16'")

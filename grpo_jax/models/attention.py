@@ -13,6 +13,7 @@ from grpo_jax.models import architecture
 from grpo_jax.models import layers
 from grpo_jax.parallel import partitioning
 
+
 # A finite "minus infinity": a query whose keys are all masked (a padding slot) then gets a uniform
 # average instead of NaNs that would poison gradients through jnp.where.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)

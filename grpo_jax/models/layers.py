@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,9 @@ from jax.sharding import Mesh
 from grpo_jax.models import architecture
 from grpo_jax.parallel import partitioning
 
+
 Array = jax.Array
+
 
 def rope_inv_freq(cfg: architecture.ModelConfig) -> np.ndarray:
     """Inverse frequencies [head_dim // 2], with linear or Llama-3 scaling as in transformers."""
@@ -54,7 +57,7 @@ def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
     return out.astype(x.dtype)
 
 
-def _init(axes: tuple[str, ...], init=nn.initializers.normal(0.02)):
+def param_init(axes: tuple[str, ...], init=nn.initializers.normal(0.02)):
     return nn.with_logical_partitioning(init, axes)
 
 
@@ -75,7 +78,7 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def _norm(cfg: architecture.ModelConfig, name: str) -> RMSNorm:
+def norm(cfg: architecture.ModelConfig, name: str) -> RMSNorm:
     return RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), cfg.gemma_norms, name=name)
 
 
@@ -101,7 +104,7 @@ class LoRA(nn.Module):
         return jnp.tensordot(h, b.astype(dt), axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dt)
 
 
-def _adapted(cfg: architecture.ModelConfig, name: str, base: nn.Module, x: Array, in_axes, out_shape, out_axes) -> Array:
+def adapted(cfg: architecture.ModelConfig, name: str, base: nn.Module, x: Array, in_axes, out_shape, out_axes) -> Array:
     """base(x), plus its LoRA update when `name` is one of the config's targets."""
     y = base(x)
     if cfg.lora_rank and name in cfg.lora_targets:
@@ -130,7 +133,7 @@ class MLP(nn.Module):
         return dense("down_proj", h, cfg.hidden_size, ("mlp", "embed"))
 
 
-def _activation(cfg: architecture.ModelConfig):
+def activation(cfg: architecture.ModelConfig):
     return nn.silu if cfg.hidden_act == "silu" else functools.partial(nn.gelu, approximate=True)
 
 

@@ -4,6 +4,7 @@ the expert and tensor axes, and the Switch Transformer load-balancing loss."""
 from __future__ import annotations
 
 import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,9 @@ from grpo_jax.models import architecture
 from grpo_jax.models import layers
 from grpo_jax.parallel import partitioning
 
+
 Array = jax.Array
+
 
 class MoE(nn.Module):
     """Top-k mixture of SwiGLU experts (Qwen3-MoE; Shazeer et al. 2017, GShard, Lepikhin et al. 2020):

@@ -5,9 +5,11 @@ or re-placed in their layout."""
 from __future__ import annotations
 
 import math
+
 import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 from grpo_jax.models import architecture
 from grpo_jax.models import transformer
 from grpo_jax.parallel import partitioning

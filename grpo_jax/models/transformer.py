@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,9 @@ from grpo_jax.models import layers
 from grpo_jax.models import moe
 from grpo_jax.parallel import partitioning
 
+
 Array = jax.Array
+
 
 class Block(nn.Module):
     """Pre-norm decoder layer. Fits nn.scan: carry (x, kv_cache, layer, router_stats) -> (carry, None);

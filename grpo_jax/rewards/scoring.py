@@ -27,8 +27,8 @@ import numpy as np
 
 from grpo_jax.rewards import checks
 from grpo_jax.rewards import math_grader
+from grpo_jax.rewards import pool_worker
 from grpo_jax.rewards import verifier_pool
-from grpo_jax.rewards import worker
 
 RewardFn = verifier_pool.RewardFn
 
@@ -207,8 +207,8 @@ def score_functions(
             values, stats = pool.map(fn, prompts, completions, columns, hang_after=hang_after)
         else:
             try:
-                results = worker.checked(fn(list(prompts), list(completions),
-                                                   **{k: list(v) for k, v in columns.items()}), n)
+                results = pool_worker.checked(fn(list(prompts), list(completions),
+                                                        **{k: list(v) for k, v in columns.items()}), n)
             except Exception as e:  # noqa: BLE001 - counted and named, as in the pool
                 results = [("error", f"{type(e).__name__}: {str(e)[:300]}")] * n
             errors = [v for status, v in results if status == "error"]

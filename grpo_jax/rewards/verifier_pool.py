@@ -5,10 +5,10 @@
 
 Items travel in chunks (one message per chunk each way, not per completion), yet each item has its
 own wall-clock limit: a worker records in a shared file which item it is on and when it started it
-(`worker.PROGRESS`), and the pool kills a worker whose current item is over `timeout_s`. That
+(`pool_worker.PROGRESS`), and the pool kills a worker whose current item is over `timeout_s`. That
 item scores 0 and is counted as a timeout; the chunk's other unanswered items go back to the queue.
 A crash (segfault, OOM kill, os._exit) is attributed the same way. A spare worker is kept started,
-so a kill costs no start-up wait. Workers run `python -m grpo_jax.rewards.worker`: they do not
+so a kill costs no start-up wait. Workers run `python -m grpo_jax.rewards.pool_worker`: they do not
 re-import the training script (only a reward function defined in it makes them load it). Each worker
 has its own temporary folder, removed with the worker, so a sandbox killed with it leaves nothing.
 """
@@ -30,7 +30,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
-from grpo_jax.rewards import worker
+from grpo_jax.rewards import pool_worker
 
 RewardFn = Callable[..., list]
 MAX_CHUNK = 64  # items per message; smaller chunks when there are few items per worker
@@ -44,15 +44,15 @@ class _Worker:
         os.chmod(self.scratch, 0o711)  # an unprivileged sandbox user must reach its folder inside
         progress_path = os.path.join(self.scratch, "progress")
         with open(progress_path, "wb") as fh:
-            fh.write(b"\0" * worker.PROGRESS.size)
+            fh.write(b"\0" * pool_worker.PROGRESS.size)
         with open(progress_path, "r+b") as fh:
-            self.progress = mmap.mmap(fh.fileno(), worker.PROGRESS.size)
+            self.progress = mmap.mmap(fh.fileno(), pool_worker.PROGRESS.size)
         ours, theirs = socket.socketpair()
         main_path = getattr(sys.modules["__main__"], "__file__", None)
         spec = {"fd": theirs.fileno(), "progress": progress_path, "memory_mb": memory_mb, "scratch": self.scratch,
                 "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
                 "main_path": os.path.abspath(main_path) if main_path else None}
-        self.proc = subprocess.Popen([sys.executable, "-m", "grpo_jax.rewards.worker", json.dumps(spec)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "grpo_jax.rewards.pool_worker", json.dumps(spec)],
                                      pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         theirs.close()
         self.conn = Connection(ours.detach())
@@ -70,12 +70,12 @@ class _Worker:
         if not self.ready:
             self.kill()
             raise RuntimeError(f"a verifier worker did not start (exit code {self.proc.returncode}); run "
-                               f"`{sys.executable} -m grpo_jax.rewards.worker` to see why, or score in this "
+                               f"`{sys.executable} -m grpo_jax.rewards.pool_worker` to see why, or score in this "
                                "process (the trainer's verifier.workers=-1)")
 
     def current(self) -> tuple[int, float]:
         """(index in the chunk of the item being scored, when it started)."""
-        started, since = worker.PROGRESS.unpack_from(self.progress, 0)
+        started, since = pool_worker.PROGRESS.unpack_from(self.progress, 0)
         return started - self.answered - 1, since
 
     def kill(self) -> None:

@@ -15,11 +15,12 @@ checkpoint's parameters are restored straight onto their devices without a rando
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Sequence
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
+
 from grpo_jax.models import architecture
 from grpo_jax.models import hf
 from grpo_jax.models import lora

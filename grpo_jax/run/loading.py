@@ -12,9 +12,11 @@ import json
 import os
 import warnings
 from typing import Any
+
 import jax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
+
 from grpo_jax.models import architecture
 from grpo_jax.models import hf
 from grpo_jax.models import lora

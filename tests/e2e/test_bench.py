@@ -10,7 +10,7 @@ import pytest
 from grpo_jax.models import architecture
 from grpo_jax.models import transformer
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name):

@@ -85,7 +85,7 @@ def test_a_second_run_into_a_busy_workdir_stops_naming_the_holder(tmp_path):
     assert f"is in use by pid {os.getpid()}" in err and "another workdir" in err
     assert not (tmp_path / "checkpoints").exists()
     # A holder killed with -9 leaves the file but not the lock: the next run takes it over.
-    holder = subprocess.Popen([sys.executable, "-c", f"from grpo_jax import workdir_lock; import time; "
+    holder = subprocess.Popen([sys.executable, "-c", f"from grpo_jax.run import workdir_lock; import time; "
                                f"lock = workdir_lock.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
                                "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

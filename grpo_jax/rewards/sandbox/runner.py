@@ -4,7 +4,7 @@
     runner.run_tests(code, ["assert f(1) == 2", ...], limits) -> [True, False, ...]
 
 Isolation (`Limits.isolation`):
-  "namespaces": Linux user, mount, pid, network, ipc and uts namespaces (see sandbox_launcher): no
+  "namespaces": Linux user, mount, pid, network, ipc and uts namespaces (see launcher): no
       network at all, a read-only system with one private writable folder, a pid namespace whose end
       kills every descendant; plus kernel limits (CPU seconds, address space, file size, open files,
       processes as the unprivileged user) and, as a second layer, a Python audit hook.
@@ -18,7 +18,7 @@ killed with everything it started. stdin is a file, so a program that never read
 the runner.
 
 Why the verdict of `run_tests` cannot be forged: the tests never run in the solution's process.
-The sandbox (sandbox_server) only runs the solution and answers calls to its functions with plain
+The sandbox (server) only runs the solution and answers calls to its functions with plain
 data; the test code runs here, in the runner, calling those functions through a pipe and evaluating
 the asserts on the decoded values. Nothing the solution can print, exit with, read (its files, argv,
 environment, memory) or install (atexit, excepthook, patched builtins) can make an assert that runs in

@@ -1,4 +1,4 @@
-"""A verifier worker process: `python -m grpo_jax.rewards.worker SPEC` (started by
+"""A verifier worker process: `python -m grpo_jax.rewards.pool_worker SPEC` (started by
 `verifier_pool.VerifierPool`; a small entry module, so a worker never re-imports the training script).
 
 SPEC (JSON): {"fd": socket to the pool, "progress": file of two int64/float64 slots, "memory_mb",
