@@ -7,7 +7,7 @@ On its own SmolLM2 never answers as `#### N`, so a `####` reward is 0 on every s
 nothing to learn from. Stage 1 (runs/smollm2/cold_start): 16 SFT steps, one pass over 256 verified
 `#### N` demonstrations, teach the format. Stage 2 (runs/smollm2/grpo): 100 GRPO steps (8 prompts x
 G=8, 16 new tokens, beta 0) on the other training problems. Held out: 128 problems never trained on.
-Reaches (README, "A real pretrained model on a CPU"): held-out greedy pass@1 0.000 before the cold
+Reaches (docs/recipes.md, "A real pretrained model on a CPU"): held-out greedy pass@1 0.000 before the cold
 start, 0.523 after it, 0.695 after GRPO (+17 points from RL). The same GRPO settings under TRL's GRPOTrainer:
 benchmarks/compare_trl.py.
 """

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, LoRA against a full fine-tune on the same short R1 recipe (CPU, offline):
 a 60-step full cold start on 256 `#### N` demonstrations of two-digit addition (chat template), then
-40 GRPO steps of either kind; held-out greedy pass@1 on 64 problems. The README's LoRA table.
+40 GRPO steps of either kind; held-out greedy pass@1 on 64 problems: the LoRA table of docs/recipes.md.
 
     python scripts/train.py --config=configs/smollm2_lora_vs_full.py:full
     mkdir -p runs/smollm2_lora_vs_full/lora && cp -r runs/smollm2_lora_vs_full/full/cold_start \\
@@ -24,7 +24,7 @@ def get_config(arg: str = "full"):
     c.cold_start.steps = 60
     c.cold_start.optimizer = ConfigDict(dict(learning_rate=2e-5, schedule="constant", warmup_steps=0, b2=0.999,
                                              weight_decay=0.0))
-    c.model.remat = "none"  # as the README's table was measured (configs/smollm2.py now remats: less memory, faster)
+    c.model.remat = "none"  # as docs/recipes.md's table was measured (configs/smollm2.py remats: less memory, faster)
     c.steps, c.grpo.beta, c.grpo.std_ddof = 40, 0.0, 0
     c.rewards = {"math": 1.0}
     del c.cold_start["seed"]  # as measured: the cold start ran under the run's seed

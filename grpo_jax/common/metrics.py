@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import math
-import re
 import time
 from typing import Any, Mapping
 
@@ -73,13 +72,10 @@ class MetricWriter:
             self._w.close()
 
 
-# Event files written before 2026-12-01 (tensorboardX's add_scalar) hold eval/pass@1 as eval/pass_1.
-_OLD_AT = re.compile(r"^(eval/(?:pass|maj|mean))_(\d+)")
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of every event file in `logdir`, as {tag: [(step, value), ...]} (for plots and tests);
-    older files' eval/pass_1 is read as eval/pass@1."""
+    """Scalars of every event file in `logdir`, as {tag: [(step, value), ...]} (for plots and tests)."""
     import os
     import struct
 
@@ -99,5 +95,5 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
             event = event_pb2.Event.FromString(payload)
             for v in event.summary.value:
                 if v.HasField("simple_value"):
-                    out.setdefault(_OLD_AT.sub(r"\1@\2", v.tag), []).append((event.step, v.simple_value))
+                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out

@@ -148,7 +148,7 @@ def embed_lookup(table: Array, tokens: Array, mesh: Mesh | None) -> Array:
     if mesh is None or mesh.size == 1:
         return jnp.take(table, tokens, axis=0)
     vocab_ax, embed_ax = partitioning.to_mesh_spec(("vocab", "embed"), table.shape, mesh)
-    row_ax = partitioning.to_mesh_spec(("activation_batch", None), tokens.shape, mesh)[0]
+    row_ax = partitioning.row_axes(tokens.shape[0], mesh)
     if embed_ax is not None and embed_ax not in partitioning.mesh_axes(row_ax):
         # rows not split over fsdp (a batch the mesh does not divide): gather the table's d
         table = partitioning.constrain(table, ("vocab", None), mesh)
@@ -161,10 +161,8 @@ def embed_lookup(table: Array, tokens: Array, mesh: Mesh | None) -> Array:
         if vocab_ax is None:
             x = jnp.take(tab, ids, axis=0)
         else:
-            first = jax.lax.axis_index(vocab_ax) * tab.shape[0]
-            here = (ids >= first) & (ids < first + tab.shape[0])
-            x = jnp.take(tab, jnp.clip(ids - first, 0, tab.shape[0] - 1), axis=0)
-            x = jax.lax.psum(jnp.where(here[..., None], x, 0), vocab_ax)
+            local, here = partitioning.shard_index(ids, vocab_ax, tab.shape[0])
+            x = jax.lax.psum(jnp.where(here[..., None], jnp.take(tab, local, axis=0), 0), vocab_ax)
         if embed_ax is None:
             return x
         # [the group's rows, seq, d / fsdp] -> [my rows, seq, d]

@@ -70,7 +70,7 @@ def _top_k(probs: Array, k: int, mesh: Mesh | None) -> tuple[Array, Array]:
     all-gather the whole batch's [B, T, E] probabilities for the top-k custom call."""
     if mesh is None or mesh.size == 1:
         return jax.lax.top_k(probs, k)
-    rows = partitioning.to_mesh_spec(("activation_batch",), probs.shape[:1], mesh)[0]
+    rows = partitioning.row_axes(probs.shape[0], mesh)
     P = jax.sharding.PartitionSpec
     return jax.shard_map(lambda p: tuple(jax.lax.top_k(p, k)), mesh=mesh, in_specs=P(rows),
                          out_specs=(P(rows), P(rows)))(probs)
@@ -111,7 +111,7 @@ def _experts(x, experts, gates, w_gate, w_up, w_down, cfg: architecture.ModelCon
     mix = functools.partial(_expert_mix, impl=impl, act=layers.activation(cfg))
     if mesh is None or mesh.size == 1:
         return mix(x, experts, gates, w_gate, w_up, w_down, 0)
-    rows = partitioning.to_mesh_spec(("activation_batch",), x.shape[:1], mesh)[0]
+    rows = partitioning.row_axes(x.shape[0], mesh)
     ex, _, ff = partitioning.to_mesh_spec(("expert", None, "mlp"), w_gate.shape, mesh)
     gather = ex is not None and ex in partitioning.mesh_axes(rows)
 

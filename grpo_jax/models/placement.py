@@ -1,13 +1,15 @@
 """Where a model's parameters live on the mesh: their NamedShardings from the logical axis rules
 (grpo_jax.parallel.partitioning), the dimensions a mesh cannot split, and parameters initialised
-or re-placed in their layout."""
+or re-placed in their layout, and cast in it."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grpo_jax.models import architecture
@@ -48,3 +50,21 @@ def init_params(cfg: architecture.ModelConfig, mesh: Mesh, key: jax.Array) -> ar
 def shard_params(params: architecture.Params, cfg: architecture.ModelConfig, mesh: Mesh, rules: partitioning.Rules = partitioning.RULES) -> architecture.Params:
     """Place (or re-place) parameters on the mesh according to the rules."""
     return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+# One program per (leaf shapes and shardings, dtype): an elementwise cast keeps each leaf's sharding.
+_astype = jax.jit(lambda leaves, dtype: [x.astype(dtype) for x in leaves], static_argnums=1)
+
+
+def cast(params: architecture.Params, dtype: Any, copy: bool = False) -> architecture.Params:
+    """The floating-point leaves of `params` in `dtype`, each in its own layout, on device (no host
+    copy). Leaves already in `dtype` are returned as they are, or copied with `copy` (a tree that
+    must outlive a donation of `params`, e.g. the KL reference)."""
+    dtype = jnp.dtype(dtype)
+    leaves, tree = jax.tree.flatten(params)
+    todo = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating) and (copy or x.dtype != dtype)]
+    if todo:
+        leaves = list(leaves)
+        for i, x in zip(todo, _astype([leaves[i] for i in todo], dtype)):
+            leaves[i] = x
+    return jax.tree.unflatten(tree, leaves)

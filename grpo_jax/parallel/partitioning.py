@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -80,12 +81,29 @@ def to_mesh_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     return P(*out)
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None], mesh: Mesh | None, rules: Rules = RULES) -> jax.Array:
-    """with_sharding_constraint of x by logical axis names; the identity without a mesh (or on one
-    device)."""
+def constrain(x: jax.Array, logical: Sequence[str | None] | P, mesh: Mesh | None, rules: Rules = RULES) -> jax.Array:
+    """with_sharding_constraint of x by logical axis names (or by a PartitionSpec of mesh axes, as
+    given); the identity without a mesh (or on one device)."""
     if mesh is None or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, to_mesh_spec(logical, x.shape, mesh, rules)))
+    spec = logical if isinstance(logical, P) else to_mesh_spec(logical, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def row_axes(rows: int, mesh: Mesh | None) -> Any:
+    """The mesh axes that split `rows` rows of a batch (the `activation_batch` rule: data x fsdp x
+    expert), or None where the mesh does not divide them (the rows are then replicated): the
+    PartitionSpec entry of a batch dimension inside shard_map and in explicit shardings."""
+    return None if mesh is None else to_mesh_spec(("activation_batch",), (rows,), mesh)[0]
+
+
+def shard_index(index: jax.Array, axis: str | None, shard_size: int) -> tuple[jax.Array, jax.Array]:
+    """Inside shard_map, for global indices into a dimension split over mesh `axis` in shards of
+    `shard_size` (e.g. token ids into a vocab-parallel table): (the index within this device's shard,
+    clipped into range, and whether the index is held here)."""
+    first = 0 if axis is None else jax.lax.axis_index(axis) * shard_size
+    local = index - first
+    return jnp.clip(local, 0, shard_size - 1), (local >= 0) & (local < shard_size)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None, *,

@@ -46,6 +46,7 @@ from grpo_jax.common import data
 from grpo_jax.common import metrics
 from grpo_jax.models import architecture
 from grpo_jax.models import lora
+from grpo_jax.models import placement
 from grpo_jax.parallel import multihost
 from grpo_jax.parallel import partitioning
 from grpo_jax.rewards import scoring
@@ -241,9 +242,7 @@ class GRPO:
         the policy's layout. None for LoRA: the reference is the frozen base the run keeps anyway."""
         if self.loss_cfg.beta <= 0 or self.policy.model_cfg.lora_rank:
             return None
-        dtype = jnp.dtype(self.policy.model_cfg.dtype)
-        cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        return jax.jit(lambda t: jax.tree.map(cast, t), out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
+        return placement.cast(params, self.policy.model_cfg.dtype, copy=True)
 
     def before_training(self, state: train_state.TrainState, say: Callable[[str], None]) -> None:
         pass

@@ -5,8 +5,7 @@ need log π(o_t | q, o_<t) under logits / temperature, the same distribution the
 
 The unembedding runs over chunks of `chunk` tokens inside a rematerialised scan, so the float32
 logits that exist at any time are [chunk, vocab] (forward and backward), never
-[batch, length, vocab]: for Qwen2.5's 152k vocabulary, 64 x 512 completion tokens would otherwise be
-20 GB of logits.
+[batch, length, vocab] (4 B T V bytes, which for a 150k vocabulary outgrows the model itself).
 
 On a mesh the scan runs inside a `shard_map` over the batch axes: each device takes its own rows
 (chunk / (data x fsdp) tokens per step), so it runs the head on 1/(data x fsdp) of the batch and
@@ -45,10 +44,8 @@ def _log_softmax_at(logits: Array, targets: Array, with_entropy: bool, vocab_axi
     e = jnp.exp(logits - m[:, None])
     z = total(e.sum(-1))
     lse = m + jnp.log(z)
-    first = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * logits.shape[-1]
-    local = targets - first
-    here = (local >= 0) & (local < logits.shape[-1])
-    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+    local, here = partitioning.shard_index(targets, vocab_axis, logits.shape[-1])
+    picked = jnp.take_along_axis(logits, local[:, None], axis=-1)[:, 0]
     logp = total(jnp.where(here, picked, 0.0)) - lse
     if not with_entropy:
         return logp, None
@@ -116,7 +113,7 @@ def token_logprobs(
     """
     if mesh is None or mesh.size == 1:
         return _chunked(hidden, head, targets, temperature, chunk, with_entropy)
-    rows = partitioning.to_mesh_spec(("activation_batch",), targets.shape[:1], mesh)[0]
+    rows = partitioning.row_axes(targets.shape[0], mesh)
     vocab = partitioning.to_mesh_spec(("activation_vocab",), head.shape[1:], mesh)[0]
     embed = partitioning.to_mesh_spec(("embed",), head.shape[:1], mesh)[0]
     row_axes = partitioning.mesh_axes(rows)

@@ -41,9 +41,8 @@ class LossConfig:
       std_ddof: the std of the advantages' denominator: 0, the default, the population std
         sqrt(Σ (r - mean)² / G); 1 the sample std sqrt(Σ (r - mean)² / (G - 1)), which is what TRL
         (torch.std), verl (torch.std) and Tunix (ddof=1) use. With 0, advantages are sqrt(G / (G - 1))
-        times theirs (1.07 at G = 8). The default stays 0 because every figure in the README was
-        measured with it and Adam's step hardly depends on that constant scale; set 1 to reproduce
-        TRL's, verl's or Tunix's advantages exactly.
+        times theirs (1.07 at G = 8), a constant scale that Adam's step hardly depends on; set 1 to
+        reproduce TRL's, verl's or Tunix's advantages exactly.
       adv_eps: ε in (r - mean) / (std + ε).
       clip_eps_low, clip_eps_high: PPO clip range [1 - ε_low, 1 + ε_high]; ε_high defaults to ε_low
         (DAPO's clip-higher sets it larger, e.g. 0.28).

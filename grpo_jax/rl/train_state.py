@@ -148,7 +148,7 @@ def check_precision(params, learning_rate: float) -> None:
     Adam moves each weight by about the learning rate per step, and a weight w stored in bfloat16
     (8 significant bits) changes only when the step is at least half its spacing, between |w| 2^-9
     and |w| 2^-8. With |w| ~ 1e-2, an lr of 1e-6 rounds away almost everywhere and training is a
-    silent no-op (AdamW at 1e-6 changed 1.6% of a bfloat16 Qwen2.5-0.5B layer in 3 steps). Stops when
+    silent no-op. Stops when
     most parameters sit in leaves whose RMS weight cannot move by `learning_rate` even in the best
     case (|w| eps / 4). The fix: float32 master weights (model.param_dtype) with a bfloat16 compute
     copy (model.dtype), or a larger rate. A no-op for float32 weights.

@@ -9,13 +9,12 @@ lengths), and finished rows leave the batch (the live ones move, with their cach
 batch of a few static sizes), each row drawing from its own random stream so that its completion
 does not depend on the batch it runs in. Prompts are left-padded to a bucket length so that varying
 prompt lengths reuse a few compiled programs, and the prefill computes logits for the last position only
-(float32 logits of every prompt position would be [B, P, vocab]: 37 GiB for 256 Qwen2.5 prompts of
-256 tokens).
+(float32 logits of every prompt position would be [B, P, vocab], 4 B P V bytes).
 
 Sampling reads the weights once per token, so they should be local and in the compute dtype:
 `inference_params` makes that copy (split over tensor only, whole on every data and fsdp device, cast
 from float32 master weights to bfloat16) once per rollout. The training layout would all-gather every
-layer's weights over fsdp at every decoded token: 14 GB per token step for a 7B model.
+layer's weights over fsdp at every decoded token (the whole model's bytes per token step).
 
 Each sampled token's log-probability is log softmax(logits / temperature)[token]: the same quantity
 `logprobs.completion_logprobs` computes in the trainer (top-k / top-p only restrict which tokens can be
@@ -210,17 +209,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id
 # Jitted stages
 
 
-def _constrain(x: Array, mesh: Mesh | None, spec: P) -> Array:
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def _rows(n: int, mesh: Mesh | None):
-    """Mesh axes that split n rows: data x fsdp x expert when they divide n, else none (replicated)."""
-    if mesh is None or n % partitioning.batch_shards(mesh):
-        return None
-    return partitioning.BATCH
-
-
 def inference_params(params: architecture.Params, cfg: architecture.ModelConfig, mesh: Mesh | None) -> tuple[architecture.Params, architecture.ModelConfig]:
     """The weights as sampling wants them: in the compute dtype (float32 master weights, bfloat16
     compute: the cast the forward pass would do at every use, done once) and, on a mesh, in the
@@ -228,14 +216,7 @@ def inference_params(params: architecture.Params, cfg: architecture.ModelConfig,
     the config to run it with (param_dtype = dtype); the copy gives the same logits as `params`."""
     if mesh is None or mesh.shape["fsdp"] == 1:  # already the layout sampling reads
         # Only the leaves not yet in the compute dtype are copied (a LoRA run's frozen base already is).
-        leaves, tree = jax.tree.flatten(params)
-        cast = [i for i, x in enumerate(leaves) if x.dtype != cfg.dtype]
-        if cast:
-            copies = jax.jit(lambda xs: [x.astype(cfg.dtype) for x in xs])([leaves[i] for i in cast])
-            leaves = [*leaves]
-            for i, x in zip(cast, copies):
-                leaves[i] = x
-        return jax.tree.unflatten(tree, leaves), cfg.replace(param_dtype=cfg.dtype)
+        return placement.cast(params, cfg.dtype), cfg.replace(param_dtype=cfg.dtype)
     copy = jax.jit(_sampling_weights, static_argnums=(1, 2, 3))(params, cfg, mesh, True)
     return copy, cfg.replace(param_dtype=cfg.dtype)
 
@@ -246,14 +227,14 @@ def _sampling_weights(params: architecture.Params, cfg: architecture.ModelConfig
     they are."""
     if not gather:
         return params
-    params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)
+    params = placement.cast(params, cfg.dtype)
     if mesh is None or mesh.size == 1:
         return params
     return jax.lax.with_sharding_constraint(params, placement.param_shardings(cfg, mesh, partitioning.INFERENCE_RULES))
 
 
 def _cache_specs(cfg: architecture.ModelConfig, mesh: Mesh | None, n: int) -> dict[str, P]:
-    batch = _rows(n, mesh)
+    batch = partitioning.row_axes(n, mesh)
     heads = "tensor" if mesh is not None and cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
     return {"k": P(None, batch, None, heads, None), "v": P(None, batch, None, heads, None),
             "mask": P(batch, None), "pos": P(batch), "index": P()}
@@ -284,7 +265,7 @@ def prefill(params, prompt_ids, prompt_mask, *, cfg: architecture.ModelConfig, n
         "pos": rep(small["pos"], 0),
         "index": small["index"],
     }
-    cache = {k: _constrain(v, mesh, specs[k]) for k, v in cache.items()}
+    cache = {k: partitioning.constrain(v, specs[k], mesh) for k, v in cache.items()}
     return rep(last, 0), cache
 
 
@@ -329,7 +310,7 @@ def decode_state(cache: architecture.Cache, first_logits: Array, sampling: Sampl
 def _state_shardings(state: DecodeState, cfg: architecture.ModelConfig, mesh: Mesh) -> DecodeState:
     """Where a decode state lives: rows split as the rollout's (when they divide), the cache as prefill made it."""
     n = state.rows.shape[0]
-    specs, batch = _cache_specs(cfg, mesh, n), _rows(n, mesh)
+    specs, batch = _cache_specs(cfg, mesh, n), partitioning.row_axes(n, mesh)
     put = lambda spec: NamedSharding(mesh, spec)
     rows = jax.tree.map(lambda x: put(P(batch, *(None,) * (x.ndim - 1))), dataclasses.replace(state, cache={}, step=None))
     # The logits keep the vocabulary split the output head gives them (gathering them would move
@@ -570,7 +551,7 @@ def sample(
         shards = partitioning.batch_shards(mesh)
         extra = -len(ids) % (shards // math.gcd(shards, num_generations))
         ids, mask = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask))
-        row = NamedSharding(mesh, P(_rows(len(ids), mesh), None))
+        row = NamedSharding(mesh, P(partitioning.row_axes(len(ids), mesh), None))
         ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
     if gather_weights:  # once for prefill and decode
         params, model_cfg = inference_params(params, model_cfg, mesh)

@@ -15,8 +15,7 @@ the temporary folder just before that rename, so a finished checkpoint always ha
 cut short (kill -9, a full disk) never looks finished. Reading a checkpoint back first checks every
 file against its manifest; a damaged checkpoint (a flipped byte, a truncated or missing file) is
 moved to WORKDIR/checkpoints_damaged and the newest intact one is used instead, with a message
-naming both. Checkpoints written before manifests (grpo_jax < 2026-12-01, which also stored the
-reference as state["ref_params"]) still restore, unverified.
+naming both. A checkpoint without a manifest is damaged like any other: every finished save has one.
 
 Saves are asynchronous by default (orbax): `save` returns once the state is copied to host memory,
 and the files, their checksums and the rename happen in a background thread while training goes on.
@@ -97,14 +96,14 @@ def write_manifest(root: str, step: int) -> None:
 
 def problem(step_dir: str) -> str | None:
     """Why the checkpoint in `step_dir` cannot be trusted, or None when every file its manifest
-    lists is there with its size and SHA-256. A folder without a manifest is judged by its items
-    only (a checkpoint written before manifests)."""
+    lists is there with its size and SHA-256."""
     if not os.path.isdir(step_dir):
         return "its folder is missing"
     path = os.path.join(step_dir, MANIFEST)
     if not os.path.exists(path):
-        missing = [item for item in ("params", "state") if not os.path.isdir(os.path.join(step_dir, item))]
-        return f"it holds no {' or '.join(missing)} item" if missing else None
+        return (f"it has no {MANIFEST} (every checkpoint grpo_jax writes has one; one written by a grpo_jax "
+                "from before checkpoints were verified is not read: start a new run from its parameters with "
+                "--config.init_from=RUN_WORKDIR on that grpo_jax, or retrain)")
     try:
         with open(path) as f:
             files = json.load(f)["files"]
@@ -119,10 +118,6 @@ def problem(step_dir: str) -> str | None:
         if _sha256(full) != digest:
             return f"the SHA-256 of {rel} differs from the one recorded when it was written"
     return None
-
-
-def verified(step_dir: str) -> bool:
-    return os.path.exists(os.path.join(step_dir, MANIFEST))
 
 
 def _size(nbytes: float) -> str:
@@ -179,7 +174,7 @@ def report_failed_saves_once() -> None:
 # Choosing the checkpoint to read
 
 
-def _choose(manager: ocp.CheckpointManager, steps: list[int], say: Callable[[str], None]) -> tuple[int | None, list]:
+def _choose(manager: ocp.CheckpointManager, steps: list[int]) -> tuple[int | None, list]:
     """The newest of `steps` (newest first) whose files are intact, and the (step, why) of the
     damaged ones before it. Verified on process 0 only (every host reads the same files) and agreed
     by all."""
@@ -191,9 +186,6 @@ def _choose(manager: ocp.CheckpointManager, steps: list[int], say: Callable[[str
                 chosen = step
                 break
             damaged.append((step, why))
-        if chosen >= 0 and not verified(os.path.join(str(manager.directory), str(chosen))):
-            say(f"checkpoint {chosen} in {manager.directory} has no manifest (written before grpo_jax verified "
-                "checkpoints): restored without checking its files")
     chosen = multihost.host_max([chosen])[0]
     return (None if chosen < 0 else chosen), damaged
 
@@ -377,7 +369,7 @@ class Checkpoints:
         steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
         if not steps:
             return None
-        chosen, damaged = _choose(self.manager, steps, self.say)
+        chosen, damaged = _choose(self.manager, steps)
         if chosen is None:
             raise CheckpointError(_damage_report(self.manager, damaged) + ": no intact checkpoint to resume from. "
                                   f"Move {self.dir} away to start again from step 0")
@@ -387,23 +379,17 @@ class Checkpoints:
         if self.reference is not None:
             _check_reference(self.manager, chosen, self.reference)
         rest = _target(rest)
-        state_meta = self.manager.item_metadata(chosen)["state"]
-        if state_meta is not None and "ref_params" in state_meta:  # before 2026-12-01 the reference was stored
-            rest["ref_params"] = jax.tree.map(lambda m, x: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=x.sharding),
-                                              state_meta["ref_params"], _target(like.ref_params)) \
-                if like.ref_params is not None else state_meta["ref_params"]
         try:
             out = self.manager.restore(chosen, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(_target(params)), state=ocp.args.StandardRestore(rest)))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint {chosen} in {self.dir} does not match this run's train "
-                             f"state (a different model, optimizer or reference setting, or a checkpoint from a "
-                             f"grpo_jax before 2026-11-30, whose optimizer state had another layout: its parameters "
-                             f"still start a new run with --config.init_from=RUN_WORKDIR): {str(e)[:800]}") from e
+                             f"state (a different model, optimizer or LoRA setting, or another grpo_jax version's "
+                             f"layout; its parameters can start a new run: --config.init_from=RUN_WORKDIR): "
+                             f"{str(e)[:800]}") from e
         if damaged:
             aside = _set_aside(self.manager, damaged)
             self.say(f"{_damage_report(self.manager, damaged)}: moved to {aside}; resuming from checkpoint {chosen}")
-        out["state"].pop("ref_params", None)  # an old checkpoint's copy: the rebuilt one is the same policy
         return train_state.from_items(out["params"], out["state"], ref_params=like.ref_params, frozen=like.frozen)
 
     def close(self, quiet: bool = False) -> None:
@@ -436,7 +422,7 @@ def restore_params(workdir: str, like: Any, step: int | None = None, base: str |
         steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {path} to take the parameters from")
-        chosen, damaged = _choose(manager, steps, say)
+        chosen, damaged = _choose(manager, steps)
         if chosen is None:
             raise CheckpointError(_damage_report(manager, damaged) + ": no intact checkpoint to take the parameters from")
         if damaged:

@@ -51,27 +51,6 @@ UNSET_WAS = {
 }
 
 
-# Fields added since pipelines first recorded their settings, with the value that behaves as before:
-# a stage finished before a field existed matches a config that leaves the field at that value.
-ADDED = {
-    "model.residual_dtype": None,
-    "grpo.rollout_correction": None,
-    "grpo.rollout_correction_max": 2.0,
-    "grpo.rollout_correction_min": None,
-    "grpo.dynamic_sampling": False,
-    "grpo.max_sampling_rounds": 3,
-    "data.enable_thinking": None,
-    "data.seed": None,
-    "grpo.router_aux_loss_coef": 0.0,
-    "sampling.top_p_candidates": 1024,
-    "sampling.merge_lora": False,
-    "model.lora.rank": 0,
-    "model.lora.alpha": 16.0,
-    "model.lora.dropout": 0.0,
-    "model.lora.targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],  # JSON
-}
-
-
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config or dict as {"section.field": value}."""
     out = {}
@@ -261,17 +240,6 @@ def _fields(cfg: ConfigDict, prefix: str = "") -> set[str]:
         if isinstance(v, ConfigDict):
             out |= _fields(v, f"{prefix}{k}.")
     return out
-
-
-def upgrade_settings(flat: dict[str, Any]) -> dict[str, Any]:
-    """Flat settings saved before the renames and additions (pipeline stage markers) in today's names
-    and values."""
-    out = {}
-    for path, value in flat.items():
-        path = renamed(path) or path
-        old = UNSET_WAS.get(path)
-        out[path] = None if old is not None and value == old[0] else value
-    return {**ADDED, **out}
 
 
 def sampling_config(cfg: ConfigDict, tokenizer, model_eos: Sequence[int] = ()) -> sampler.SamplingConfig:

@@ -102,14 +102,6 @@ def _source_params(mcfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: 
     return params
 
 
-def _cast(params: architecture.Params, dtype: str) -> architecture.Params:
-    """`params` in `dtype`, in their layout (jitted: no host copy)."""
-    if all(x.dtype == dtype for x in jax.tree.leaves(params)):
-        return params
-    return jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t),
-                   out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
-
-
 def run_config(workdir: str) -> ConfigDict | None:
     """The config a run wrote into its workdir (trainer.Trainer), or None for a run without one."""
     path = os.path.join(workdir, "config.json")
@@ -143,13 +135,13 @@ def frozen_base(cfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: Mesh
     dtype = model_cfg.dtype
     if cfg.get("init_from"):
         params, run_cfg, source = run_params(cfg.init_from, model_cfg, mesh)
-        return _cast(lora.merged(params, run_cfg) if run_cfg.lora_rank else params, dtype), source
+        return placement.cast(lora.merged(params, run_cfg) if run_cfg.lora_rank else params, dtype), source
     # A named shape is initialised in param_dtype, as a full fine-tune starts, then cast; HF weights are
     # read straight into the compute dtype (a 7B base never exists in float32).
     random = cfg.model.source.startswith("shape:")
     params = _source_params(cfg.model, lora.base_config(model_cfg) if random else lora.frozen_config(model_cfg),
                             mesh, cfg.seed)
-    return _cast(params, dtype), _describe_source(cfg.model.source, cfg.seed)
+    return placement.cast(params, dtype), _describe_source(cfg.model.source, cfg.seed)
 
 
 def hf_base(cfg: ConfigDict) -> str:
@@ -196,7 +188,7 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
     elif cfg.get("init_from") and not hf_path:
         params, from_cfg, source = run_params(cfg.init_from, model_cfg, mesh)
         if from_cfg.lora_rank:  # a full fine-tune of a LoRA run's policy
-            params = _cast(lora.merged(params, from_cfg), model_cfg.param_dtype)
+            params = placement.cast(lora.merged(params, from_cfg), model_cfg.param_dtype)
     else:
         params = _source_params(mcfg, model_cfg, mesh, cfg.seed)
         source = _describe_source(mcfg.source, cfg.seed)

@@ -51,9 +51,6 @@ _UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "me
               "sampling.shrink_factor", "verifier.workers", "verifier.sandbox", "verifier.hang_after", "verifier.on_hang",
               "optimizer.max_nonfinite_updates",
               "cold_start")  # a stage's cold_start.steps is always 0
-# stage.json settings in today's field names and fields (1: before the renames in grpo_jax.run.config; 2:
-# before the fields of config.ADDED)
-SETTINGS_VERSION = 3
 
 
 def expand(cfg: ConfigDict) -> ConfigDict:
@@ -135,8 +132,8 @@ def _tracked(flat: dict[str, Any]) -> dict[str, Any]:
     # Without adapters (model.lora.rank 0) their other fields change nothing: they count at their
     # defaults, so a full cold start is the same stage under a LoRA config's shared fields.
     unused = () if flat.get("model.lora.rank") else ("model.lora.alpha", "model.lora.targets", "model.lora.dropout")
-    return {k: config.ADDED[k] if k in unused else v for k, v in flat.items()
-            if not any(k == u or k.startswith(u + ".") for u in _UNTRACKED)}
+    return {k: v for k, v in flat.items()
+            if k not in unused and not any(k == u or k.startswith(u + ".") for u in _UNTRACKED)}
 
 
 def fingerprint(settings: dict[str, Any], previous: str = "") -> str:
@@ -207,21 +204,14 @@ def _final_eval(stage_run: trainer.Trainer, history: list[dict]) -> dict[str, fl
     return stage_run.evaluate()
 
 
-def _same_stage(record: dict[str, Any], settings: dict[str, Any], stamp: str) -> bool:
-    """Whether a finished stage's marker matches its settings now. Markers from before fingerprints
-    are trusted; older markers match when their settings, renamed and with added fields at their
-    defaults, do."""
-    if "fingerprint" not in record or record["fingerprint"] == stamp:
-        return True
-    # Upgraded whatever the marker's version: a field added later in the same version (issue 17's
-    # model.residual_dtype) is absent from markers written before it, and absent means its default.
-    recorded = record.get("settings", {})
-    old = _tracked(config.upgrade_settings(recorded))
-    upgraded = record.get("settings_version", 1) < SETTINGS_VERSION or old != recorded
-    if upgraded and old == settings:
-        record["settings"] = old
-        return True
-    return False
+def _same_stage(name: str, workdir: str, record: dict[str, Any], stamp: str) -> bool:
+    """Whether a finished stage's marker matches its settings now (their fingerprints are equal)."""
+    if "fingerprint" not in record:
+        raise ValueError(
+            f"stage {name!r} in {workdir}: its stage.json has no settings fingerprint, so it predates the stage "
+            f"format of this grpo_jax and cannot be checked against the config. Delete {workdir} to run the stage "
+            f"again, or start a new run from its parameters with --config.init_from={workdir}")
+    return record["fingerprint"] == stamp
 
 
 def run(cfg: ConfigDict, until_stage: str | None = None,
@@ -266,7 +256,7 @@ def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, rewa
         if os.path.exists(marker):
             with open(marker) as f:
                 record = json.load(f)
-            if not _same_stage(record, settings, stamp):
+            if not _same_stage(name, scfg.workdir, record, stamp):
                 raise _changed_error(name, scfg.workdir, record.get("settings", {}), settings, names[i + 1:])
             if lead:
                 print(f"== stage {name}: finished earlier, skipped", flush=True)
@@ -288,8 +278,7 @@ def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, rewa
                         record["rejection_sampling"] = json.load(f)
                 if scfg.trainer == "sft":
                     record["sft_sources"] = dict(stage_run.algorithm.sources)
-            record.update(seconds=time.perf_counter() - t0, fingerprint=stamp, settings=settings,
-                          settings_version=SETTINGS_VERSION)
+            record.update(seconds=time.perf_counter() - t0, fingerprint=stamp, settings=settings)
             if lead:
                 with open(marker + ".tmp", "w") as f:
                     json.dump(record, f, indent=2)

@@ -63,10 +63,11 @@ DAMAGE = {
     "empty step folder": lambda d: [__import__("shutil").rmtree(os.path.join(d, x)) if os.path.isdir(os.path.join(d, x))
                                     else os.remove(os.path.join(d, x)) for x in os.listdir(d)],
     "unreadable manifest": lambda d: open(os.path.join(d, checkpoint.MANIFEST), "w").write("{"),
+    "missing manifest": lambda d: os.remove(os.path.join(d, checkpoint.MANIFEST)),
 }
 SAID = {"bytes flipped": "SHA-256 of params/", "truncated file": "bytes, ", "missing file": "is missing",
-        "missing item": "state/", "empty step folder": "holds no params or state item",
-        "unreadable manifest": "manifest is unreadable"}
+        "missing item": "state/", "empty step folder": "has no manifest.json",
+        "unreadable manifest": "manifest is unreadable", "missing manifest": "has no manifest.json"}
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
@@ -146,20 +147,19 @@ def test_the_reference_is_recorded_not_stored_and_a_changed_one_is_refused(tmp_p
     other.close()
 
 
-def test_a_checkpoint_written_before_manifests_restores_unverified(tmp_path):
-    # The layout of grpo_jax < 2026-12-01: the reference inside `state`, no manifest.
+def test_a_checkpoint_without_a_manifest_is_never_restored(tmp_path):
+    # What an older grpo_jax wrote: no manifest, the KL reference stored inside `state`.
     state = _state(5, ref=True)
     params, rest = train_state.to_items(state)
     with ocp.CheckpointManager(checkpoint.directory(str(tmp_path))) as old:
         old.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(
             {**rest, "ref_params": state.ref_params})))
-    said = []
-    like = jax.tree.map(jnp.zeros_like, state).replace(ref_params=state.ref_params)
-    ckpt = checkpoint.Checkpoints(str(tmp_path), say=said.append)
-    back = ckpt.restore(like)
+    ckpt = checkpoint.Checkpoints(str(tmp_path), say=lambda line: None)
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint 5 .* has no manifest.json .*--config.init_from"):
+        ckpt.restore(jax.tree.map(jnp.zeros_like, _state(5)))
     ckpt.close()
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(state))
-    assert said and "no manifest" in said[0] and "without checking" in said[0]
+    with pytest.raises(checkpoint.CheckpointError, match="has no manifest.json"):
+        checkpoint.restore_params(str(tmp_path), params)
 
 
 # -- the same faults met by scripts/train.py -----------------------------------------------------
