@@ -41,6 +41,7 @@ setup(
         # because an unpinned torch pulls gigabytes of CUDA wheels. gguf + accelerate read the SmolLM2 GGUF.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.6",  # the README's test command runs on 2 workers
             "torch>=2.6",
             "gguf>=0.17",
             "accelerate>=1.0",

@@ -7,10 +7,22 @@ import sys
 # test_trainer import tiny_config`): every test folder is importable, here and in the subprocesses
 # the tests start (they inherit PYTHONPATH).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEST_DIRS = [os.path.join(ROOT, "tests", d) for d in sorted(os.listdir(os.path.join(ROOT, "tests")))
-             if os.path.isdir(os.path.join(ROOT, "tests", d)) and d not in ("data", "__pycache__")]
+TEST_DIRS = [os.path.join(ROOT, "tests")] + [
+    os.path.join(ROOT, "tests", d) for d in sorted(os.listdir(os.path.join(ROOT, "tests")))
+    if os.path.isdir(os.path.join(ROOT, "tests", d)) and d not in ("data", "__pycache__")]
 sys.path[:0] = [p for p in [ROOT, *TEST_DIRS] if p not in sys.path]
 os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *TEST_DIRS, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+# A persistent XLA compilation cache for the suite and every process it starts (they inherit the
+# environment), kept between runs on this machine: most of the suite's time is compiling the same
+# trainer programs in fresh interpreters. $GRPO_JAX_TEST_XLA_CACHE moves it; "off" disables it.
+XLA_CACHE = os.environ.get("GRPO_JAX_TEST_XLA_CACHE") or os.path.join(
+    os.environ.get("GRPO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "grpo_jax"), "xla_test_cache")
+if XLA_CACHE != "off":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # bytes; least recently used go first
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,14 +31,49 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
-# Tests marked slow run with --runslow (or GRPO_JAX_RUN_SLOW=1): the default suite stays within about
-# 15 minutes on 2 CPU cores; each slow test has a shorter counterpart that always runs.
+# Tests marked slow run with --runslow (or GRPO_JAX_RUN_SLOW=1); each has a shorter counterpart that
+# always runs.
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
 
 
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+_cache_counts = {"hits": 0, "misses": 0, "entries_before": 0}
+
+
+def _cache_entries() -> int:
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return len(os.listdir(folder)) if folder and os.path.isdir(folder) else 0
+
+
+def _count_cache_event(event: str, **kwargs) -> None:
+    if event in _CACHE_EVENTS:
+        _cache_counts[_CACHE_EVENTS[event]] += 1
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end variants, run with --runslow")
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if worker:  # pytest-xdist: each worker's temporary folders (pools', sandboxes') apart from the other's
+        import tempfile
+
+        tmp = os.path.join(tempfile.gettempdir(), f"grpo_jax_tests_{worker}")
+        os.makedirs(tmp, exist_ok=True)
+        os.environ["TMPDIR"] = tmp
+        tempfile.tempdir = None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        import jax
+
+        jax.monitoring.register_event_listener(_count_cache_event)
+        _cache_counts["entries_before"] = _cache_entries()
+
+
+def pytest_terminal_summary(terminalreporter):
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if folder and not hasattr(terminalreporter.config, "workerinput"):
+        terminalreporter.write_line(
+            f"XLA compilation cache {folder}: {_cache_entries()} entries ({_cache_entries() - _cache_counts['entries_before']:+d} "
+            f"this run); this process: {_cache_counts['hits']} hits, {_cache_counts['misses']} misses")
 
 
 def pytest_collection_modifyitems(config, items):

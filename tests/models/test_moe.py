@@ -28,7 +28,7 @@ MOE = dict(hidden_size=40, moe_intermediate_size=22, head_dim=12, num_experts=7,
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
+def qwen3_moe(tmp_path_factory):
     hf_model = tiny_hf_model("qwen3_moe", **MOE)
     folder = tmp_path_factory.mktemp("moe")
     hf_model.save_pretrained(folder)
@@ -42,10 +42,10 @@ def _hf_outputs(hf_model, ids, mask):
                         output_router_logits=True)
 
 
-def test_routing_is_not_trivial(moe):
+def test_routing_is_not_trivial(qwen3_moe):
     """The test model routes tokens to different expert sets, using every expert: a bug in top-k,
     the gates or the expert order cannot hide behind uniform routing."""
-    hf_model, _, cfg = moe
+    hf_model, _, cfg = qwen3_moe
     ids, mask = left_padded_batch(cfg.vocab_size, [12, 9, 5])
     logits = _hf_outputs(hf_model, ids, mask).router_logits[0]  # [tokens, E]
     chosen = torch.topk(logits, cfg.num_experts_per_tok, dim=-1).indices.sort(-1).values
@@ -54,18 +54,18 @@ def test_routing_is_not_trivial(moe):
 
 
 @pytest.mark.parametrize("attention", ["einsum", "xla"])
-def test_ragged_logits_match_transformers(moe, attention):
+def test_ragged_logits_match_transformers(qwen3_moe, attention):
     """(The default on CPU, dense, is held to transformers for every family in test_model.)"""
     impl = "ragged"
-    hf_model, params, cfg = moe
+    hf_model, params, cfg = qwen3_moe
     ids, mask = left_padded_batch(cfg.vocab_size, [12, 9, 5])
     ours, _ = transformer.forward(params, cfg.replace(moe_impl=impl, attention=attention), jnp.asarray(ids), jnp.asarray(mask))
     ref = _hf_outputs(hf_model, ids, mask).logits.float().numpy()
     np.testing.assert_allclose(np.asarray(ours)[mask], ref[mask], atol=2e-5, rtol=1e-5)
 
 
-def test_ragged_and_dense_experts_agree_with_gradients(moe):
-    _, params, cfg = moe
+def test_ragged_and_dense_experts_agree_with_gradients(qwen3_moe):
+    _, params, cfg = qwen3_moe
     ids, mask = left_padded_batch(cfg.vocab_size, [12, 9, 5], seed=1)
     w = jax.random.normal(jax.random.key(0), (*ids.shape, cfg.vocab_size))
 
@@ -83,10 +83,10 @@ def test_ragged_and_dense_experts_agree_with_gradients(moe):
     assert float(jnp.abs(moe_grads["router"]).max()) > 0
 
 
-def test_balance_loss_matches_transformers(moe):
+def test_balance_loss_matches_transformers(qwen3_moe):
     """Our per-layer (assignments, probabilities) sums give transformers' load_balancing_loss_func
     over the real tokens of a padded batch; uniform routing gives k, its minimum."""
-    hf_model, params, cfg = moe
+    hf_model, params, cfg = qwen3_moe
     ids, mask = left_padded_batch(cfg.vocab_size, [12, 9, 5], seed=2)
     _, _, ours = transformer.forward(params, cfg, jnp.asarray(ids), jnp.asarray(mask), router_loss=True)
     ref = float(_hf_outputs(hf_model, ids, mask).aux_loss)
@@ -105,10 +105,10 @@ def _batch(cfg, rows=4, seed=0):
             "completion_mask": jnp.asarray(cmask), "advantages": jnp.asarray(rng.normal(size=rows), jnp.float32)}
 
 
-def test_grpo_loss_adds_the_balance_loss_with_its_coefficient(moe):
+def test_grpo_loss_adds_the_balance_loss_with_its_coefficient(qwen3_moe):
     """loss(coef) = loss(0) + coef x the mean over micro-batches of each micro-batch's balance loss
     (computed here straight from transformer.forward on its prompt + completion tokens)."""
-    _, params, cfg = moe
+    _, params, cfg = qwen3_moe
     batch = _batch(cfg)
     base = loss.LossConfig(beta=0.0)
     l0, g0, m0 = objective.loss_and_grad(params, batch, cfg, base, num_microbatches=2)
@@ -216,8 +216,8 @@ def test_expert_parallel_matches_one_device_and_keeps_experts_in_place():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-4000:]
 
 
-def test_config_round_trips_through_config_json(moe):
-    _, _, cfg = moe
+def test_config_round_trips_through_config_json(qwen3_moe):
+    _, _, cfg = qwen3_moe
     assert cfg.norm_topk_prob and (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (7, 3, 22)
     back = hf.config_from_hf(hf.config_to_hf(cfg))
     assert back == cfg.replace(bos_token_id=back.bos_token_id)

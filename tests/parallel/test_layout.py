@@ -26,7 +26,13 @@ COMMON = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from grpo_jax.models import architecture
+    from grpo_jax.models import placement
+    from grpo_jax.models import transformer
+    from grpo_jax.parallel import compiled
     from grpo_jax.parallel import partitioning
+    from grpo_jax.rl import loss
+    from grpo_jax.rl import objective
+    from grpo_jax.rollout import sampler
     assert jax.device_count() == 8
     B, PL, C, D, V = 32, 32, 32, 256, 1000
     # distinct sizes, so that shapes in the HLO say what they are: heads 8 x 32, rows 32, tokens 64

@@ -8,6 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# Under pytest-xdist these run on one worker: they bind a free port for JAX's coordinator.
+pytestmark = pytest.mark.xdist_group("ports")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WORKER = textwrap.dedent("""

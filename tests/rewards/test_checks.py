@@ -73,7 +73,7 @@ def not_applicable_on_odd(prompts, completions, **columns):
 
 def test_registry_and_module_function():
     assert scoring.get_reward_fn("math") is scoring.math_accuracy
-    assert scoring.get_reward_fn("test_verifiers:not_applicable_on_odd") is not None
+    assert scoring.get_reward_fn("test_checks:not_applicable_on_odd") is not None
     with pytest.raises(ValueError, match="unknown reward function 'maths'"):
         scoring.get_reward_fn("maths")
     with pytest.raises(ValueError, match="cannot be imported"):

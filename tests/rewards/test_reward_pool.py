@@ -12,6 +12,10 @@ from grpo_jax.rewards import scoring
 from grpo_jax.rewards import verifier_pool
 from grpo_jax.rewards.sandbox import runner
 
+
+# Under pytest-xdist these run on one worker: they count the machine's sandbox processes and time the pool.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 TIMEOUT = 3.0
 
 

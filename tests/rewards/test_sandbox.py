@@ -20,6 +20,9 @@ from grpo_jax.rewards import scoring
 from grpo_jax.rewards import verifier_pool
 from grpo_jax.rewards.sandbox import runner
 
+# Under pytest-xdist these run on one worker: they count the machine's sandbox processes and time the pool.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 LIMITS = runner.Limits(timeout_s=5.0)
 LEFTOVER = "987654"  # the argument of every `sleep` a hostile program starts
 
