@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "grpo_loss_explorer.ipynb"
@@ -21,6 +22,7 @@ def test_loss_explorer_notebook_executes(tmp_path):
 QUICKSTART = NOTEBOOK.parent / "quickstart.ipynb"
 
 
+@pytest.mark.slow  # SmolLM2 through both stages again: test_smollm2_recipe keeps the recipe in the default run
 def test_quickstart_notebook_trains_smollm2_and_shows_the_curve(tmp_path, monkeypatch):
     """The Colab quickstart, shortened (QUICKSTART_TINY: a tiny batch, 2 GRPO steps) on the CPU: it
     finds the device, runs both stages of the SmolLM2 recipe, plots the reward and prints completions."""
