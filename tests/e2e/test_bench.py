@@ -46,6 +46,7 @@ def test_bench_sampler_lengths_tiny():
     assert new["row_steps_per_token"] < static["row_steps_per_token"] and new["decode_calls"] > 1
 
 
+@pytest.mark.xdist_group("sandbox")  # sandboxes: with the others (test_sandbox counts them)
 def test_bench_rewards_small():
     res = _load("bench_rewards").main(["--n", "20", "--workers", "1"])
     assert res["n"] == 20 and res["pool_rewards_per_s"] > 0 and res["timeouts"] == 0

@@ -47,6 +47,7 @@ def test_countdown(completion, numbers, target, expected):
     assert checks.countdown_reward(completion, numbers, target) == expected
 
 
+@pytest.mark.xdist_group("sandbox")  # sandboxes: with the others (test_sandbox counts them)
 def test_code_reward_stdio_and_asserts():
     solution = "```python\nn = int(input())\nprint(n * 2)\n```"
     assert checks.code_reward(solution, [{"input": "3", "output": "6"}, {"input": "5\n", "output": "10\n"}]) == 1.0

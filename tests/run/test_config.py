@@ -147,6 +147,7 @@ def test_minibatches_that_do_not_split_the_batch_stop_at_set_up(tmp_path):
         grpo.GRPO.from_config(cfg, pol, scoring.Scorer("question", 6, workers=-1), data.load_task(cfg.data, cfg.seed))
 
 
+@pytest.mark.xdist_group("sandbox")  # sandboxes: with the others (test_sandbox counts them)
 def test_verifier_sandbox_is_checked_and_reaches_the_code_reward():
 
     c = base.get_config()
