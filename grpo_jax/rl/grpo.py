@@ -101,6 +101,14 @@ def batch_logprobs(params: architecture.Params, batch: Batch, *, model_cfg: arch
     return objective.merge_microbatches(jax.lax.map(one, objective.split_microbatches(batch, num_microbatches)))
 
 
+# Jitted once, with hashable static settings (the optimizer: train_state.make_optimizer's shared
+# object), so that every trainer of the same model, loss, mesh and optimizer in a process runs the
+# same compiled programs.
+update_jit = jax.jit(update, static_argnames=("model_cfg", "loss_cfg", "mesh", "num_microbatches", "tx"),
+                     donate_argnums=0)
+batch_logprobs_jit = jax.jit(batch_logprobs, static_argnames=("model_cfg", "loss_cfg", "mesh", "num_microbatches"))
+
+
 @dataclasses.dataclass
 class Groups:
     """This host's completions of a step, the G of each prompt adjacent. What the host reads (texts,
@@ -196,16 +204,15 @@ class GRPO:
         if self.max_sampling_rounds < 1:
             raise ValueError(f"grpo.max_sampling_rounds={self.max_sampling_rounds}; expected >= 1")
         statics = dict(model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh)
-        self.update_fn = jax.jit(functools.partial(update, num_microbatches=self.num_microbatches, tx=self.tx,
-                                                   **statics), donate_argnums=0)
+        self.update_fn = functools.partial(update_jit, num_microbatches=self.num_microbatches, tx=self.tx, **statics)
         # The reference and old-policy passes see all of a step's rows at once: as many micro-batches
         # as the updates split them into, so that their activations are no larger than one update's.
-        self.logprobs_fn = jax.jit(functools.partial(
-            batch_logprobs, num_microbatches=self.minibatches * self.num_microbatches, **statics))
+        self.logprobs_fn = functools.partial(
+            batch_logprobs_jit, num_microbatches=self.minibatches * self.num_microbatches, **statics)
         # A LoRA run's reference: the frozen base run without its adapters.
-        self.base_logprobs_fn = jax.jit(functools.partial(
-            batch_logprobs, num_microbatches=self.minibatches * self.num_microbatches,
-            **{**statics, "model_cfg": lora.base_config(self.policy.model_cfg)}))
+        self.base_logprobs_fn = functools.partial(
+            batch_logprobs_jit, num_microbatches=self.minibatches * self.num_microbatches,
+            **{**statics, "model_cfg": lora.base_config(self.policy.model_cfg)})
         self.nonfinite = train_state.NonFiniteStop(self.max_nonfinite_updates)
 
     @classmethod

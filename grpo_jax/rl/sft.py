@@ -111,6 +111,10 @@ def update(state: train_state.TrainState, batch: Batch, *, model_cfg: architectu
     return state, {"loss": loss_value, "tokens": tokens, **opt_metrics}
 
 
+# Jitted once: SFT runs with the same model, optimizer and sizes share the compiled update.
+update_jit = jax.jit(update, static_argnames=("model_cfg", "tx", "num_microbatches", "chunk"), donate_argnums=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # The SFT steps of a run
 
@@ -135,9 +139,8 @@ class SFT:
         self.tx, _ = train_state.make_optimizer(self.cfg.optimizer, self.cfg.steps)
         self.max_tokens = c.max_completion_tokens or self.policy.sampling.max_new_tokens
         self.completion_buckets = sampler.completion_buckets(self.policy.sampling.prompt_buckets, self.max_tokens)
-        self.update_fn = jax.jit(functools.partial(update, model_cfg=self.policy.model_cfg, tx=self.tx,
-                                                   num_microbatches=c.microbatches, chunk=self.cfg.grpo.logprob_chunk),
-                                 donate_argnums=0)
+        self.update_fn = functools.partial(update_jit, model_cfg=self.policy.model_cfg, tx=self.tx,
+                                           num_microbatches=c.microbatches, chunk=self.cfg.grpo.logprob_chunk)
         self.skipped_rows = self.task.skipped
         self.nonfinite = train_state.NonFiniteStop(self.cfg.optimizer.max_nonfinite_updates)
         self.sources: dict[str, int] = {}

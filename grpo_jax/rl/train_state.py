@@ -21,6 +21,7 @@ The policy is `policy_params(state)`: the adapters joined onto the base, or `par
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -100,27 +101,39 @@ def make_optimizer(opt: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
     The optimizer works in float32 whatever the parameters are stored in (`in_float32`): Adam's
     moments are float32, and an update is rounded to the storage dtype once, when it is applied. The
     rate of each update is in the optimizer state (optax.inject_hyperparams; read it with
-    `learning_rate`), so that what is logged is what the update used."""
-    peak = opt.learning_rate
+    `learning_rate`), so that what is logged is what the update used.
+
+    The same settings give the same (identical) objects: the optimizer is a static argument of the
+    jitted updates, so runs with equal settings in one process share their compiled programs."""
     warmup = max(0, min(opt.warmup_steps, total_steps - 1))
     if warmup < opt.warmup_steps:  # a short run: said, not done silently
         warnings.warn(f"optimizer.warmup_steps={opt.warmup_steps} does not fit the run's {total_steps} optimizer "
                       f"updates: the warm-up is shortened to {warmup} (the last update runs at the full rate)",
                       stacklevel=2)
-    if opt.schedule == "cosine":
+    settings = dict(opt.to_dict() if isinstance(opt, ConfigDict) else opt)
+    settings["warmup_steps"] = warmup
+    return _optimizer(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items())),
+                      total_steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(settings: tuple, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    opt = dict(settings)
+    peak, warmup = opt["learning_rate"], opt["warmup_steps"]
+    if opt["schedule"] == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1),
-                                                end_value=peak * opt.final_lr_fraction)
-    elif opt.schedule == "constant":
+                                                end_value=peak * opt["final_lr_fraction"])
+    elif opt["schedule"] == "constant":
         lr = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
                                   [warmup]) if warmup else optax.constant_schedule(peak)
     else:
-        raise ValueError(f"optimizer.schedule={opt.schedule!r}; expected 'cosine' or 'constant'")
+        raise ValueError(f"optimizer.schedule={opt['schedule']!r}; expected 'cosine' or 'constant'")
     # Only the rate is injected (a float32 array in the state); the rest stay Python floats, so the
     # arithmetic is exactly optax.adamw's.
     static = ("b1", "b2", "eps", "eps_root", "weight_decay", "mu_dtype", "mask", "nesterov")
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=static)(lr, b1=opt.b1, b2=opt.b2,
-                                                                      weight_decay=opt.weight_decay)
-    return in_float32(optax.chain(optax.clip_by_global_norm(opt.max_grad_norm), adamw)), lr
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=static)(lr, b1=opt["b1"], b2=opt["b2"],
+                                                                      weight_decay=opt["weight_decay"])
+    return in_float32(optax.chain(optax.clip_by_global_norm(opt["max_grad_norm"]), adamw)), lr
 
 
 def in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:

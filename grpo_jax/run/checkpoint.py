@@ -402,8 +402,8 @@ class Checkpoints:
         finally:
             try:
                 self.manager.close()
-            except Exception:  # noqa: BLE001
-                if not quiet:
+            except Exception:  # noqa: BLE001 - a failed save's error may surface again as orbax closes
+                if not quiet and self._failed is None:
                     raise
             logging.getLogger("absl").removeFilter(self._orbax_errors)
             if self._failed is not None:  # tensorstore may have gone on writing after the failure

@@ -76,3 +76,29 @@ def test_a_checkpoint_holds_exactly_the_train_state(tmp_path):
     assert not os.path.exists(os.path.join(checkpoint.directory(str(tmp_path)), "5", "state", "ref_params"))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), jax.device_get(state))
     assert jax.tree.structure(back) == jax.tree.structure(state)
+
+
+def test_runs_with_the_same_settings_share_their_compiled_programs(tmp_path):
+    """The update and the log-probability passes are jitted once for the module with hashable static
+    settings (the optimizer is one object per setting): a second run in the same process compiles
+    nothing that the first compiled, and other settings get programs of their own."""
+    def run_one(workdir, lr):
+        cfg = tiny_config(workdir, steps=1)
+        cfg.optimizer.warmup_steps, cfg.optimizer.learning_rate = 0, lr
+        pol, _ = loading.load(cfg)
+        task = data.load_task(cfg.data, cfg.seed)
+        scorer = scoring.Scorer(cfg.data.prompt_field, cfg.sampling.max_new_tokens, workers=-1,
+                                fns={"math": lambda prompts, completions, **c: [len(t) % 3 / 2 for t in completions]})
+        algo = grpo.GRPO.from_config(cfg, pol.replace(params=None), scorer, task)
+        state = train_state.create(pol.params, algo.tx, pol.mesh, seed=cfg.seed, data=algo.initial_data(),
+                                   ref_params=algo.reference_params(pol.params))
+        algo.step(state)
+        return algo
+
+    first = run_one(tmp_path / "a", 1e-3)
+    programs = (grpo.update_jit._cache_size(), grpo.batch_logprobs_jit._cache_size())
+    second = run_one(tmp_path / "b", 1e-3)
+    assert second.tx is first.tx and second.policy.mesh == first.policy.mesh
+    assert (grpo.update_jit._cache_size(), grpo.batch_logprobs_jit._cache_size()) == programs
+    third = run_one(tmp_path / "c", 2e-3)  # another learning rate: another optimizer, another update
+    assert third.tx is not first.tx and grpo.update_jit._cache_size() == programs[0] + 1
