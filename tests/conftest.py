@@ -76,18 +76,7 @@ def pytest_terminal_summary(terminalreporter):
             f"this run); this process: {_cache_counts['hits']} hits, {_cache_counts['misses']} misses")
 
 
-# The longest tests (seconds with a warm cache, --durations) start first, so that with pytest-xdist no
-# worker is left with one of them at the end while the other idles.
-LONGEST = ("test_smollm2_recipe.py::", "test_steps_on_a_2x4_mesh", "test_sigterm_saves_the_step",
-           "test_grpo_steps_with_dynamic_sampling_on_two_hosts", "README.md#0", "test_partitioned_loss_equals",
-           "test_progress_lines_come_from_the_start", "test_train_resumes_from_the_newest_intact",
-           "test_a_save_that_cannot_be_written", "test_sharded_forward_matches", "test_table_has_no_false_positive",
-           "test_expert_parallel_matches")
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {id(item): next((i for i, key in enumerate(LONGEST) if key in item.nodeid), len(LONGEST)) for item in items}
-    items.sort(key=lambda item: rank[id(item)])  # stable: the rest keep their order
     if config.getoption("--runslow") or os.environ.get("GRPO_JAX_RUN_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
