@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-# Under pytest-xdist these run on one worker: they bind a free port for JAX's coordinator.
+# Under pytest-xdist (-n 2 --dist loadgroup) these run on one worker: they bind a free port for JAX's coordinator.
 pytestmark = pytest.mark.xdist_group("ports")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -13,7 +13,7 @@ from grpo_jax.rewards import verifier_pool
 from grpo_jax.rewards.sandbox import runner
 
 
-# Under pytest-xdist these run on one worker: they count the machine's sandbox processes and time the pool.
+# Under pytest-xdist (-n 2 --dist loadgroup) these run on one worker: they count the machine's sandbox processes and time the pool.
 pytestmark = pytest.mark.xdist_group("sandbox")
 
 TIMEOUT = 3.0
