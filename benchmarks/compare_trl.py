@@ -100,9 +100,6 @@ def write_task(g, model_dir: str, path: str) -> None:
     from grpo_jax.common import data
     from grpo_jax.rollout import policy
     from grpo_jax.run import loading
-    from grpo_jax.common import data
-    from grpo_jax.rollout import policy
-    from grpo_jax.run import loading
 
     tok = loading.load_tokenizer(g.model)
     fmt = policy.PromptFormat(g.data.template, g.data.prompt_field, g.data.instruction, g.data.get("enable_thinking"))

@@ -100,21 +100,6 @@ def check_attention(tiny: bool) -> dict:
     from grpo_jax.rl import logprobs
     from grpo_jax.rl import loss
     from grpo_jax.rl import objective
-    from grpo_jax.models import architecture
-    from grpo_jax.models import transformer
-    from grpo_jax.rl import logprobs
-    from grpo_jax.rl import loss
-    from grpo_jax.rl import objective
-    from grpo_jax.models import architecture
-    from grpo_jax.models import transformer
-    from grpo_jax.rl import logprobs
-    from grpo_jax.rl import loss
-    from grpo_jax.rl import objective
-    from grpo_jax.models import architecture
-    from grpo_jax.models import transformer
-    from grpo_jax.rl import logprobs
-    from grpo_jax.rl import loss
-    from grpo_jax.rl import objective
 
     other = "cudnn" if jax.default_backend() == "gpu" else "xla"
     base = architecture.SHAPES["tiny"] if tiny else architecture.SHAPES["qwen2.5-0.5b"].replace(num_layers=4)
@@ -182,14 +167,6 @@ def greedy_setup(name: str):
     import numpy as np
     import transformers
 
-    from grpo_jax.models import architecture
-    from grpo_jax.models import hf
-    from grpo_jax.models import pretrained
-    from grpo_jax.models import transformer
-    from grpo_jax.models import architecture
-    from grpo_jax.models import hf
-    from grpo_jax.models import pretrained
-    from grpo_jax.models import transformer
     from grpo_jax.models import architecture
     from grpo_jax.models import hf
     from grpo_jax.models import pretrained
