@@ -52,6 +52,22 @@ def sandbox_processes() -> list[int]:
     return found
 
 
+def describe(pids) -> list[str]:
+    """State, parent and start of the command line of each pid (why a process is still there)."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                status = dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()[:60]
+        except OSError:
+            continue
+        out.append(f"{pid} {status.get('State')} ppid={status.get('PPid')} nspid={status.get('NSpid')} "
+                   f"sigcgt={status.get('SigCgt')} {cmd!r}")
+    return out
+
+
 def sandbox_folders() -> set[str]:
     tmp = tempfile.gettempdir()
     return {d for d in os.listdir(tmp) if d.startswith(("grpo_code_", "grpo_worker_"))}
@@ -65,7 +81,8 @@ def nothing_left_behind():
     deadline = time.monotonic() + 30  # a killed namespace is torn down asynchronously, later under load
     while set(sandbox_processes()) - before_procs and time.monotonic() < deadline:
         time.sleep(0.1)  # a killed namespace is torn down by the kernel, asynchronously
-    assert set(sandbox_processes()) - before_procs == set()
+    left = set(sandbox_processes()) - before_procs
+    assert not left, f"sandbox processes outlived the test: {describe(left)}"
     assert sandbox_folders() - before_dirs == set()
 
 
