@@ -53,6 +53,8 @@ def _count_cache_event(event: str, **kwargs) -> None:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end variants, run with --runslow")
+    if getattr(config.option, "dist", "no") == "load":  # `-n 2` alone: keep the xdist_group marks
+        config.option.dist = "loadgroup"
     worker = getattr(config, "workerinput", {}).get("workerid")
     if worker:  # pytest-xdist: each worker's temporary folders (pools', sandboxes') apart from the other's
         import tempfile
@@ -76,7 +78,41 @@ def pytest_terminal_summary(terminalreporter):
             f"this run); this process: {_cache_counts['hits']} hits, {_cache_counts['misses']} misses")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist's controller: each worker learns the scheduling (workers parse only the command
+    line, where `-n 2` alone says nothing of the loadgroup chosen in pytest_configure)."""
+    node.workerinput["dist"] = node.config.option.dist
+
+
+def _mark_xdist_groups(items) -> None:
+    """What pytest-xdist 3.8 does for `--dist loadgroup` on a worker (the group's name after an "@"
+    in each node id, which its scheduler groups by), for pytest >= 9.2: xdist still assigns
+    `item._nodeid`, which pytest 9.2 no longer reads, so every group would be spread over the workers."""
+    from _pytest import nodes
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and not item.nodeid.endswith("@" + "_".join(groups)) and hasattr(nodes, "NodeId"):
+            item._id = nodes.NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
+# The longest tests (seconds with a warm cache, --durations) start first, so that with pytest-xdist no
+# worker is left with one of them at the end while the other idles.
+LONGEST = ("test_smollm2_recipe.py::", "test_steps_on_a_2x4_mesh", "test_sigterm_saves_the_step",
+           "test_grpo_steps_with_dynamic_sampling_on_two_hosts", "README.md#0", "test_partitioned_loss_equals",
+           "test_progress_lines_come_from_the_start", "test_train_resumes_from_the_newest_intact",
+           "test_a_save_that_cannot_be_written", "test_sharded_forward_matches", "test_table_has_no_false_positive",
+           "test_expert_parallel_matches")
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    rank = {id(item): next((i for i, key in enumerate(LONGEST) if key in item.nodeid), len(LONGEST)) for item in items}
+    items.sort(key=lambda item: rank[id(item)])  # stable: the rest keep their order
+    if getattr(config, "workerinput", {}).get("dist") == "loadgroup":
+        _mark_xdist_groups(items)
     if config.getoption("--runslow") or os.environ.get("GRPO_JAX_RUN_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")

@@ -37,9 +37,28 @@ def human_eval_test(problem) -> str:
     return problem["test"] + f"\ncheck({problem['entry_point']})\n"
 
 
+def _another_workers(pid: int) -> bool:
+    """Whether `pid` descends from the pytest run but not from this process: a sandbox of the other
+    pytest-xdist worker. A leaked sandbox is reparented to init, so it is never another worker's."""
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return False
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"pytest" in fh.read():  # the xdist controller, above every worker
+                    return True
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                pid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
 def sandbox_processes() -> list[int]:
-    """Processes a sandbox started: its server (whose argv holds the server's source) and the
-    hostile programs' marked `sleep`s."""
+    """Processes a sandbox started (its launcher and server, whose argv holds the server's source,
+    and the hostile programs' marked `sleep`s), except those of another pytest-xdist worker: the
+    tests that run beside this one may start sandboxes of their own."""
     found = []
     for pid in os.listdir("/proc"):
         try:
@@ -48,7 +67,8 @@ def sandbox_processes() -> list[int]:
         except OSError:
             continue
         if b"def install_guard" in cmd or LEFTOVER.encode() in cmd:
-            found.append(int(pid))
+            if not _another_workers(int(pid)):
+                found.append(int(pid))
     return found
 
 
@@ -63,8 +83,13 @@ def describe(pids) -> list[str]:
                 cmd = fh.read()[:60]
         except OSError:
             continue
+        try:
+            with open(f"/proc/{status.get('PPid')}/cmdline", "rb") as fh:
+                parent = fh.read()[:200]
+        except OSError:
+            parent = b"?"
         out.append(f"{pid} {status.get('State')} ppid={status.get('PPid')} nspid={status.get('NSpid')} "
-                   f"sigcgt={status.get('SigCgt')} {cmd!r}")
+                   f"sigcgt={status.get('SigCgt')} {cmd!r} parent: {parent!r}")
     return out
 
 
@@ -82,7 +107,7 @@ def nothing_left_behind():
     while set(sandbox_processes()) - before_procs and time.monotonic() < deadline:
         time.sleep(0.1)  # a killed namespace is torn down by the kernel, asynchronously
     left = set(sandbox_processes()) - before_procs
-    assert not left, f"sandbox processes outlived the test: {describe(left)}"
+    assert not left, f"sandbox processes outlived the test (run in {os.getpid()}): {describe(left)}"
     assert sandbox_folders() - before_dirs == set()
 
 
@@ -144,9 +169,10 @@ def test_every_human_eval_canonical_solution_passes_through_the_code_reward(noth
     failed = []
     for p in human_eval_problems():
         completion = f"Here it is:\n```python\n{p['prompt']}{p['canonical_solution']}\n```"
+        start = time.monotonic()
         if checks.code_reward(completion, [human_eval_test(p)], timeout_s=10.0) != 1.0:
-            failed.append(p["task_id"])
-    assert failed == []
+            failed.append((p["task_id"], round(time.monotonic() - start, 1)))
+    assert failed == [], f"(task, seconds) of the failures: {failed}"
 
 
 def test_future_imports_and_test_semantics():
