@@ -120,6 +120,17 @@ def pytest_collection_modifyitems(config, items):
         if "slow" in item.keywords:
             item.add_marker(skip)
 
+@pytest.fixture(scope="session")
+def simulated_devices():
+    """`simulated_devices(program, devices=8)`: runs a program in a process with that many simulated
+    CPU devices, kept for the session (tests/simulated_devices.py); returns what it printed."""
+    import simulated_devices as workers
+
+    run = workers.Workers()
+    yield run
+    run.close()
+
+
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             initializer_range=0.1)

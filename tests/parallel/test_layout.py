@@ -3,12 +3,9 @@
 Values are equal on every mesh (test_objective, test_sharding); these tests read the optimized HLO
 (grpo_jax.parallel.compiled) and XLA's memory analysis, which is where a layout that would run out of memory
 or move the model over the network per token shows up. XLA fixes the device count when JAX starts,
-so the programs are compiled in subprocesses with 8 (or 2 x 2) CPU devices.
+so the programs are compiled in the session's 8-device worker process (the `simulated_devices` fixture).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,8 +16,6 @@ from grpo_jax.models import architecture
 from grpo_jax.models import transformer
 from grpo_jax.parallel import compiled
 from grpo_jax.rollout import sampler
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COMMON = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
@@ -95,18 +90,10 @@ LOSS_WORKER = COMMON + textwrap.dedent("""
 """)
 
 
-def _run(worker: str, devices: int = 8, timeout: int = 900) -> str:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-c", worker], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-3000:] + r.stderr[-5000:]
-    return r.stdout
-
-
-def test_fsdp_splits_the_batch_gathers_weights_and_scatters_gradients():
+def test_fsdp_splits_the_batch_gathers_weights_and_scatters_gradients(simulated_devices):
     """Loss and gradient on (1, 8, 1) and (2, 4, 1): the batch over data x fsdp, weights gathered per
     layer and their gradients reduce-scattered per layer, no activation all-reduce, head per device."""
-    _run(LOSS_WORKER)
+    assert simulated_devices(LOSS_WORKER, name="LOSS_WORKER").strip().endswith("OK")
 
 
 SAMPLER_WORKER = COMMON + textwrap.dedent("""
@@ -137,11 +124,11 @@ SAMPLER_WORKER = COMMON + textwrap.dedent("""
 """)
 
 
-def test_decode_loop_reads_local_weights():
+def test_decode_loop_reads_local_weights(simulated_devices):
     """Decoding reads bfloat16 weights split over tensor only (the inference copy decode makes once
     per rollout): no weight all-gather inside the decode while loop. Reading the stored layout as it
     is (gather_weights=False) gathers every layer per token."""
-    _run(SAMPLER_WORKER)
+    assert simulated_devices(SAMPLER_WORKER, name="SAMPLER_WORKER").strip().endswith("OK")
 
 
 def test_prefill_memory_does_not_grow_with_prompt_length_times_vocab():
@@ -197,10 +184,10 @@ LOAD_WORKER = COMMON + textwrap.dedent("""
 """)
 
 
-def test_sharded_init_and_load_hold_only_each_devices_shard():
+def test_sharded_init_and_load_hold_only_each_devices_shard(simulated_devices):
     """Random init (jit with out_shardings) and HF loading place each weight straight onto the mesh:
     every device holds its shard only (addressable shard shapes), never the whole model."""
-    _run(LOAD_WORKER)
+    assert simulated_devices(LOAD_WORKER, name="LOAD_WORKER").strip().endswith("OK")
 
 
 def test_compiled_reader_counts_collectives_through_loops():

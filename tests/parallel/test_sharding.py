@@ -1,10 +1,7 @@
 """The model sharded over 8 simulated CPU devices gives the single-device logits.
 
-XLA fixes the device count when JAX starts, so the sharded part runs in a subprocess."""
+XLA fixes the device count when JAX starts, so the sharded part runs in the session's 8-device worker (the `simulated_devices` fixture)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -85,10 +82,8 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_sharded_forward_matches_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+def test_sharded_forward_matches_single_device(simulated_devices):
+    assert simulated_devices(WORKER, name="test_sharding.WORKER").strip().endswith("OK")
 
 
 def test_mesh_errors_name_the_sizes():

@@ -123,16 +123,14 @@ except ValueError as e:
 """
 
 
-def test_mesh_mismatches_are_named_before_any_work(tmp_path):
+def test_mesh_mismatches_are_named_before_any_work(tmp_path, simulated_devices):
     """A weight dimension the mesh cannot split is named in a warning (it is replicated); a batch
     that does not split over the data-parallel devices stops at set-up, naming the fields."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     code = MESH_CHECKS.format(root=ROOT, tests=TEST_DIRS, workdir=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    warn = r.stdout.split("WARN", 1)[1].split("\n", 1)[0]
+    out = simulated_devices(code, devices=4, name="MESH_CHECKS")
+    warn = out.split("WARN", 1)[1].split("\n", 1)[0]
     assert "layers/attn/k_proj/kernel: kv_heads 2 over tensor 4" in warn and "q_proj" not in warn
-    error = r.stdout.split("ERROR", 1)[1]
+    error = out.split("ERROR", 1)[1]
     assert "grpo.prompts_per_step x grpo.num_generations = 1 x 2 = 2" in error and "data x fsdp = 4" in error
 
 
