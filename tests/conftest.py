@@ -131,6 +131,16 @@ def simulated_devices():
     run.close()
 
 
+@pytest.fixture(scope="session")
+def short_run_dir(tmp_path_factory) -> str:
+    """The workdir of one uninterrupted 8-step run of scripts/train.py (tests/short_run.py), run once for
+    the whole suite: xdist workers share the parent of their temporary folders. Read it; copy it to write."""
+    import short_run as run
+
+    root = tmp_path_factory.getbasetemp()
+    return run.ensure(str(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root))
+
+
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             initializer_range=0.1)

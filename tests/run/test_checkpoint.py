@@ -18,11 +18,10 @@ from jax.sharding import Mesh
 from grpo_jax.common import metrics
 from grpo_jax.rl import train_state
 from grpo_jax.run import checkpoint
+import short_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHORT = ["--config.cold_start.steps=0", "--config.grpo.prompts_per_step=4", "--config.grpo.num_generations=4",
-         "--config.eval.every=0", "--config.data.eval_size=4", "--config.eval.k=1", "--config.verifier.workers=1",
-         "--config.log.every=1", "--config.checkpoint.every=2"]
+
 
 
 def _state(step: int, ref: bool = False) -> train_state.TrainState:
@@ -167,24 +166,27 @@ def test_a_checkpoint_without_a_manifest_is_never_restored(tmp_path):
 def _train(workdir, *extra, before: str = ""):
     """scripts/train.py in a subprocess, after the Python statements `before` (a fault to provoke)."""
     run = f"{before}\nimport runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    cmd = [sys.executable, "-c", run, "scripts/train.py", f"--config.workdir={workdir}", *SHORT, *extra]
+    cmd = [sys.executable, "-c", run, *short_run.command(workdir, *extra)[1:]]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_train_resumes_from_the_newest_intact_checkpoint_and_repeats_the_steps_exactly(tmp_path):
-    first = _train(tmp_path, "--config.steps=6")
-    assert first.returncode == 0, first.stderr
-    _flip(_biggest_file(tmp_path / "checkpoints" / "6"))
-    resumed = _train(tmp_path, "--config.steps=8", "--config.resume=True")
+def test_train_resumes_from_the_newest_intact_checkpoint_and_repeats_the_steps_exactly(tmp_path, short_run_dir):
+    workdir = short_run.copy(short_run_dir, tmp_path / "run")  # 8 steps, checkpoints 4, 6 and 8
+    assert sorted(os.listdir(checkpoint.directory(workdir)), key=int) == ["4", "6", "8"]
+    for step in (8, 6):
+        _flip(_biggest_file(os.path.join(checkpoint.directory(workdir), str(step))))
+    resumed = _train(workdir, "--config.resume=True")
     assert resumed.returncode == 0, resumed.stderr
-    assert "checkpoint 6 in" in resumed.stdout and "is damaged (the SHA-256 of params/" in resumed.stdout
+    for step in (8, 6):
+        assert f"checkpoint {step} in" in resumed.stdout
+    assert resumed.stdout.count("is damaged (the SHA-256 of params/") == 2, resumed.stdout
     assert "resumed from step 4" in resumed.stdout
-    # Steps 5 and 6 ran twice (the event file keeps both): the resumed run repeats them bit for bit.
-    scalars = metrics.read_scalars(str(tmp_path / "tb"))
+    # Steps 5 to 8 ran twice (the event file keeps both): the resumed run repeats them bit for bit.
+    scalars = metrics.read_scalars(os.path.join(workdir, "tb"))
     for key in ("loss", "reward", "grad_norm"):
         steps = [s for s, _ in scalars[key]]
-        assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8], key
-        assert scalars[key][4:6] == scalars[key][6:8], key
+        assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8], key
+        assert scalars[key][4:8] == scalars[key][8:12], key
 
 
 # Writes past the limit fail with EFBIG ("File too large"), as they would on a full disk.
@@ -192,16 +194,17 @@ FILE_SIZE_LIMIT = ("import resource, signal; signal.signal(signal.SIGXFSZ, signa
                    "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))")
 
 
-def test_a_save_that_cannot_be_written_stops_in_one_line_and_leaves_nothing_behind(tmp_path):
-    assert _train(tmp_path, "--config.steps=2").returncode == 0
+def test_a_save_that_cannot_be_written_stops_in_one_line_and_leaves_nothing_behind(tmp_path, short_run_dir):
+    workdir = short_run.copy(short_run_dir, tmp_path / "run")  # 8 steps, checkpoints 4, 6 and 8
     # Parameter files are ~2 MB: every later save fails part-way, as on a full disk.
-    out = _train(tmp_path, "--config.steps=4", "--config.resume=True", before=FILE_SIZE_LIMIT)
+    out = _train(workdir, "--config.steps=10", "--config.resume=True", before=FILE_SIZE_LIMIT)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith("checkpoint 4 could not be written to ")
+    assert out.stderr.strip().splitlines()[-1].startswith("checkpoint 10 could not be written to ")
     assert "File too large" in out.stderr and "the earlier checkpoints are intact" in out.stderr
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    ckpt_dir = checkpoint.directory(str(tmp_path))
-    assert os.listdir(ckpt_dir) == ["2"] and checkpoint.problem(os.path.join(ckpt_dir, "2")) is None
+    ckpt_dir = checkpoint.directory(workdir)
+    assert sorted(os.listdir(ckpt_dir), key=int) == ["4", "6", "8"]
+    assert all(checkpoint.problem(os.path.join(ckpt_dir, s)) is None for s in ("4", "6", "8"))
 
 
 def test_a_synchronous_save_that_fails_part_way_raises_one_line_and_removes_its_files(tmp_path):

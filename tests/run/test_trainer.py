@@ -188,38 +188,33 @@ def test_raising_reward_and_bad_rows_do_not_stop_the_run(tmp_path, capsys):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
 
 
-MESH_WORKER = """
-import json, sys
-sys.path[:0] = [{root!r}, *{tests!r}]
-import jax
-from test_trainer import tiny_config
-from grpo_jax.run import trainer
-cfg = tiny_config(sys.argv[1], steps=2)
-cfg.mesh.data, cfg.mesh.fsdp = int(sys.argv[2]), int(sys.argv[3])
-cfg.eval.every, cfg.checkpoint.every = 2, 0
-tr = trainer.Trainer(cfg)
-hist = tr.run()["history"]
-tr.close()
-keys = ("loss", "reward", "kl", "entropy", "grad_norm", "eval/pass@1", "eval/pass@2", "eval/maj@2")
-print("RESULT", json.dumps({{"devices": jax.device_count(),
-                            "history": [{{k: h[k] for k in keys if k in h}} for h in hist if h["step"]]}}))
+HISTORY_KEYS = ("loss", "reward", "kl", "entropy", "grad_norm", "eval/pass@1", "eval/pass@2", "eval/maj@2")
+
+
+def _mesh_history(workdir, data: int, fsdp: int) -> list[dict]:
+    """Two steps of the tiny config on a data x fsdp mesh, with an evaluation after the second."""
+    cfg = tiny_config(str(workdir), steps=2)
+    cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
+    cfg.eval.every, cfg.checkpoint.every = 2, 0
+    tr = trainer.Trainer(cfg)
+    hist = tr.run()["history"]
+    tr.close()
+    return [{k: h[k] for k in HISTORY_KEYS if k in h} for h in hist if h["step"]]
+
+
+# The same function in the 8-device worker; it prints its history as JSON after the trainer's lines.
+MESH_PROGRAM = """
+import json, jax
+from test_trainer import _mesh_history
+assert jax.device_count() == 8, jax.devices()
+print("RESULT", json.dumps(_mesh_history({workdir!r}, 2, 4)))
 """
 
 
-def _mesh_run(workdir, data, fsdp, devices):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    code = MESH_WORKER.format(root=ROOT, tests=TEST_DIRS)
-    r = subprocess.run([sys.executable, "-c", code, str(workdir), str(data), str(fsdp)], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert out["devices"] == devices
-    return out["history"]
-
-
-def test_steps_on_a_2x4_mesh_of_8_devices_match_one_device(tmp_path):
-    one = _mesh_run(tmp_path / "one", 1, 1, 1)
-    mesh = _mesh_run(tmp_path / "mesh", 2, 4, 8)
+def test_steps_on_a_2x4_mesh_of_8_devices_match_one_device(tmp_path, simulated_devices):
+    one = _mesh_history(tmp_path / "one", 1, 1)
+    out = simulated_devices(MESH_PROGRAM.format(workdir=str(tmp_path / "mesh")), name="2x4 mesh")
+    mesh = json.loads(out.split("RESULT", 1)[1])
     assert len(one) == len(mesh) == 2
     for a, b in zip(one, mesh):
         assert a["reward"] == b["reward"]  # same completions
