@@ -23,6 +23,15 @@ model FLOP utilisation (`update_flops` below: 6 FLOPs per weight per token plus 
 no remat recompute) against the device's matrix peak (a large bf16 matmul measured on the device
 unless --peak_tflops is given), the first step's extra time over a warm one (compilation), and the
 device's peak memory where the backend reports it. --profile DIR writes a jax.profiler trace of the first timed step.
+
+--layouts compares the update on the padded and the packed layout (grpo.packing) of one step whose
+completion lengths follow --lengths: positions computed per unique token (each prompt once, every
+completion token), the compiled update's FLOPs and memory, and its wall time, alternated:
+
+    python benchmarks/bench_grpo_step.py --layouts --shape smollm2-135m --remat full --prompts 8 \
+        --num_generations 8 --prompt_len 56 --prompt_bucket 64 --new_tokens 16 --lengths lognormal:5.5:0.6
+    python benchmarks/bench_grpo_step.py --layouts --aot --shape qwen2.5-0.5b --dtype bfloat16 --remat full \
+        --prompts 16 --num_generations 16 --prompt_len 256 --new_tokens 4096 --lengths lognormal:300:1.0
 """
 
 from __future__ import annotations
@@ -221,6 +230,99 @@ def update_memory(args, prompts: int) -> dict:
             "sampler_kv_cache_gib": kv}
 
 
+def completion_lengths(spec: str, n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """n completion lengths (EOS included, 1..cap) from --lengths: "fixed" (all cap), or
+    "lognormal:MEAN:SIGMA" (R1-style long tails: a lognormal of that mean and log-std, cut at cap)."""
+    if spec == "fixed":
+        return np.full(n, cap)
+    kind, mean, sigma = spec.split(":")
+    if kind != "lognormal":
+        raise ValueError(f"--lengths={spec!r}; expected 'fixed' or 'lognormal:MEAN:SIGMA'")
+    mu = np.log(float(mean)) - float(sigma) ** 2 / 2  # the lognormal's mean is exp(mu + sigma^2 / 2)
+    return np.clip(np.rint(rng.lognormal(mu, float(sigma), n)), 1, cap).astype(np.int64)
+
+
+def layout_batches(args, prompts: int, model_cfg: architecture.ModelConfig, rng: np.random.Generator):
+    """One step's batch in both layouts: (padded, packed, packing.Plan, unique tokens). Prompts are
+    --prompt_len random tokens left-padded to --prompt_bucket; completions of --lengths, padded to
+    the completion bucket of the longest (the trainer's trim)."""
+    from grpo_jax.rl import packing
+    from grpo_jax.rollout import sampler
+
+    G, N = args.num_generations, prompts * args.num_generations
+    P = max(args.prompt_bucket or args.prompt_len, args.prompt_len)
+    lengths = completion_lengths(args.lengths, N, args.new_tokens, rng)
+    C = sampler.bucket_length(int(lengths.max()), sampler.completion_buckets((P,), args.new_tokens))
+    pmask = np.repeat(np.arange(P)[None] >= P - args.prompt_len, N, 0)
+    cmask = np.arange(C)[None] < lengths[:, None]
+    padded = {"prompt_ids": np.repeat(rng.integers(1, model_cfg.vocab_size, (prompts, P)), G, 0) * pmask,
+              "prompt_mask": pmask, "completion_ids": rng.integers(1, model_cfg.vocab_size, (N, C)) * cmask,
+              "completion_mask": cmask, "advantages": rng.normal(size=N).astype(np.float32),
+              "truncated": lengths >= args.new_tokens,
+              "sampler_logp": -rng.uniform(0.5, 3.0, (N, C)).astype(np.float32)}
+    if args.beta > 0:
+        padded["ref_logp"] = padded["sampler_logp"] - 0.01
+    packed, plan = packing.from_padded(padded, G, row_multiple=args.microbatches, max_row_tokens=args.max_row_tokens)
+    return padded, packed, plan, plan.unique_tokens
+
+
+def compare_layouts(args, prompts: int) -> dict:
+    """The update on a padded and on a packed batch of the same step (--lengths): positions computed
+    per unique token, the compiled programs' FLOPs (XLA's cost analysis) and memory, and, unless
+    --aot, the update's wall time, the two layouts alternated in this process."""
+    import functools
+
+    cfg = make_config(args, prompts, "")
+    model_cfg = architecture.SHAPES[args.shape].replace(
+        dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, attention=args.attention, moe_impl=args.moe_impl)
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    tx, _ = train_state.make_optimizer(cfg.optimizer, 1)
+    rng = np.random.default_rng(args.seed)
+    padded, packed, plan, unique = layout_batches(args, prompts, model_cfg, rng)
+    update = jax.jit(functools.partial(grpo.update, model_cfg=model_cfg, loss_cfg=grpo.loss_config(cfg), mesh=mesh,
+                                       num_microbatches=args.microbatches, tx=tx), donate_argnums=0)
+    N, P = padded["prompt_ids"].shape
+    computed = {"padded": N * (P + padded["completion_ids"].shape[1]), "packed": plan.computed_tokens}
+    out = {"prompts": prompts, "batch": N, "unique_tokens": unique,
+           "packed_rows": plan.rows, "packed_row_tokens": plan.row_tokens, "packed_slots": plan.slots,
+           "padded_shape": [N, P, int(padded["completion_ids"].shape[1])]}
+    batches = {"padded": padded, "packed": packed}
+    if args.aot:
+        params = jax.eval_shape(lambda k: transformer.init_params(model_cfg, k), jax.random.key(0))
+        state = jax.eval_shape(lambda p: train_state.create(p, tx, mesh, seed=0, data={"epoch": 0, "position": 0, "seed": 0}),
+                               params)
+    else:
+        params = transformer.init_params(model_cfg, jax.random.key(args.seed))
+        states = {k: train_state.create(jax.tree.map(jnp.copy, params), tx, mesh, seed=0,
+                                        data={"epoch": 0, "position": 0, "seed": 0}) for k in batches}
+        state = states["padded"]
+    gib = 2**30
+    for name, batch in batches.items():
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
+        t = time.perf_counter()
+        compiled = update.lower(state if args.aot else states[name], abstract).compile()
+        m, cost = compiled.memory_analysis(), compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        out[name] = {"tokens_per_unique": computed[name] / unique, "update_gflops": cost.get("flops", 0.0) / 1e9,
+                     "compile_s": time.perf_counter() - t, "temp_gib": m.temp_size_in_bytes / gib,
+                     "arguments_gib": m.argument_size_in_bytes / gib}
+    if not args.aot:
+        device = {k: jax.tree.map(jnp.asarray, b) for k, b in batches.items()}
+        times = {k: [] for k in batches}
+        for i in range(args.warmup + args.steps):  # alternated: padded, packed, padded, ...
+            for name in batches:
+                t = time.perf_counter()
+                states[name], metrics = update(states[name], device[name])
+                jax.block_until_ready(states[name].params)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t)
+        for name in batches:
+            out[name]["update_s"] = statistics.median(times[name])
+        out["update_speedup"] = out["padded"]["update_s"] / out["packed"]["update_s"]
+    out["flops_ratio"] = out["padded"]["update_gflops"] / max(out["packed"]["update_gflops"], 1e-9)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", choices=sorted(architecture.SHAPES))
@@ -245,6 +347,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", default="", help="write a jax.profiler trace of the first timed step here")
     ap.add_argument("--memory_only", action="store_true",
                     help="compile the update ahead of time and report its memory; run no step")
+    ap.add_argument("--layouts", action="store_true",
+                    help="the update on the padded and the packed layout of one step (grpo.packing), alternated: "
+                         "tokens computed per unique token, FLOPs, memory, wall time (--aot: no run)")
+    ap.add_argument("--lengths", default="fixed", help="--layouts: completion lengths, 'fixed' (all --new_tokens) or "
+                    "'lognormal:MEAN:SIGMA' capped at --new_tokens")
+    ap.add_argument("--prompt_bucket", type=int, default=0, help="--layouts: prompts left-padded to this (0: --prompt_len)")
+    ap.add_argument("--max_row_tokens", type=int, default=8192, help="--layouts: grpo.max_row_tokens")
+    ap.add_argument("--aot", action="store_true", help="--layouts: compile only (abstract parameters), no timing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
@@ -260,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": args.shape, "dtype": args.dtype, "param_dtype": args.param_dtype,
         "remat": args.remat, "attention": args.attention, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
         "peak_tflops": args.peak_tflops or None,
-        "runs": [(update_memory if args.memory_only else bench_one)(args, p) for p in args.prompts],
+        "runs": [(compare_layouts if args.layouts else update_memory if args.memory_only else bench_one)(args, p)
+                 for p in args.prompts],
     }
     text = json.dumps(result, indent=2)
     print(text)

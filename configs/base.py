@@ -78,6 +78,10 @@ def get_config() -> ConfigDict:
         # DAPO's dynamic sampling: keep only groups whose rewards differ, sampling prompts_per_step more
         # prompts per round until the batch is full or max_sampling_rounds rounds are done.
         dynamic_sampling=False, max_sampling_rounds=3,
+        # The update, reference and old-policy passes on packed rows of at most max_row_tokens tokens:
+        # each group's prompt computed once, completions without padding (grpo_jax/rl/packing.py).
+        # False: every completion in its own row with its prompt, padded to the step's longest.
+        packing=True, max_row_tokens=8192,
         router_aux_loss_coef=0.0))  # MoE policies: weight of the routers' load-balancing loss (Qwen3-MoE: 0.001)
 
     c.rewards = ConfigDict({"math": 1.0})  # reward function name -> weight

@@ -19,16 +19,41 @@ from grpo_jax.parallel import partitioning
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
+def prefix_sharing_mask(pieces: jax.Array, members: jax.Array) -> jax.Array:
+    """[B, T, T] bool: query t sees key s of a packed row (grpo_jax.rl.packing) iff s <= t, both
+    belong to the same piece (pieces > 0), and s is on the piece's prompt (members 0) or on the
+    query's own completion. Every token also sees itself, so empty positions attend to something
+    (no all-masked rows, whose softmax would be NaN in some kernels).
+
+    pieces, members: [B, T] int32."""
+    T = pieces.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    same_piece = (pieces[:, :, None] == pieces[:, None, :]) & (pieces[:, None, :] > 0)
+    own = (members[:, None, :] == 0) | (members[:, None, :] == members[:, :, None])
+    return (causal[None] & same_piece & own) | jnp.eye(T, dtype=bool)[None]
+
+
+def window_mask(positions: jax.Array, window: int) -> jax.Array:
+    """[B, T, T] bool: key s is within `window` rotary positions of query t (positions [B, T]). In a
+    packed row a completion's tokens are not next to its prompt's, so the window is a distance
+    between positions, not slots."""
+    return positions[:, :, None] - positions[:, None, :] < window
+
+
 class Attention(nn.Module):
     cfg: architecture.ModelConfig
     mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, sin, cos, attn_mask, kv_cache, layer, index, seq_lengths):
-        """x [B, T, d]; attn_mask [B, T, S] bool; kv_cache (k, v) [layers, B, S, Hkv, D] or None.
+        """x [B, T, d]; attn_mask [B, T, S] bool, or [2, B, T, S] (the mask of full-attention layers
+        and of sliding-window ones, for packed rows: forward's `prefix_sharing`); kv_cache (k, v)
+        [layers, B, S, Hkv, D] or None.
 
-        With seq_lengths [B] (and attn_mask None) the rows are packed to the left, attention is causal
-        within each row's first seq_lengths tokens, and jax.nn.dot_product_attention computes it.
+        With seq_lengths [B] (and attn_mask None) the rows' real tokens are at their front, attention
+        is causal within each row's first seq_lengths tokens, and jax.nn.dot_product_attention
+        computes it. Without a cache, with attn_mask and attention="xla" (packed rows),
+        jax.nn.dot_product_attention takes the mask itself.
 
         The whole stacked cache travels through the layer scan as loop state and each layer writes its
         new keys/values into it with dynamic_update_slice: XLA updates a loop-carried buffer in place,
@@ -74,7 +99,12 @@ class Attention(nn.Module):
 
         B, T = x.shape[:2]
         scale = (cfg.query_pre_attn_scalar or D) ** -0.5
-        if seq_lengths is not None:
+        windows_given = attn_mask is not None and attn_mask.ndim == 4  # [full, window] masks of packed rows
+        if windows_given:
+            attn_mask = jnp.where(windowed, attn_mask[1], attn_mask[0])
+        if attn_mask is not None and kv_cache is None and cfg.attention == "xla":
+            out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask[:, None], scale=scale, implementation="xla")
+        elif seq_lengths is not None:
             # Padded queries (beyond a row's length) still see its real keys: no all-masked rows.
             attend = lambda window: jax.nn.dot_product_attention(  # noqa: E731
                 q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=seq_lengths, implementation=cfg.attention,
@@ -86,7 +116,7 @@ class Attention(nn.Module):
             else:
                 out = jax.lax.cond(windowed, lambda: attend(cfg.sliding_window), lambda: attend(None))
         else:
-            if any(sliding):
+            if any(sliding) and not windows_given:
                 # Slots and rotary positions advance together after a row's left padding, so the
                 # window is a distance between slots: query slot index + t sees slots > it - window.
                 S = attn_mask.shape[-1]

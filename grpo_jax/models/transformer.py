@@ -195,7 +195,7 @@ def init_cache(cfg: architecture.ModelConfig, batch: int, max_len: int, dtype: A
     }
 
 
-def _forward_packed(params: architecture.Params, cfg: architecture.ModelConfig, tokens: Array, mask: Array, positions: Array,
+def _forward_front_aligned(params: architecture.Params, cfg: architecture.ModelConfig, tokens: Array, mask: Array, positions: Array,
                     return_hidden: bool, mesh: Mesh | None, pin_weights: bool,
                     router_stats: bool) -> tuple[Array, Array | None]:
     """Cache-free forward with each row's real tokens moved to its front, so that attention is causal
@@ -228,6 +228,7 @@ def forward(
     pin_weights: bool = True,
     router_loss: bool = False,
     kv_len: int | None = None,
+    prefix_sharing: tuple[Array, Array] | None = None,
 ) -> tuple[Array, architecture.Cache | None] | tuple[Array, architecture.Cache | None, Array]:
     """Run the decoder on tokens [batch, seq].
 
@@ -249,6 +250,9 @@ def forward(
         (`router_balance_loss`; 0 for a dense model).
       kv_len: with a cache, attend over its first kv_len slots only (static; the caller guarantees
         that index + seq <= kv_len): the sampler's decode segments read the filled prefix.
+      prefix_sharing: (pieces, members) [batch, seq] int32 of packed rows (grpo_jax.rl.packing):
+        attention.prefix_sharing_mask instead of a causal mask, windows measured in `positions`
+        (required). attention "einsum" and "xla" compute it exactly; "cudnn" is refused.
 
     Returns:
       (logits [batch, seq, vocab] float32, or hidden states; the updated cache or None), and the
@@ -257,11 +261,29 @@ def forward(
     B, T = tokens.shape
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
     offsets = positions_from_mask(mask)
+    if cache is None and prefix_sharing is not None:
+        if cfg.attention == "cudnn":
+            raise ValueError("model.attention='cudnn' cannot take the prefix-sharing mask of packed rows (its "
+                             "kernel reads segment lengths, not a mask): set model.attention='xla' or 'einsum', "
+                             "or grpo.packing=False")
+        if positions is None:
+            raise ValueError("packed rows (prefix_sharing) need their rotary positions")
+        attn_mask = attention.prefix_sharing_mask(*prefix_sharing)
+        spec = ("activation_batch", None, None)
+        if any(cfg.sliding_layers):  # [full, window]: each layer picks its own
+            attn_mask = jnp.stack([attn_mask, attn_mask & attention.window_mask(positions, cfg.sliding_window)])
+            spec = (None, *spec)
+        out, _, stats = Transformer(cfg, mesh, pin_weights).apply(
+            {"params": params}, tokens, positions, partitioning.constrain(attn_mask, spec, mesh), None, 0,
+            return_hidden, None, mask if router_loss else None)
+        if router_loss:
+            return out, None, moe.router_balance_loss(stats, mask.sum(), cfg)
+        return out, None
     if cache is None:
         if positions is None:
             positions = offsets
         if cfg.attention != "einsum":
-            out, stats = _forward_packed(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights,
+            out, stats = _forward_front_aligned(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights,
                                          router_loss)
         else:
             causal = jnp.tril(jnp.ones((T, T), bool))

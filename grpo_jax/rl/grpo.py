@@ -28,7 +28,11 @@ reads the next prompts of the data iterator and its own key (fold_in(step key, r
 is deterministic and a resumed run repeats it exactly.
 
 Completions are trimmed to the bucket of the longest one before the reference pass and the update:
-their cost follows the tokens sampled, not `max_new_tokens`.
+their cost follows the tokens sampled, not `max_new_tokens`. With `packing` (the default) the
+update, the reference pass and the old-policy pass run on packed rows (grpo_jax.rl.packing): each
+group's prompt computed once, completions without padding, rows of at most `max_row_tokens`;
+metric `update/tokens_per_unique` is the positions computed per unique token (each prompt once,
+every completion token), in both layouts.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from grpo_jax.rewards import scoring
 from grpo_jax.rl import logprobs
 from grpo_jax.rl import loss
 from grpo_jax.rl import objective
+from grpo_jax.rl import packing
 from grpo_jax.rl import train_state
 from grpo_jax.rollout import policy
 from grpo_jax.rollout import sampler
@@ -81,20 +86,20 @@ def update(state: train_state.TrainState, batch: Batch, *, model_cfg: architectu
     when no token carries advantage (metrics["update_no_signal"]); update_skipped counts both."""
     loss_value, grads, out = objective.loss_and_grad(state.params, batch, model_cfg, loss_cfg, mesh, num_microbatches,
                                                      frozen=state.frozen)
-    signal = loss.has_signal(batch["advantages"], batch["completion_mask"], batch.get("truncated"), loss_cfg)
+    rows = objective.completions(batch)
+    signal = loss.has_signal(rows["advantages"], rows["completion_mask"], rows.get("truncated"), loss_cfg)
     state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx, skip=~signal)
     return state, {**out, **opt_metrics, "update_no_signal": (~signal).astype(jnp.float32)}
 
 
 def batch_logprobs(params: architecture.Params, batch: Batch, *, model_cfg: architecture.ModelConfig, loss_cfg: loss.LossConfig,
                    mesh, num_microbatches: int) -> jax.Array:
-    """log π(o_t | q, o_<t) [B, C] of the batch's completions under `params` (the reference, or the
-    policy before its first update), `num_microbatches` rows groups at a time (lax.map: one
-    micro-batch's activations live at once, as in the update)."""
+    """log π(o_t | q, o_<t) of the batch's completions under `params` (the reference, or the policy
+    before its first update): [B, C], or [R, S, C] slots of a packed batch; `num_microbatches` rows
+    groups at a time (lax.map: one micro-batch's activations live at once, as in the update)."""
     def one(mb):
-        return logprobs.completion_logprobs(params, model_cfg, mb["prompt_ids"], mb["prompt_mask"],
-                                            mb["completion_ids"], mb["completion_mask"], loss_cfg.temperature,
-                                            loss_cfg.logprob_chunk, mesh=mesh)[0]
+        return logprobs.batch_logprobs(params, model_cfg, mb, loss_cfg.temperature, loss_cfg.logprob_chunk,
+                                       mesh=mesh)[0]
 
     if num_microbatches == 1:
         return one(batch)
@@ -198,6 +203,8 @@ class GRPO:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 1
     max_nonfinite_updates: int = 10
+    packing: bool = True
+    max_row_tokens: int = 8192
     name = "GRPO"
 
     def __post_init__(self):
@@ -234,7 +241,8 @@ class GRPO:
         return cls(pol, scorer, [scoring.RewardSpec(k, w) for k, w in cfg.rewards.items()], prompts,
                    loss_config(cfg), tx, g.num_generations, g.num_iterations, g.minibatches,
                    g.microbatches, cfg.seed, task.skipped, cfg.log.samples_every, g.dynamic_sampling,
-                   g.max_sampling_rounds if g.dynamic_sampling else 1, cfg.optimizer.max_nonfinite_updates)
+                   g.max_sampling_rounds if g.dynamic_sampling else 1, cfg.optimizer.max_nonfinite_updates,
+                   g.packing, g.max_row_tokens)
 
     @property
     def updates_per_step(self) -> int:
@@ -267,9 +275,13 @@ class GRPO:
         sampled, next_data, rounds = self._sample(state, clock)
         groups = self._batch_groups(sampled) if self.dynamic_sampling else sampled
         C = self.trimmed_length(multihost.host_max([int(groups.lengths.max(initial=0))])[0])
-        batch = groups.batch(C, mesh)
+        if self.packing:
+            batch, plan, layout_metrics = self._packed_batch(groups, C)
+            seqs = {k: batch[k] for k in (*packing.ROW_KEYS, "slot_start", "completion_mask")}
+        else:
+            batch, plan, layout_metrics = groups.batch(C, mesh), None, self._padded_metrics(groups, C)
+            seqs = {k: batch[k] for k in _SEQUENCES}
         # Dispatched before the host scores: the device computes them while the verifiers run.
-        seqs = {k: batch[k] for k in _SEQUENCES}
         if self.updates_per_step > 1:  # else π_old = stop_gradient(π_θ) in the loss: the ratio is exactly 1
             batch["old_logp"] = self.logprobs_fn(train_state.policy_params(state), seqs)
         if state.ref_params is not None:
@@ -285,7 +297,12 @@ class GRPO:
         # Over every host's rewards: scale_rewards="batch" divides by the std of the global batch.
         total = multihost.all_hosts(groups.rewards)
         advantages, adv_metrics = loss.compute_advantages(jnp.asarray(total), G, self.loss_cfg)
-        batch["advantages"] = multihost.place_rows(np.asarray(advantages), mesh)
+        if plan is None:
+            batch["advantages"] = multihost.place_rows(np.asarray(advantages), mesh)
+        else:  # this host's completions, in its rows' slots
+            n = len(groups.texts)
+            mine = np.asarray(advantages)[jax.process_index() * n:(jax.process_index() + 1) * n]
+            batch["advantages"] = multihost.global_batch({"a": plan.to_slots(mine)}, mesh)["a"]
         batch = partitioning.shard_batch(batch, mesh)
         clock.lap("ref_logprobs")
 
@@ -294,7 +311,8 @@ class GRPO:
         clock.lap("update")
 
         state = train_state.advance(state, next_data, mesh)
-        out = {**update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **self._sample_metrics(sampled)}
+        out = {**update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **self._sample_metrics(sampled),
+               **layout_metrics}
         out["completion_length/padded"] = float(C)
         if self.dynamic_sampling:
             all_signal = multihost.all_hosts(sampled.signal(G))
@@ -307,6 +325,38 @@ class GRPO:
                 f"**reward** {groups.rewards[i]:.3f}" for i in range(min(4, len(groups.texts))))
         return state, out
 
+    def _packed_batch(self, groups: Groups, C: int) -> tuple[Batch, packing.Plan, dict[str, float]]:
+        """This host's groups as packed rows (its share of the global rows: every host lays out the
+        same shapes), completions cut to C tokens, and the layout's metrics."""
+        mesh, hosts = self.policy.mesh, jax.process_count()
+        multiple = partitioning.batch_shards(mesh) * self.num_microbatches * self.minibatches
+        arrays = {"prompt_ids": groups.prompt_ids, "prompt_mask": groups.prompt_mask,
+                  "completion_ids": groups.tokens[:, :C], "completion_mask": groups.mask[:, :C],
+                  "truncated": groups.truncated, "sampler_logp": groups.logprobs[:, :C]}
+        kw = dict(pad_id=self.policy.sampling.pad_id, max_row_tokens=self.max_row_tokens,
+                  row_multiple=multiple // hosts if multiple % hosts == 0 else multiple,
+                  shards=max(1, partitioning.batch_shards(mesh) // hosts))
+        arrays_packed, plan = packing.from_padded(arrays, self.num_generations, **kw)
+        if hosts > 1:
+            shape = multihost.host_max([plan.rows, plan.row_tokens, plan.slots])
+            if shape != (plan.rows, plan.row_tokens, plan.slots):
+                arrays_packed, plan = packing.from_padded(arrays, self.num_generations, rows=shape[0],
+                                                          row_tokens=shape[1], slots=shape[2], **kw)
+        counts = multihost.host_sum({"unique": plan.unique_tokens, "computed": plan.computed_tokens})
+        return multihost.global_batch(arrays_packed, mesh), plan, {
+            "update/tokens_per_unique": counts["computed"] / max(counts["unique"], 1), "update/rows": float(plan.rows * hosts),
+            "update/row_tokens": float(plan.row_tokens), "update/slots": float(plan.slots)}
+
+    def _padded_metrics(self, groups: Groups, C: int) -> dict[str, float]:
+        """Positions the padded batch computes per unique token (each prompt once, every completion token)."""
+        G, lengths = self.num_generations, np.minimum(groups.lengths, C)
+        src = groups if groups.rollout is None else groups.rollout
+        P = src.prompt_ids.shape[1]
+        prompts = multihost.local_rows(src.prompt_mask)[::G].sum() if groups.rollout is not None else \
+            groups.prompt_mask[::G].sum()
+        counts = multihost.host_sum({"u": int(prompts + lengths.sum()), "c": len(lengths) * (P + C)})
+        return {"update/tokens_per_unique": counts["c"] / max(counts["u"], 1)}
+
     def _sample(self, state: train_state.TrainState, clock: metrics.Stopwatch) -> tuple[Groups, dict[str, int], int]:
         """This host's completions of the step (every round's, scored when dynamic sampling needs
         the rewards to decide), the data iterator's next position, and the number of rounds."""
@@ -316,7 +366,7 @@ class GRPO:
         while True:
             rows, position = self.prompts.batch(position)
             rollout = pol.rollout(rows, G, key if not rounds else jax.random.fold_in(key, len(rounds)))
-            part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling)
+            part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling or self.packing)
             rounds.append(part)
             clock.lap("sampling")
             if not self.dynamic_sampling:
@@ -345,7 +395,8 @@ class GRPO:
     def _updates(self, state, batch: Batch, step: int):
         """num_iterations passes over the batch, each in `minibatches` updates of a seeded shuffle.
         Metrics: the mean over the updates (`*_max` / `*_min`: the max / min)."""
-        n, mb = batch["completion_ids"].shape[0], self.minibatches  # all hosts' completions
+        # All hosts' completions, or packed rows: a minibatch is a seeded draw of whole rows then.
+        n, mb = batch["tokens" if self.packing else "completion_ids"].shape[0], self.minibatches
         all_metrics = []
         for it in range(self.num_iterations):
             order = np.random.default_rng([self.seed, step, it]).permutation(n) if mb > 1 else np.arange(n)

@@ -165,3 +165,54 @@ def completion_logprobs(
     out = token_logprobs(hidden, transformer.output_head(params, cfg), completion_ids, temperature, chunk, with_entropy,
                          mesh)
     return (*out, *balance)
+
+
+def packed_logprobs(
+    params: architecture.Params,
+    cfg: architecture.ModelConfig,
+    batch: dict[str, Array],
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    with_entropy: bool = False,
+    mesh: Mesh | None = None,
+    router_loss: bool = False,
+) -> tuple[Array, Array | None] | tuple[Array, Array | None, Array]:
+    """completion_logprobs of a packed batch (grpo_jax.rl.packing): one pass over its rows [R, T],
+    each group's prompt once, then the values read back into the completion slots [R, S, C].
+
+    Each position's target is its own token and its hidden state is the one at `sources` (the
+    token before it, or its prompt's last token), so the head runs once per row token; a slot's
+    C values start at its `slot_start`. The MoE load-balancing loss (router_loss) counts every row
+    token once: a group's prompt once, not G times as in the padded batch.
+
+    Returns (logp [R, S, C], entropy [R, S, C] or None) and the balance loss when router_loss;
+    values past a completion's length are meaningless, mask them."""
+    tokens = batch["tokens"]
+    hidden, _, *balance = transformer.forward(
+        params, cfg, tokens, batch["pieces"] > 0, positions=batch["positions"], return_hidden=True, mesh=mesh,
+        router_loss=router_loss, prefix_sharing=(batch["pieces"], batch["members"]))
+    hidden = jnp.take_along_axis(hidden, batch["sources"][..., None], axis=1)
+    logp, entropy = token_logprobs(hidden, transformer.output_head(params, cfg), tokens, temperature, chunk,
+                                   with_entropy, mesh)
+    R, S, C = batch["completion_mask"].shape
+    where = jnp.minimum(batch["slot_start"][..., None] + jnp.arange(C), tokens.shape[1] - 1).reshape(R, S * C)
+    slots = lambda x: jnp.take_along_axis(x, where, axis=1).reshape(R, S, C)  # noqa: E731
+    return (slots(logp), None if entropy is None else slots(entropy), *balance)
+
+
+def batch_logprobs(
+    params: architecture.Params,
+    cfg: architecture.ModelConfig,
+    batch: dict[str, Array],
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    with_entropy: bool = False,
+    mesh: Mesh | None = None,
+    router_loss: bool = False,
+):
+    """The completions' log-probabilities of a padded batch ([B, C]: completion_logprobs) or of a
+    packed one ([R, S, C]: packed_logprobs), whichever `batch` is."""
+    if "tokens" in batch:
+        return packed_logprobs(params, cfg, batch, temperature, chunk, with_entropy, mesh, router_loss)
+    return completion_logprobs(params, cfg, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                               batch["completion_mask"], temperature, chunk, with_entropy, mesh, router_loss)

@@ -202,27 +202,29 @@ KL_ESTIMATORS: dict[str, Callable[[Array], Array]] = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Aggregations: per-token values [B, C] and mask -> (sum, denominator).
+# Aggregations: per-token values [B, C], mask [B, C] and rows [B] (1 where a row holds a completion:
+# 0 on the empty completion slots of a packed batch) -> (sum, denominator).
 
 
-def _seq_mean_token_mean(x: Array, mask: Array, cfg: LossConfig) -> tuple[Array, Array]:
+def _seq_mean_token_mean(x: Array, mask: Array, rows: Array, cfg: LossConfig) -> tuple[Array, Array]:
     """GRPO: (1/G) Σ_i (1/|o_i|) Σ_t x_{i,t}. Completions with no tokens count for nothing."""
     n = mask.sum(axis=1)
     per_seq = (x * mask).sum(axis=1) / jnp.maximum(n, 1)
     return per_seq.sum(), (n > 0).sum().astype(jnp.float32)
 
 
-def _token_mean(x: Array, mask: Array, cfg: LossConfig) -> tuple[Array, Array]:
+def _token_mean(x: Array, mask: Array, rows: Array, cfg: LossConfig) -> tuple[Array, Array]:
     """DAPO: Σ_{i,t} x_{i,t} / Σ_i |o_i| over the whole batch."""
     return (x * mask).sum(), mask.sum().astype(jnp.float32)
 
 
-def _seq_mean_token_sum_norm(x: Array, mask: Array, cfg: LossConfig) -> tuple[Array, Array]:
-    """Dr. GRPO: (1/G) Σ_i (1/L) Σ_t x_{i,t} with a fixed L = max_completion_length."""
-    return (x * mask).sum() / cfg.max_completion_length, jnp.asarray(mask.shape[0], jnp.float32)
+def _seq_mean_token_sum_norm(x: Array, mask: Array, rows: Array, cfg: LossConfig) -> tuple[Array, Array]:
+    """Dr. GRPO: (1/G) Σ_i (1/L) Σ_t x_{i,t} with a fixed L = max_completion_length; every completion
+    counts, even one the loss masks out entirely (mask_truncated)."""
+    return (x * mask).sum() / cfg.max_completion_length, rows.sum()
 
 
-AGGREGATIONS: dict[str, Callable[[Array, Array, LossConfig], tuple[Array, Array]]] = {
+AGGREGATIONS: dict[str, Callable[[Array, Array, Array, LossConfig], tuple[Array, Array]]] = {
     "seq-mean-token-mean": _seq_mean_token_mean,
     "token-mean": _token_mean,
     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
@@ -293,11 +295,19 @@ def has_signal(advantages: Array, completion_mask: Array, truncated: Array | Non
     return jnp.any(in_loss & (advantages != 0))
 
 
-def loss_denominator(completion_mask: Array, truncated: Array | None, cfg: LossConfig) -> Array:
+def _rows(completion_mask: Array, completion_valid: Array | None) -> Array:
+    """[B] float32: 1 for each row that holds a completion (all of them, unless completion_valid)."""
+    if completion_valid is None:
+        return jnp.ones(completion_mask.shape[:1], jnp.float32)
+    return completion_valid.astype(jnp.float32)
+
+
+def loss_denominator(completion_mask: Array, truncated: Array | None, cfg: LossConfig,
+                     completion_valid: Array | None = None) -> Array:
     """The aggregation's denominator; it depends only on masks, so it can be computed for the whole
     batch before splitting it into micro-batches."""
     mask = loss_mask(completion_mask, truncated, cfg)
-    return AGGREGATIONS[cfg.aggregation](jnp.zeros_like(mask), mask, cfg)[1]
+    return AGGREGATIONS[cfg.aggregation](jnp.zeros_like(mask), mask, _rows(mask, completion_valid), cfg)[1]
 
 
 def grpo_loss_terms(
@@ -311,6 +321,7 @@ def grpo_loss_terms(
     truncated: Array | None = None,
     entropy: Array | None = None,
     sampler_logp: Array | None = None,
+    completion_valid: Array | None = None,
 ) -> tuple[Array, Array, Metrics]:
     """Per-token GRPO loss aggregated to a (sum, denominator) pair, plus mergeable metrics.
 
@@ -328,6 +339,9 @@ def grpo_loss_terms(
       sampler_logp: [B, C] log-probabilities the sampler reported: the mismatch metrics against
         π_old (grpo_jax.rl.rollout_correction) and, with cfg.rollout_correction, the capped importance
         weight π_old / π_samp of each token's policy-gradient term.
+      completion_valid: [B] bool, the rows that hold a completion (a packed batch's completion slots,
+        grpo_jax.rl.packing: empty ones count for nothing, in Dr. GRPO's denominator and the mean
+        completion length too); None: every row.
 
     Returns:
       (loss_sum, denominator, metrics). The loss is loss_sum / denominator.
@@ -381,7 +395,8 @@ def grpo_loss_terms(
         per_token = per_token + cfg.beta * kl
         mean_metric("kl", jax.lax.stop_gradient(kl))
 
-    loss_sum, denom = AGGREGATIONS[cfg.aggregation](per_token, mask, cfg)
+    rows = _rows(completion_mask, completion_valid)
+    loss_sum, denom = AGGREGATIONS[cfg.aggregation](per_token, mask, rows, cfg)
 
     r = jax.lax.stop_gradient(ratio)
     low = ((r < 1.0 - cfg.clip_eps_low) & (A < 0)).astype(jnp.float32)
@@ -399,8 +414,7 @@ def grpo_loss_terms(
     a = advantages.astype(jnp.float32)
     sums["advantage_mean"], counts["advantage_mean"] = (a * seq).sum(), seq.sum()
     sums["advantage_sq_mean"], counts["advantage_sq_mean"] = (a * a * seq).sum(), seq.sum()
-    sums["completion_length"], counts["completion_length"] = completion_mask.sum().astype(jnp.float32), \
-        jnp.asarray(completion_mask.shape[0], jnp.float32)
+    sums["completion_length"], counts["completion_length"] = completion_mask.sum().astype(jnp.float32), rows.sum()
     return loss_sum, denom, Metrics(sums, counts, mins, maxs)
 
 

@@ -14,6 +14,9 @@ denominator of the whole batch, so the result does not depend on the split eithe
     advantages                         [B]
     old_logp, ref_logp, sampler_logp   [B, C]  optional (see loss.grpo_loss_terms)
     truncated                          [B]     optional bool
+or a packed batch (grpo_jax.rl.packing): rows [R, T] that hold each group's prompt once, and the same
+per-completion arrays in completion slots [R, S, ...], which the loss reads as [R * S, ...] rows
+(`completions`; empty slots have completion_valid False and count for nothing).
 """
 
 from __future__ import annotations
@@ -34,7 +37,21 @@ from grpo_jax.rl import loss
 
 Batch = dict[str, jax.Array]
 BATCH_AXES = partitioning.BATCH
-_PER_TOKEN_INPUTS = ("old_logp", "ref_logp", "sampler_logp", "truncated")
+_PER_TOKEN_INPUTS = ("old_logp", "ref_logp", "sampler_logp", "truncated", "completion_valid")
+_PER_COMPLETION = ("advantages", "completion_mask", *_PER_TOKEN_INPUTS)
+
+
+def is_packed(batch: Batch) -> bool:
+    return "tokens" in batch
+
+
+def completions(batch: Batch) -> Batch:
+    """The per-completion arrays of a batch as [completions, ...] rows: a packed batch's slots
+    [R, S, ...] flattened to [R * S, ...] (row r's slots stay together, so the rows' split over the
+    mesh is the completions' split too); a padded batch as it is."""
+    if not is_packed(batch):
+        return batch
+    return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in _PER_COMPLETION if batch.get(k) is not None}
 
 
 def sharded_loss_terms(
@@ -45,7 +62,9 @@ def sharded_loss_terms(
     mesh: Mesh | None,
     batch_axes: tuple[str, ...] = BATCH_AXES,
 ) -> tuple[jax.Array, jax.Array, loss.Metrics]:
-    """grpo_loss_terms over the batch shards of `mesh`, psum-reduced to global (sum, denom, metrics)."""
+    """grpo_loss_terms over the batch shards of `mesh`, psum-reduced to global (sum, denom, metrics).
+    logp, entropy: [B, C] as the rows of completions(batch)."""
+    batch = completions(batch)
     inputs = {"logp": logp, "advantages": batch["advantages"], "completion_mask": batch["completion_mask"]}
     inputs.update({k: batch[k] for k in _PER_TOKEN_INPUTS if batch.get(k) is not None})
     if entropy is not None:
@@ -76,16 +95,19 @@ def policy_loss_terms(
     A mixture-of-experts policy with loss_cfg.router_aux_loss_coef > 0 adds router_weight x coef x
     its load-balancing loss to loss_sum (metric `router_balance_loss`): loss_and_grad sets
     router_weight = the batch's denominator / micro-batches, so that the final loss is the GRPO loss
-    plus coef x the micro-batches' mean balance loss."""
-    logp, entropy, balance = logprobs.completion_logprobs(
-        params, model_cfg, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-        batch["completion_mask"], loss_cfg.temperature, loss_cfg.logprob_chunk, with_entropy=True, mesh=mesh,
-        router_loss=True)
+    plus coef x the micro-batches' mean balance loss. Over a packed batch the balance loss counts
+    each token once, a group's prompt once rather than G times (metric
+    `router_balance_loss/prompt_once`)."""
+    logp, entropy, balance = logprobs.batch_logprobs(params, model_cfg, batch, loss_cfg.temperature,
+                                                     loss_cfg.logprob_chunk, with_entropy=True, mesh=mesh,
+                                                     router_loss=True)
+    if is_packed(batch):  # [R, S, C] slots -> [R * S, C] completions
+        logp, entropy = logp.reshape(-1, logp.shape[-1]), entropy.reshape(-1, entropy.shape[-1])
     s, d, m = sharded_loss_terms(logp, entropy, batch, loss_cfg, mesh)
     if model_cfg.num_experts:
         s = s + router_weight * loss_cfg.router_aux_loss_coef * balance
-        m = loss.Metrics({**m.sums, "router_balance_loss": balance},
-                         {**m.counts, "router_balance_loss": jnp.ones((), jnp.float32)}, m.mins, m.maxs)
+        name = "router_balance_loss/prompt_once" if is_packed(batch) else "router_balance_loss"
+        m = loss.Metrics({**m.sums, name: balance}, {**m.counts, name: jnp.ones((), jnp.float32)}, m.mins, m.maxs)
     return s, d, m
 
 
@@ -146,7 +168,8 @@ def loss_and_grad(
     Jit it with model_cfg, loss_cfg, mesh and num_microbatches static.
     """
     batch = {k: v for k, v in batch.items() if v is not None}
-    denom = loss.loss_denominator(batch["completion_mask"], batch.get("truncated"), loss_cfg)
+    rows = completions(batch)
+    denom = loss.loss_denominator(rows["completion_mask"], rows.get("truncated"), loss_cfg, rows.get("completion_valid"))
 
     def partial_sum(p, mb):
         s, _, m = policy_loss_terms(lora.with_base(frozen, p), mb, model_cfg, loss_cfg, mesh, router_weight=denom / num_microbatches)

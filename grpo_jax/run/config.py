@@ -109,7 +109,7 @@ AT_LEAST = {
     "data.eval_size": (0, "held-out problems"), "eval.every": (0, "0: only at the end"), "eval.k": (1, "samples"),
     "eval.batch_size": (1, "rows"), "checkpoint.every": (0, "0: only at the end"), "checkpoint.keep": (1, "checkpoints"),
     "optimizer.warmup_steps": (0, "steps"), "optimizer.max_nonfinite_updates": (1, "updates"),
-    "verifier.hang_after": (1, "timeouts"),
+    "verifier.hang_after": (1, "timeouts"), "grpo.max_row_tokens": (16, "tokens per packed row"),
 }
 
 
@@ -148,6 +148,10 @@ def _check_ranges(cfg: ConfigDict) -> None:
             raise ConfigError(f"grpo.prompts_per_step x grpo.num_generations = {g.prompts_per_step} x {g.num_generations}"
                              f" = {n} completions do not split into grpo.minibatches={g.minibatches} x "
                              f"grpo.microbatches={g.microbatches} equal parts")
+        if g.get("packing") and cfg.model.get("attention") == "cudnn":
+            raise ConfigError("grpo.packing=True with model.attention='cudnn': the cuDNN kernel reads segment "
+                              "lengths, not the prefix-sharing mask of packed rows; set model.attention='xla' "
+                              "(exact on packed rows) or 'einsum', or grpo.packing=False")
     s = cfg.get("sft")
     if s is not None and s.batch_size % s.microbatches:
         raise ConfigError(f"sft.batch_size={s.batch_size} does not split into sft.microbatches={s.microbatches}")

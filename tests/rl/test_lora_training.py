@@ -82,7 +82,8 @@ def test_lora_trains_only_the_adapters_on_one_base_that_is_the_reference(tmp_pat
     # computes them from its copy), and the first step's policy is the base (B = 0): its KL is
     # exactly 0; later steps move away from it.
     b = batches[0]
-    seqs = {k: b[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+    seqs = {k: v for k, v in b.items() if k not in ("advantages", "ref_logp", "old_logp", "sampler_logp", "truncated",
+                                                    "completion_valid")}  # the sequences, padded or packed
     ref = jax.jit(functools.partial(grpo.batch_logprobs, model_cfg=base.model_cfg, loss_cfg=tr.algorithm.loss_cfg,
                                     mesh=base.mesh, num_microbatches=1))(base.params, seqs)
     mask = b["completion_mask"]

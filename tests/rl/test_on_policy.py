@@ -19,6 +19,7 @@ from grpo_jax.models import transformer
 from grpo_jax.rewards import scoring
 from grpo_jax.rl import grpo
 from grpo_jax.rl import logprobs
+from grpo_jax.rl import objective
 from grpo_jax.rl import train_state
 from grpo_jax.rollout import sampler
 from grpo_jax.run import loading
@@ -89,7 +90,7 @@ def test_bf16_single_update_has_ratio_exactly_one(tmp_path, level, noisy_sampler
     (batch, out), = seen
     assert "old_logp" not in batch  # never the sampler's
     assert out["ratio_min"] == 1.0 and out["ratio_max"] == 1.0 and out["clip_frac"] == 0.0
-    mask = batch["completion_mask"]
+    mask = objective.completions(batch)["completion_mask"]  # [completions, C], whichever the layout
     odd = (np.arange(mask.shape[1]) % 2 == 1)[None] & mask
     assert m["mismatch/logp_abs_diff_mean"] == pytest.approx(0.1 * odd.sum() / mask.sum(), rel=1e-3)
     assert m["mismatch/logp_abs_diff_max"] == pytest.approx(0.1, rel=1e-3)
@@ -107,9 +108,8 @@ def test_several_updates_use_the_trainers_old_logprobs(tmp_path, noisy_sampler):
     state, m = algo.step(state)
     assert len(seen) == 4
     for batch, _ in seen:
-        trainer_logp = jax.jit(logprobs.completion_logprobs, static_argnums=1)(
-            start, pol.model_cfg, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-            batch["completion_mask"])[0]
+        # [B, C], or [R, S, C] slots of packed rows (grpo.packing, the default)
+        trainer_logp = jax.jit(logprobs.batch_logprobs, static_argnums=1)(start, pol.model_cfg, batch)[0]
         mask = batch["completion_mask"]
         np.testing.assert_allclose(np.asarray(batch["old_logp"])[mask], np.asarray(trainer_logp)[mask], atol=1e-5)
         assert np.abs(batch["old_logp"] - batch["sampler_logp"])[mask].max() > 0.09  # not the sampler's
