@@ -32,6 +32,10 @@ completion token), the compiled update's FLOPs and memory, and its wall time, al
         --num_generations 8 --prompt_len 56 --prompt_bucket 64 --new_tokens 16 --lengths lognormal:5.5:0.6
     python benchmarks/bench_grpo_step.py --layouts --aot --shape qwen2.5-0.5b --dtype bfloat16 --remat full \
         --prompts 16 --num_generations 16 --prompt_len 256 --new_tokens 4096 --lengths lognormal:300:1.0
+
+--recipe CONFIG runs a config's own GRPO steps (real model, data, rewards and completions) with
+grpo.packing off and on (and on without remat, when the config rematerialises), alternated:
+`python benchmarks/bench_grpo_step.py --recipe configs/smollm2.py`.
 """
 
 from __future__ import annotations
@@ -262,7 +266,8 @@ def layout_batches(args, prompts: int, model_cfg: architecture.ModelConfig, rng:
               "sampler_logp": -rng.uniform(0.5, 3.0, (N, C)).astype(np.float32)}
     if args.beta > 0:
         padded["ref_logp"] = padded["sampler_logp"] - 0.01
-    packed, plan = packing.from_padded(padded, G, row_multiple=args.microbatches, max_row_tokens=args.max_row_tokens)
+    packed, plan = packing.from_padded(padded, G, row_multiple=args.microbatches, max_row_tokens=args.max_row_tokens,
+                                       attention_cost=grpo.attention_cost(model_cfg))
     return padded, packed, plan, plan.unique_tokens
 
 
@@ -279,8 +284,14 @@ def compare_layouts(args, prompts: int) -> dict:
     tx, _ = train_state.make_optimizer(cfg.optimizer, 1)
     rng = np.random.default_rng(args.seed)
     padded, packed, plan, unique = layout_batches(args, prompts, model_cfg, rng)
-    update = jax.jit(functools.partial(grpo.update, model_cfg=model_cfg, loss_cfg=grpo.loss_config(cfg), mesh=mesh,
+    loss_cfg = grpo.loss_config(cfg)
+    update = jax.jit(functools.partial(grpo.update, model_cfg=model_cfg, loss_cfg=loss_cfg, mesh=mesh,
                                        num_microbatches=args.microbatches, tx=tx), donate_argnums=0)
+    # FLOPs from a copy of the program without loops (XLA's cost analysis counts a loop's body once):
+    # the layers unrolled, the head's log-probabilities in one chunk.
+    counted = jax.jit(functools.partial(
+        grpo.update, model_cfg=model_cfg.replace(scan_layers=False), mesh=mesh, num_microbatches=args.microbatches,
+        tx=tx, loss_cfg=dataclasses.replace(loss_cfg, logprob_chunk=1 << 30)))
     N, P = padded["prompt_ids"].shape
     computed = {"padded": N * (P + padded["completion_ids"].shape[1]), "packed": plan.computed_tokens}
     out = {"prompts": prompts, "batch": N, "unique_tokens": unique,
@@ -301,7 +312,9 @@ def compare_layouts(args, prompts: int) -> dict:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
         t = time.perf_counter()
         compiled = update.lower(state if args.aot else states[name], abstract).compile()
-        m, cost = compiled.memory_analysis(), compiled.cost_analysis()
+        m = compiled.memory_analysis()
+        cost = counted.lower(jax.eval_shape(lambda s: s, state if args.aot else states[name]), abstract).compile()
+        cost = cost.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         out[name] = {"tokens_per_unique": computed[name] / unique, "update_gflops": cost.get("flops", 0.0) / 1e9,
                      "compile_s": time.perf_counter() - t, "temp_gib": m.temp_size_in_bytes / gib,
@@ -320,6 +333,64 @@ def compare_layouts(args, prompts: int) -> dict:
             out[name]["update_s"] = statistics.median(times[name])
         out["update_speedup"] = out["padded"]["update_s"] / out["packed"]["update_s"]
     out["flops_ratio"] = out["padded"]["update_gflops"] / max(out["packed"]["update_gflops"], 1e-9)
+    out.update(compiled_shapes(args, prompts, model_cfg))
+    return out
+
+
+def compiled_shapes(args, prompts: int, model_cfg: architecture.ModelConfig, steps: int = 50) -> dict:
+    """Distinct update programs over `steps` steps of --lengths (the planner alone, nothing compiled):
+    packed (rows, row tokens, slots, completion bucket) against padded (completion bucket), and the
+    range of positions per unique token."""
+    rng = np.random.default_rng(args.seed + 1)
+    packed, padded, ratios = set(), set(), []
+    for _ in range(steps):
+        batch, _, plan, unique = layout_batches(args, prompts, model_cfg, rng)
+        C = batch["completion_ids"].shape[1]
+        packed.add((plan.rows, plan.row_tokens, plan.slots, C))
+        padded.add(C)
+        ratios.append(plan.computed_tokens / unique)
+    return {f"programs_over_{steps}_steps": {"packed": len(packed), "padded": len(padded)},
+            f"packed_tokens_per_unique_over_{steps}_steps": [min(ratios), float(np.mean(ratios)), max(ratios)]}
+
+
+def recipe_layouts(args) -> dict:
+    """Whole GRPO steps of a config (--recipe, its GRPO stage: no cold start, no evaluation, no
+    checkpoint) with grpo.packing off and on: two trainers from the same seed, whose steps are
+    alternated, so both sample the same completions and only the layout of the update differs."""
+    from grpo_jax.run import config as run_config
+
+    runs = {}
+    remat = run_config.load_file(args.recipe).model.remat
+    # The config's own remat in both layouts, and (when it rematerialises) the packed layout without:
+    # with fewer positions per step, recomputing the forward may no longer pay.
+    variants = [("padded", False, remat), ("packed", True, remat)] + ([("packed_no_remat", True, "none")]
+                                                                       if remat != "none" else [])
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, packed, variant_remat in variants:
+            cfg = run_config.load_file(args.recipe)
+            cfg.workdir = os.path.join(workdir, name)
+            cfg.cold_start.steps, cfg.eval.every, cfg.eval.at_start, cfg.checkpoint.every = 0, 0, False, 0
+            cfg.steps, cfg.grpo.packing, cfg.log.samples_every = args.warmup + args.steps, packed, 0
+            cfg.model.remat = variant_remat
+            runs[name] = trainer.Trainer(cfg)
+        try:
+            steps = {k: [] for k in runs}
+            for _ in range(args.warmup + args.steps):
+                for name, run in runs.items():
+                    steps[name].append(run.train_step())
+        finally:
+            for run in runs.values():
+                run.close()
+    out = {"recipe": args.recipe, "remat": remat}
+    for name, ms in steps.items():
+        timed = ms[args.warmup:]
+        out[name] = {k: statistics.median(m[k] for m in timed) for k in
+                     ("time/step_s", "time/update_s", "time/sampling_s", "time/ref_logprobs_s", "update/tokens_per_unique")}
+        out[name]["reward"] = [m["reward"] for m in ms]
+        out[name]["loss"] = [m["loss"] for m in ms]
+    for name in out.keys() - {"recipe", "remat", "padded"}:
+        out[f"{name}_step_speedup"] = out["padded"]["time/step_s"] / out[name]["time/step_s"]
+        out[f"{name}_update_speedup"] = out["padded"]["time/update_s"] / out[name]["time/update_s"]
     return out
 
 
@@ -355,12 +426,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt_bucket", type=int, default=0, help="--layouts: prompts left-padded to this (0: --prompt_len)")
     ap.add_argument("--max_row_tokens", type=int, default=8192, help="--layouts: grpo.max_row_tokens")
     ap.add_argument("--aot", action="store_true", help="--layouts: compile only (abstract parameters), no timing")
+    ap.add_argument("--recipe", default="", help="a config file: its GRPO steps with grpo.packing off and on "
+                    "(and on without remat), alternated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     if args.warmup < 1:
         ap.error(f"--warmup={args.warmup}: at least one untimed step is needed to measure compile time")
 
+    if args.recipe:
+        result = recipe_layouts(args)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(result, indent=2) + "\n")
+        return result
     dev = jax.devices()[0]
     if not args.peak_tflops and dev.platform != "cpu" and not args.memory_only:
         args.peak_tflops = matmul_peak_tflops()

@@ -97,6 +97,9 @@ class ModelConfig:
     # memory of the residual activations (the remat checkpoints).
     residual_dtype: str | None = None
     remat: str = "none"  # "none" | "full" | "dots": activation checkpointing of each layer
+    # False unrolls the layer loop (one copy of each layer in the program): longer compiles, and what
+    # XLA's cost analysis needs to count every layer (it counts a loop's body once).
+    scan_layers: bool = True
     # Attention of cache-free passes (training, reference and old log-probabilities): "einsum" (scores
     # [B, H, T, S] in memory, any mask), or jax.nn.dot_product_attention over rows packed to the left,
     # with implementation "xla" or "cudnn" (fused flash attention, no [T, S] buffers; bf16/fp16 GPUs).

@@ -117,6 +117,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 6,
             length=cfg.num_layers,
+            unroll=1 if cfg.scan_layers else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.mesh, name="layers")
         stats = jnp.zeros((2, cfg.num_experts), jnp.float32) if cfg.num_experts and token_mask is not None else None

@@ -79,6 +79,25 @@ def loss_config(cfg: ConfigDict) -> loss.LossConfig:
         rollout_correction_min=g.rollout_correction_min, router_aux_loss_coef=g.router_aux_loss_coef)
 
 
+# The softmax's elementwise work (scale, mask, max, exp, sum, divide, casts; forward, backward and
+# remat) is memory-bound: measured on the SmolLM2 shape (docs/benchmarks.md, the packed update),
+# attention costs about 4x its matmul FLOPs relative to the rest of a position.
+ATTENTION_OVERHEAD = 4.0
+
+
+def attention_cost(cfg: architecture.ModelConfig) -> float:
+    """The cost of one more key per position of a packed row, relative to the position's matmuls:
+    QK^T and AV take 4 L H hd FLOPs per key, the matmuls 2 W per position (W: the weights a token
+    multiplies: projections, MLP or its active experts, the head), so 2 L H hd / W, times
+    ATTENTION_OVERHEAD. The einsum and "xla" attentions compute every key of a row, masked or not,
+    so long rows of short sequences pay it: packing.plan weighs it against padding."""
+    d, L, q, kv = cfg.hidden_size, cfg.num_layers, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    mlp = (cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size + d * cfg.num_experts if cfg.num_experts
+           else 3 * d * cfg.intermediate_size)
+    weights = L * (2 * d * q + 2 * d * kv + mlp) + d * cfg.vocab_size
+    return ATTENTION_OVERHEAD * 2 * L * q / weights
+
+
 def update(state: train_state.TrainState, batch: Batch, *, model_cfg: architecture.ModelConfig, loss_cfg: loss.LossConfig,
            mesh, num_microbatches: int, tx) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
     """One optimizer step on the GRPO loss of `batch` (objective.loss_and_grad's batch layout). The
@@ -334,6 +353,7 @@ class GRPO:
                   "completion_ids": groups.tokens[:, :C], "completion_mask": groups.mask[:, :C],
                   "truncated": groups.truncated, "sampler_logp": groups.logprobs[:, :C]}
         kw = dict(pad_id=self.policy.sampling.pad_id, max_row_tokens=self.max_row_tokens,
+                  attention_cost=attention_cost(self.policy.model_cfg),
                   row_multiple=multiple // hosts if multiple % hosts == 0 else multiple,
                   shards=max(1, partitioning.batch_shards(mesh) // hosts))
         arrays_packed, plan = packing.from_padded(arrays, self.num_generations, **kw)

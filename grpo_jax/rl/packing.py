@@ -12,7 +12,9 @@ prompt's length, so each token sees exactly what it sees in its own padded row. 
 not fit the free space of any row is split into pieces, the prompt repeated in each. Rows are
 filled first-fit decreasing (largest group first), then ordered so that the data x fsdp shards get
 equal real tokens (rows are static shapes: every shard computes T tokens per row; the balance is of
-real work, for kernels that skip empty blocks, and of memory read by the loss).
+real work, for kernels that skip empty blocks, and of memory read by the loss). The number of rows
+R and their length T are those of least estimated cost (`plan`), on a grid that keeps the shapes of
+a run to a few compiled programs.
 
     plan = packing.plan(prompt_lengths, completion_lengths, G, row_multiple=shards * microbatches)
     batch = packing.layout(plan, prompts, completions, C, pad_id)    # numpy, the [R, T] arrays
@@ -49,12 +51,15 @@ ROW_KEYS = ("tokens", "positions", "pieces", "members", "sources")
 SLOT_KEYS = ("slot_start", "completion_mask", "completion_valid")
 
 
+NEAR = 0.05  # layouts within 5% of the cheapest estimate count as equally good (plan)
+
+
 def row_bucket(n: int) -> int:
-    """The smallest row length >= n on a grid of 1/8 of n's power of two below 2,048 tokens and 1/16
-    from there (at least 16): a few programs over a run (3 to 13 over 50 steps in docs/benchmarks.md),
-    at most 12% (6%) of a row lost to the rounding."""
+    """The smallest row length >= n on a grid of 1/8 of n's power of two (at least 16): a few
+    programs over a run, at most 12% of a row lost to the rounding (plan then prefers the
+    lengths that lose little)."""
     n = int(n)
-    q = max(16, 1 << max(0, n.bit_length() - (4 if n < 2048 else 5)))
+    q = max(16, 1 << max(0, n.bit_length() - 4))
     return -(-n // q) * q
 
 
@@ -141,9 +146,15 @@ def _fill(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, rows: int,
 
 
 def plan(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], num_generations: int, *,
-         row_multiple: int = 1, max_row_tokens: int = 8192, shards: int = 1, rows: int | None = None,
-         row_tokens: int | None = None, slots: int | None = None) -> Plan:
-    """Where the groups go.
+         row_multiple: int = 1, max_row_tokens: int = 8192, attention_cost: float = 0.0, shards: int = 1,
+         rows: int | None = None, row_tokens: int | None = None, slots: int | None = None) -> Plan:
+    """Where the groups go: the rows R and row length T of least estimated cost
+
+        R x T x (1 + attention_cost x T)
+
+    (every position computes the same layers; attention over a packed row's T keys costs
+    attention_cost x T of that per position: `grpo.attention_cost`), each row length on the
+    `row_bucket` grid, R the fewest rows in which the groups fit at that length.
 
     Args:
       prompt_lengths: [groups] real prompt tokens.
@@ -152,6 +163,8 @@ def plan(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], num_g
       row_multiple: rows come in multiples of this (data x fsdp shards x micro-batches x minibatches).
       max_row_tokens: the row budget T is at most this, unless one prompt and its longest completion
         need more (then T is what they need).
+      attention_cost: the attention's cost per key per position, relative to the rest of a position's
+        cost (0: only positions count, and the tightest layout wins).
       shards: the data x fsdp shards the rows are split over (contiguous blocks of R / shards).
       rows, row_tokens, slots: force R, T and S (every host of a run lays out the same shapes: plan
         on each, take the maximum of each, plan again with them).
@@ -162,28 +175,28 @@ def plan(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], num_g
         raise ValueError(f"prompt lengths must be >= 1 and completion lengths >= 0; got {P.tolist()}, {L.tolist()}")
     unique = int(P.sum() + L.sum())
     need = row_bucket(int((P + L.max(axis=1)).max()))  # the longest [prompt, completion]
-    if row_tokens is not None:
-        if row_tokens < need:
-            raise ValueError(f"row_tokens={row_tokens} cannot hold a prompt and its completion of {need} tokens")
-        candidates_for = lambda R: [row_tokens]  # noqa: E731
-    else:
-        cap = max(row_bucket(max_row_tokens), need)
-
-        def candidates_for(R):
-            T = max(need, row_bucket(math.ceil(unique / R)))
-            while T <= cap:
-                yield T
-                T = row_bucket(T + 1)
-
-    R = rows or row_multiple * math.ceil(unique / (row_multiple * max(row_bucket(max_row_tokens), need)))
-    while True:
-        for T in candidates_for(R):
+    if row_tokens is not None and row_tokens < need:
+        raise ValueError(f"row_tokens={row_tokens} cannot hold a prompt and its completion of {need} tokens")
+    cost = lambda R, T: R * T * (1.0 + attention_cost * T)  # noqa: E731
+    found, T = [], row_tokens or need
+    while T <= (row_tokens or max(row_bucket(max_row_tokens), need)):
+        if found and cost(1, T) * unique / T >= (1 + NEAR) * min(cost(R, T) for _, R, T in found):
+            break  # no layout of rows this long comes near the best
+        R = rows or row_multiple * math.ceil(unique / (row_multiple * T))
+        pieces = _fill(P, L, R, T)
+        while pieces is None and rows is None:
+            R += row_multiple
             pieces = _fill(P, L, R, T)
-            if pieces is not None:
-                return _finish(pieces, R, T, P, L, shards, slots)
-        if rows is not None:
-            raise ValueError(f"{len(P)} groups ({unique} tokens) do not fit {rows} rows of {row_tokens or 'any'} tokens")
-        R += row_multiple
+        if pieces is not None:
+            found.append((pieces, R, T))
+        T = row_bucket(T + 1)
+    if not found:
+        raise ValueError(f"{len(P)} groups ({unique} tokens) do not fit {rows} rows of {row_tokens or 'any'} tokens")
+    # Of the layouts within NEAR of the cheapest, the fewest rows, then the shortest: steps of similar
+    # lengths then share a few shapes (programs) instead of each finding its own optimum.
+    least = min(cost(R, T) for _, R, T in found)
+    return _finish(*min((f for f in found if cost(f[1], f[2]) <= (1 + NEAR) * least), key=lambda f: (f[1], f[2])),
+                   P, L, shards, slots)
 
 
 def _finish(pieces: list, R: int, T: int, P: np.ndarray, L: np.ndarray, shards: int, slots: int | None) -> Plan:

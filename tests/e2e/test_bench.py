@@ -101,6 +101,19 @@ def test_bench_grpo_update_memory_ahead_of_time():
     assert 3 * 4 * run["params"] <= state_bytes < 3 * 4 * run["params"] + 64
 
 
+def test_bench_grpo_step_layouts_padded_against_packed():
+    res = _load("bench_grpo_step").main(["--layouts", "--prompts", "4", "--num_generations", "8", "--prompt_len", "24",
+                                         "--prompt_bucket", "32", "--new_tokens", "32", "--lengths", "lognormal:8:0.6",
+                                         "--warmup", "1", "--steps", "1"])
+    run, = res["runs"]
+    assert run["padded"]["tokens_per_unique"] > 5 and run["packed"]["tokens_per_unique"] < 1.15
+    # The cost analysis of loop-free copies: the packed update computes several times fewer FLOPs.
+    assert run["flops_ratio"] > 2 and run["packed"]["temp_gib"] < run["padded"]["temp_gib"]
+    assert run["update_speedup"] > 0 and run["programs_over_50_steps"]["packed"] <= 10
+    lo, mean, hi = run["packed_tokens_per_unique_over_50_steps"]
+    assert 1 <= lo <= mean <= hi < 1.2
+
+
 def test_bench_layout_tiny(tmp_path):
     """The AOT layout benchmark on 8 simulated devices (a subprocess: the device count is fixed when
     JAX starts): ZeRO-3 traffic, the head on 1/8 of the tokens, no weight gathers while decoding."""

@@ -121,6 +121,29 @@ def test_rows_are_balanced_over_shards_and_come_in_multiples():
     assert per_shard.max() - per_shard.min() <= pl.row_real_tokens.max(), per_shard
 
 
+def test_a_priced_attention_prefers_shorter_rows():
+    rng = np.random.default_rng(2)
+    P, G = rng.integers(10, 30, 16), 8
+    L = rng.integers(1, 12, 16 * G)
+    flat, priced = packing.plan(P, L, G), packing.plan(P, L, G, attention_cost=0.01)
+    _check_plan(priced, P, L, G)
+    assert priced.row_tokens < flat.row_tokens and priced.rows > flat.rows
+    cost = lambda pl: pl.rows * pl.row_tokens * (1 + 0.01 * pl.row_tokens)  # noqa: E731
+    assert cost(priced) <= cost(flat)
+
+
+def test_attention_cost_against_a_count_over_the_parameter_tree():
+    from grpo_jax.rl import grpo
+
+    for cfg in (architecture.SHAPES["tiny"], architecture.SHAPES["smollm2-135m"].replace(num_layers=2)):
+        shapes = transformer.param_shapes(cfg)
+        matmuls = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(shapes["layers"])
+                      if "kernel" in jax.tree_util.keystr(path))
+        weights = matmuls + cfg.hidden_size * cfg.vocab_size  # the layers' projections and the head
+        want = grpo.ATTENTION_OVERHEAD * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim / weights
+        np.testing.assert_allclose(grpo.attention_cost(cfg), want, rtol=1e-6)
+
+
 def test_every_host_can_force_the_same_shapes_and_too_few_rows_are_named():
     P, L = [5, 7], [3, 4, 2, 9]
     pl = packing.plan(P, L, 2)
