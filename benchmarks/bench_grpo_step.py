@@ -357,17 +357,17 @@ def recipe_layouts(args) -> dict:
     """Whole GRPO steps of a config (--recipe, its GRPO stage: no cold start, no evaluation, no
     checkpoint) with grpo.packing off and on: two trainers from the same seed, whose steps are
     alternated, so both sample the same completions and only the layout of the update differs."""
-    from grpo_jax.run import config as run_config
+    from grpo_jax.run import config
 
     runs = {}
-    remat = run_config.load_file(args.recipe).model.remat
+    remat = config.load_file(args.recipe).model.remat
     # The config's own remat in both layouts, and (when it rematerialises) the packed layout without:
     # with fewer positions per step, recomputing the forward may no longer pay.
     variants = [("padded", False, remat), ("packed", True, remat)] + ([("packed_no_remat", True, "none")]
                                                                        if remat != "none" else [])
     with tempfile.TemporaryDirectory() as workdir:
         for name, packed, variant_remat in variants:
-            cfg = run_config.load_file(args.recipe)
+            cfg = config.load_file(args.recipe)
             cfg.workdir = os.path.join(workdir, name)
             cfg.cold_start.steps, cfg.eval.every, cfg.eval.at_start, cfg.checkpoint.every = 0, 0, False, 0
             cfg.steps, cfg.grpo.packing, cfg.log.samples_every = args.warmup + args.steps, packed, 0

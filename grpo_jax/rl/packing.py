@@ -63,6 +63,13 @@ def row_bucket(n: int) -> int:
     return -(-n // q) * q
 
 
+def rows_bucket(k: int) -> int:
+    """Row counts (in units of row_multiple): 1, 2, 3, 4, then on a grid of 1/4 of k's power of
+    two (5, 6, 7, 8, 10, 12, 14, 16, 20, ...): the row length absorbs the rest."""
+    q = 1 << max(0, int(k).bit_length() - 3)
+    return -(-int(k) // q) * q
+
+
 def slot_bucket(n: int) -> int:
     """Completion slots per row: the next power of two (slots cost C floats each, not a forward)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -182,10 +189,10 @@ def plan(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], num_g
     while T <= (row_tokens or max(row_bucket(max_row_tokens), need)):
         if found and cost(1, T) * unique / T >= (1 + NEAR) * min(cost(R, T) for _, R, T in found):
             break  # no layout of rows this long comes near the best
-        R = rows or row_multiple * math.ceil(unique / (row_multiple * T))
+        R = rows or row_multiple * rows_bucket(math.ceil(unique / (row_multiple * T)))
         pieces = _fill(P, L, R, T)
         while pieces is None and rows is None:
-            R += row_multiple
+            R = row_multiple * rows_bucket(R // row_multiple + 1)
             pieces = _fill(P, L, R, T)
         if pieces is not None:
             found.append((pieces, R, T))
