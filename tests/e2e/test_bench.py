@@ -106,13 +106,13 @@ def test_bench_grpo_step_layouts_padded_against_packed():
                                          "--prompt_bucket", "32", "--new_tokens", "32", "--lengths", "lognormal:8:0.6",
                                          "--warmup", "1", "--steps", "1"])
     run, = res["runs"]
-    # The tiny model's attention is dear next to its matmuls: the plan takes short rows, some groups split.
+    # The tiny model's attention is dear next to its matmuls: the plan takes short rows and splits groups.
     assert run["padded"]["tokens_per_unique"] > 5 and run["packed"]["tokens_per_unique"] < 1.3
     # The cost analysis of loop-free copies: the packed update computes several times fewer FLOPs.
     assert run["flops_ratio"] > 2 and run["packed"]["temp_gib"] < run["padded"]["temp_gib"]
     assert run["update_speedup"] > 0 and run["programs_over_50_steps"]["packed"] <= 16
     lo, mean, hi = run["packed_tokens_per_unique_over_50_steps"]
-    assert 1 <= lo <= mean <= hi < 1.4
+    assert 1 <= lo <= mean <= hi < 1.6
 
 
 def test_bench_layout_tiny(tmp_path):
