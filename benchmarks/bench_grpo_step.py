@@ -372,6 +372,8 @@ def recipe_layouts(args) -> dict:
             cfg.cold_start.steps, cfg.eval.every, cfg.eval.at_start, cfg.checkpoint.every = 0, 0, False, 0
             cfg.steps, cfg.grpo.packing, cfg.log.samples_every = args.warmup + args.steps, packed, 0
             cfg.model.remat = variant_remat
+            if args.init_from:  # e.g. the recipe's cold start: a trained policy's completion lengths
+                cfg.init_from = args.init_from
             runs[name] = trainer.Trainer(cfg)
         try:
             steps = {k: [] for k in runs}
@@ -426,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt_bucket", type=int, default=0, help="--layouts: prompts left-padded to this (0: --prompt_len)")
     ap.add_argument("--max_row_tokens", type=int, default=8192, help="--layouts: grpo.max_row_tokens")
     ap.add_argument("--aot", action="store_true", help="--layouts: compile only (abstract parameters), no timing")
+    ap.add_argument("--init_from", default="", help="--recipe: start from this workdir's latest checkpoint "
+                    "(e.g. runs/smollm2/cold_start)")
     ap.add_argument("--recipe", default="", help="a config file: its GRPO steps with grpo.packing off and on "
                     "(and on without remat), alternated")
     ap.add_argument("--seed", type=int, default=0)
