@@ -211,6 +211,23 @@ def _forward_front_aligned(params: architecture.Params, cfg: architecture.ModelC
     return take(out, jnp.argsort(order, axis=1)[..., None]), stats
 
 
+def _prefix_sharing_mask(cfg: architecture.ModelConfig, prefix_sharing: tuple[Array, Array],
+                         positions: Array | None) -> tuple[Array, tuple]:
+    """The attention mask of packed rows and its logical axes: [B, T, T], or [2, B, T, T] (full,
+    window) when some layers attend within a sliding window measured in rotary positions."""
+    if cfg.attention == "cudnn":
+        raise ValueError("model.attention='cudnn' cannot take the prefix-sharing mask of packed rows (its "
+                         "kernel reads segment lengths, not a mask): set model.attention='xla' or 'einsum', "
+                         "or grpo.packing=False")
+    if positions is None:
+        raise ValueError("packed rows (prefix_sharing) need their rotary positions")
+    attn_mask = attention.prefix_sharing_mask(*prefix_sharing)
+    if not any(cfg.sliding_layers):
+        return attn_mask, ("activation_batch", None, None)
+    window = attn_mask & attention.window_mask(positions, cfg.sliding_window)
+    return jnp.stack([attn_mask, window]), (None, "activation_batch", None, None)
+
+
 def kv_cache_bytes_per_token(cfg: architecture.ModelConfig) -> int:
     """Bytes of KV cache one token takes (keys and values of every layer, in the compute dtype)."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
@@ -262,36 +279,20 @@ def forward(
     B, T = tokens.shape
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
     offsets = positions_from_mask(mask)
-    if cache is None and prefix_sharing is not None:
-        if cfg.attention == "cudnn":
-            raise ValueError("model.attention='cudnn' cannot take the prefix-sharing mask of packed rows (its "
-                             "kernel reads segment lengths, not a mask): set model.attention='xla' or 'einsum', "
-                             "or grpo.packing=False")
-        if positions is None:
-            raise ValueError("packed rows (prefix_sharing) need their rotary positions")
-        attn_mask = attention.prefix_sharing_mask(*prefix_sharing)
-        spec = ("activation_batch", None, None)
-        if any(cfg.sliding_layers):  # [full, window]: each layer picks its own
-            attn_mask = jnp.stack([attn_mask, attn_mask & attention.window_mask(positions, cfg.sliding_window)])
-            spec = (None, *spec)
-        out, _, stats = Transformer(cfg, mesh, pin_weights).apply(
-            {"params": params}, tokens, positions, partitioning.constrain(attn_mask, spec, mesh), None, 0,
-            return_hidden, None, mask if router_loss else None)
-        if router_loss:
-            return out, None, moe.router_balance_loss(stats, mask.sum(), cfg)
-        return out, None
     if cache is None:
-        if positions is None:
-            positions = offsets
-        if cfg.attention != "einsum":
-            out, stats = _forward_front_aligned(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights,
-                                         router_loss)
+        if prefix_sharing is not None:
+            attn_mask, spec = _prefix_sharing_mask(cfg, prefix_sharing, positions)
         else:
+            positions = offsets if positions is None else positions
             causal = jnp.tril(jnp.ones((T, T), bool))
-            attn_mask = partitioning.constrain(causal[None] & mask[:, None, :], ("activation_batch", None, None), mesh)
+            attn_mask, spec = causal[None] & mask[:, None, :], ("activation_batch", None, None)
+        if prefix_sharing is None and cfg.attention != "einsum":
+            out, stats = _forward_front_aligned(params, cfg, tokens, mask, positions, return_hidden, mesh, pin_weights,
+                                                router_loss)
+        else:
             out, _, stats = Transformer(cfg, mesh, pin_weights).apply(
-                {"params": params}, tokens, positions, attn_mask, None, 0, return_hidden, None,
-                mask if router_loss else None)
+                {"params": params}, tokens, positions, partitioning.constrain(attn_mask, spec, mesh), None, 0,
+                return_hidden, None, mask if router_loss else None)
         if router_loss:
             return out, None, moe.router_balance_loss(stats, mask.sum(), cfg)
         return out, None

@@ -296,7 +296,7 @@ class GRPO:
         C = self.trimmed_length(multihost.host_max([int(groups.lengths.max(initial=0))])[0])
         if self.packing:
             batch, plan, layout_metrics = self._packed_batch(groups, C)
-            seqs = {k: batch[k] for k in (*packing.ROW_KEYS, "slot_start", "completion_mask")}
+            seqs = {k: batch[k] for k in packing.SEQUENCE_KEYS}
         else:
             batch, plan, layout_metrics = groups.batch(C, mesh), None, self._padded_metrics(groups, C)
             seqs = {k: batch[k] for k in _SEQUENCES}

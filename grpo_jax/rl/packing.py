@@ -46,9 +46,9 @@ from typing import Sequence
 
 import numpy as np
 
-# Keys of a packed batch laid out per row token ([R, T]) and per completion slot ([R, S, ...]).
+# Keys of a packed batch laid out per row token ([R, T]), and all that a log-probability pass reads.
 ROW_KEYS = ("tokens", "positions", "pieces", "members", "sources")
-SLOT_KEYS = ("slot_start", "completion_mask", "completion_valid")
+SEQUENCE_KEYS = (*ROW_KEYS, "slot_start", "completion_mask")
 
 
 NEAR = 0.05  # layouts within 5% of the cheapest estimate count as equally good (plan)
