@@ -73,7 +73,8 @@ def make_code_completions(n: int):
         p = problems[i % len(problems)]
         body = p["canonical_solution"] if i % 2 == 0 else "    return None\n"
         completions.append(f"```python\n{p['prompt']}{body}```")
-        tests.append([p["test"] + f"\ncheck({p['entry_point']})\n"])
+        tests.append([{"test": p["test"] + f"\ncheck({p['entry_point']})\n", "entry_point": p["entry_point"],
+                       "setup": p["prompt"]}])
     return completions, tests
 
 

@@ -75,9 +75,12 @@ def get_config() -> ConfigDict:
         # "token_truncate" (TIS), "token_mask", "sequence_truncate" or "sequence_mask" (MIS), with
         # the weights capped to [rollout_correction_min, rollout_correction_max].
         rollout_correction=placeholder(str), rollout_correction_max=2.0, rollout_correction_min=placeholder(float),
-        # DAPO's dynamic sampling: keep only groups whose rewards differ, sampling prompts_per_step more
-        # prompts per round until the batch is full or max_sampling_rounds rounds are done.
+        # DAPO's dynamic sampling: keep only groups with signal, sampling about as many more prompts
+        # as are missing per round until the batch is full or max_sampling_rounds rounds are done.
         dynamic_sampling=False, max_sampling_rounds=3,
+        # the function whose values must differ within a kept group (DAPO: accuracy). Unset: eval.reward;
+        # "total": the weighted sum of `rewards`.
+        dynamic_sampling_reward=placeholder(str),
         # The update, reference and old-policy passes on packed rows of at most max_row_tokens tokens:
         # each group's prompt computed once, completions without padding (grpo_jax/rl/packing.py).
         # False: every completion in its own row with its prompt, padded to the step's longest.
@@ -89,9 +92,12 @@ def get_config() -> ConfigDict:
     # workers=-1: score in this process. sandbox: how the `code` reward isolates programs: "auto"
     # (Linux namespaces where available, else limits + audit hook with a warning), "namespaces"
     # (required), "python" (limits + audit hook only). A reward function that times out on
-    # hang_after completions of a step with none finished hangs: on_hang="disable" drops it for the
-    # rest of the run (said once), "stop" stops the run.
-    c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0, sandbox="auto", hang_after=16, on_hang="disable"))
+    # hang_after completions of a step with none finished, or that a worker cannot load in
+    # load_timeout_s, hangs: with a weight, on_hang="stop" stops the run, "disable" drops it for the
+    # rest of the run (said once); with weight 0 (it only logs) it is dropped. A weighted function
+    # that fails on every completion of max_failing_steps consecutive steps stops the run.
+    c.verifier = ConfigDict(dict(workers=2, timeout_s=10.0, sandbox="auto", hang_after=16, on_hang="stop",
+                                 load_timeout_s=120.0, max_failing_steps=3))
 
     # Supervised fine-tuning: trainer="sft" runs cfg.steps steps with cfg.optimizer on `data`
     # (comma-separated: "demonstrations", "rejection_samples", files or hub datasets; see grpo_jax/rl/sft.py).

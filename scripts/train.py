@@ -73,8 +73,8 @@ def run(argv):
         main(argv)
     except config.ConfigError as e:  # a value the run cannot use: named, before any work
         sys.exit(f"config: {e}")
-    except (checkpoint.CheckpointError, scoring.RewardHangError) as e:  # a full disk, no intact checkpoint; a
-        sys.exit(str(e))                                                # reward that hangs (verifier.on_hang)
+    except (checkpoint.CheckpointError, scoring.RewardFailure) as e:  # a full disk, no intact checkpoint; a
+        sys.exit(str(e))                                              # reward that hangs or always fails
     except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM (grpo_jax.run.graceful_stop): no checkpoint this time
         sys.exit(f"{str(e) or 'interrupted'}; the last checkpoint is the newest one saved before it")
 

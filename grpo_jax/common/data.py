@@ -216,15 +216,17 @@ class PromptIterator:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data state was saved with seed {int(state['seed'])}, this run uses {self.seed}")
 
-    def batch(self, state: dict[str, Any]) -> tuple[list[Row], dict[str, int]]:
-        """This host's rows at `state` (from `state()` or an earlier `batch`) and the next state."""
+    def batch(self, state: dict[str, Any], size: int | None = None) -> tuple[list[Row], dict[str, int]]:
+        """This host's rows at `state` (from `state()` or an earlier `batch`) and the next state;
+        `size` rows per host (default: batch_size)."""
         self._check_seed(state)
+        size = self.batch_size if size is None else size
         epoch, position = int(state["epoch"]), int(state["position"])
-        global_batch = self.batch_size * self.num_hosts
+        global_batch = size * self.num_hosts
         if position + global_batch > len(self.rows):  # drop the epoch's remainder
             epoch, position = epoch + 1, 0
         window = self._order(epoch)[position:position + global_batch]
-        rows = [self.rows[i] for i in window[self.host * self.batch_size:(self.host + 1) * self.batch_size]]
+        rows = [self.rows[i] for i in window[self.host * size:(self.host + 1) * size]]
         return rows, {"epoch": epoch, "position": position + global_batch, "seed": self.seed}
 
     def next(self) -> list[Row]:

@@ -85,6 +85,13 @@ def host_max(values: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(v) for v in np.max(multihost_utils.process_allgather(np.asarray(values)), 0))
 
 
+def host_bits(mask: int) -> int:
+    """The union (bitwise or) of every host's bit mask."""
+    if jax.process_count() == 1:
+        return int(mask)
+    return int(np.bitwise_or.reduce(multihost_utils.process_allgather(np.int64(mask))))
+
+
 def host_sum(counts: dict[str, Any]) -> dict[str, int]:
     """Integer counts summed over all hosts."""
     if jax.process_count() == 1:

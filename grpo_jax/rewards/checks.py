@@ -128,25 +128,24 @@ def code_reward(completion: str | None, tests: Sequence[dict] | Sequence[str], t
                 memory_mb: int = 512, isolation: str = "auto") -> float:
     """Fraction of test cases the completion's Python code passes, each run in a fresh `sandbox`.
 
-    tests: either {"input": str, "output": str} stdin/stdout pairs (output compared after stripping
-    trailing whitespace of each line; the expected output never enters the sandbox), or Python test
-    source (asserts, `check(fn)`) that `runner.run_tests` runs outside the sandbox against the
-    solution's functions, so that no output or exit status of the solution can fake a pass.
+    tests: {"input": str, "output": str} stdin/stdout pairs (output compared after stripping trailing
+    whitespace of each line; the expected output never enters the sandbox); Python test source
+    (asserts, `check(fn)`); or {"test": source, "entry_point": name(s), "setup": trusted source such
+    as HumanEval's prompt}. Test source runs outside the sandbox against the solution's functions
+    (`runner.run_tests`), so no output or exit status of the solution can fake a pass, and it sees
+    only the solution's entry points, never its other names.
     """
     code = extract_code(completion)
     if not code or not tests:
         return 0.0
     limits = runner.Limits(timeout_s=timeout_s, memory_mb=memory_mb, isolation=isolation)
-    passed = 0
-    asserts = [str(t) for t in tests if not isinstance(t, dict)]
-    if asserts:
-        passed += sum(runner.run_tests(code, asserts, limits))
-    for test in tests:
-        if isinstance(test, dict):
-            r = runner.run_script(code, str(test.get("input", "")), limits)
-            want = [ln.rstrip() for ln in str(test.get("output", "")).strip().splitlines()]
-            got = [ln.rstrip() for ln in r["stdout"].strip().splitlines()]
-            passed += r["returncode"] == 0 and not r["timed_out"] and got == want
+    stdio = [t for t in tests if isinstance(t, dict) and "test" not in t]
+    passed = sum(runner.run_tests(code, [t for t in tests if not (isinstance(t, dict) and "test" not in t)], limits))
+    for test in stdio:
+        r = runner.run_script(code, str(test.get("input", "")), limits)
+        want = [ln.rstrip() for ln in str(test.get("output", "")).strip().splitlines()]
+        got = [ln.rstrip() for ln in r["stdout"].strip().splitlines()]
+        passed += r["returncode"] == 0 and not r["timed_out"] and got == want
     return passed / len(tests)
 
 

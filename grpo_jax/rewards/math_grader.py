@@ -7,8 +7,11 @@ equivalent form it can prove equal:
     `1 000` are thousands separators, `1 2 3` is three numbers, not 123;
   - a decimal gold answer has a precision: a prediction written with more digits, or an exact value
     (`\\frac13`, `\\pi`), matches when it rounds to the gold at the gold's number of decimals
-    (gold 0.33: 1/3 yes, 0.34 no); with as many digits or fewer it must be equal. An exact gold
-    (integer, fraction, surd) needs an exactly equal prediction (`\\pi` is not 3.14);
+    (gold 0.33: 1/3 yes, 0.34 no); with as many digits or fewer it must be equal. Rounding is half
+    away from zero, so each prediction rounds to one gold only (4.55 is 4.6, not 4.5: no hedge
+    between two answers). With `decimals="exact"` (datasets whose decimal golds are exact values, as
+    MATH's are; the `math_exact` reward) a decimal gold needs an exactly equal prediction too. An
+    exact gold (integer, fraction, surd) needs an exactly equal prediction (`\\pi` is not 3.14);
   - LaTeX as LaTeX means it: `\\frac123` is (1/2)*3, `\\sqrt2` is sqrt(2); surds, powers and
     expressions in variables are compared with sympy (math-verify's LaTeX parser; no wall-clock
     limit inside: a reward is a function of the text alone, the verifier pool's timeout is the
@@ -234,24 +237,37 @@ def to_number(s: str) -> tuple[Fraction, int | None] | None:
     return None
 
 
+DECIMALS = ("rounded", "exact")
+
+
+def _rounded(x: Fraction, places: int) -> Fraction:
+    """x rounded to `places` decimals, half away from zero (4.55 -> 4.6, -4.55 -> -4.6)."""
+    scaled = abs(x) * 10**places
+    whole = scaled.numerator // scaled.denominator
+    whole += scaled - whole >= Fraction(1, 2)
+    return (1 if x >= 0 else -1) * Fraction(whole, 10**places)
+
+
 def _close_at_precision(gold: Fraction, places: int, pred) -> bool:
-    """Whether `pred` (a Fraction or a sympy number) rounds to `gold` at `places` decimals: it lies
-    within half a unit of the last place (inclusive)."""
-    half = Fraction(1, 2 * 10**places)
+    """Whether `pred` (a Fraction or a sympy number) rounds to `gold` at `places` decimals, half away
+    from zero: a tie belongs to one side only, so no prediction matches two golds."""
     if isinstance(pred, Fraction):
-        return abs(pred - gold) <= half
+        return _rounded(pred, places) == gold
     import sympy
 
+    if getattr(pred, "is_Rational", False):
+        return _rounded(Fraction(int(pred.p), int(pred.q)), places) == gold
+    # An irrational is never exactly on a tie: strictly within half a unit of the last place.
     diff = sympy.N(pred - sympy.Rational(gold.numerator, gold.denominator), 60)
-    return bool(diff.is_real) and abs(float(diff)) <= float(half) * (1 + 1e-12)
+    return bool(diff.is_real) and abs(diff) < sympy.Rational(1, 2 * 10**places)
 
 
-def _numbers_equal(gold: tuple[Fraction, int | None], pred: tuple[Fraction, int | None]) -> bool:
+def _numbers_equal(gold: tuple[Fraction, int | None], pred: tuple[Fraction, int | None], exact: bool) -> bool:
     (g, g_places), (p, p_places) = gold, pred
     if g == p:
         return True
     # A decimal gold: a more precise prediction may round to it; an equally precise one must equal it.
-    if g_places is not None and g_places > 0 and (p_places is None or p_places > g_places):
+    if not exact and g_places is not None and g_places > 0 and (p_places is None or p_places > g_places):
         return _close_at_precision(g, g_places, p)
     return False
 
@@ -393,12 +409,12 @@ def _expr_equal(a, b) -> bool:
         return False
 
 
-def _scalar_equal(g: str, p: str) -> bool:
+def _scalar_equal(g: str, p: str, exact: bool) -> bool:
     if g == p:
         return True
     gn, pn = to_number(g), to_number(p)
     if gn is not None and pn is not None:
-        return _numbers_equal(gn, pn)
+        return _numbers_equal(gn, pn, exact)
     if ":" in g or ":" in p:  # times and ratios: the same numbers in the same order
         return bool(_CLOCK.match(g) and _CLOCK.match(p)) and [int(x) for x in g.split(":")] == [int(x) for x in p.split(":")]
     for s in (g, p):  # `1 2 3` is three numbers; `5 apples` is words: string equality only
@@ -410,7 +426,7 @@ def _scalar_equal(g: str, p: str) -> bool:
     gs, ps = _sympy(g), _sympy(p)
     if gs is None or ps is None:
         return False
-    if gn is not None and gn[1] and getattr(ps, "is_number", False):  # decimal gold, exact prediction
+    if not exact and gn is not None and gn[1] and getattr(ps, "is_number", False):  # decimal gold, exact prediction
         return _close_at_precision(gn[0], gn[1], ps)
     return _expr_equal(gs, ps)  # an exact gold needs an exactly equal prediction (decimals made exact)
 
@@ -422,7 +438,7 @@ def _unwrap(s: str) -> str:
     return s
 
 
-def _equal(g: str, p: str, depth: int = 0) -> bool:
+def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
     g, p = _unwrap(g), _unwrap(p)
     if depth > 8 or not p:
         return False
@@ -432,18 +448,18 @@ def _equal(g: str, p: str, depth: int = 0) -> bool:
     g_items = [_LIST_WORDS.sub("", x) for x in _split_top(g)] if to_number(g) is None else [g]
     p_items = [_LIST_WORDS.sub("", x) for x in _split_top(p)] if to_number(p) is None else [p]
     if len(g_items) > 1 or len(p_items) > 1:
-        return len(g_items) == len(p_items) and all(_equal(a, b, depth + 1) for a, b in zip(g_items, p_items))
+        return len(g_items) == len(p_items) and all(_equal(a, b, exact, depth + 1) for a, b in zip(g_items, p_items))
     # equations, and `x = 5` against `5`
     g_eq, p_eq = "=" in g, "=" in p
     if g_eq != p_eq:
         m = _SIMPLE_LHS.match(p if p_eq else g)
         if not m:
             return False
-        return _equal(g, m.group(1).strip(), depth + 1) if p_eq else _equal(m.group(1).strip(), p, depth + 1)
+        return _equal(g, m.group(1).strip(), exact, depth + 1) if p_eq else _equal(m.group(1).strip(), p, exact, depth + 1)
     if g_eq and p_eq:
         gm, pm = _SIMPLE_LHS.match(g), _SIMPLE_LHS.match(p)
         if gm and pm and g.split("=")[0].strip() == p.split("=")[0].strip():
-            return _equal(gm.group(1).strip(), pm.group(1).strip(), depth + 1)
+            return _equal(gm.group(1).strip(), pm.group(1).strip(), exact, depth + 1)
         if g.count("=") != 1 or p.count("=") != 1:
             return False
         gs, ps = _sympy(g), _sympy(p)
@@ -453,7 +469,7 @@ def _equal(g: str, p: str, depth: int = 0) -> bool:
     if gm or pm:
         if not (gm and pm) or gm[0] != pm[0] or [len(r) for r in gm[1]] != [len(r) for r in pm[1]]:
             return False
-        return all(_equal(a, b, depth + 1) for ra, rb in zip(gm[1], pm[1]) for a, b in zip(ra, rb))
+        return all(_equal(a, b, exact, depth + 1) for ra, rb in zip(gm[1], pm[1]) for a, b in zip(ra, rb))
     # tuples, intervals, sets
     gb, pb = _brackets(g), _brackets(p)
     if gb or pb:
@@ -465,40 +481,43 @@ def _equal(g: str, p: str, depth: int = 0) -> bool:
         if gb[0] == "{":  # a set: every item matched once
             left = list(pa)
             for a in ga:
-                hit = next((k for k, b in enumerate(left) if _equal(a, b, depth + 1)), None)
+                hit = next((k for k, b in enumerate(left) if _equal(a, b, exact, depth + 1)), None)
                 if hit is None:
                     return False
                 left.pop(hit)
             return True
-        return all(_equal(a, b, depth + 1) for a, b in zip(ga, pa))
-    return _scalar_equal(g, p)
+        return all(_equal(a, b, exact, depth + 1) for a, b in zip(ga, pa))
+    return _scalar_equal(g, p, exact)
 
 
-def matches(gold: Any, text: str | None) -> bool:
+def matches(gold: Any, text: str | None, decimals: str = "rounded") -> bool:
     """`answers_match` of the answer `text` states (####, \\boxed{}, <answer>, "the answer is"), or of
     `text` itself when it states none: one call for completions and bare answers alike."""
     if text is None or gold is None:
         return False
     answer = extract_answer(text)
-    return answers_match(_gold(gold), text if answer is None else answer)
+    return answers_match(_gold(gold), text if answer is None else answer, decimals)
 
 
-def answers_match(gold: Any, pred: str | None) -> bool:
-    """True when the predicted answer equals the gold one (see the module docstring for the rules)."""
+def answers_match(gold: Any, pred: str | None, decimals: str = "rounded") -> bool:
+    """True when the predicted answer equals the gold one (see the module docstring for the rules).
+    decimals: "rounded" (a decimal gold is a rounded value) or "exact" (it is exact)."""
+    if decimals not in DECIMALS:
+        raise ValueError(f"decimals={decimals!r}; expected one of {DECIMALS}")
     if pred is None or gold is None:
         return False
     g, p = normalize_answer(str(gold)), normalize_answer(str(pred))
     if not p or not g:
         return False
-    return _equal(g, p)
+    return _equal(g, p, decimals == "exact")
 
 
-def math_reward(completion: str | None, answer: Any) -> float:
+def math_reward(completion: str | None, answer: Any, decimals: str = "rounded") -> float:
     """1.0 when the completion's final answer matches `answer`, else 0.0. A gold answer written as a
     solution (`#### 42`, `\\boxed{42}`) is reduced to its final answer first."""
     if answer is None:
         return 0.0
-    return 1.0 if answers_match(_gold(answer), extract_answer(completion)) else 0.0
+    return 1.0 if answers_match(_gold(answer), extract_answer(completion), decimals) else 0.0
 
 
 def format_reward(completion: str | None) -> float:

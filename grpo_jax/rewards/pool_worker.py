@@ -11,7 +11,9 @@ Protocol (multiprocessing Connection, pickled):
     worker -> pool: [("ok", float | None) | ("error", str), ...] one entry per item
 Before each item the worker bumps the progress counter and writes the item's start time
 (CLOCK_MONOTONIC, shared by all processes): the pool reads them to time out the item that hangs
-without a message per item, and to know which items of the chunk were not scored.
+without a message per item, and to know which items of the chunk were not scored. While it loads a
+reward function (unpickling imports its module, or runs the main script) the third slot holds when
+loading began, so that the pool can time out a load that hangs too.
 """
 
 import json
@@ -27,7 +29,7 @@ import tempfile
 import time
 from multiprocessing.connection import Connection
 
-PROGRESS = struct.Struct("<qd")  # items started by this worker, start time of the current one
+PROGRESS = struct.Struct("<qdd")  # items started by this worker, start of the current one, start of a load (0: none)
 
 
 def checked(values, n: int) -> list[tuple[str, float | None | str]]:
@@ -57,7 +59,7 @@ def score_chunk(fn, prompts, completions, columns, progress: mmap.mmap, started:
     results = []
     for j, (prompt, completion) in enumerate(zip(prompts, completions)):
         started += 1
-        PROGRESS.pack_into(progress, 0, started, time.monotonic())
+        PROGRESS.pack_into(progress, 0, started, time.monotonic(), 0.0)
         try:
             results += checked(fn([prompt], [completion], **{k: [v[j]] for k, v in columns.items()}), 1)
         except BaseException as e:  # noqa: BLE001 - a reward error must come back, not kill the worker
@@ -101,6 +103,7 @@ def main(spec: dict) -> None:
         if msg is None:
             return
         fn_bytes, prompts, completions, columns = msg
+        PROGRESS.pack_into(progress, 0, started, 0.0, time.monotonic())
         try:
             fn = load_fn(fn_bytes, spec["main_path"])
         except Exception as e:  # noqa: BLE001 - e.g. a function this worker cannot import

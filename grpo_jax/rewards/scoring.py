@@ -54,6 +54,13 @@ def math_accuracy(prompts, completions, answer=None, **columns) -> list[float]:
     return [math_grader.math_reward(c, a) for c, a in zip(completions, answers)]
 
 
+def math_exact_accuracy(prompts, completions, answer=None, **columns) -> list[float]:
+    """`math` for datasets whose decimal answers are exact values (MATH): a decimal gold needs an
+    equal prediction, not one that rounds to it."""
+    (answers,) = _columns({"answer": answer, **columns}, len(completions), "answer")
+    return [math_grader.math_reward(c, a, decimals="exact") for c, a in zip(completions, answers)]
+
+
 def answer_format(prompts, completions, **columns) -> list[float]:
     """1 when the completion states a final answer that `math` can read (####, \\boxed{}, ...) and it
     is a number, right or wrong: the format half of `math`. Weight 0 logs it without paying for it."""
@@ -102,6 +109,7 @@ def overlong_penalty(prompts, completions, completion_lengths=None, max_completi
 
 REGISTRY: dict[str, RewardFn] = {
     "math": math_accuracy,
+    "math_exact": math_exact_accuracy,
     "answer_format": answer_format,
     "format_strict": format_strict,
     "format_lenient": format_lenient,
@@ -245,8 +253,34 @@ def reward_metrics(per_fn: dict[str, np.ndarray], counts: dict[str, int]) -> dic
 # Scoring the completions of dataset rows
 
 
-class RewardHangError(RuntimeError):
-    """A reward function timed out on every completion it was given (verifier.on_hang="stop")."""
+class RewardFailure(RuntimeError):
+    """A reward function the run depends on cannot score: the run stops (one line, no traceback)."""
+
+
+class RewardHangError(RewardFailure):
+    """A weighted reward function timed out on every completion it was given (verifier.on_hang="stop")."""
+
+
+class FailureStreaks:
+    """Stops a run whose weighted reward function fails on every completion of `limit` consecutive
+    steps (it raises on each, times out, crashes its worker): its rewards are all 0, every group is
+    equal, every update is skipped, and the run would go on to its end without training."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"verifier.max_failing_steps={limit}; expected >= 1")
+        self.limit, self.streaks = limit, {}
+
+    def observe(self, failed: dict[str, int], items: int, last_errors: dict[str, str | None], step: int) -> None:
+        """failed: {name: completions it failed on this step}, over every host, of `items`."""
+        for name, n in failed.items():
+            self.streaks[name] = self.streaks.get(name, 0) + 1 if items and n >= items else 0
+            if self.streaks[name] >= self.limit:
+                last = last_errors.get(name)
+                raise RewardFailure(
+                    f"step {step}: reward {name!r} failed on every completion of {self.streaks[name]} consecutive "
+                    f"steps (verifier.max_failing_steps={self.limit}): the run stops instead of training on "
+                    f"zeros" + (f"; last error: {last}" if last else ""))
 
 
 @dataclasses.dataclass
@@ -267,9 +301,13 @@ class Scorer:
       timeout_s: wall-clock limit per item in the pool.
       sandbox: isolation of the `code` reward's programs (grpo_jax.rewards.sandbox.runner.ISOLATIONS).
       hang_after, on_hang: a function that times out on `hang_after` completions of a call with none
-        finished is taken to hang on all of them (its other items are not run): "disable" it for the
-        rest of the run (it scores 0 from then on, said once), or "stop" the run (RewardHangError).
-        Without them every later step would wait timeout_s per completion for it.
+        finished (or whose worker cannot load it in `load_timeout_s`) is taken to hang on all of them
+        (its other items are not run). A function with weight 0 (it only logs) is then disabled for
+        the rest of the run, said once; one with a weight "stop"s the run (RewardHangError, the
+        default) or, with on_hang="disable", is disabled too: the run then optimises the other
+        rewards. Without this every later step would wait timeout_s per completion for it. The
+        disabled set is `disabled_mask` over a list of names (a trainer agrees on it across hosts
+        and keeps it in its checkpoint).
       say: where the one line about a disabled function goes.
 
     Failures (errors, timeouts, crashes, by function) accumulate until `take_failures()`.
@@ -283,15 +321,17 @@ class Scorer:
     timeout_s: float = 10.0
     sandbox: str = "auto"
     hang_after: int = 16
-    on_hang: str = "disable"
+    on_hang: str = "stop"
+    load_timeout_s: float = 120.0
     say: Callable[[str], None] = print
     disabled: dict[str, str] = dataclasses.field(default_factory=dict, init=False)  # name -> why
+    last_errors: dict[str, str] = dataclasses.field(default_factory=dict, init=False)  # name -> its latest error
     _failures: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, init=False, repr=False)
     _pool: verifier_pool.VerifierPool | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.on_hang not in ("disable", "stop"):
-            raise ValueError(f"verifier.on_hang={self.on_hang!r}; expected 'disable' or 'stop'")
+            raise ValueError(f"verifier.on_hang={self.on_hang!r}; expected 'stop' or 'disable'")
 
     @classmethod
     def from_config(cls, cfg, fns: dict[str, RewardFn] | None = None) -> Scorer:
@@ -301,13 +341,25 @@ class Scorer:
         v = cfg.verifier
         return cls(cfg.data.prompt_field, cfg.sampling.max_new_tokens, cfg.grpo.overlong_buffer,
                    {**own, **(fns or {})}, workers=v.workers, timeout_s=v.timeout_s, sandbox=v.get("sandbox", "auto"),
-                   hang_after=v.get("hang_after", 16), on_hang=v.get("on_hang", "disable"))
+                   hang_after=v.get("hang_after", 16), on_hang=v.get("on_hang", "stop"),
+                   load_timeout_s=v.get("load_timeout_s", 120.0))
 
     @property
     def pool(self) -> verifier_pool.VerifierPool | None:
         if self._pool is None and self.workers >= 0:
-            self._pool = verifier_pool.VerifierPool(self.workers or None, self.timeout_s)
+            self._pool = verifier_pool.VerifierPool(self.workers or None, self.timeout_s,
+                                                    load_timeout_s=self.load_timeout_s)
         return self._pool
+
+    def disabled_mask(self, names: Sequence[str]) -> int:
+        """The disabled functions among `names`, as bits (bit i: names[i])."""
+        return sum(1 << i for i, name in enumerate(names) if name in self.disabled)
+
+    def set_disabled(self, mask: int, names: Sequence[str]) -> None:
+        """Disable the functions of `mask`'s bits (another host's, or a checkpoint's record)."""
+        for i, name in enumerate(names):
+            if mask >> i & 1 and name not in self.disabled:
+                self.disabled[name] = "disabled on another host or before the checkpoint this run resumed from"
 
     def take_failures(self) -> dict[str, dict[str, Any]]:
         """{name: {"errors", "timeouts", "crashes", "items", "last_error"}} of the functions that failed
@@ -330,28 +382,38 @@ class Scorer:
         live = [s for s in specs if s.name not in self.disabled]
         total, per_fn, metrics, failed = score_functions(live, prompts, texts, self.columns(rows, n, lengths),
                                                          pool=self.pool, fns=self.fns, hang_after=self.hang_after)
+        weights = {s.name: s.weight for s in specs}
         for name, stats in failed.items():
             seen = self._failures.setdefault(name, {"errors": 0, "timeouts": 0, "crashes": 0, "items": 0})
             for k in ("errors", "timeouts", "crashes", "items"):
                 seen[k] += stats[k]
             seen["last_error"] = stats["last_error"] or seen.get("last_error")
+            if stats["last_error"]:
+                self.last_errors[name] = stats["last_error"]
+            elif stats["timeouts"]:
+                self.last_errors[name] = f"timed out (verifier.timeout_s={self.timeout_s:g})"
             if stats["hung"]:
-                self._hung(name, stats)
+                self._hung(name, stats, weights[name])
         for s in specs:  # a disabled function: not applicable (NaN) everywhere, so its keys stay
             if s.name not in per_fn:
                 per_fn[s.name] = np.full(len(texts), np.nan, np.float32)
                 metrics.update(reward_metrics({s.name: per_fn[s.name]}, {}))
         return total, per_fn, metrics
 
-    def _hung(self, name: str, stats: dict[str, Any]) -> None:
-        why = (f"reward {name!r} timed out on the first {stats['timeouts'] - stats.get('abandoned', 0)} completions "
-               f"it was given and finished none (verifier.timeout_s={self.timeout_s:g}, "
-               f"verifier.hang_after={self.hang_after})")
-        if self.on_hang == "stop":
-            raise RewardHangError(f"{why}: the run stops (verifier.on_hang='stop'; 'disable' would go on without it)")
+    def _hung(self, name: str, stats: dict[str, Any], weight: float) -> None:
+        if stats["last_error"] and stats["last_error"].startswith("loading"):
+            why = f"reward {name!r} hangs: {stats['last_error']}"
+        else:
+            why = (f"reward {name!r} timed out on the first {stats['timeouts'] - stats.get('abandoned', 0)} "
+                   f"completions it was given and finished none (verifier.timeout_s={self.timeout_s:g}, "
+                   f"verifier.hang_after={self.hang_after})")
+        if weight and self.on_hang == "stop":
+            raise RewardHangError(f"{why}: the run stops, it has weight {weight:g} (verifier.on_hang='stop'; "
+                                  "'disable' would go on without it)")
         self.disabled[name] = why
-        self.say(f"{why}: disabled for the rest of the run, it scores 0 from now on (verifier.on_hang='disable'; "
-                 "'stop' stops the run instead)")
+        self.say(f"{why}: disabled for the rest of the run, it scores 0 from now on" + (
+            " (weight 0: it only logs)" if not weight else
+            f" (weight {weight:g}, verifier.on_hang='disable'; 'stop' stops the run instead)"))
 
     def close(self) -> None:
         if self._pool is not None:

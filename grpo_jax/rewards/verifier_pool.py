@@ -75,8 +75,12 @@ class _Worker:
 
     def current(self) -> tuple[int, float]:
         """(index in the chunk of the item being scored, when it started)."""
-        started, since = pool_worker.PROGRESS.unpack_from(self.progress, 0)
+        started, since, _ = pool_worker.PROGRESS.unpack_from(self.progress, 0)
         return started - self.answered - 1, since
+
+    def loading_since(self) -> float:
+        """When it began loading the reward function of its chunk, or 0.0 when it is not loading one."""
+        return pool_worker.PROGRESS.unpack_from(self.progress, 0)[2]
 
     def kill(self) -> None:
         self.proc.kill()
@@ -102,11 +106,15 @@ class VerifierPool:
         started.
       timeout_s: wall-clock limit per item; past it the worker is killed and replaced.
       memory_mb: address-space limit of each worker (a memory bomb raises MemoryError there).
+      load_timeout_s: wall-clock limit on loading a reward function in a worker (importing its module);
+        a load past it is taken as a function that hangs on every item (`hung`).
     """
 
-    def __init__(self, num_workers: int | None = None, timeout_s: float = 10.0, memory_mb: int = 4096):
+    def __init__(self, num_workers: int | None = None, timeout_s: float = 10.0, memory_mb: int = 4096,
+                 load_timeout_s: float = 120.0):
         self.num_workers = num_workers or os.cpu_count() or 1
         self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s
         self.memory_mb = memory_mb
         self.last_error: str | None = None
         self._workers = [_Worker(memory_mb) for _ in range(self.num_workers)]
@@ -165,7 +173,7 @@ class VerifierPool:
                         worker.conn.send(msg)
                     worker.chunk = chunk
             busy = {worker.conn: w for w, worker in enumerate(self._workers) if worker.chunk is not None}
-            deadline = min(self._workers[w].current()[1] + self.timeout_s for w in busy.values())
+            deadline = min(self._deadline(self._workers[w]) for w in busy.values())
             # The worker may not have started its first item yet (its slot holds an older time):
             # never wait less than a short poll, then look again.
             for conn in wait(list(busy), timeout=max(0.01, deadline - time.monotonic())):
@@ -186,15 +194,29 @@ class VerifierPool:
                 worker.answered += len(worker.chunk)
                 worker.chunk = None
             now = time.monotonic()
+            loads = [worker.loading_since() for worker in self._workers if worker.chunk is not None]
+            if any(0 < t <= now - self.load_timeout_s for t in loads):  # it cannot even be loaded: it hangs
+                self.last_error = stats["last_error"] = (
+                    f"loading the reward function took over {self.load_timeout_s:g} s (verifier.load_timeout_s)")
+                self._abandon(queue, stats)
+                break
             for w, worker in enumerate(self._workers):
                 if worker.chunk is not None:
                     k, since = worker.current()
-                    if k >= 0 and now - since >= self.timeout_s:
+                    if k >= 0 and not worker.loading_since() and now - since >= self.timeout_s:
                         give_up(w, "timeouts")
             if hang_after and not finished and stats["timeouts"] >= min(n, hang_after):
                 self._abandon(queue, stats)
                 break
         return results, stats
+
+    def _deadline(self, worker: _Worker) -> float:
+        """When to look at `worker` again: its item's deadline, or while it loads the function, soon
+        (its first item starts when the load ends, and no message says so)."""
+        loading = worker.loading_since()
+        if loading:
+            return min(loading + self.load_timeout_s, time.monotonic() + 0.05)
+        return worker.current()[1] + self.timeout_s
 
     def _abandon(self, queue: collections.deque, stats: dict[str, Any]) -> None:
         """Stop running a function that hangs: its queued and in-flight items count as timeouts."""

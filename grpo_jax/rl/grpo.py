@@ -20,12 +20,20 @@ the run started from, stored in the compute dtype; a LoRA run's reference is its
 the adapters off (`state.frozen`, no second copy). Both passes run in micro-batches of the update's
 size (`batch_logprobs`).
 
-Dynamic sampling (DAPO, Yu et al. 2025): with `dynamic_sampling`, groups whose G rewards are all
-equal (no advantage, no gradient) are dropped and more prompts are sampled, prompts_per_step at a
-time, until prompts_per_step groups with signal fill the batch or `max_sampling_rounds` rounds
-are done (the rest is then filled with groups without signal, which add no gradient). Each round
+Dynamic sampling (DAPO, Yu et al. 2025): with `dynamic_sampling`, groups whose G values of the
+`signal_reward` function (DAPO filters on accuracy: by default the eval verifier, `eval.reward`; None:
+the weighted total) are all equal are dropped and more prompts are sampled until prompts_per_step
+groups with signal fill the batch or `max_sampling_rounds` rounds are done (the rest is then filled
+with groups without signal). A later round samples about as many prompts as are still missing,
+rounded up to one of a few sizes (prompts_per_step / 2^k, so that few programs compile). Each round
 reads the next prompts of the data iterator and its own key (fold_in(step key, round)), so a step
 is deterministic and a resumed run repeats it exactly.
+
+Failures: a weighted reward function that fails on every completion of `max_failing_steps`
+consecutive steps stops the run (scoring.FailureStreaks); the reward functions a host disabled (a
+log-only one that hangs) are disabled on every host at the end of the step and recorded in the
+state's `data["rewards_off"]` (bit i: specs[i]), so that a resumed run scores what the uninterrupted
+one would.
 
 Completions are trimmed to the bucket of the longest one before the reference pass and the update:
 their cost follows the tokens sampled, not `max_new_tokens`. With `packing` (the default) the
@@ -171,9 +179,10 @@ class Groups:
                   "completion_mask": src.mask[:, :C], "truncated": src.truncated, "sampler_logp": src.logprobs[:, :C]}
         return arrays if self.rollout is not None else multihost.global_batch(arrays, mesh)
 
-    def signal(self, G: int) -> np.ndarray:
-        """[prompts] bool: the groups whose rewards are not all equal."""
-        r = self.rewards.reshape(-1, G)
+    def signal(self, G: int, by: str | None = None) -> np.ndarray:
+        """[prompts] bool: the groups whose rewards (or reward function `by`'s values, None as 0)
+        are not all equal."""
+        r = (self.rewards if by is None else np.nan_to_num(self.per_fn[by], nan=0.0)).reshape(-1, G)
         return r.max(axis=1) != r.min(axis=1)
 
     def select(self, groups: np.ndarray, G: int) -> Groups:
@@ -224,11 +233,18 @@ class GRPO:
     max_nonfinite_updates: int = 10
     packing: bool = True
     max_row_tokens: int = 8192
+    signal_reward: str | None = None  # dynamic sampling's filter: this function's values (None: the total)
+    max_failing_steps: int = 3
     name = "GRPO"
 
     def __post_init__(self):
         if self.max_sampling_rounds < 1:
             raise ValueError(f"grpo.max_sampling_rounds={self.max_sampling_rounds}; expected >= 1")
+        if len(self.specs) > 31:
+            raise ValueError(f"{len(self.specs)} reward functions; at most 31 (the state records disabled ones as bits)")
+        if self.signal_reward is not None and self.signal_reward not in [s.name for s in self.specs]:
+            self.specs = [*self.specs, scoring.RewardSpec(self.signal_reward, 0.0)]  # scored for the filter only
+        self.failing = scoring.FailureStreaks(self.max_failing_steps)
         statics = dict(model_cfg=self.policy.model_cfg, loss_cfg=self.loss_cfg, mesh=self.policy.mesh)
         self.update_fn = functools.partial(update_jit, num_microbatches=self.num_microbatches, tx=self.tx, **statics)
         # The reference and old-policy passes see all of a step's rows at once: as many micro-batches
@@ -257,18 +273,25 @@ class GRPO:
         tx, _ = train_state.make_optimizer(cfg.optimizer, cfg.steps * g.num_iterations * g.minibatches)
         prompts = data.PromptIterator(task.train, g.prompts_per_step // hosts, seed=cfg.seed,
                                       host=jax.process_index(), num_hosts=hosts)
+        signal = g.get("dynamic_sampling_reward")
+        signal = cfg.eval.reward if signal is None else (None if signal == "total" else signal)
         return cls(pol, scorer, [scoring.RewardSpec(k, w) for k, w in cfg.rewards.items()], prompts,
                    loss_config(cfg), tx, g.num_generations, g.num_iterations, g.minibatches,
                    g.microbatches, cfg.seed, task.skipped, cfg.log.samples_every, g.dynamic_sampling,
                    g.max_sampling_rounds if g.dynamic_sampling else 1, cfg.optimizer.max_nonfinite_updates,
-                   g.packing, g.max_row_tokens)
+                   g.packing, g.max_row_tokens, signal if g.dynamic_sampling else None,
+                   cfg.verifier.get("max_failing_steps", 3))
 
     @property
     def updates_per_step(self) -> int:
         return self.num_iterations * self.minibatches
 
     def initial_data(self) -> dict[str, int]:
-        return self.prompts.state()
+        return {**self.prompts.state(), "rewards_off": 0}
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [s.name for s in self.specs]
 
     def reference_params(self, params):
         """The frozen reference of the KL term, only when beta > 0: a copy of the starting policy in
@@ -291,6 +314,7 @@ class GRPO:
         next state and the step's metrics; `clock` gets a lap per phase."""
         clock = clock or metrics.Stopwatch()
         G, mesh, step = self.num_generations, self.policy.mesh, int(state.step)
+        self.scorer.set_disabled(int(state.data.get("rewards_off", 0)), self.reward_names)  # a resumed run's record
         sampled, next_data, rounds = self._sample(state, clock)
         groups = self._batch_groups(sampled) if self.dynamic_sampling else sampled
         C = self.trimmed_length(multihost.host_max([int(groups.lengths.max(initial=0))])[0])
@@ -310,6 +334,7 @@ class GRPO:
         if groups.rewards is None:
             self._score(groups)
             clock.lap("rewards")
+        self._check_failures(sampled, step + 1)  # before an update on rewards that are all 0
 
         # The device runs in order: advantages computed there would wait for the reference pass.
         jax.block_until_ready((batch.get("old_logp"), batch.get("ref_logp")))
@@ -329,13 +354,17 @@ class GRPO:
         jax.block_until_ready(state.params)  # updates run asynchronously: time them, not their dispatch
         clock.lap("update")
 
-        state = train_state.advance(state, next_data, mesh)
+        # Every host disables what any host disabled, from the next step on, and the state keeps it.
+        off = multihost.host_bits(self.scorer.disabled_mask(self.reward_names))
+        self.scorer.set_disabled(off, self.reward_names)
+        state = train_state.advance(state, {**next_data, "rewards_off": off}, mesh)
         out = {**update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **self._sample_metrics(sampled),
                **layout_metrics}
         out["completion_length/padded"] = float(C)
         if self.dynamic_sampling:
-            all_signal = multihost.all_hosts(sampled.signal(G))
+            all_signal = multihost.all_hosts(sampled.signal(G, self.signal_reward))
             out.update({"dynamic_sampling/rounds": float(rounds),
+                        "dynamic_sampling/prompts_sampled": float(all_signal.size),
                         "dynamic_sampling/kept_fraction": float(all_signal.mean()),
                         "dynamic_sampling/filled_without_signal": float(adv_metrics["frac_reward_zero_std"])})
         if self.samples_every and (step + 1) % self.samples_every == 0:
@@ -383,8 +412,9 @@ class GRPO:
         G = self.num_generations
         pol = self.policy.replace(params=train_state.policy_params(state)).for_sampling()  # one sampling copy for every round
         key, position, rounds = train_state.step_key(state), state.data, []
+        size = self.prompts.batch_size
         while True:
-            rows, position = self.prompts.batch(position)
+            rows, position = self.prompts.batch(position, size)
             rollout = pol.rollout(rows, G, key if not rounds else jax.random.fold_in(key, len(rounds)))
             part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling or self.packing)
             rounds.append(part)
@@ -393,16 +423,37 @@ class GRPO:
                 return part, position, 1
             self._score(part)
             clock.lap("rewards")
-            enough = sum(int(p.signal(G).sum()) for p in rounds) >= len(rows)
-            # The sampler is one program over all hosts: every host samples in every round, until all
-            # have enough groups with signal.
-            if multihost.all_hosts(np.asarray([enough])).all() or len(rounds) >= self.max_sampling_rounds:
+            missing = self.prompts.batch_size - sum(int(p.signal(G, self.signal_reward).sum()) for p in rounds)
+            # The sampler is one program over all hosts: every host samples in every round (as many
+            # prompts as the host that misses most), until all have enough groups with signal.
+            missing = multihost.host_max([max(missing, 0)])[0]
+            if not missing or len(rounds) >= self.max_sampling_rounds:
                 return Groups.concat(rounds, self.policy.sampling.pad_id), position, len(rounds)
+            size = self.round_size(missing)
+
+    def round_size(self, missing: int) -> int:
+        """Prompts per host of a round that lacks `missing` groups: the smallest prompts_per_step / 2^k
+        (per host) that holds them and still splits over the mesh's batch shards."""
+        full, shards, hosts = self.prompts.batch_size, partitioning.batch_shards(self.policy.mesh), jax.process_count()
+        sizes = [full // 2**k for k in range(full.bit_length()) if full % 2**k == 0]
+        fits = [n for n in sizes if n >= missing and (n * hosts * self.num_generations) % shards == 0]
+        return min(fits, default=full)
+
+    def _check_failures(self, sampled: Groups, step: int) -> None:
+        """Stop when a weighted reward function failed on every completion of max_failing_steps steps
+        in a row (over every host, so that all hosts decide the same)."""
+        live = [s.name for s in self.specs if s.weight and s.name not in self.scorer.disabled]
+        counts = sampled.counts or {}
+        failed = {name: sum(int(counts.get(f"{name}/{k}", 0)) for k in ("errors", "timeouts", "crashes"))
+                  for name in live}
+        totals = multihost.host_sum({**{f"fn{i}": failed[n] for i, n in enumerate(live)}, "items": len(sampled.texts)})
+        self.failing.observe({n: totals[f"fn{i}"] for i, n in enumerate(live)}, totals["items"],
+                             self.scorer.last_errors, step)
 
     def _batch_groups(self, sampled: Groups) -> Groups:
         """prompts_per_step // hosts groups of `sampled`: those with signal first, in sampling order,
         then (only when the rounds ran out) groups without signal, which carry no advantage."""
-        signal = sampled.signal(self.num_generations)
+        signal = sampled.signal(self.num_generations, self.signal_reward)
         order = np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])
         return sampled.select(np.sort(order[:self.prompts.batch_size]), self.num_generations)
 

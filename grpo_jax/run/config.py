@@ -93,9 +93,9 @@ def check(cfg: ConfigDict) -> None:
     isolation = cfg.get("verifier", {}).get("sandbox", "auto")
     if isolation not in runner.ISOLATIONS:
         raise ConfigError(f"verifier.sandbox={isolation!r}; expected one of {runner.ISOLATIONS}")
-    on_hang = cfg.get("verifier", {}).get("on_hang", "disable")
+    on_hang = cfg.get("verifier", {}).get("on_hang", "stop")
     if on_hang not in ("disable", "stop"):
-        raise ConfigError(f"verifier.on_hang={on_hang!r}; expected 'disable' or 'stop'")
+        raise ConfigError(f"verifier.on_hang={on_hang!r}; expected 'stop' or 'disable'")
 
 
 # field -> (lowest allowed value, what it is for): checked before any work, so that a wrong value stops
@@ -109,7 +109,8 @@ AT_LEAST = {
     "data.eval_size": (0, "held-out problems"), "eval.every": (0, "0: only at the end"), "eval.k": (1, "samples"),
     "eval.batch_size": (1, "rows"), "checkpoint.every": (0, "0: only at the end"), "checkpoint.keep": (1, "checkpoints"),
     "optimizer.warmup_steps": (0, "steps"), "optimizer.max_nonfinite_updates": (1, "updates"),
-    "verifier.hang_after": (1, "timeouts"), "grpo.max_row_tokens": (16, "tokens per packed row"),
+    "verifier.hang_after": (1, "timeouts"), "verifier.max_failing_steps": (1, "steps"),
+    "grpo.max_row_tokens": (16, "tokens per packed row"),
 }
 
 
@@ -126,9 +127,10 @@ def _check_ranges(cfg: ConfigDict) -> None:
     every_s = flat.get("log.every_s")
     if every_s is not None and not (isinstance(every_s, (int, float)) and every_s >= 0):
         raise ConfigError(f"log.every_s={every_s!r}; expected seconds >= 0 (0: off)")
-    timeout = flat.get("verifier.timeout_s")
-    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise ConfigError(f"verifier.timeout_s={timeout!r}; expected seconds > 0 per completion")
+    for path, what in (("verifier.timeout_s", "per completion"), ("verifier.load_timeout_s", "to load a function")):
+        timeout = flat.get(path)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"{path}={timeout!r}; expected seconds > 0 {what}")
     t = flat.get("sampling.temperature")
     if t is not None and not (isinstance(t, (int, float)) and t > 0):
         raise ConfigError(f"sampling.temperature={t!r}; expected > 0 (greedy decoding is evaluation's own)")

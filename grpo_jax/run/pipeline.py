@@ -49,6 +49,7 @@ _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}
 _UNTRACKED = ("workdir", "init_from", "resume", "log", "eval", "checkpoint", "mesh", "model.remat",
               "model.attention", "sampling.weights", "sampling.first_segment",
               "sampling.shrink_factor", "verifier.workers", "verifier.sandbox", "verifier.hang_after", "verifier.on_hang",
+              "verifier.load_timeout_s", "verifier.max_failing_steps",
               "optimizer.max_nonfinite_updates",
               "cold_start")  # a stage's cold_start.steps is always 0
 

@@ -224,35 +224,41 @@ def test_too_long_is_exact_while_tokenising_only_the_rows_that_might_be(tok, tem
     assert len(calls) < len(rows)  # rows too short to matter were not tokenised
 
 
-def test_reward_functions_that_misbehave_are_named_and_one_that_hangs_is_disabled(tmp_path):
+def test_reward_functions_that_misbehave_are_named_one_that_hangs_is_disabled_one_that_always_fails_stops(tmp_path):
     (tmp_path / "my_rewards.py").write_text(
         "import time\n"
         "def hangs(prompts, completions, **columns):\n    time.sleep(3600)\n"
         "def nan_on_odd(prompts, completions, **columns):\n"
-        "    return [float('nan') if len(c) % 2 else 1.0 for c in completions]\n")
+        "    return [float('nan') if len(c) % 2 else 1.0 for c in completions]\n"
+        "def broken(prompts, completions, **columns):\n    raise KeyError('gold')\n")
     (tmp_path / "config.py").write_text(
         "from configs import default\n"
         "def get_config():\n"
         "    c = default.get_config()\n"
-        "    c.reward_functions = {'slow': 'my_rewards:hangs', 'odd': 'my_rewards:nan_on_odd'}\n"
-        "    c.rewards = {'math': 1.0, 'slow': 1.0, 'odd': 0.5}\n"
-        "    c.verifier.timeout_s, c.verifier.hang_after = 0.5, 4\n"
+        "    c.reward_functions = {'slow': 'my_rewards:hangs', 'odd': 'my_rewards:nan_on_odd', 'bad': 'my_rewards:broken'}\n"
+        "    c.rewards = {'math': 1.0, 'slow': 0.0, 'odd': 0.5, 'bad': 1.0}\n"  # slow only logs
+        "    c.verifier.timeout_s, c.verifier.hang_after, c.verifier.max_failing_steps = 0.5, 4, 3\n"
         "    return c\n")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     t = time.monotonic()
     p = subprocess.Popen([sys.executable, "scripts/train.py", f"--config={tmp_path / 'config.py'}",
-                          f"--config.workdir={tmp_path / 'run'}", *SHORT, "--config.steps=3"],
+                          f"--config.workdir={tmp_path / 'run'}", *SHORT, "--config.steps=5"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
     assert time.monotonic() - t < 120  # 16 completions x 3 steps x 0.5 s would be 24 s more of waiting alone
+    # The weighted function that raises on every completion stops the run at its third step, in one line.
+    assert p.returncode == 1 and "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "step 3: reward 'bad' failed on every completion of 3 consecutive steps (verifier.max_failing_steps=3): "
+        "the run stops instead of training on zeros; last error: KeyError: 'gold'"), err[-3000:]
     disabled = [line for line in out.splitlines() if "disabled for the rest of the run" in line]
     assert len(disabled) == 1 and disabled[0].startswith("reward 'slow' timed out on the first ")
+    assert "(weight 0: it only logs)" in disabled[0]
     assert "step 1: reward 'slow' failed on 16 of 16 completions, scored 0 (errors 0, timeouts 16" in out
     odd = [line for line in out.splitlines() if line.startswith("step ") and "reward 'odd' failed on" in line]
-    assert len(odd) == 3 and all("last error: returned nan: rewards must be finite" in line for line in odd)
+    assert len(odd) == 2 and all("last error: returned nan: rewards must be finite" in line for line in odd)
     tb = metrics.read_scalars(str(tmp_path / "run" / "tb"))
-    assert [v for _, v in tb["rewards/slow/timeouts"]] == [16.0] and len(tb["rewards/odd/errors"]) == 3
+    assert [v for _, v in tb["rewards/slow/timeouts"]] == [16.0] and len(tb["rewards/odd/errors"]) == 2
+    assert not os.path.exists(tmp_path / "run" / "stage.json")  # the stage is not marked finished
 
 
 def test_event_files_hold_the_console_names(tmp_path):

@@ -48,6 +48,24 @@ def test_issue_cases(gold, completion, expected):
     assert math_grader.math_reward(completion, gold) == expected
 
 
+def test_a_tie_rounds_to_one_gold_only_and_exact_decimal_golds_need_equal_values():
+    """A decimal gold is rounded half away from zero: 4.55 is 4.6, never also 4.5 (a hedge a policy
+    could learn); `decimals="exact"` (MATH, the `math_exact` reward) takes a decimal gold as exact."""
+    for pred, right, wrong in (("4.55", "4.6", "4.5"), ("0.25", "0.3", "0.2"), ("-4.55", "-4.6", "-4.5"),
+                               ("\\frac18", "0.13", "0.12"), ("0.125", "0.13", "0.12")):
+        assert math_grader.answers_match(right, pred) and not math_grader.answers_match(wrong, pred), pred
+        assert not math_grader.answers_match(right, pred, decimals="exact")
+    assert math_grader.answers_match("0.5", "\\frac12", decimals="exact")
+    assert math_grader.answers_match("0.125", "\\frac18", decimals="exact")
+    assert not math_grader.answers_match("1.41", "\\sqrt2", decimals="exact") and math_grader.answers_match("1.41", "\\sqrt2")
+    with pytest.raises(ValueError, match="decimals='approx'"):
+        math_grader.answers_match("1", "1", decimals="approx")
+    from grpo_jax.rewards import scoring
+
+    assert scoring.get_reward_fn("math_exact")([""] * 2, ["#### 0.125", "#### 0.13"], answer=["0.125", "0.125"]) == [1.0, 0.0]
+    assert scoring.get_reward_fn("math")([""] * 2, ["#### 0.125", "#### 0.13"], answer=["0.13", "0.13"]) == [1.0, 1.0]
+
+
 def test_numbers_keep_their_written_precision():
     assert math_grader.to_number("1,234.50") == (1234.5, 2)
     assert math_grader.to_number("1 000") == (1000, 0) and math_grader.to_number("1 2 3") is None

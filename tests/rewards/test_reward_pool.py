@@ -236,35 +236,86 @@ def test_chunks_keep_a_timeout_and_a_crash_on_their_own_item():
         assert pool._spare.proc.poll() is None  # a spare is started again after each replacement
 
 
-def test_a_function_that_hangs_on_every_item_is_given_up_then_disabled_or_stops_the_run():
+def test_a_function_that_hangs_on_every_item_is_given_up_then_stops_the_run_or_is_disabled():
     said = []
     rows = [{"question": str(i), "answer": "1"} for i in range(16)]
     texts, lengths = ["#### 1"] * 64, [3] * 64
-    specs = [scoring.RewardSpec("math"), scoring.RewardSpec("test_reward_pool:sleeps_forever")]
+    hangs = "test_reward_pool:sleeps_forever"
+    weighted = [scoring.RewardSpec("math"), scoring.RewardSpec(hangs)]
+    logs_only = [scoring.RewardSpec("math"), scoring.RewardSpec(hangs, 0.0)]
+    # weighted (the default on_hang="stop"): the run stops, after 4 timeouts, not 64 x 0.5 s / 2 = 16 s
     with scoring.Scorer("question", 8, workers=2, timeout_s=0.5, hang_after=4, say=said.append) as scorer:
         t = time.monotonic()
-        total, per_fn, _ = scorer(specs, rows, 4, texts, lengths)
-        # 4 timeouts on 2 workers, not 64 x 0.5 s / 2 = 16 s
-        assert time.monotonic() - t < 6 and total.tolist() == [1.0] * 64
-        failures = scorer.take_failures()["test_reward_pool:sleeps_forever"]
-        assert failures["timeouts"] == failures["items"] == 64 and scorer.take_failures() == {}
-        (line,) = said
-        assert line.startswith("reward 'test_reward_pool:sleeps_forever' timed out on the first ")
-        assert "disabled for the rest of the run" in line
-        t = time.monotonic()
-        total, per_fn, m = scorer(specs, rows, 4, texts, lengths)  # not run again
-        assert time.monotonic() - t < 1 and total.tolist() == [1.0] * 64 and len(said) == 1
-        assert np.isnan(per_fn["test_reward_pool:sleeps_forever"]).all()
-        assert m["rewards/test_reward_pool:sleeps_forever/frac_none"] == 1.0
-    with scoring.Scorer("question", 8, workers=2, timeout_s=0.5, hang_after=4, on_hang="stop") as scorer:
-        with pytest.raises(scoring.RewardHangError, match="sleeps_forever' timed out .* the run stops"):
-            scorer(specs, rows, 4, texts, lengths)
+        with pytest.raises(scoring.RewardHangError, match="sleeps_forever' timed out .* the run stops, it has weight 1"):
+            scorer(weighted, rows, 4, texts, lengths)
+        assert time.monotonic() - t < 6 and not scorer.disabled
+    # weight 0 (it only logs), or on_hang="disable": disabled for the rest of the run, said once
+    for specs, on_hang in ((logs_only, "stop"), (weighted, "disable")):
+        said.clear()
+        with scoring.Scorer("question", 8, workers=2, timeout_s=0.5, hang_after=4, on_hang=on_hang,
+                            say=said.append) as scorer:
+            total, per_fn, _ = scorer(specs, rows, 4, texts, lengths)
+            assert total.tolist() == [1.0] * 64
+            failures = scorer.take_failures()[hangs]
+            assert failures["timeouts"] == failures["items"] == 64 and scorer.take_failures() == {}
+            (line,) = said
+            assert line.startswith(f"reward '{hangs}' timed out on the first ")
+            assert "disabled for the rest of the run" in line and ("only logs" in line) == (specs is logs_only)
+            t = time.monotonic()
+            total, per_fn, m = scorer(specs, rows, 4, texts, lengths)  # not run again
+            assert time.monotonic() - t < 1 and total.tolist() == [1.0] * 64 and len(said) == 1
+            assert np.isnan(per_fn[hangs]).all() and m[f"rewards/{hangs}/frac_none"] == 1.0
+            names = [s.name for s in specs]
+            assert scorer.disabled_mask(names) == 0b10
     # A function that hangs on one item among others is not taken for one that hangs.
     with scoring.Scorer("question", 8, workers=1, timeout_s=0.5, hang_after=1) as scorer:
         total, _, _ = scorer([scoring.RewardSpec("test_reward_pool:hangs_on_seven")],
                              [{"question": str(i), "answer": "1"} for i in range(5, 12)], 1,
                              [str(i) for i in range(5, 12)], [1] * 7)
         assert total.tolist() == [5.0, 6.0, 0.0, 8.0, 9.0, 10.0, 11.0] and not scorer.disabled
+        scorer.set_disabled(0b1, ["test_reward_pool:hangs_on_seven"])  # another host's, or a checkpoint's
+        assert list(scorer.disabled) == ["test_reward_pool:hangs_on_seven"]
+
+
+def test_a_worker_that_cannot_load_the_function_in_time_is_a_hang(tmp_path, monkeypatch):
+    """Loading (importing the function's module) has its own deadline: a module whose import hangs
+    is not waited for forever, and the function is taken to hang."""
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(3600)\n"
+                                              "def reward(prompts, completions, **columns):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+
+    fake = type(sys)("slow_import")  # pickled by reference here without running its import
+    exec("def reward(prompts, completions, **columns):\n    return [1.0] * len(completions)\n", fake.__dict__)
+    fake.reward.__module__ = "slow_import"
+    monkeypatch.setitem(sys.modules, "slow_import", fake)
+    with verifier_pool.VerifierPool(num_workers=1, timeout_s=0.5, load_timeout_s=2.0) as pool:
+        t = time.monotonic()
+        values, stats = pool.map(fake.reward, [""] * 8, ["x"] * 8, {}, hang_after=16)
+        assert time.monotonic() - t < 10
+        assert stats["hung"] and values == [0.0] * 8 and "loading the reward function took over 2 s" in stats["last_error"]
+    importlib.invalidate_caches()
+    with scoring.Scorer("question", 8, workers=1, timeout_s=0.5, load_timeout_s=2.0) as scorer:
+        scorer.fns["slow"] = fake.reward
+        with pytest.raises(scoring.RewardHangError, match="reward 'slow' hangs: loading the reward function took"):
+            scorer([scoring.RewardSpec("slow")], [{"question": "q"}], 2, ["a", "b"], [1, 1])
+
+
+def test_a_weighted_function_that_fails_on_every_item_for_n_steps_stops_the_run():
+    streaks = scoring.FailureStreaks(3)
+    errors = {"code": "TypeError: boom"}
+    for step in (1, 2):
+        streaks.observe({"code": 64, "math": 0}, 64, errors, step)
+    streaks.observe({"code": 63, "math": 0}, 64, errors, 3)  # one item scored: the streak starts again
+    streaks.observe({"code": 64, "math": 0}, 64, errors, 4)
+    streaks.observe({"code": 64, "math": 0}, 64, errors, 5)
+    with pytest.raises(scoring.RewardFailure, match=r"^step 6: reward 'code' failed on every completion of 3 "
+                                                    r"consecutive steps \(verifier.max_failing_steps=3\).*"
+                                                    r"last error: TypeError: boom$"):
+        streaks.observe({"code": 64, "math": 0}, 64, errors, 6)
+    with pytest.raises(ValueError, match="max_failing_steps=0"):
+        scoring.FailureStreaks(0)
 
 
 def test_in_process_functions_run_here_with_the_whole_batch():

@@ -33,8 +33,11 @@ def human_eval_problems():
         return [json.loads(line) for line in fh]
 
 
-def human_eval_test(problem) -> str:
-    return problem["test"] + f"\ncheck({problem['entry_point']})\n"
+def human_eval_test(problem) -> dict:
+    """The problem's test as a dataset declares it: the test, its entry point, and the prompt (with
+    its helper functions) as trusted setup."""
+    return {"test": problem["test"] + f"\ncheck({problem['entry_point']})\n",
+            "entry_point": problem["entry_point"], "setup": problem["prompt"]}
 
 
 def _another_workers(pid: int) -> bool:
@@ -154,6 +157,90 @@ def forge(name: str, entry_point: str) -> str:
     return code if "def " + entry_point in code else code + f"\ndef {entry_point}(*args, **kwargs):\n    return None\n"
 
 
+# Pass-friendly stand-ins for the builtins a test reads: loops over nothing, distances of 0, all True.
+SHADOWS = {**dict.fromkeys(("range", "zip", "enumerate", "map", "filter", "sorted", "reversed", "list", "set",
+                            "tuple", "dict", "str"), "[]"),
+           **dict.fromkeys(("all", "any", "isinstance", "bool", "callable", "hasattr"), "True")}
+
+
+def shadow_builtins(problem) -> str:
+    """A wrong solution that redefines every builtin the problem's test reads."""
+    import builtins
+    import symtable
+
+    read = set()
+
+    def walk(t):
+        read.update(s.get_name() for s in t.get_symbols() if s.is_referenced())
+        for c in t.get_children():
+            walk(c)
+
+    walk(symtable.symtable(human_eval_test(problem)["test"], "<t>", "exec"))
+    names = sorted(n for n in read & set(dir(builtins)) if not n[0].isupper() and n != "print")
+    stand_in = "".join(f"def {n}(*args, **kwargs):\n    return {SHADOWS.get(n, '0')}\n" for n in names)
+    return stand_in + f"def {problem['entry_point']}(*args, **kwargs):\n    return 0\n"
+
+
+def prompt_helpers(problem) -> list[str]:
+    import ast
+
+    return [n.name for n in ast.parse(problem["prompt"]).body
+            if isinstance(n, ast.FunctionDef) and n.name != problem["entry_point"]]
+
+
+def shadow_helpers(problem) -> str:
+    """A solution that makes the prompt's helpers and the entry point the identity (then
+    decode(encode(s)) == s holds for any s)."""
+    names = [*prompt_helpers(problem), problem["entry_point"]]
+    return "".join(f"def {n}(x=None, *args, **kwargs):\n    return x\n" for n in names)
+
+
+FORGERIES_BY_PROBLEM = {
+    "builtin names": shadow_builtins,
+    "prompt helpers": shadow_helpers,
+    # control flow: StopIteration ends a test's `for y in map(candidate, xs)` (it used to be re-raised)
+    "StopIteration": lambda p: f"def {p['entry_point']}(*args, **kwargs):\n    raise StopIteration\n",
+    "GeneratorExit": lambda p: f"def {p['entry_point']}(*args, **kwargs):\n    raise GeneratorExit\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES_BY_PROBLEM))
+def test_forged_names_and_exceptions_fail_on_every_human_eval_problem(name, nothing_left_behind):
+    """Over all 164 problems (those with prompt helpers for that class): a solution cannot change what
+    the test computes through the names it defines or the exceptions its functions raise."""
+    problems = human_eval_problems()
+    if name == "prompt helpers":
+        problems = [p for p in problems if prompt_helpers(p)]
+        assert len(problems) >= 4  # HumanEval/10, 32, 38, 50
+    passed = [p["task_id"] for p in problems
+              if runner.run_tests(FORGERIES_BY_PROBLEM[name](p), [human_eval_test(p)], LIMITS) != [False]]
+    assert passed == []
+
+
+def test_the_test_sees_only_declared_names_and_expected_exceptions():
+    """The holes the issue found, one each: a builtin, a helper, StopIteration in the test's loop."""
+    loop = "for y in map(f, [1, 2, 3]):\n    assert y == 5"
+    assert runner.run_tests("def f(x):\n    raise StopIteration\n", [loop], LIMITS) == [False]
+    assert runner.run_tests("def f(x):\n    return 5\n", [loop], LIMITS) == [True]
+    shadow = "def abs(x):\n    return 0\ndef f(x):\n    return x + 1\n"
+    assert runner.run_tests(shadow, ["assert abs(f(1) - 3) < 1e-9"], LIMITS) == [False]
+    helper = {"test": "assert f(enc('abc')) == 'abc'", "entry_point": "f",
+              "setup": "def enc(s):\n    return s[::-1]\ndef f(s):\n    '''Undo enc.'''\n"}
+    identity = "def enc(s):\n    return s\ndef f(s):\n    return s\n"
+    assert runner.run_tests(identity, [helper], LIMITS) == [False]
+    assert runner.run_tests("def f(s):\n    return s[::-1]\n", [helper], LIMITS) == [True]
+    # an entry point the solution lacks is a NameError, not the setup's empty signature
+    assert runner.run_tests("def g(s):\n    return s\n", [dict(helper, test="assert f('x') is None")], LIMITS) == [False]
+    # the exceptions a test may expect still come back as themselves
+    expect = "try:\n    f(1)\nexcept KeyError:\n    pass\nelse:\n    raise AssertionError('no error')"
+    assert runner.run_tests("def f(x):\n    raise KeyError(x)\n", [expect], LIMITS) == [True]
+    assert runner.free_names("import math\ndef check(c):\n    assert abs(c(1)) == K\ncheck(g)") == {"K", "g"}
+    with pytest.raises(ValueError, match="must name its `entry_point`"):
+        runner.TestCase("assert f(1)", setup="def f(x): pass")
+    with pytest.raises(ValueError, match="test setup does not compile"):
+        runner.run_tests("", [{"test": "pass", "entry_point": "f", "setup": "def f(:"}], LIMITS)
+
+
 @pytest.mark.parametrize("name", sorted(FORGERIES))
 def test_forged_verdicts_fail_on_every_human_eval_problem(name, nothing_left_behind):
     problems = human_eval_problems()
@@ -251,7 +338,7 @@ attempt('truncate', lambda: os.truncate({victim!r}, 0))
 attempt('link', lambda: (os.link({victim!r}, 'link'), open('link', 'w').write('pwned')))
 attempt('mkdir', lambda: os.mkdir({d!r} + '/dir'))
 attempt('symlink', lambda: os.symlink('/etc/passwd', {d!r} + '/sym'))
-attempt('tmp', lambda: open('/tmp/grpo_escape', 'w').write('x'))
+attempt('var tmp', lambda: open('/var/tmp/grpo_escape', 'w').write('x'))
 attempt('tcp', lambda: socket.create_connection(('127.0.0.1', {tcp_port}), timeout=1))
 attempt('udp', lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {udp_port})))
 """
@@ -267,11 +354,128 @@ def test_no_write_outside_and_no_network(outside, unhook, nothing_left_behind):
     assert r["stdout"].count("refused") == 8
     assert ("guard off" in r["stdout"]) == unhook  # the second layer was really gone
     assert os.listdir(d) == ["victim"] and open(victim).read() == "keep"
-    assert not os.path.exists("/tmp/grpo_escape")
+    assert not os.path.exists("/var/tmp/grpo_escape")
     with pytest.raises(BlockingIOError):
         tcp.accept()
     with pytest.raises(BlockingIOError):
         udp.recv(16)
+
+
+HOST_FILES = """
+import os, sys
+for path in sys.argv[1:] if len(sys.argv) > 1 else PATHS:
+    try:
+        (os.listdir if os.path.isdir(path) else open)(path)
+        print('READ', path)
+    except FileNotFoundError:
+        print('absent', path)
+    except OSError as e:
+        print('refused', path, type(e).__name__)
+print('root', sorted(os.listdir('/')))
+print('passwd', open('/etc/passwd').read().split(':')[0])
+"""
+
+
+def test_the_sandbox_sees_none_of_the_hosts_files(nothing_left_behind):
+    """Its root is a fresh tmpfs with Python's prefix, /usr and a minimal /etc bound read-only: the
+    dataset's file, the repository, the home folder and the pool's folders are not there at all
+    (FileNotFoundError, not a permission the host might grant)."""
+    import grpo_jax
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(grpo_jax.__file__)))
+    pool_dir = tempfile.mkdtemp(prefix="grpo_worker_")
+    try:
+        paths = [os.path.join(repo, "tests", "data", "math_answers.jsonl"), repo, os.path.abspath(grpo_jax.__file__),
+                 os.path.expanduser("~"), pool_dir, "/work", "/home", "/var", "/root",
+                 "/etc/shadow", "/etc/hostname", "/sys", "/run"]
+        code = HOST_FILES.replace("PATHS", repr(paths))
+        r = runner.run_script(code, limits=runner.Limits(timeout_s=10.0, isolation="namespaces"))
+    finally:
+        os.rmdir(pool_dir)
+    lines = r["stdout"].splitlines()
+    assert r["returncode"] == 0, r
+    assert [ln for ln in lines if ln.startswith(("READ", "refused"))] == [], r["stdout"]
+    assert sum(ln.startswith("absent") for ln in lines) == len(paths)
+    root = set(eval(lines[-2].split(" ", 1)[1]))  # noqa: S307 - our own print of a list
+    assert {"usr", "tmp", "proc", "etc", "dev"} <= root <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "tmp",
+                                                       "proc", "etc", "dev", runner._identity()[2].split("/")[1]}
+    assert lines[-1] == "passwd sandbox"  # its own /etc, not the host's
+
+
+KERNEL_SURFACE = """
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+NUMBERS = NUMBERS_TABLE
+out = {}
+def call(name, *args):
+    r = libc.syscall(NUMBERS[name], *args)
+    out[name] = 'ok' if r >= 0 else errno.errorcode.get(ctypes.get_errno())
+out['unshare(NEWUSER)'] = 'ok' if libc.unshare(0x10000000) == 0 else errno.errorcode.get(ctypes.get_errno())
+call('setns', 0, 0)
+call('mount', b'none', b'/tmp', b'tmpfs', 0, None)
+call('umount2', b'/tmp', 2)
+call('pivot_root', b'/tmp', b'/tmp')
+call('keyctl', 0, 0)
+call('add_key', b'user', b'k', b'v', 1, -2)
+call('bpf', 0, 0, 0)
+call('userfaultfd', 0)
+call('io_uring_setup', 1, 0)
+call('perf_event_open', 0, 0, -1, -1, 0)
+call('ptrace', 0, 0, 0, 0)
+call('clone', 0x10000000 | 17, 0, 0, 0, 0)
+status = dict(line.split(':\\t', 1) for line in open('/proc/self/status') if ':\\t' in line)
+out['NoNewPrivs'], out['Seccomp'] = status['NoNewPrivs'].strip(), status['Seccomp'].strip()
+pid = os.fork()  # plain processes still start
+if pid == 0:
+    os._exit(7)
+out['fork'] = os.waitpid(pid, 0)[1] >> 8
+import subprocess
+out['exec'] = subprocess.run(['/bin/echo', 'hi'], capture_output=True, text=True).stdout
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="the seccomp tables cover x86_64, aarch64")
+def test_no_new_privileges_and_no_kernel_namespace_mount_or_trace_surface(nothing_left_behind):
+    from grpo_jax.rewards.sandbox import launcher
+
+    numbers = launcher.SYSCALLS[os.uname().machine][1]
+    code = UNHOOK + KERNEL_SURFACE.replace("NUMBERS_TABLE", repr(numbers))
+    r = runner.run_script(code, limits=runner.Limits(timeout_s=10.0, isolation="namespaces"))
+    out = json.loads(r["stdout"].splitlines()[-1])
+    assert out.pop("NoNewPrivs") == "1" and out.pop("Seccomp") == "2"
+    assert out.pop("fork") == 7 and out.pop("exec") == "hi\n"
+    assert out == {name: "EPERM" for name in out}, out
+
+
+def test_the_working_folder_is_limited_in_bytes_and_files(nothing_left_behind):
+    fill = """
+import os
+written = 0
+try:
+    for i in range(1000):
+        with open(f'part{i}', 'wb') as fh:
+            for _ in range(4):
+                fh.write(b'x' * (1 << 20))
+                fh.flush()
+                written += 1
+except OSError as e:
+    print('bytes', written, e.errno)
+for name in os.listdir('.'):
+    if name.startswith('part'):
+        os.remove(name)
+try:
+    for n in range(100000):
+        open(f'f{n}', 'w').close()
+except OSError as e:
+    print('files', n, e.errno)
+"""
+    limits = runner.Limits(timeout_s=20.0, disk_mb=12, max_files=200, isolation="namespaces")
+    lines = runner.run_script(fill, limits=limits)["stdout"].split()
+    import errno
+
+    assert lines[0] == "bytes" and 10 <= int(lines[1]) <= 12 and int(lines[2]) == errno.ENOSPC, lines
+    assert lines[3] == "files" and 150 <= int(lines[4]) <= 200 and int(lines[5]) == errno.ENOSPC, lines
 
 
 DAEMONS = {

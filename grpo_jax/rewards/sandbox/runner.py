@@ -2,12 +2,15 @@
 
     runner.run_script(code, stdin, limits) -> {"returncode", "stdout", "timed_out", "output_capped"}
     runner.run_tests(code, ["assert f(1) == 2", ...], limits) -> [True, False, ...]
+    runner.run_tests(code, [TestCase(test, entry_points=("f",), setup=prompt)], limits)
 
 Isolation (`Limits.isolation`):
   "namespaces": Linux user, mount, pid, network, ipc and uts namespaces (see launcher): no
-      network at all, a read-only system with one private writable folder, a pid namespace whose end
-      kills every descendant; plus kernel limits (CPU seconds, address space, file size, open files,
-      processes as the unprivileged user) and, as a second layer, a Python audit hook.
+      network at all, a root of its own that holds none of the host's files (read-only /usr and
+      Python, one size-limited tmpfs to write in), a pid namespace whose end kills every descendant,
+      no_new_privs and a seccomp filter; plus kernel limits (CPU seconds, address space, file size,
+      open files, processes as the unprivileged user) and, as a second layer, a Python audit hook.
+      The threat model: THREAT_MODEL.md beside this file.
   "python": the kernel limits and the audit hook only, in a session of its own (macOS, containers
       that forbid user namespaces). Python code can defeat an audit hook, so this is weaker: see
       `FALLBACK_WARNING`.
@@ -26,6 +29,12 @@ another process succeed: its only influence is the values its functions return, 
 being tested. Values cross as plain data (exact types: no subclasses, no objects), so a result whose
 `__eq__` is always True cannot arrive. The tests' source and expected values never enter the
 sandbox, so they cannot be read there either.
+The test's namespace holds only what the dataset declares (`TestCase`): the runner's own builtins,
+the helpers of the dataset's `setup` source (HumanEval's prompt), and the entry points, each bound to
+calls into the sandbox. A solution that defines `abs`, `range` or the prompt's `encode_cyclic`
+changes nothing the test computes. Only the exceptions a test may expect (`RERAISED`) come back as
+themselves; any other (StopIteration, which would end a test's loop over `map(candidate, ...)`, or
+SystemExit) is a `SolutionError`.
 Not covered: a solution that hard-codes answers it can guess or derive from the arguments it is called
 with; tests that need objects other than plain data, or that check in-place mutation of arguments
 (arguments are copies) fail; the test code itself is trusted (it comes with the dataset and runs in
@@ -45,6 +54,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import symtable
 import sys
 import tempfile
 import threading
@@ -70,12 +80,16 @@ FALLBACK_WARNING = (
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """timeout_s: wall clock per run (also the CPU-time limit, rounded up); memory_mb: address space;
-    max_output: bytes of stdout read; max_procs: processes of the sandbox user; isolation: see module."""
+    max_output: bytes of stdout read; max_procs: processes of the sandbox user; disk_mb and max_files:
+    the working folder's size and number of files (with namespaces; without, only a 16 MiB limit per
+    file holds); isolation: see module."""
 
     timeout_s: float = 5.0
     memory_mb: int = 512
     max_output: int = 1 << 20
     max_procs: int = 32
+    disk_mb: int = 32
+    max_files: int = 1024
     isolation: str = "auto"
 
     def __post_init__(self):
@@ -106,18 +120,18 @@ def _identity() -> tuple[int, int, str]:
     """(uid, gid, interpreter). As root the code runs as `nobody` (so that RLIMIT_NPROC and file
     permissions apply) with an interpreter `nobody` may execute (ours if it can, else the system
     python3); otherwise as ourselves (-1, -1) with our interpreter."""
-    if os.geteuid() != 0:
-        return -1, -1, sys.executable
+    if os.geteuid() != 0:  # the real binary: the sandbox's root holds its prefix, not a venv's links
+        return -1, -1, os.path.realpath(sys.executable)
     import pwd
 
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
-        return -1, -1, sys.executable
+        return -1, -1, os.path.realpath(sys.executable)
     for exe in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
         if exe and _world_executable(exe):
-            return nobody.pw_uid, nobody.pw_gid, exe
-    return -1, -1, sys.executable
+            return nobody.pw_uid, nobody.pw_gid, os.path.realpath(exe)
+    return -1, -1, os.path.realpath(sys.executable)
 
 
 @functools.cache
@@ -191,9 +205,9 @@ def _start(code: str, mode: str, stdin: str, limits: Limits, namespaces: bool, s
         # ourselves it includes this process's threads (JAX starts dozens), so the budget goes on top.
         nproc = limits.max_procs if uid >= 0 else _tasks_of(os.getuid()) + limits.max_procs
         cfg = {"parent": os.getpid(), "workdir": workdir, "cpu_s": max(1, int(math.ceil(limits.timeout_s))),
-               "memory": limits.memory_mb << 20, "fsize": 16 << 20, "nproc": nproc, "uid": uid,
-               "gid": gid, "namespaces": namespaces, "python": python, "server": _SERVER,
-               "server_args": [mode, *map(str, pass_fds)]}
+               "memory": limits.memory_mb << 20, "fsize": min(16, limits.disk_mb) << 20, "nproc": nproc,
+               "disk": limits.disk_mb << 20, "files": limits.max_files, "uid": uid, "gid": gid,
+               "namespaces": namespaces, "python": python, "server": _SERVER, "server_args": [mode, *map(str, pass_fds)]}
         # The launcher applies the limits and then execs: no preexec_fn, so subprocess can use
         # vfork/posix_spawn instead of forking a multithreaded (JAX) parent.
         with open(os.path.join(workdir, "stdin"), "rb") as stdin_fh:
@@ -271,8 +285,87 @@ class SandboxFailure(Exception):
     """The sandbox died, timed out, or broke the protocol: the test fails."""
 
 
-class SolutionError(RuntimeError):
-    """The solution's function raised an exception that is not a builtin one."""
+class SolutionError(Exception):
+    """The solution's function raised an exception that is not in `RERAISED`."""
+
+
+# The exceptions a solution's function raises into the test as themselves: those a test may expect
+# (`try: f(-1) except ValueError`, `pytest.raises(KeyError)`). Not StopIteration/StopAsyncIteration
+# (they end the test's own iteration: `for y in map(f, xs): assert ...` would pass vacuously), not
+# GeneratorExit, SystemExit or KeyboardInterrupt, not AssertionError (an assert the test did not write).
+RERAISED = {e.__name__: e for e in (
+    ValueError, UnicodeError, TypeError, LookupError, IndexError, KeyError, ArithmeticError, ZeroDivisionError,
+    OverflowError, FloatingPointError, AttributeError, NameError, RuntimeError, NotImplementedError,
+    RecursionError, MemoryError, OSError, FileNotFoundError, EOFError)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TestCase:
+    """Trusted test source and what its namespace may hold.
+
+    test: Python source (asserts, `def check(candidate): ...` then `check(f)`), run in the runner.
+    entry_points: the solution's names bound into the test (functions as calls into the sandbox, plain
+        values as values). None: the names the test reads without defining them (`free_names`).
+    setup: trusted source run first in the test's namespace, e.g. HumanEval's prompt with its helper
+        functions (`poly`, `encode_cyclic`) and imports; its definitions of the entry points are
+        replaced by the solution's.
+    """
+
+    __test__ = False  # not a pytest class
+    test: str
+    entry_points: tuple[str, ...] | None = None
+    setup: str = ""
+
+    @classmethod
+    def of(cls, test: "str | dict | TestCase") -> "TestCase":
+        """From source, or a dataset's {"test", "entry_point" (a name or a list), "setup"} row."""
+        if isinstance(test, TestCase):
+            return test
+        if isinstance(test, str):
+            return cls(test)
+        if not isinstance(test, dict) or not isinstance(test.get("test"), str):
+            raise TypeError(f"a test case is source or a dict with a 'test' source; got {str(test)[:80]!r}")
+        entry = test.get("entry_point", test.get("entry_points"))
+        if entry is not None:
+            entry = (entry,) if isinstance(entry, str) else tuple(str(e) for e in entry)
+        return cls(test["test"], entry, str(test.get("setup") or ""))
+
+    def __post_init__(self):
+        if self.setup and self.entry_points is None:  # the setup's signatures would hide the solution's
+            raise ValueError("a test case with `setup` must name its `entry_point`(s)")
+
+    def names(self) -> tuple[str, ...]:
+        if self.entry_points is not None:
+            return self.entry_points
+        return tuple(sorted(free_names(self.test)))
+
+
+def _defined(source: str) -> set[str]:
+    """Names a module's top level assigns, defines or imports."""
+    if not source:
+        return set()
+    table = symtable.symtable(source, "<setup>", "exec")
+    return {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+
+
+def free_names(source: str) -> set[str]:
+    """Names `source` reads at module scope (directly or from its functions) that it never defines
+    there and that are not builtins: the names a test expects the solution to provide."""
+    table = symtable.symtable(source, "<test>", "exec")
+    read, defined = set(), _defined(source)
+
+    def walk(t, top):
+        for s in t.get_symbols():
+            if s.is_referenced() and (top or s.is_global()):
+                read.add(s.get_name())
+            if not top and s.is_global() and s.is_assigned():  # `global x; x = ...`
+                defined.add(s.get_name())
+        for child in t.get_children():
+            walk(child, False)
+
+    walk(table, True)
+    return read - defined - set(dir(builtins))
+
 
 
 class _Channel:
@@ -324,8 +417,8 @@ class _Channel:
                 self.failed = f"undecodable result: {e}"
                 raise SandboxFailure(self.failed) from None
         if type(response) is list and len(response) == 3 and response[0] == "raise":
-            kind = getattr(builtins, str(response[1]), None)
-            if isinstance(kind, type) and issubclass(kind, Exception):
+            kind = RERAISED.get(str(response[1]))
+            if kind is not None:
                 raise kind(str(response[2]))
             raise SolutionError(f"{response[1]}: {response[2]}")
         self.failed = "bad response"
@@ -338,7 +431,7 @@ class _Channel:
         return call
 
 
-def _run_test(code: str, test: str, limits: Limits, namespaces: bool) -> bool:
+def _run_test(code: str, case: TestCase, limits: Limits, namespaces: bool) -> bool:
     requests_r, requests_w = os.pipe()
     responses_r, responses_w = os.pipe()
     try:
@@ -352,10 +445,18 @@ def _run_test(code: str, test: str, limits: Limits, namespaces: bool) -> bool:
         if not (type(ready) is list and len(ready) == 3 and ready[0] == "ready" and type(ready[1]) is list
                 and type(ready[2]) is dict):
             return False
-        namespace: dict[str, Any] = {"__name__": "__test__"}
-        namespace.update({str(k): server.decode(v) for k, v in ready[2].items()})
-        namespace.update({str(name): channel.stub(str(name)) for name in ready[1]})
-        exec(compile(test, "<test>", "exec"), namespace)  # noqa: S102 - the dataset's test, trusted
+        functions, values = set(map(str, ready[1])), {str(k): v for k, v in ready[2].items()}
+        namespace: dict[str, Any] = {"__name__": "__test__", "__builtins__": builtins}
+        if case.setup:
+            exec(compile(case.setup, "<setup>", "exec"), namespace)  # noqa: S102 - the dataset's, trusted
+        for name in case.names():  # only these of the solution's names: never its `abs` or `poly`
+            if name in functions:
+                namespace[name] = channel.stub(name)
+            elif name in values:
+                namespace[name] = server.decode(values[name])
+            else:
+                namespace.pop(name, None)  # the setup's empty signature must not stand in for it
+        exec(compile(case.test, "<test>", "exec"), namespace)  # noqa: S102 - the dataset's test, trusted
         return channel.failed is None  # a timeout that the test swallowed is still a failure
     except Exception:  # noqa: BLE001 - a failed assert, an error of the solution, a dead sandbox
         return False
@@ -365,12 +466,20 @@ def _run_test(code: str, test: str, limits: Limits, namespaces: bool) -> bool:
         box.stop()
 
 
-def run_tests(code: str, tests: Sequence[str], limits: Limits = Limits()) -> list[bool]:
-    """Whether the solution `code` passes each test (Python source: asserts, `check(fn)`), each in a
-    fresh sandbox with `limits.timeout_s` for the solution's start and the test's calls together.
+def run_tests(code: str, tests: Sequence[str | dict | TestCase], limits: Limits = Limits()) -> list[bool]:
+    """Whether the solution `code` passes each test (source, a `TestCase`, or a dataset's
+    {"test", "entry_point", "setup"} dict), each in a fresh sandbox with `limits.timeout_s` for the
+    solution's start and the test's calls together.
 
-    The test runs here and calls the solution's top-level functions (and reads its plain-data
-    constants) by name; see the module docstring for why its verdict cannot be forged.
+    The test runs here and calls the solution's entry points (functions, or plain-data constants) by
+    name; see the module docstring for why its verdict cannot be forged.
     """
+    cases = [TestCase.of(t) for t in tests]  # malformed cases fail here, before any sandbox starts
+    for case in cases:
+        for source, what in ((case.setup, "setup"), (case.test, "test")):
+            try:
+                compile(source, f"<{what}>", "exec")
+            except SyntaxError as e:
+                raise ValueError(f"the dataset's test {what} does not compile: {e}") from None
     namespaces = _use_namespaces(limits.isolation)
-    return [_run_test(code, str(test), limits, namespaces) for test in tests]
+    return [_run_test(code, case, limits, namespaces) for case in cases]
