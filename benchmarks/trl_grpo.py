@@ -24,7 +24,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("math_grader", os.path.join(_HERE, "..", "grpo_jax", "math_grader.py"))
+_spec = importlib.util.spec_from_file_location("math_grader", os.path.join(_HERE, "..", "grpo_jax", "rewards", "math_grader.py"))
 math_grader = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(math_grader)
 

@@ -18,6 +18,7 @@ Cloud TPU, SLURM, Open MPI and Kubernetes) or with --coordinator_address=HOST:PO
 """
 
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,10 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from grpo_jax.common import data
 from grpo_jax.rewards import scoring
 from grpo_jax.run import checkpoint
 from grpo_jax.run import config
 from grpo_jax.run import pipeline
+from grpo_jax.run import workdir_lock
 
 DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"))
 config.check_argv(sys.argv, DEFAULT_CONFIG)  # an old or misspelt field: one line naming it, before flag parsing
@@ -73,10 +76,12 @@ def run(argv):
         main(argv)
     except config.ConfigError as e:  # a value the run cannot use: named, before any work
         sys.exit(f"config: {e}")
-    except (checkpoint.CheckpointError, scoring.RewardFailure) as e:  # a full disk, no intact checkpoint; a
-        sys.exit(str(e))                                              # reward that hangs or always fails
+    except (checkpoint.CheckpointError, scoring.RewardFailure, data.DataError, workdir_lock.WorkdirBusy) as e:
+        sys.exit(str(e))  # a full disk, no intact checkpoint; a reward that hangs or always fails; a dataset
+                          # the run cannot use; another run holding the workdir
     except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM (grpo_jax.run.graceful_stop): no checkpoint this time
-        sys.exit(f"{str(e) or 'interrupted'}; the last checkpoint is the newest one saved before it")
+        print(f"{str(e) or 'interrupted'}; the last checkpoint is the newest one saved before it", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 128 + signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,11 @@ def filter_rows(rows: Sequence[Row], required: Sequence[str]) -> tuple[list[Row]
     return kept, len(rows) - len(kept)
 
 
+class DataError(ValueError):
+    """A dataset the run cannot use (missing, empty, unreadable, without the fields it needs, too
+    small for the held-out split): said in one line, before any model loads."""
+
+
 def load_rows(source: str, *, split: str = "train", config: str | None = None, n: int = 1000, seed: int = 0,
               required: Sequence[str] = (), **synthetic_options: Any) -> tuple[list[Row], int]:
     """Rows from `synthetic:NAME` (options such as digits/ops go to the generator), a local
@@ -93,7 +98,7 @@ def load_rows(source: str, *, split: str = "train", config: str | None = None, n
     if source.startswith("synthetic:"):
         name = source.split(":", 1)[1]
         if name not in SYNTHETIC:
-            raise ValueError(f"unknown synthetic dataset {name!r}; expected one of {sorted(SYNTHETIC)}")
+            raise DataError(f"unknown synthetic dataset {name!r}; expected one of {sorted(SYNTHETIC)}")
         return _usable(SYNTHETIC[name](n, seed, **synthetic_options), required, source)
     import datasets
 
@@ -102,24 +107,24 @@ def load_rows(source: str, *, split: str = "train", config: str | None = None, n
         ds = datasets.load_from_disk(source)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"dataset folder {source} has splits {sorted(ds)}, not {split!r}")
+                raise DataError(f"dataset folder {source} has splits {sorted(ds)}, not {split!r}")
             ds = ds[split]
     elif ext in (".jsonl", ".json", ".parquet"):
         if not os.path.exists(source):
-            raise FileNotFoundError(f"dataset file {source} does not exist")
+            raise DataError(f"dataset file {source} does not exist")
         if ext == ".jsonl":  # read here: a bad line is named by its number
             return _usable(_read_jsonl(source), required, source)
         try:
             ds = datasets.load_dataset("parquet" if ext == ".parquet" else "json", data_files=source, split="train")
         except Exception as e:  # noqa: BLE001 -- datasets' errors name neither the file nor the problem plainly
             cause = e.__cause__ or e.__context__ or e
-            raise ValueError(f"could not read dataset file {source}: {type(cause).__name__}: {cause}"
+            raise DataError(f"could not read dataset file {source}: {type(cause).__name__}: {cause}"
                              + (" (it holds no rows)" if os.path.getsize(source) == 0 else "")) from e
     else:
         try:
             ds = datasets.load_dataset(source, config, split=split)
         except Exception as e:  # offline, unknown name, missing config
-            raise ValueError(f"could not load dataset {source!r} (config={config!r}, split={split!r}): {e}") from e
+            raise DataError(f"could not load dataset {source!r} (config={config!r}, split={split!r}): {e}") from e
     return _usable(list(ds), required, source)
 
 
@@ -131,7 +136,7 @@ def _read_jsonl(path: str) -> list[Row]:
                 try:
                     rows.append(json.loads(line.decode("utf-8")))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise ValueError(f"dataset file {path}, line {number}: {type(e).__name__}: {e}") from None
+                    raise DataError(f"dataset file {path}, line {number}: {type(e).__name__}: {e}") from None
     return rows
 
 
@@ -140,9 +145,9 @@ def _usable(rows: Sequence[Row], required: Sequence[str], source: str) -> tuple[
     kept, skipped = filter_rows(rows, required)
     if not kept:
         if not rows:
-            raise ValueError(f"dataset {source} holds no rows")
+            raise DataError(f"dataset {source} holds no rows")
         missing = {f: sum(not isinstance(r, dict) or _is_missing(r.get(f)) for r in rows) for f in required}
-        raise ValueError(f"dataset {source}: every one of its {len(rows)} rows lacks a required field ("
+        raise DataError(f"dataset {source}: every one of its {len(rows)} rows lacks a required field ("
                          + ", ".join(f"{f!r} missing or empty in {k}" for f, k in missing.items() if k)
                          + f"; data.required_fields={list(required)}, and the rows have {sorted(rows[0])[:12]})"
                          if isinstance(rows[0], dict) else ")")
@@ -157,7 +162,7 @@ def split_rows(rows: Sequence[Row], eval_size: int, seed: int = 0,
     so a synthetic task that draws the same problem twice cannot leak its answer into evaluation.
     """
     if not 0 <= eval_size < len(rows):
-        raise ValueError(f"eval_size={eval_size} must be in [0, {len(rows)}) for {len(rows)} rows")
+        raise DataError(f"eval_size={eval_size} must be in [0, {len(rows)}) for {len(rows)} rows")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     ident = (lambda i: str(rows[i][key])) if key else (lambda i: i)
@@ -170,7 +175,7 @@ def split_rows(rows: Sequence[Row], eval_size: int, seed: int = 0,
             seen.add(ident(i))
     train = [r for i, r in enumerate(rows) if ident(i) not in seen]
     if len(held) < eval_size or not train:
-        raise ValueError(f"{len(seen)} distinct prompts cannot give eval_size={eval_size} held-out rows "
+        raise DataError(f"{len(seen)} distinct prompts cannot give eval_size={eval_size} held-out rows "
                          f"and a non-empty training set")
     return train, [rows[i] for i in held]
 
@@ -268,7 +273,7 @@ def without_long_prompts(task: Task, too_long: Callable[[Sequence[Row]], list[in
     what = (f"{len(drop_train)} of {len(task.train)} training and {len(drop_eval)} of {len(task.eval)} held-out "
             f"prompts are longer than the largest prompt bucket ({limit} tokens, sampling.prompt_buckets)")
     if not train or (task.eval and not held):
-        raise ValueError(f"data: {what}: nothing would be left to {'train on' if not train else 'evaluate'}; "
+        raise DataError(f"data: {what}: nothing would be left to {'train on' if not train else 'evaluate'}; "
                          "add a larger bucket or shorten the prompts")
     return Task(train, held, task.skipped + len(drop_train) + len(drop_eval)), f"data: {what}: skipped"
 

@@ -280,6 +280,7 @@ def forward(
     mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
     offsets = positions_from_mask(mask)
     if cache is None:
+        _check_positions(T if positions is None else positions, cfg)
         if prefix_sharing is not None:
             attn_mask, spec = _prefix_sharing_mask(cfg, prefix_sharing, positions)
         else:
@@ -340,7 +341,17 @@ def _check_room(index: Array, T: int, S: int, positions: Array, cfg: architectur
     idx = _concrete(index)
     if idx is not None and int(idx) + T > S:
         raise ValueError(f"writing {T} tokens at slot {int(idx)} runs past the KV cache's {S} slots")
-    pos = _concrete(positions)
+    _check_positions(positions, cfg)
+
+
+def _check_positions(positions: Array | int, cfg: architecture.ModelConfig) -> None:
+    """Refuse rotary positions past max_position_embeddings (the model was never trained there; the
+    logits would be silently wrong): `positions` itself when concrete (eager calls), or a sequence
+    length whose default positions are 0..T-1 (checked at trace time)."""
+    if isinstance(positions, int):
+        pos = np.asarray([positions - 1]) if positions else None
+    else:
+        pos = _concrete(positions)
     if pos is not None and pos.size and int(pos.max()) >= cfg.max_position_embeddings:
         raise ValueError(f"rotary position {int(pos.max())} is past the model's max_position_embeddings="
                          f"{cfg.max_position_embeddings}")

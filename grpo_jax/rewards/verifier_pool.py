@@ -36,12 +36,47 @@ RewardFn = Callable[..., list]
 MAX_CHUNK = 64  # items per message; smaller chunks when there are few items per worker
 
 
+OWNER = "owner"  # in a worker's folder: "pid start-time" of the pool's process
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot), or None when there is none: with
+    the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def remove_stale_folders(tmp: str | None = None) -> list[str]:
+    """Remove the worker folders of pools whose process is gone (a trainer killed with SIGKILL cannot
+    remove its own); returns them. Folders of live pools, and folders without an owner record, stay."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if not name.startswith("grpo_worker_"):
+            continue
+        try:
+            with open(os.path.join(path, OWNER)) as fh:
+                pid, start = fh.read().split()
+        except (OSError, ValueError):
+            continue
+        if _process_start(int(pid)) != start:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class _Worker:
     """One worker process, its connection, its progress slots and its folder."""
 
     def __init__(self, memory_mb: int):
         self.scratch = tempfile.mkdtemp(prefix="grpo_worker_")
         os.chmod(self.scratch, 0o711)  # an unprivileged sandbox user must reach its folder inside
+        with open(os.path.join(self.scratch, OWNER), "w") as fh:
+            fh.write(f"{os.getpid()} {_process_start(os.getpid())}")
         progress_path = os.path.join(self.scratch, "progress")
         with open(progress_path, "wb") as fh:
             fh.write(b"\0" * pool_worker.PROGRESS.size)
@@ -116,6 +151,7 @@ class VerifierPool:
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
         self.memory_mb = memory_mb
+        remove_stale_folders()
         self.last_error: str | None = None
         self._workers = [_Worker(memory_mb) for _ in range(self.num_workers)]
         self._spare = _Worker(memory_mb)

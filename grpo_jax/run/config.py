@@ -96,6 +96,13 @@ def check(cfg: ConfigDict) -> None:
     on_hang = cfg.get("verifier", {}).get("on_hang", "stop")
     if on_hang not in ("disable", "stop"):
         raise ConfigError(f"verifier.on_hang={on_hang!r}; expected 'stop' or 'disable'")
+    if cfg.get("trainer") == "grpo" and "grpo" in cfg and "sampling" in cfg:
+        from grpo_jax.rl import grpo  # the loss's own checks (clip range, beta, ...), before any stage runs
+
+        try:
+            grpo.loss_config(cfg)
+        except ValueError as e:
+            raise ConfigError(f"grpo: {e}") from None
 
 
 # field -> (lowest allowed value, what it is for): checked before any work, so that a wrong value stops

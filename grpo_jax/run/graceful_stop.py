@@ -20,6 +20,14 @@ import threading
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once. `exit_code` is the shell's for that signal (130, 143)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} again: stopped at once")
+        self.exit_code = 128 + signum
+
+
 class GracefulStop:
     """Handlers for SIGTERM and SIGINT while the block runs (the previous ones come back after it).
     Outside the main thread (where Python cannot install handlers) it does nothing."""
@@ -43,7 +51,7 @@ class GracefulStop:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:  # the second signal: now
             self._restore()
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped at once")
+            raise StopNow(signum)
         self.signum = signum
         print(f"{self.name}: finishing this step, then saving a checkpoint and stopping (send it again to stop "
               "at once, without one)", file=sys.stderr, flush=True)

@@ -64,14 +64,14 @@ class Trainer:
             print(f"{cfg.trainer} run in {self.workdir}: loading {cfg.init_from or cfg.model.source}", flush=True)
         # Before any work: a second run into this workdir would overwrite this one's checkpoints.
         self._lock = workdir_lock.WorkdirLock(self.workdir).acquire() if jax.process_index() == 0 else None
+        task = data.load_task(cfg.data, cfg.seed)  # a data file the run cannot use stops it before the model loads
         pol, self.source = loading.load(cfg)
         # LoRA: the optimizer, gradients and checkpoints see the adapters only; the base stays frozen.
         frozen, trained = lora.split(pol.params) if pol.model_cfg.lora_rank else (None, pol.params)
         train_state.check_precision(trained, cfg.optimizer.learning_rate)
         self.policy = pol.replace(params=None)  # the state's parameters are the policy's
         # Measured now: a prompt that cannot be sampled would stop the run when drawn (and on resume).
-        self.task, dropped = data.without_long_prompts(data.load_task(cfg.data, cfg.seed), self.policy.too_long,
-                                                       max(self.policy.sampling.prompt_buckets))
+        self.task, dropped = data.without_long_prompts(task, self.policy.too_long, max(self.policy.sampling.prompt_buckets))
         if dropped and jax.process_index() == 0:
             print(dropped, flush=True)
         self.scorer = scoring.Scorer.from_config(cfg, reward_fns)

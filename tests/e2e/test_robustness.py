@@ -69,7 +69,7 @@ def test_ctrl_c_stops_quietly_and_a_second_one_stops_at_once(tmp_path):
     time.sleep(0.05)
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 1, err
+    assert p.returncode == 128 + signal.SIGINT, err  # 130, as a shell reports Ctrl-C
     assert err.strip().splitlines()[-1].startswith("SIGINT again: stopped at once")
     assert "Traceback" not in err and "KeyboardInterrupt" not in err  # the workers ignored it too
 
@@ -78,8 +78,8 @@ def test_a_second_run_into_a_busy_workdir_stops_naming_the_holder(tmp_path):
     with workdir_lock.WorkdirLock(str(tmp_path)):
         p = _train(tmp_path)
         out, err = p.communicate(timeout=120)
-    assert p.returncode != 0
-    assert f"is in use by pid {os.getpid()}" in err and "another workdir" in err
+    assert p.returncode == 1 and "Traceback" not in err, err  # one line
+    assert f"is in use by pid {os.getpid()}" in err.strip().splitlines()[-1] and "another workdir" in err
     assert not (tmp_path / "checkpoints").exists()
     # A holder killed with -9 leaves the file but not the lock: the next run takes it over.
     holder = subprocess.Popen([sys.executable, "-c", f"from grpo_jax.run import workdir_lock; import time; "
@@ -259,6 +259,37 @@ def test_reward_functions_that_misbehave_are_named_one_that_hangs_is_disabled_on
     tb = metrics.read_scalars(str(tmp_path / "run" / "tb"))
     assert [v for _, v in tb["rewards/slow/timeouts"]] == [16.0] and len(tb["rewards/odd/errors"]) == 2
     assert not os.path.exists(tmp_path / "run" / "stage.json")  # the stage is not marked finished
+
+
+def test_a_dataset_the_run_cannot_use_stops_in_one_line_before_the_model_loads(tmp_path):
+    from grpo_jax.common import data
+
+    bad = {"empty.jsonl": b"", "utf8.jsonl": b'{"question": "\xff", "answer": "1"}\n',
+           "json.jsonl": b'{"question": "1+1", "answer": "2"}\n{"question": oops}\n',
+           "fields.jsonl": b'{"question": "1+1", "solution": "2"}\n'}
+    messages = {}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        cfg = default_config(tmp_path / name)
+        with pytest.raises(data.DataError) as e:
+            data.load_task(cfg.data, cfg.seed)
+        messages[name] = str(e.value)
+    assert "holds no rows" in messages["empty.jsonl"] and "line 2" in messages["json.jsonl"]
+    assert "UnicodeDecodeError" in messages["utf8.jsonl"] and "lacks a required field" in messages["fields.jsonl"]
+    # through the script: one line, and the model never loaded (no "loading" of its weights happened)
+    for args in ([f"--config.data.source={tmp_path / 'json.jsonl'}"], ["--config.data.eval_size=100000"]):
+        p = subprocess.run([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path / 'run'}",
+                            "--config.cold_start.steps=0", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert ("line 2" if "json" in args[0] else "eval_size=100000") in p.stderr.strip().splitlines()[-1]
+
+
+def default_config(source):
+    from configs import default
+
+    c = default.get_config()
+    c.data.source, c.data.eval_size = str(source), 0
+    return c
 
 
 def test_event_files_hold_the_console_names(tmp_path):

@@ -222,3 +222,12 @@ def test_forward_refuses_to_write_past_the_cache_or_the_positions():
     _, cache = transformer.forward(params, cfg, jnp.ones((1, 6), jnp.int32), None, transformer.init_cache(cfg, 1, 8))
     with pytest.raises(ValueError, match="rotary position 6 is past the model's max_position_embeddings=6"):
         transformer.forward(params, cfg, jnp.ones((1, 1), jnp.int32), None, cache)
+    # without a cache too (issue 39): a teacher-forced sequence longer than the model's range, under
+    # jit as well (checked at trace time), and explicit positions past it
+    transformer.forward(params, cfg, jnp.ones((1, 6), jnp.int32))
+    with pytest.raises(ValueError, match="rotary position 6 is past the model's max_position_embeddings=6"):
+        transformer.forward(params, cfg, jnp.ones((1, 7), jnp.int32))
+    with pytest.raises(ValueError, match="rotary position 6 is past"):
+        jax.jit(lambda p, t: transformer.forward(p, cfg, t)[0])(params, jnp.ones((2, 7), jnp.int32))
+    with pytest.raises(ValueError, match="rotary position 9 is past"):
+        transformer.forward(params, cfg, jnp.ones((1, 2), jnp.int32), positions=jnp.asarray([[0, 9]]))

@@ -360,3 +360,27 @@ if __name__ == "__main__":
     assert out.stdout.split("\n")[:3] == ["[1.0, 0.0]", "1", "[2.0, 3.0]"]
     # ... and only the workers that were sent `mine` loaded it (as __mp_main__), never the spare
     assert log.read_text().count("top level ran") <= 1 + 2
+
+
+def test_a_pool_killed_with_sigkill_leaves_folders_that_the_next_pool_removes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    script = ("import sys, time\nfrom grpo_jax.rewards import verifier_pool\n"
+              "pool = verifier_pool.VerifierPool(num_workers=1)\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    left = sorted(d for d in os.listdir(tmp_path) if d.startswith("grpo_worker_"))
+    assert len(left) == 2  # the worker and the spare
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("grpo_worker_")) == left  # SIGKILL: nothing ran
+    mine = tmp_path / "grpo_worker_alive"  # a live pool's folder (ours) and one without a record stay
+    mine.mkdir()
+    (mine / verifier_pool.OWNER).write_text(f"{os.getpid()} {verifier_pool._process_start(os.getpid())}")
+    (tmp_path / "grpo_worker_unknown").mkdir()
+    removed = verifier_pool.remove_stale_folders(str(tmp_path))
+    assert sorted(os.path.basename(r) for r in removed) == left
+    assert sorted(os.listdir(tmp_path)) == ["grpo_worker_alive", "grpo_worker_unknown"]

@@ -20,8 +20,10 @@ from grpo_jax.rewards import scoring
 from grpo_jax.rewards import verifier_pool
 from grpo_jax.rewards.sandbox import runner
 
-# Under pytest-xdist (-n 2 --dist loadgroup) these run on one worker: they count the machine's sandbox processes and time the pool.
-pytestmark = pytest.mark.xdist_group("sandbox")
+# Under pytest-xdist (-n 2 --dist loadgroup) the tests that time a run or start a fork bomb run on one
+# worker (`serial`); the rest may run beside another worker's sandboxes: `nothing_left_behind` counts
+# only this worker's, and as root each process's sandboxes have a uid (and a process limit) of their own.
+serial = pytest.mark.xdist_group("sandbox")
 
 LIMITS = runner.Limits(timeout_s=5.0)
 LEFTOVER = "987654"  # the argument of every `sleep` a hostile program starts
@@ -277,6 +279,7 @@ def test_future_imports_and_test_semantics():
     assert checks.code_reward(solution, tests) == 0.75
 
 
+@serial
 def test_a_timeout_the_test_swallows_still_fails():
     slow = "import time\ndef f():\n    time.sleep(30)\n"
     t = time.monotonic()
@@ -499,17 +502,40 @@ print('started')
 }
 
 
+@serial
 @pytest.mark.parametrize("name", sorted(DAEMONS))
 def test_no_process_outlives_the_run(name, nothing_left_behind):
     runner.run_script(DAEMONS[name], limits=runner.Limits(timeout_s=3.0, isolation="namespaces"))
 
 
+@serial
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root each process's sandboxes get a uid of their own")
+def test_a_fork_bomb_in_one_workers_sandbox_does_not_stop_another_workers_sandboxes(nothing_left_behind):
+    """RLIMIT_NPROC counts per uid: with one sandbox uid for every process (`nobody`), another verifier
+    worker's sandboxes failed to start while a fork bomb ran."""
+    import subprocess
+    import sys
+
+    bomb = subprocess.Popen([sys.executable, "-c", "from grpo_jax.rewards.sandbox import runner\n"
+                             f"runner.run_script({DAEMONS['fork bomb']!r}, limits=runner.Limits(timeout_s=8.0))"])
+    try:
+        time.sleep(2.0)  # the bomb is at its process limit by now
+        assert bomb.poll() is None
+        results = [runner.run_script("print(6 * 7)", limits=runner.Limits(timeout_s=10.0)) for _ in range(5)]
+        assert [r["stdout"] for r in results] == ["42\n"] * 5, results
+        assert runner._identity()[0] == runner.SANDBOX_UIDS[0] + os.getpid() % runner.SANDBOX_UIDS[1]
+    finally:
+        bomb.wait(60)
+
+
+@serial
 def test_stdin_is_never_a_blocking_write(nothing_left_behind):
     t = time.monotonic()
     r = runner.run_script("print('done')", stdin="x" * 1_200_000, limits=runner.Limits(timeout_s=20.0))
     assert r["stdout"] == "done\n" and time.monotonic() - t < 5
 
 
+@serial
 def test_pool_timeout_ends_the_sandbox_and_removes_its_folder(nothing_left_behind):
     hang = DAEMONS["fork_exec with setsid"] + "import time\ntime.sleep(60)\nprint(42)\n"
     with verifier_pool.VerifierPool(num_workers=1, timeout_s=2.0) as pool:

@@ -2,6 +2,7 @@
 (in a config file, a pipeline stage, on the command line, and in stage markers written before)."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -156,3 +157,25 @@ def test_verifier_sandbox_is_checked_and_reaches_the_code_reward():
     c.verifier.sandbox = "python"
     scorer = scoring.Scorer.from_config(c)
     assert scorer.columns([{"question": "q"}], 2, [3, 4])["sandbox"] == ["python", "python"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("grpo.beta", -1.0, "grpo: beta=-1.0 must be >= 0"),
+    ("grpo.clip_eps_low", 2.0, "grpo: clip range needs 0 <= clip_eps_low < 1"),
+    ("grpo.dual_clip", 0.5, "grpo: dual_clip=0.5 must be > 1"),
+    ("grpo.kl_estimator", "k9", "grpo: kl_estimator='k9'; expected one of"),
+    ("verifier.max_failing_steps", 0, "verifier.max_failing_steps=0; expected an integer >= 1"),
+    ("verifier.load_timeout_s", -1.0, "verifier.load_timeout_s=-1.0; expected seconds > 0"),
+])
+def test_the_rl_stage_settings_are_checked_before_the_cold_start_runs(tmp_path, field, value, message):
+    """A wrong loss setting used to surface after the whole cold start, as a traceback."""
+    from configs import default
+    from grpo_jax.run import pipeline
+
+    c = default.get_config()
+    c.workdir = str(tmp_path / "run")
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        pipeline.run(c)
+    assert not os.path.exists(tmp_path / "run" / "cold_start")  # nothing ran

@@ -254,7 +254,7 @@ def main():
                          (resource.RLIMIT_AS, (cfg["memory"],) * 2), (resource.RLIMIT_FSIZE, (cfg["fsize"],) * 2),
                          (resource.RLIMIT_NOFILE, (64, 64)), (resource.RLIMIT_CORE, (0, 0))):
         resource.setrlimit(limit, value)
-    if cfg["uid"] >= 0:  # started as root: become `nobody`, so that RLIMIT_NPROC and permissions apply
+    if cfg["uid"] >= 0:  # started as root: become the sandbox uid, so that RLIMIT_NPROC and permissions apply
         os.setgroups([])
         os.setgid(cfg["gid"])
         os.setuid(cfg["uid"])

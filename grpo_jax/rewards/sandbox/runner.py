@@ -115,23 +115,31 @@ def _world_executable(path: str) -> bool:
         return False
 
 
-@functools.cache
-def _identity() -> tuple[int, int, str]:
-    """(uid, gid, interpreter). As root the code runs as `nobody` (so that RLIMIT_NPROC and file
-    permissions apply) with an interpreter `nobody` may execute (ours if it can, else the system
-    python3); otherwise as ourselves (-1, -1) with our interpreter."""
-    if os.geteuid() != 0:  # the real binary: the sandbox's root holds its prefix, not a venv's links
-        return -1, -1, os.path.realpath(sys.executable)
-    import pwd
+# As root, the sandboxes of each process run as a uid of their own from this range (no account has
+# one): RLIMIT_NPROC counts processes per uid machine-wide, so one program's fork bomb cannot make
+# the sandboxes of another verifier worker fail to start, as it did when they all ran as `nobody`.
+SANDBOX_UIDS = (0x7FFF0000, 0x10000)  # (first, how many)
 
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        return -1, -1, os.path.realpath(sys.executable)
+
+@functools.cache
+def _interpreter() -> str | None:
+    """As root: an interpreter any uid may execute (ours if it can, else the system python3)."""
     for exe in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
         if exe and _world_executable(exe):
-            return nobody.pw_uid, nobody.pw_gid, os.path.realpath(exe)
-    return -1, -1, os.path.realpath(sys.executable)
+            return os.path.realpath(exe)
+    return None
+
+
+def _identity() -> tuple[int, int, str]:
+    """(uid, gid, interpreter). As root the code runs as this process's sandbox uid (so that
+    RLIMIT_NPROC and file permissions apply) with an interpreter that uid may execute; otherwise as
+    ourselves (-1, -1) with our interpreter (the real binary: the sandbox's root holds its prefix,
+    not a venv's links)."""
+    exe = _interpreter() if os.geteuid() == 0 else None
+    if exe is None:
+        return -1, -1, os.path.realpath(sys.executable)
+    uid = SANDBOX_UIDS[0] + os.getpid() % SANDBOX_UIDS[1]
+    return uid, uid, exe
 
 
 @functools.cache
@@ -201,7 +209,7 @@ def _start(code: str, mode: str, stdin: str, limits: Limits, namespaces: bool, s
         if uid >= 0:
             for path in (workdir, os.path.join(workdir, "main.py")):
                 os.chown(path, uid, gid)
-        # RLIMIT_NPROC counts every task of the real user: as `nobody` that is the sandbox's alone; as
+        # RLIMIT_NPROC counts every task of the real user: as the sandbox uid that is the sandbox's alone; as
         # ourselves it includes this process's threads (JAX starts dozens), so the budget goes on top.
         nproc = limits.max_procs if uid >= 0 else _tasks_of(os.getuid()) + limits.max_procs
         cfg = {"parent": os.getpid(), "workdir": workdir, "cpu_s": max(1, int(math.ceil(limits.timeout_s))),
