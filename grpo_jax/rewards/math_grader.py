@@ -259,7 +259,7 @@ def _close_at_precision(gold: Fraction, places: int, pred) -> bool:
         return _rounded(Fraction(int(pred.p), int(pred.q)), places) == gold
     # An irrational is never exactly on a tie: strictly within half a unit of the last place.
     diff = sympy.N(pred - sympy.Rational(gold.numerator, gold.denominator), 60)
-    return bool(diff.is_real) and abs(diff) < sympy.Rational(1, 2 * 10**places)
+    return bool(diff.is_real) and bool(abs(diff) < sympy.Rational(1, 2 * 10**places))
 
 
 def _numbers_equal(gold: tuple[Fraction, int | None], pred: tuple[Fraction, int | None], exact: bool) -> bool:

@@ -57,7 +57,8 @@ def test_a_tie_rounds_to_one_gold_only_and_exact_decimal_golds_need_equal_values
         assert not math_grader.answers_match(right, pred, decimals="exact")
     assert math_grader.answers_match("0.5", "\\frac12", decimals="exact")
     assert math_grader.answers_match("0.125", "\\frac18", decimals="exact")
-    assert not math_grader.answers_match("1.41", "\\sqrt2", decimals="exact") and math_grader.answers_match("1.41", "\\sqrt2")
+    assert not math_grader.answers_match("1.41", "\\sqrt2", decimals="exact")
+    assert math_grader.answers_match("1.41", "\\sqrt2") is True and math_grader.answers_match("1.42", "\\sqrt2") is False
     with pytest.raises(ValueError, match="decimals='approx'"):
         math_grader.answers_match("1", "1", decimals="approx")
     from grpo_jax.rewards import scoring
