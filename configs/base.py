@@ -16,6 +16,9 @@ def get_config() -> ConfigDict:
     c.resume = False
     c.trainer = "grpo"  # "grpo" or "sft" (grpo_jax.rl.sft: prompt/completion pairs)
     c.init_from = placeholder(str)  # a workdir whose latest checkpoint's parameters start this run (pipelines set it)
+    # XLA's persistent compilation cache: a restarted run loads what it compiled before ("": off;
+    # $JAX_COMPILATION_CACHE_DIR wins). grpo_jax/run/compilation_cache.py
+    c.compilation_cache = "~/.cache/grpo_jax/xla"
 
     c.model = ConfigDict(dict(
         source="shape:tiny",  # "shape:NAME" (random weights), "smollm2", an HF folder or hub id

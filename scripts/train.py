@@ -29,6 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 from grpo_jax.common import data
 from grpo_jax.rewards import scoring
 from grpo_jax.run import checkpoint
+from grpo_jax.run import compilation_cache
 from grpo_jax.run import config
 from grpo_jax.run import pipeline
 from grpo_jax.run import workdir_lock
@@ -61,14 +62,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _CONFIG.value
+    cache = compilation_cache.enable(cfg.get("compilation_cache"))
     if pipeline.is_pipeline(pipeline.expand(cfg)):
         records = pipeline.run_pipeline(cfg, until_stage=_UNTIL_STAGE.value)
         if jax.process_index() == 0:
             print(pipeline.format_table(records))
-        return
-    if _UNTIL_STAGE.value:
-        raise app.UsageError("--until_stage needs a pipeline config (one with `stages`, or a cold start)")
-    pipeline.run(cfg)
+    else:
+        if _UNTIL_STAGE.value:
+            raise app.UsageError("--until_stage needs a pipeline config (one with `stages`, or a cold start)")
+        pipeline.run(cfg)
+    if jax.process_index() == 0:
+        print(cache.summary(), flush=True)
 
 
 def run(argv):
