@@ -100,7 +100,7 @@ def _mark_xdist_groups(items) -> None:
 
 # The longest tests (seconds with a warm cache, --durations) start first, so that with pytest-xdist no
 # worker is left with one of them at the end while the other idles.
-LONGEST = ("test_smollm2_recipe.py::", "test_steps_on_a_2x4_mesh", "test_sigterm_saves_the_step",
+LONGEST = ("test_smollm2_recipe.py::", "test_steps_on_a_2x4_mesh", "test_steps_on_two_hosts", "test_sigterm_saves_the_step",
            "test_grpo_steps_with_dynamic_sampling_on_two_hosts", "README.md#0", "test_partitioned_loss_equals",
            "test_progress_lines_come_from_the_start", "test_train_resumes_from_the_newest_intact",
            "test_a_save_that_cannot_be_written", "test_sharded_forward_matches", "test_table_has_no_false_positive",

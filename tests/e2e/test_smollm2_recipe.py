@@ -2,6 +2,7 @@
 then GRPO) learns the answer format it never writes on its own."""
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -29,6 +30,7 @@ def _base_format(folder, cfg, rows) -> float:
                                                                                   skip_special_tokens=True)]))
 
 
+@pytest.mark.slow  # about 100 s of one xdist worker; CI runs the slow tests after the suite
 def test_short_recipe_teaches_the_answer_format(smollm2_dir, tmp_path):
     cfg = smollm2.get_config()
     cfg.workdir = str(tmp_path)

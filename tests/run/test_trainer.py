@@ -223,8 +223,10 @@ def test_steps_on_a_2x4_mesh_of_8_devices_match_one_device(tmp_path, simulated_d
     assert {k: v for k, v in mesh[1].items() if k.startswith("eval/")} == \
         {k: v for k, v in one[1].items() if k.startswith("eval/")}
 
-    # Two hosts (processes) of 4 devices each, the same 2x4 mesh, launched like a multi-host run:
-    # each reads its own prompts and scores its own completions; the steps match one host's.
+
+def test_steps_on_two_hosts_of_4_devices_match_one_device(tmp_path):
+    """Two hosts (processes) of 4 devices each, the same 2x4 mesh, launched like a multi-host run:
+    each reads its own prompts and scores its own completions; the steps match one host's."""
     import socket
 
     from grpo_jax.common.metrics import read_scalars
@@ -242,6 +244,7 @@ def test_steps_on_a_2x4_mesh_of_8_devices_match_one_device(tmp_path, simulated_d
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={config_file}",
                                f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    one = _mesh_history(tmp_path / "one", 1, 1)  # meanwhile, on one device here
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
