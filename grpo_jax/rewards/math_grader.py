@@ -64,7 +64,35 @@ def _last_braced(text: str, command: str) -> str | None:
     return None if best is None else text[best[0] + 1:best[1]]
 
 
+# What may stand between boxes that together give one answer: `\boxed{1}, \boxed{2} and \boxed{3}`
+_BETWEEN_BOXES = re.compile(r"^(?:\s|,|;|\\quad|\\qquad|\\[,;: ]|\$|\\\)|\\\(|\\\]|\\\[|"
+                            r"\\text\{\s*(?:and|or|,)\s*\}|and|or)*$")
+
+
+def _last_boxes(text: str, command: str) -> str | None:
+    """The last `command{...}`, or the last run of them separated only by commas, `and`, `\\quad` or
+    math delimiters (several solutions boxed one by one), joined into one list."""
+    parts = []
+    end = len(text)
+    while True:
+        start = text.rfind(command + "{", 0, end)
+        if start == -1:
+            break
+        inner = _last_braced(text[start:end], command)
+        if inner is None:
+            break
+        close = start + len(command) + 1 + len(inner) + 1
+        if parts and not _BETWEEN_BOXES.match(text[close:parts[-1][0]]):
+            break
+        parts.append((start, inner))
+        end = start
+    if not parts:
+        return None
+    return ", ".join(inner for _, inner in reversed(parts))
+
+
 _ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]{1,200})", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=\S)\.\s+(?=[A-Z])|<\|")
 _GSM8K = re.compile(r"####[ \t]*([^\n]{1,200})")
 
 
@@ -84,7 +112,7 @@ def extract_answer(text: str | None) -> str | None:
             inner = text[open_ + len("<answer>"):close]
             return _last_braced(inner, "\\boxed") or _last_braced(inner, "\\fbox") or inner.strip() or None
     for command in ("\\boxed", "\\fbox"):
-        boxed = _last_braced(text, command)
+        boxed = _last_boxes(text, command)
         if boxed is not None:
             return boxed
     m = None
@@ -94,8 +122,8 @@ def extract_answer(text: str | None) -> str | None:
         return m.group(1)
     for m in _ANSWER_IS.finditer(text):
         pass
-    if m:
-        return m.group(1).strip().rstrip(".")
+    if m:  # up to the end of its sentence: `... is $100$. I hope it is correct.`
+        return _SENTENCE_END.split(m.group(1), maxsplit=1)[0].strip().rstrip(".")
     return None
 
 
@@ -181,7 +209,8 @@ def normalize_answer(ans: str) -> str:
     """Canonical string of an answer: known units, $, percent and degree signs, LaTeX spacing, \\left/
     \\right and trailing punctuation (. , ;) removed; \\text{} unwrapped; arguments of \\frac and \\sqrt braced;
     whitespace collapsed. (Also what majority votes count.)"""
-    s = str(ans).strip()
+    s = str(ans).strip().replace("{,}", ",")  # `14{,}916`
+    s = re.sub(r"\\\\(?=[a-zA-Z])", r"\\", s)  # `\\le` written with an escaped backslash
     s = _TEXT_UNIT.sub("", s).strip()  # `5\,\text{m}^2`
     s = _TEXT_CMD.sub(lambda m: m.group(1), s)  # `\text{5 cm}` -> `5 cm`
     if re.search(r"[\d}]", s[:-1]):
@@ -262,10 +291,19 @@ def _close_at_precision(gold: Fraction, places: int, pred) -> bool:
     return bool(diff.is_real) and bool(abs(diff) < sympy.Rational(1, 2 * 10**places))
 
 
+LONG_DECIMAL = 6  # places from which a decimal of an exact fraction counts as that fraction
+
+
 def _numbers_equal(gold: tuple[Fraction, int | None], pred: tuple[Fraction, int | None], exact: bool) -> bool:
     (g, g_places), (p, p_places) = gold, pred
     if g == p:
         return True
+    # An exact fraction gold (1/12) and a long decimal of it (0.0833333333333333): equal when the
+    # decimal is the fraction rounded or cut at its own number of places. Integers never: 999.9999999
+    # is not 1000.
+    if g_places is None and g.denominator != 1 and p_places is not None and p_places >= LONG_DECIMAL:
+        cut = Fraction(int(g * 10**p_places), 10**p_places)  # toward zero
+        return p in (_rounded(g, p_places), cut)
     # A decimal gold: a more precise prediction may round to it; an equally precise one must equal it.
     if not exact and g_places is not None and g_places > 0 and (p_places is None or p_places > g_places):
         return _close_at_precision(g, g_places, p)
@@ -337,7 +375,7 @@ def _brackets(s: str) -> tuple[str, str, str] | None:
 _DANGEROUS = re.compile(r"(\*\*|\^)\s*\{?\s*\(?\s*\d{4,}|\^\s*\{[^{}]*\^|(\*\*|\^)\s*\(?\s*\w+\s*\)?\s*(\*\*|\^)|"
                         r"\d{5,}\s*!|\\underbrace|\\overbrace")
 # `x =`, `x_1 =`, `f(x) =`, `(p, q) =` in front of an answer
-_SIMPLE_LHS = re.compile(r"^(?:[a-zA-Z](?:_\{?\w{1,5}\}?)?|[a-zA-Z]\([a-zA-Z]\)|\((?:\s*[a-zA-Z]\s*,)+\s*[a-zA-Z]\s*\))"
+_SIMPLE_LHS = re.compile(r"^(?:[A-Z]{2,3}|[a-zA-Z](?:_\{?\w{1,5}\}?)?|[a-zA-Z]\([a-zA-Z]\)|\((?:\s*[a-zA-Z]\s*,)+\s*[a-zA-Z]\s*\))"
                          r"\s*=\s*(?!.*=)(.+)$")
 _CLOCK = re.compile(r"^\d+(?::\d+)+$")
 _BASE = re.compile(r"^(\w+)_\{?(\d+)\}?$")
@@ -409,9 +447,30 @@ def _expr_equal(a, b) -> bool:
         return False
 
 
+# `12 apples`: a number and a word or two that are not a unit (units are dropped already) and do not
+# change its value (`5 thousand`, `3 squared`, `2 dozen`, `7 times 3`)
+_NOUNS = re.compile(r"^([-+]?[\d.,]+)\s+([a-zA-Z]{3,}(?:\s+[a-zA-Z]{3,})?)$")
+_VALUE_WORDS = {"hundred", "hundreds", "thousand", "thousands", "million", "millions", "billion", "billions",
+                "trillion", "dozen", "dozens", "score", "gross", "squared", "cubed", "half", "halves", "third",
+                "thirds", "quarter", "quarters", "fourth", "fourths", "fifth", "fifths", "tenth", "tenths",
+                "hundredth", "hundredths", "thousandth", "thousandths", "percent", "times", "plus", "minus",
+                "over", "less", "more", "fewer", "than", "divided", "factorial", "power", "root", "roots",
+                "degrees", "radians", "pi", "and", "or", "not", "per", "each", "from", "to", "with", "off"}
+
+
+def _number_and_nouns(s: str) -> str | None:
+    """`12 apples` -> `12`, when the words cannot change the number (see _VALUE_WORDS); else None."""
+    m = _NOUNS.match(s)
+    if not m or any(w.lower() in _VALUE_WORDS or w.lower() in _FUNCTION_WORDS for w in m.group(2).split()):
+        return None
+    return m.group(1) if to_number(m.group(1)) is not None else None
+
+
 def _scalar_equal(g: str, p: str, exact: bool) -> bool:
     if g == p:
         return True
+    if to_number(g) is not None:
+        p = _number_and_nouns(p) or p
     gn, pn = to_number(g), to_number(p)
     if gn is not None and pn is not None:
         return _numbers_equal(gn, pn, exact)
@@ -438,17 +497,98 @@ def _unwrap(s: str) -> str:
     return s
 
 
+_IN = re.compile(r"^[a-zA-Z]\s*\\in\s*(.+)$")
+_BETWEEN = re.compile(r"^([^<=>]+?)\s*(\\leq|<)\s*([a-zA-Z](?:\([a-zA-Z]\))?)\s*(\\leq|<)\s*([^<=>]+)$")
+
+
+def _interval(s: str, inequality: bool = True) -> str | None:
+    """`x \\in [-2, 7]` -> `[-2, 7]`; with `inequality`, `-2 \\leq x \\leq 7` -> `[-2, 7]` and
+    `0 < f(x) < 1` -> `(0, 1)`; else None."""
+    m = _IN.match(s)
+    if m:
+        return m.group(1).strip()
+    m = _BETWEEN.match(s) if inequality else None
+    if not m or "\\leq" in m.group(1) + m.group(5) or "\\geq" in m.group(1) + m.group(5):
+        return None
+    lo, first, _, second, hi = (x.strip() for x in m.groups())
+    return ("[" if first == "\\leq" else "(") + f"{lo}, {hi}" + ("]" if second == "\\leq" else ")")
+
+
+_PM = re.compile(r"^\\(?:pm|mp)\s*(.+)$")
+
+
+def _plus_minus(s: str) -> list[str] | None:
+    """`\\pm 2021` -> [`-2021`, `2021`]: the two values it stands for; else None."""
+    m = _PM.match(s)
+    if not m:
+        return None
+    x = m.group(1).strip()
+    simple = to_number(x) is not None or re.fullmatch(r"\\?[a-zA-Z]+(?:\{[^{}]*\})*", x)
+    return [f"-{x}" if simple else f"-({x})", x]
+
+
+def _as_set(s: str) -> list[str]:
+    """The items of a set `\\{a, b\\}` or of a list `a, b`."""
+    b = _brackets(s)
+    return _split_top(b[2]) if b and b[0] == "{" else _split_top(s)
+
+
+def _same_items(ga: list[str], pa: list[str], exact: bool, depth: int) -> bool:
+    """Every item of `ga` matched by one item of `pa` (a multiset), in any order."""
+    if len(ga) != len(pa):
+        return False
+    left = list(pa)
+    for a in ga:
+        hit = next((k for k, b in enumerate(left) if _equal(a, b, exact, depth + 1)), None)
+        if hit is None:
+            return False
+        left.pop(hit)
+    return True
+
+
 def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
     g, p = _unwrap(g), _unwrap(p)
     if depth > 8 or not p:
         return False
     if g == p:
         return True
-    # lists: in order, item by item; a list never equals a single item
+    if to_number(g) is not None:  # `1,200 people` is one number, not a list
+        p = _number_and_nouns(p) or p
+    # a gold inequality `-2 \leq x \leq 7` is the interval `x \in [-2, 7]` (math-verify's tests take a
+    # predicted inequality for an interval gold as wrong: the answer asked for a set)
+    gi, pi_ = _interval(g), _interval(p, inequality=False)
+    if gi or pi_:
+        g, p = gi or g, pi_ or p
+        if g == p:
+            return True
+    # `\pm x`: the set {-x, x}, against a set, a list of two or another `\pm`
+    g_pm, p_pm = _plus_minus(g), _plus_minus(p)
+    if g_pm or p_pm:
+        return _same_items(g_pm or _as_set(g), p_pm or _as_set(p), exact, depth)
+    # lists: in order, item by item; a list never equals a single item. A list of tuples is the set
+    # of a system's solutions: in any order.
     g_items = [_LIST_WORDS.sub("", x) for x in _split_top(g)] if to_number(g) is None else [g]
     p_items = [_LIST_WORDS.sub("", x) for x in _split_top(p)] if to_number(p) is None else [p]
     if len(g_items) > 1 or len(p_items) > 1:
+        tuples = all((_brackets(x) or "x")[:2] == ("(", ")") for x in g_items + p_items)
+        if tuples:
+            return _same_items(g_items, p_items, exact, depth)
+        g_labels, p_labels = ([_SIMPLE_LHS.match(x) for x in items] for items in (g_items, p_items))
+        if all(g_labels) and all(p_labels):  # `a_3 = 2, a_{37} = 19`: named values, in any order
+            return _same_items(g_items, p_items, exact, depth)
+        if all(g_labels) and not any(p_labels):  # `AB = 4, CD = 5` against `4, 5`
+            g_items = [m.group(1).strip() for m in g_labels]
         return len(g_items) == len(p_items) and all(_equal(a, b, exact, depth + 1) for a, b in zip(g_items, p_items))
+    # a chain `x = 5 + 5 + 1 = 11`: its last member is the answer
+    if p.count("=") > 1 and g.count("=") <= 1:
+        last = p.rsplit("=", 1)[1].strip()
+        if "=" not in g:
+            return _equal(g, last, exact, depth + 1)
+        gm, pm = _SIMPLE_LHS.match(g), _SIMPLE_LHS.match(p.split("=", 1)[0] + "= " + last)
+        return bool(gm and pm and g.split("=")[0].strip() == p.split("=")[0].strip()
+                    and _equal(gm.group(1).strip(), last, exact, depth + 1))
+    if g.count("=") > 1 and "=" not in p:  # a chain gold `1 = z = x = 0` against `0`
+        return _equal(g.rsplit("=", 1)[1].strip(), p, exact, depth + 1)
     # equations, and `x = 5` against `5`
     g_eq, p_eq = "=" in g, "=" in p
     if g_eq != p_eq:

@@ -10,7 +10,7 @@ import pytest
 from grpo_jax.rewards import math_grader
 
 TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "math_answers.jsonl")
-FALSE_NEGATIVES = 111  # recorded (docs/benchmarks.md); lower it when the grader accepts more
+FALSE_NEGATIVES = 79  # recorded (docs/benchmarks.md); lower it when the grader accepts more
 
 
 def load_table():
@@ -65,6 +65,30 @@ def test_a_tie_rounds_to_one_gold_only_and_exact_decimal_golds_need_equal_values
 
     assert scoring.get_reward_fn("math_exact")([""] * 2, ["#### 0.125", "#### 0.13"], answer=["0.125", "0.125"]) == [1.0, 0.0]
     assert scoring.get_reward_fn("math")([""] * 2, ["#### 0.125", "#### 0.13"], answer=["0.13", "0.13"]) == [1.0, 1.0]
+
+
+RECALL_CASES = [  # (gold, completion, reward): the kinds issue 38 names, each with its near miss
+    ("(37,3,3,13),(17,3,3,7)", "\\boxed{(17, 3, 3, 7), (37, 3, 3, 13)}", 1),  # a set of solutions, any order
+    ("(37,3,3,13),(17,3,3,7)", "\\boxed{(17, 3, 3, 7), (37, 3, 3, 12)}", 0),
+    ("1, 2", "\\boxed{2, 1}", 0), ("10, 4, -2", "\\boxed{4, 10, -2}", 0),  # plain lists keep their order
+    ("(2,1),(1,2)", "so \\boxed{(1, 2)} and \\boxed{(2, 1)}", 1),  # boxed one by one
+    ("7", "first \\boxed{5}, then we add two more. The answer is \\boxed{7}", 1),  # text between: the last box
+    ("AB=4, CD=5", "\\boxed{4, 5}", 1), ("AB=4, CD=5", "\\boxed{5, 4}", 0),
+    ("a_3 = 2, a_{37} = 19", "\\boxed{a_{37} = 19, \\quad a_3 = 2}", 1),
+    ("-2 \\le x \\le 7", "$x \\in [-2,7]$", 1), ("-2 \\le x \\le 7", "$x \\in (-2,7]$", 0),
+    ("-793 < a < 10", "\\boxed{(-793, 10)}", 1),
+    ("\\pm 2021", "\\boxed{\\{-2021, 2021\\}}", 1), ("\\pm 2021", "\\boxed{\\{2021\\}}", 0),
+    ("\\frac{1}{12}", "\\boxed{0.0833333333333333}", 1), ("\\frac{1}{12}", "\\boxed{0.08333}", 0),
+    ("\\frac{1}{12}", "\\boxed{0.0833334333333333}", 0), ("1000", "\\boxed{999.9999999}", 0),
+    ("11", "$x = 5+5+1 = 7 = 11$", 1), ("11", "$x = 5+5+1 = 11 = 7$", 0),
+    ("12", "The answer is 12 apples.", 1), ("5", "The answer is 5 thousand.", 0), ("3", "#### 3 squared", 0),
+    ("100", "The final answer is $100$. I hope it is correct.", 1), ("14916", "The answer is $14{,}916$.", 1),
+]
+
+
+@pytest.mark.parametrize("gold,completion,expected", RECALL_CASES)
+def test_recall_cases_and_their_near_misses(gold, completion, expected):
+    assert math_grader.matches(gold, completion) is bool(expected)
 
 
 def test_numbers_keep_their_written_precision():
