@@ -111,9 +111,16 @@ def extract_answer(text: str | None) -> str | None:
         if open_ != -1:
             inner = text[open_ + len("<answer>"):close]
             return _last_braced(inner, "\\boxed") or _last_braced(inner, "\\fbox") or inner.strip() or None
+    stated = None
+    for stated in _ANSWER_IS.finditer(text):
+        pass
     for command in ("\\boxed", "\\fbox"):
         boxed = _last_boxes(text, command)
         if boxed is not None:
+            # `... = \\boxed{255}. ... Final Answer: The final answer is $10,455$.`: a later statement
+            # of a number or formula wins over an intermediate box
+            if stated and stated.start() > text.rfind(command + "{") and re.search(r"[\d$]", stated.group(1)):
+                break
             return boxed
     m = None
     for m in _GSM8K.finditer(text):
@@ -144,7 +151,7 @@ _TEXT_UNIT = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|
 # A plain-text unit ends the answer; one of one or two letters only after a space (`5 m`, not `5m`).
 _PLAIN_UNIT = re.compile(rf"(?:\s+(?:(?:square|cubic|sq\.?)\s+)?(?:{_UNIT})|(?<=[\d}}])(?:{_LONG_UNIT})){_POWER}\s*$")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|rm)\s*\{([^{}]{0,100})\}")
-_NOISE = re.compile(r"\\(?:left|right|displaystyle|quad|qquad)(?![a-zA-Z])|(?<!\\)\\[!,;: ]\s*|~|\$|\\\$|"
+_NOISE = re.compile(r"\\(?:left|right|displaystyle|quad|qquad)(?![a-zA-Z])|(?<!\\)\\[!,;: ]\s*|~|\$|\\\$|\\[()\[\]]|"
                     r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\%|%")
 _FUNCTION_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
                    "log", "ln", "exp", "sqrt", "frac", "dfrac", "tfrac", "pi", "infty", "inf", "cdot", "times",
@@ -229,6 +236,7 @@ def normalize_answer(ans: str) -> str:
 # Numbers written plainly: exact values with the precision they were written at
 
 _DECIMAL = re.compile(r"^([-+]?)(\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)?(?:\.(\d+))?(?:[eE]([-+]?\d+))?$")
+_DECIMAL_COMMA = re.compile(r"^[-+]?(?:\d{4,},\d{1,2}|0,\d+)$")
 _FRAC = re.compile(r"^([-+]?)\\frac\{([-+]?\d+)\}\{([-+]?\d+)\}$")
 _SLASH = re.compile(r"^([-+]?)(\d+)\s*/\s*([-+]?\d+)$")
 _MIXED = re.compile(r"^(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$")
@@ -241,6 +249,8 @@ def to_number(s: str) -> tuple[Fraction, int | None] | None:
     s = s.strip()
     if len(s) > 80 or not s:
         return None
+    if _DECIMAL_COMMA.match(s):  # `1000,99`, `0,111`: a comma that cannot separate thousands
+        s = s.replace(",", ".")
     m = _DECIMAL.match(s)
     if m and (m.group(2) or m.group(3)):
         sign, whole, digits, exponent = m.groups()
@@ -533,6 +543,11 @@ def _as_set(s: str) -> list[str]:
     return _split_top(b[2]) if b and b[0] == "{" else _split_top(s)
 
 
+def _has_words(s: str) -> bool:
+    """Whether `s` holds words (prose), not only a formula's names and commands."""
+    return any(w not in _FUNCTION_WORDS for w in _WORD.findall(s))
+
+
 def _same_items(ga: list[str], pa: list[str], exact: bool, depth: int) -> bool:
     """Every item of `ga` matched by one item of `pa` (a multiset), in any order."""
     if len(ga) != len(pa):
@@ -579,16 +594,19 @@ def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
         if all(g_labels) and not any(p_labels):  # `AB = 4, CD = 5` against `4, 5`
             g_items = [m.group(1).strip() for m in g_labels]
         return len(g_items) == len(p_items) and all(_equal(a, b, exact, depth + 1) for a, b in zip(g_items, p_items))
-    # a chain `x = 5 + 5 + 1 = 11`: its last member is the answer
-    if p.count("=") > 1 and g.count("=") <= 1:
+    # a chain `x = 5 + 5 + 1 = 11`: its last member is the answer (a formula's, not a sentence's)
+    if p.count("=") > 1 and g.count("=") <= 1 and not _has_words(p):
         last = p.rsplit("=", 1)[1].strip()
         if "=" not in g:
             return _equal(g, last, exact, depth + 1)
         gm, pm = _SIMPLE_LHS.match(g), _SIMPLE_LHS.match(p.split("=", 1)[0] + "= " + last)
         return bool(gm and pm and g.split("=")[0].strip() == p.split("=")[0].strip()
                     and _equal(gm.group(1).strip(), last, exact, depth + 1))
-    if g.count("=") > 1 and "=" not in p:  # a chain gold `1 = z = x = 0` against `0`
+    if g.count("=") > 1 and "=" not in p and not _has_words(g):  # a chain gold `1 = z = x = 0` against `0`
         return _equal(g.rsplit("=", 1)[1].strip(), p, exact, depth + 1)
+    if g.count("=") > 1 and p.count("=") > 1 and not _has_words(g + " " + p):  # two chains `z = 1 + 1 = 2`, `z = 3 + 3 = 2`: what they name, where they end
+        return (g.split("=", 1)[0].strip() == p.split("=", 1)[0].strip()
+                and _equal(g.rsplit("=", 1)[1].strip(), p.rsplit("=", 1)[1].strip(), exact, depth + 1))
     # equations, and `x = 5` against `5`
     g_eq, p_eq = "=" in g, "=" in p
     if g_eq != p_eq:
@@ -636,7 +654,21 @@ def matches(gold: Any, text: str | None, decimals: str = "rounded") -> bool:
     if text is None or gold is None:
         return False
     answer = extract_answer(text)
+    if answer is None:  # `Therefore $x \\geq 5$ is the solution.`: a sentence around its one formula
+        answer = _sole_formula(text)
     return answers_match(_gold(gold), text if answer is None else answer, decimals)
+
+
+# Display math may span lines; inline math ($...$, \\(...\\)) stays on one, as math-verify reads it.
+_FORMULA = re.compile(r"\$\$([\s\S]+?)\$\$|\$([^$\n]+?)\$|\\\[([\s\S]+?)\\\]|\\\(([^\n]+?)\\\)")
+
+
+def _sole_formula(text: str) -> str | None:
+    """The formula of a short text that holds exactly one ($...$, $$...$$, \\[...\\], \\(...\\)), else None."""
+    if len(text) > 300:
+        return None
+    found = [next(g for g in m.groups() if g is not None) for m in _FORMULA.finditer(text)]
+    return found[0].strip() if len(found) == 1 and text.strip() != found[0].strip() else None
 
 
 def answers_match(gold: Any, pred: str | None, decimals: str = "rounded") -> bool:

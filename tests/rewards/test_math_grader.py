@@ -10,7 +10,7 @@ import pytest
 from grpo_jax.rewards import math_grader
 
 TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "math_answers.jsonl")
-FALSE_NEGATIVES = 79  # recorded (docs/benchmarks.md); lower it when the grader accepts more
+FALSE_NEGATIVES = 58  # recorded (docs/benchmarks.md); lower it when the grader accepts more
 
 
 def load_table():
@@ -83,12 +83,21 @@ RECALL_CASES = [  # (gold, completion, reward): the kinds issue 38 names, each w
     ("11", "$x = 5+5+1 = 7 = 11$", 1), ("11", "$x = 5+5+1 = 11 = 7$", 0),
     ("12", "The answer is 12 apples.", 1), ("5", "The answer is 5 thousand.", 0), ("3", "#### 3 squared", 0),
     ("100", "The final answer is $100$. I hope it is correct.", 1), ("14916", "The answer is $14{,}916$.", 1),
+    # a sentence around its one formula (`matches` only: a reward needs a marker)
+    ("x >= 5", "Therefore $x \\geq 5$ is the solution.", 1), ("5", "We have $x = 3$ and $y = 5$.", 0),
+    ("1000.99", "1000,99", 1), ("0.111", "0,111", 1), ("1.2", "1,2", 0), ("1000", "1,000", 1),
+    # a later statement of the answer over an intermediate box, but not a statement without a number
+    ("10455", "so \\boxed{255}. Final Answer: The final answer is $10,455$. I hope it is correct.", 1),
+    ("7", "so \\boxed{7}. I hope the answer is correct.", 1),
+    ("z = 1 + 1 = 2", "$z = 3+3 = 2$", 1), ("z = 1 + 1 = 2", "$y = 3+3 = 2$", 0),
 ]
 
 
 @pytest.mark.parametrize("gold,completion,expected", RECALL_CASES)
 def test_recall_cases_and_their_near_misses(gold, completion, expected):
     assert math_grader.matches(gold, completion) is bool(expected)
+    if expected and any(k in completion for k in ("boxed", "answer is", "####")):
+        assert math_grader.math_reward(completion, gold) == 1.0  # the reward reads it the same way
 
 
 def test_numbers_keep_their_written_precision():
