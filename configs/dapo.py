@@ -1,7 +1,7 @@
 """DAPO (Yu et al. 2025, arXiv:2503.14476) on top of the GSM8K/Qwen run: clip-higher
-(eps_low 0.2, eps_high 0.28), dynamic sampling (groups whose rewards are all equal are replaced by
-new prompts' groups, up to 3 rounds a step), token-level loss, no KL, overlong reward shaping,
-truncated completions masked.
+(eps_low 0.2, eps_high 0.28), dynamic sampling (groups whose accuracy, the `math` reward, is the same
+for every completion are replaced by new prompts' groups, as many prompts as are missing, up to 3
+rounds a step), token-level loss, no KL, overlong reward shaping, truncated completions masked.
 
     python scripts/train.py --config=configs/dapo.py
 """

@@ -145,3 +145,5 @@ def test_dapo_config_uses_dynamic_sampling():
 
     c = dapo.get_config()
     assert c.grpo.dynamic_sampling and c.grpo.max_sampling_rounds > 1
+    # DAPO filters on accuracy: unset means eval.reward, the `math` function, not the weighted total
+    assert c.grpo.dynamic_sampling_reward is None and c.eval.reward == "math" and "math" in c.rewards
