@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TEST_DIRS
@@ -384,39 +385,33 @@ def test_model_overrides_pad_the_vocabulary_never_shrink_it():
         loading.model_config(mcfg, 100)
 
 
-# Steps 2 and 3 of a run on `mesh` (data, fsdp), bf16 compute on float32 masters: how many programs
-# each traced or compiled (JAX's monitoring events), printed as JSON.
-RECOMPILE_PROGRAM = """
-import json, tempfile, jax
-from jax import monitoring
-from test_trainer import tiny_config
-from grpo_jax.run import trainer
-events = []
-monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: events.append(name))
-cfg = tiny_config(tempfile.mkdtemp(), steps=3)
-cfg.eval.every, cfg.model.dtype, cfg.model.param_dtype = 0, "bfloat16", "float32"
-cfg.mesh.data, cfg.mesh.fsdp = {mesh}
-tr = trainer.Trainer(cfg)
-counts = []
-for _ in range(3):
-    n = len(events)
-    tr.train_step()
-    counts.append(sum("compile" in e or "trace" in e for e in events[n:]))
-tr.close()
-print("RESULT", json.dumps(counts))
-"""
+def _compile_counts(mesh: tuple[int, int]) -> list[int]:
+    """Programs traced or compiled (JAX's monitoring events) in each of 3 steps of a run on `mesh`
+    (data, fsdp), bf16 compute on float32 masters, then in one new program (the listener works)."""
+    import tempfile
+
+    from jax import monitoring
+
+    events = []
+    monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: events.append(name))
+    cfg = tiny_config(tempfile.mkdtemp(), steps=3)
+    cfg.eval.every, cfg.model.dtype, cfg.model.param_dtype = 0, "bfloat16", "float32"
+    cfg.mesh.data, cfg.mesh.fsdp = mesh
+    tr = trainer.Trainer(cfg)
+    counts = []
+    for step in (*range(3), "new program"):
+        n = len(events)
+        tr.train_step() if step != "new program" else jax.jit(lambda x: x * 1.2345)(jnp.ones(3)).block_until_ready()
+        counts.append(sum("compile" in e or "trace" in e for e in events[n:]))
+    tr.close()
+    return counts
 
 
 def test_a_second_identical_step_traces_and_compiles_nothing(tmp_path, simulated_devices):
-    """One device, and a data-only mesh of 8 (where the sampler's weight copy used to be jitted
-    afresh per rollout): after the first step, nothing is traced or compiled again."""
-    import subprocess
-    import sys
-
-    one = subprocess.run([sys.executable, "-c", RECOMPILE_PROGRAM.format(mesh=(1, 1))], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert one.returncode == 0, one.stderr[-3000:]
-    data_mesh = simulated_devices(RECOMPILE_PROGRAM.format(mesh=(8, 1)), name="recompiles")
-    for out in (one.stdout, data_mesh):
-        counts = json.loads(out.split("RESULT", 1)[1])
-        assert counts[0] > 10 and counts[1:] == [0, 0], counts
+    """One device (here), and a data-only mesh of 8 (where the sampler's weight copy used to be
+    jitted afresh per rollout): after the first step, nothing is traced or compiled again."""
+    one = _compile_counts((1, 1))
+    out = simulated_devices("import json\nfrom test_trainer import _compile_counts\n"
+                            "print('RESULT', json.dumps(_compile_counts((8, 1))))", name="recompiles")
+    for counts in (one, json.loads(out.split("RESULT", 1)[1])):
+        assert counts[1:3] == [0, 0] and counts[3] > 0, counts
