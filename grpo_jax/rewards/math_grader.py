@@ -479,8 +479,6 @@ def _number_and_nouns(s: str) -> str | None:
 def _scalar_equal(g: str, p: str, exact: bool) -> bool:
     if g == p:
         return True
-    if to_number(g) is not None:
-        p = _number_and_nouns(p) or p
     gn, pn = to_number(g), to_number(p)
     if gn is not None and pn is not None:
         return _numbers_equal(gn, pn, exact)
@@ -543,6 +541,11 @@ def _as_set(s: str) -> list[str]:
     return _split_top(b[2]) if b and b[0] == "{" else _split_top(s)
 
 
+def _is_tuple(s: str) -> bool:
+    b = _brackets(s)
+    return b is not None and b[:2] == ("(", ")")
+
+
 def _has_words(s: str) -> bool:
     """Whether `s` holds words (prose), not only a formula's names and commands."""
     return any(w not in _FUNCTION_WORDS for w in _WORD.findall(s))
@@ -585,8 +588,7 @@ def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
     g_items = [_LIST_WORDS.sub("", x) for x in _split_top(g)] if to_number(g) is None else [g]
     p_items = [_LIST_WORDS.sub("", x) for x in _split_top(p)] if to_number(p) is None else [p]
     if len(g_items) > 1 or len(p_items) > 1:
-        tuples = all((_brackets(x) or "x")[:2] == ("(", ")") for x in g_items + p_items)
-        if tuples:
+        if all(_is_tuple(x) for x in g_items + p_items):
             return _same_items(g_items, p_items, exact, depth)
         g_labels, p_labels = ([_SIMPLE_LHS.match(x) for x in items] for items in (g_items, p_items))
         if all(g_labels) and all(p_labels):  # `a_3 = 2, a_{37} = 19`: named values, in any order

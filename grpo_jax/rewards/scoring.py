@@ -48,17 +48,17 @@ def _columns(columns: dict[str, Sequence[Any]], n: int, *names: str) -> list[lis
     return out
 
 
-def math_accuracy(prompts, completions, answer=None, **columns) -> list[float]:
-    """1 when the completion's final answer (####, \\boxed{}, <answer>, "the answer is") equals `answer`."""
+def math_accuracy(prompts, completions, answer=None, decimals="rounded", **columns) -> list[float]:
+    """1 when the completion's final answer (####, \\boxed{}, <answer>, "the answer is") equals `answer`
+    (`decimals`: math_grader.answers_match's)."""
     (answers,) = _columns({"answer": answer, **columns}, len(completions), "answer")
-    return [math_grader.math_reward(c, a) for c, a in zip(completions, answers)]
+    return [math_grader.math_reward(c, a, decimals) for c, a in zip(completions, answers)]
 
 
 def math_exact_accuracy(prompts, completions, answer=None, **columns) -> list[float]:
     """`math` for datasets whose decimal answers are exact values (MATH): a decimal gold needs an
     equal prediction, not one that rounds to it."""
-    (answers,) = _columns({"answer": answer, **columns}, len(completions), "answer")
-    return [math_grader.math_reward(c, a, decimals="exact") for c, a in zip(completions, answers)]
+    return math_accuracy(prompts, completions, answer, decimals="exact", **columns)
 
 
 def answer_format(prompts, completions, **columns) -> list[float]:

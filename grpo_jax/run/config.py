@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from ml_collections import ConfigDict
 
 from grpo_jax.rewards.sandbox import runner
+from grpo_jax.rl import grpo
 from grpo_jax.rollout import sampler
 
 class ConfigError(ValueError):
@@ -97,9 +98,7 @@ def check(cfg: ConfigDict) -> None:
     if on_hang not in ("disable", "stop"):
         raise ConfigError(f"verifier.on_hang={on_hang!r}; expected 'stop' or 'disable'")
     if cfg.get("trainer") == "grpo" and "grpo" in cfg and "sampling" in cfg:
-        from grpo_jax.rl import grpo  # the loss's own checks (clip range, beta, ...), before any stage runs
-
-        try:
+        try:  # the loss's own checks (clip range, beta, ...), before any stage runs
             grpo.loss_config(cfg)
         except ValueError as e:
             raise ConfigError(f"grpo: {e}") from None

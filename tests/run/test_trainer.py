@@ -99,7 +99,6 @@ def test_update_is_a_pure_function_of_state_and_batch(tmp_path):
     takes one optimizer step, and skips it (state unchanged) when the loss is not finite."""
     import functools
 
-    import jax.numpy as jnp
 
 
     cfg = tiny_config(tmp_path)
