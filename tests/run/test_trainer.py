@@ -385,23 +385,36 @@ def test_model_overrides_pad_the_vocabulary_never_shrink_it():
 
 
 def _compile_counts(mesh: tuple[int, int]) -> list[int]:
-    """Programs traced or compiled (JAX's monitoring events) in each of 3 steps of a run on `mesh`
-    (data, fsdp), bf16 compute on float32 masters, then in one new program (the listener works)."""
+    """Programs traced or compiled (JAX's monitoring events, of this thread) in a first step of a run
+    on `mesh` (data, fsdp), bf16 compute on float32 masters, in the same step run twice more from a copy
+    of the state it started from (same data, rng and parameters: nothing changed), and in one new
+    program (the listener works). A failure prints what compiled again."""
     import tempfile
+    import threading
 
     from jax import monitoring
 
-    events = []
-    monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: events.append(name))
+    events = []  # (event, program): this thread's only (a checkpoint's threads are not the step)
+    main = threading.get_ident()
+    monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: threading.get_ident() == main and events.append((name, kw.get("fun_name"))))
     cfg = tiny_config(tempfile.mkdtemp(), steps=3)
     cfg.eval.every, cfg.model.dtype, cfg.model.param_dtype = 0, "bfloat16", "float32"
     cfg.mesh.data, cfg.mesh.fsdp = mesh
     tr = trainer.Trainer(cfg)
+    start = jax.tree.map(lambda x: x.copy(), tr.state)  # the step donates its state
     counts = []
-    for step in (*range(3), "new program"):
+    for step in range(3):
+        if step:
+            tr.state = jax.tree.map(lambda x: x.copy(), start)
         n = len(events)
-        tr.train_step() if step != "new program" else jax.jit(lambda x: x * 1.2345)(jnp.ones(3)).block_until_ready()
-        counts.append(sum("compile" in e or "trace" in e for e in events[n:]))
+        tr.train_step()
+        counts.append(sum("compile" in e or "trace" in e for e, _ in events[n:]))
+        if step and counts[-1]:
+            print("compiled again:", events[n:])
+    n = len(events)
+    jax.jit(lambda x: x * 1.2345)(jnp.ones(3)).block_until_ready()
+    counts.append(sum("compile" in e or "trace" in e for e, _ in events[n:]))
     tr.close()
     return counts
 
