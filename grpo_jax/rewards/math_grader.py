@@ -19,9 +19,11 @@ equivalent form it can prove equal:
   - only known units are dropped (`5 \\mathrm{cm}`, `5\\,\\text{m}^2`, `12 dollars`): letters after
     a number are never assumed to be units (`5x`, `2i`, `3 pi` are not 5, 2, 3); other words make
     the comparison a string comparison;
-  - lists compare in order, item by item (`1, 2` is not `2, 1`, and a list never equals one
-    number); tuples and intervals by their brackets and items; sets `\\{...\\}` as sets; matrices
-    and vectors by shape and entries (pmatrix, bmatrix and matrix alike);
+  - plain comma lists compare in order, item by item (`1, 2` is not `2, 1`, and a list never equals
+    one number); solutions joined by `and`/`or` or semicolons, the values of one unknown
+    (`a = 4, -8, -10`) and lists of tuples are sets; tuples and intervals by their brackets and
+    items; sets `\\{...\\}` as sets; matrices and vectors by shape and entries (pmatrix, bmatrix,
+    matrix and a bracketed array alike);
   - equations as equations: `2x+4y-3=0` equals `y=-\\frac12x+\\frac34` (one side minus the other
     agrees up to a nonzero constant factor); `x = 5` equals 5.
 
@@ -69,9 +71,14 @@ _BETWEEN_BOXES = re.compile(r"^(?:\s|,|;|\\quad|\\qquad|\\[,;: ]|\$|\\\)|\\\(|\\
                             r"\\text\{\s*(?:and|or|,)\s*\}|and|or)*$")
 
 
-def _last_boxes(text: str, command: str) -> str | None:
-    """The last `command{...}`, or the last run of them separated only by commas, `and`, `\\quad` or
-    math delimiters (several solutions boxed one by one), joined into one list."""
+# Between a gold's boxes, a few words joined by `and`/`or` too: `\\boxed{1} papers and \\boxed{2} bins`
+_BETWEEN_GOLD_BOXES = re.compile(_BETWEEN_BOXES.pattern + r"|^(?=.*\b(?:and|or)\b)[^{}$\\]{0,40}$")
+
+
+def _last_boxes(text: str, command: str, between: re.Pattern = _BETWEEN_BOXES) -> str | None:
+    """The last `command{...}`, or the last run of them separated only by `between` (commas, `and`,
+    `\\quad` or math delimiters: several solutions boxed one by one), joined into one list (with
+    `and` where words join them: a set of solutions)."""
     parts = []
     end = len(text)
     while True:
@@ -82,13 +89,14 @@ def _last_boxes(text: str, command: str) -> str | None:
         if inner is None:
             break
         close = start + len(command) + 1 + len(inner) + 1
-        if parts and not _BETWEEN_BOXES.match(text[close:parts[-1][0]]):
+        if parts and not between.match(text[close:parts[-1][0]]):
             break
-        parts.append((start, inner))
+        parts.append((start, inner, re.search(r"\b(?:and|or)\b", text[close:end])))
         end = start
     if not parts:
         return None
-    return ", ".join(inner for _, inner in reversed(parts))
+    return "".join(inner + ("" if i == 0 else " and " if parts[i][2] else ", ")
+                   for i, (_, inner, _) in reversed(list(enumerate(parts))))
 
 
 _ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]{1,200})", re.IGNORECASE)
@@ -145,14 +153,15 @@ litre litres gallon gallons cup cups quart quarts pint pints mph kph km/h m/s do
 euro euros degree degrees deg rad radian radians unit units percent percentage pct sq""".split()
 _UNIT = "|".join(sorted((re.escape(u) for u in _UNIT_WORDS), key=len, reverse=True))
 _LONG_UNIT = "|".join(sorted((re.escape(u) for u in _UNIT_WORDS if len(u) > 2), key=len, reverse=True))
-_POWER = r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?"
+_POWER = r"(?:\s*\^\s*\{?\s*[23]\s*\}?|[²³])?"
 _TEXT_UNIT = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|rm)\s*\{\s*(?:(?:square|cubic|sq\.?)\s+)?"
                         rf"(?:{_UNIT})\s*\}}{_POWER}\s*$")
 # A plain-text unit ends the answer; one of one or two letters only after a space (`5 m`, not `5m`).
-_PLAIN_UNIT = re.compile(rf"(?:\s+(?:(?:square|cubic|sq\.?)\s+)?(?:{_UNIT})|(?<=[\d}}])(?:{_LONG_UNIT})){_POWER}\s*$")
+_PLAIN_UNIT = re.compile(rf"(?:\s+(?:(?:square|cubic|sq\.?)\s+)?(?:{_UNIT})|(?<=[\d}}])(?:{_LONG_UNIT})){_POWER}\s*$|"
+                         rf"(?<=\d)(?:{_UNIT})[²³]\s*$")  # `12m²`: a power sign makes a short unit sure
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|rm)\s*\{([^{}]{0,100})\}")
-_NOISE = re.compile(r"\\(?:left|right|displaystyle|quad|qquad)(?![a-zA-Z])|(?<!\\)\\[!,;: ]\s*|~|\$|\\\$|\\[()\[\]]|"
-                    r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\%|%")
+_NOISE = re.compile(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\q?quad|(?<!\\)\\[!,;: ]\s*|~|\$|\\\$|\\[()\[\]]|"
+                    r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\%|%|[€£¥]")
 _FUNCTION_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
                    "log", "ln", "exp", "sqrt", "frac", "dfrac", "tfrac", "pi", "infty", "inf", "cdot", "times",
                    "div", "pm", "mp", "le", "ge", "leq", "geq", "neq", "ne", "lt", "gt", "in", "cup", "cap",
@@ -324,8 +333,8 @@ def _numbers_equal(gold: tuple[Fraction, int | None], pred: tuple[Fraction, int 
 # Structure: lists, tuples and intervals, sets, matrices
 
 
-def _split_top(s: str, sep: str = ",") -> list[str]:
-    """Split at `sep` outside (), [], {} (and \\{ \\})."""
+def _split_top(s: str, sep: str | re.Pattern = ",") -> list[str]:
+    """Split at `sep` (a string or a pattern) outside (), [], {} (and \\{ \\})."""
     parts, depth, start, i = [], 0, 0, 0
     while i < len(s):
         c = s[i]
@@ -337,25 +346,28 @@ def _split_top(s: str, sep: str = ",") -> list[str]:
             depth += 1
         elif c in ")]}":
             depth -= 1
-        elif depth == 0 and s.startswith(sep, i):
-            parts.append(s[start:i])
-            start = i + len(sep)
+        elif depth == 0 and i >= start:
+            m = sep.match(s, i) if isinstance(sep, re.Pattern) else (s.startswith(sep, i) and sep)
+            if m:
+                parts.append(s[start:i])
+                start = m.end() if isinstance(sep, re.Pattern) else i + len(sep)
         i += 1
     parts.append(s[start:])
     return [p.strip() for p in parts]
 
 
-_LIST_WORDS = re.compile(r"^(?:and|or)\s+|^\\text\{\s*(?:and|or)\s*\}\s*")
 _MATRIX = re.compile(r"^\\begin\{(p|b|B|v|V|small|)matrix\}(.*)\\end\{\1matrix\}$", re.DOTALL)
+# `\left[\begin{array}{cc} 1 & 2 \\ 3 & 4 \end{array}\right]`: an array in brackets is a matrix
+_ARRAY = re.compile(r"^[\[(]\s*\\begin\{array\}\{[lcr| ]*\}(.*)\\end\{array\}\s*[\])]$", re.DOTALL)
 _NUMBER_SPACE_NUMBER = re.compile(r"\d\s+[-+]?\d")
 
 
 def _matrix(s: str) -> tuple[str, list[list[str]]] | None:
-    m = _MATRIX.match(s)
-    if not m:
+    m, array = _MATRIX.match(s), _ARRAY.match(s)
+    if not (m or array):
         return None
-    kind = "det" if m.group(1) in ("v", "V") else "matrix"
-    rows = [r.strip() for r in m.group(2).split("\\\\")]
+    kind = "det" if m and m.group(1) in ("v", "V") else "matrix"
+    rows = [r.strip() for r in (m.group(2) if m else array.group(1)).split("\\\\")]
     while rows and not rows[-1]:
         rows.pop()
     return kind, [[c.strip() for c in r.split("&")] for r in rows]
@@ -373,9 +385,15 @@ def _brackets(s: str) -> tuple[str, str, str] | None:
             depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(c, 0)
             if depth < 0:
                 return None
-        if depth == 0 and len(_split_top(inner)) > 1:
+        if depth == 0 and len(_tuple_items(inner)) > 1:
             return s[0], s[-1], inner
     return None
+
+
+def _tuple_items(inner: str) -> list[str]:
+    """Items of a tuple's or set's inside: split at commas, else at semicolons (`(0; -2; 6)`)."""
+    items = _split_top(inner)
+    return items if len(items) > 1 else _split_top(inner, ";")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,6 +523,7 @@ def _unwrap(s: str) -> str:
     return s
 
 
+_GOLD_DECIMAL_COMMA = re.compile(r"^[-+]?\d+,\d{1,2}$")
 _IN = re.compile(r"^[a-zA-Z]\s*\\in\s*(.+)$")
 _BETWEEN = re.compile(r"^([^<=>]+?)\s*(\\leq|<)\s*([a-zA-Z](?:\([a-zA-Z]\))?)\s*(\\leq|<)\s*([^<=>]+)$")
 
@@ -538,7 +557,63 @@ def _plus_minus(s: str) -> list[str] | None:
 def _as_set(s: str) -> list[str]:
     """The items of a set `\\{a, b\\}` or of a list `a, b`."""
     b = _brackets(s)
-    return _split_top(b[2]) if b and b[0] == "{" else _split_top(s)
+    return _tuple_items(b[2]) if b and b[0] == "{" else _split_top(s)
+
+
+# `1 and -2`, `21, 16 or 11`, `(11,7)or(7,11)`: solutions or alternatives joined by words
+_JOINING_WORD = re.compile(r"\s*(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z])\s*")
+
+
+def _items(s: str) -> tuple[list[str], bool]:
+    """The items of a list answer, and whether they are a set of solutions (any order): joined by
+    `and`/`or`, or by semicolons (`-12; -11; -10`, `p=5, q=2; p=7, q=2` as the pairs (5, 2), (7, 2)).
+    A plain comma list keeps its order (MATH's lists: `10, 4, -2` is not `4, 10, -2`)."""
+    if to_number(s) is not None:
+        return [s], False
+    groups = _split_top(s, ";")
+    if len(groups) > 1:
+        items = []
+        for group in (_split_top(x) for x in groups if x):
+            labels = [_SIMPLE_LHS.match(x) for x in group]
+            values = [m.group(1).strip() for m in labels] if all(labels) else group
+            items.append(values[0] if len(values) == 1 else "(" + ", ".join(values) + ")")
+        return items, True
+    items, joined = [], False
+    for part in _split_top(s):
+        words = [x for x in _split_top(part, _JOINING_WORD) if x]
+        joined |= len(words) > 1 or words != [part]
+        items += words
+    return items, joined
+
+
+def _distinct(items: list[str]) -> list[str]:
+    """A set's items without repeats (`(3,17,3,7)` listed twice is one solution)."""
+    seen, out = set(), []
+    for x in items:
+        key = "".join(x.split())
+        if key not in seen:
+            seen.add(key)
+            out.append(x)
+    return out
+
+
+def _tuple_value(s: str) -> str:
+    """`(x, y) = (5, 8)` -> `(5, 8)`: a tuple named by its unknowns."""
+    m = _SIMPLE_LHS.match(s)
+    return m.group(1).strip() if m and s.startswith("(") and _is_tuple(m.group(1).strip()) else s
+
+
+# A name in front of a gold value (`V_{1}:V_{2} = 11:21`, `\frac{NO}{BO} = ...`, `|AB| = 1`): letters,
+# subscripts, ratio and fraction signs only, no operator or digit outside subscripts
+_NAME_PARTS = re.compile(r"_\{[^{}]*\}|_\w|\\frac|\\angle|\\triangle|[{}|:/()\s]")
+
+
+def _gold_value(g: str) -> str | None:
+    """The value a gold answer names (`S_{MBCN}:S = 7:32` -> `7:32`), else None."""
+    lhs, eq, rhs = g.partition("=")
+    if not eq or "=" in rhs or not rhs.strip():
+        return None
+    return rhs.strip() if re.fullmatch(r"[A-Za-z]{1,8}", _NAME_PARTS.sub("", lhs)) else None
 
 
 def _is_tuple(s: str) -> bool:
@@ -572,6 +647,8 @@ def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
         return True
     if to_number(g) is not None:  # `1,200 people` is one number, not a list
         p = _number_and_nouns(p) or p
+    if _GOLD_DECIMAL_COMMA.match(g):  # a gold `1,22` is 1.22 (a prediction's `1,2` stays a list)
+        return to_number(p) is not None and _numbers_equal(to_number(g.replace(",", ".")), to_number(p), exact)
     # a gold inequality `-2 \leq x \leq 7` is the interval `x \in [-2, 7]` (math-verify's tests take a
     # predicted inequality for an interval gold as wrong: the answer asked for a set)
     gi, pi_ = _interval(g), _interval(p, inequality=False)
@@ -583,18 +660,27 @@ def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
     g_pm, p_pm = _plus_minus(g), _plus_minus(p)
     if g_pm or p_pm:
         return _same_items(g_pm or _as_set(g), p_pm or _as_set(p), exact, depth)
-    # lists: in order, item by item; a list never equals a single item. A list of tuples is the set
-    # of a system's solutions: in any order.
-    g_items = [_LIST_WORDS.sub("", x) for x in _split_top(g)] if to_number(g) is None else [g]
-    p_items = [_LIST_WORDS.sub("", x) for x in _split_top(p)] if to_number(p) is None else [p]
+    # lists: in order, item by item, unless the gold joins them as solutions (see _items); a list
+    # never equals a single item. A list of tuples is the set of a system's solutions: in any order.
+    (g_items, g_set), (p_items, _) = _items(g), _items(p)
     if len(g_items) > 1 or len(p_items) > 1:
+        g_items, p_items = [_tuple_value(x) for x in g_items], [_tuple_value(x) for x in p_items]
         if all(_is_tuple(x) for x in g_items + p_items):
-            return _same_items(g_items, p_items, exact, depth)
+            return _same_items(_distinct(g_items), _distinct(p_items), exact, depth)
+        if g_set and len(p_items) == 1 and (pb := _brackets(p_items[0])) and pb[0] == "{":
+            p_items = _tuple_items(pb[2])  # solutions `1; 3` against the set `\{1, 3\}`
         g_labels, p_labels = ([_SIMPLE_LHS.match(x) for x in items] for items in (g_items, p_items))
         if all(g_labels) and all(p_labels):  # `a_3 = 2, a_{37} = 19`: named values, in any order
             return _same_items(g_items, p_items, exact, depth)
         if all(g_labels) and not any(p_labels):  # `AB = 4, CD = 5` against `4, 5`
             g_items = [m.group(1).strip() for m in g_labels]
+        elif g_labels[0] and not any(g_labels[1:]) and re.fullmatch(r"[a-zA-Z]", name := g_items[0].split("=")[0].strip()):
+            # `a = 4, -8, -10`: the values of one unknown, a set of solutions
+            g_items, g_set = [g_labels[0].group(1).strip(), *g_items[1:]], True
+            if p_labels[0] and not any(p_labels[1:]) and p_items[0].split("=")[0].strip() == name:
+                p_items = [p_labels[0].group(1).strip(), *p_items[1:]]
+        if g_set:
+            return _same_items(g_items, p_items, exact, depth)
         return len(g_items) == len(p_items) and all(_equal(a, b, exact, depth + 1) for a, b in zip(g_items, p_items))
     # a chain `x = 5 + 5 + 1 = 11`: its last member is the answer (a formula's, not a sentence's)
     if p.count("=") > 1 and g.count("=") <= 1 and not _has_words(p):
@@ -613,8 +699,9 @@ def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
     g_eq, p_eq = "=" in g, "=" in p
     if g_eq != p_eq:
         m = _SIMPLE_LHS.match(p if p_eq else g)
-        if not m:
-            return False
+        if not m:  # a gold may name its value more freely (`V_{1}:V_{2} = 11:21`): it is trusted text
+            value = _gold_value(g) if g_eq else None
+            return value is not None and _equal(value, p, exact, depth + 1)
         return _equal(g, m.group(1).strip(), exact, depth + 1) if p_eq else _equal(m.group(1).strip(), p, exact, depth + 1)
     if g_eq and p_eq:
         gm, pm = _SIMPLE_LHS.match(g), _SIMPLE_LHS.match(p)
@@ -635,7 +722,7 @@ def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
     if gb or pb:
         if not (gb and pb) or gb[:2] != pb[:2]:
             return False
-        ga, pa = _split_top(gb[2]), _split_top(pb[2])
+        ga, pa = _tuple_items(gb[2]), _tuple_items(pb[2])
         if len(ga) != len(pa):
             return False
         if gb[0] == "{":  # a set: every item matched once
@@ -651,11 +738,14 @@ def _equal(g: str, p: str, exact: bool, depth: int = 0) -> bool:
 
 
 def matches(gold: Any, text: str | None, decimals: str = "rounded") -> bool:
-    """`answers_match` of the answer `text` states (####, \\boxed{}, <answer>, "the answer is"), or of
-    `text` itself when it states none: one call for completions and bare answers alike."""
+    """`answers_match` of the answer `text` states (####, \\boxed{}, <answer>, "the answer is"; else
+    what its last sentence states, `_stated_in_prose`; else its one formula), or of `text` itself:
+    one call for completions and bare answers alike. A reward (`math_reward`) needs the markers."""
     if text is None or gold is None:
         return False
     answer = extract_answer(text)
+    if answer is None:  # `Final Answer: The largest $n$ is 34.`: a last sentence that states it
+        answer = _stated_in_prose(text)
     if answer is None:  # `Therefore $x \\geq 5$ is the solution.`: a sentence around its one formula
         answer = _sole_formula(text)
     return answers_match(_gold(gold), text if answer is None else answer, decimals)
@@ -671,6 +761,47 @@ def _sole_formula(text: str) -> str | None:
         return None
     found = [next(g for g in m.groups() if g is not None) for m in _FORMULA.finditer(text)]
     return found[0].strip() if len(found) == 1 and text.strip() != found[0].strip() else None
+
+
+_TURN_END = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|end_of_turn)\|>|</s>|<end_of_turn>")
+_HOPE = re.compile(r"\s*I hope it is correct\.?\s*$", re.IGNORECASE)
+_FINAL_ANSWER = re.compile(r"final answer\s*:", re.IGNORECASE)
+_SENTENCE = re.compile(r"[.!?](?:\$\$|\\\])?\s+(?=[A-Z])|(?<=\$)\s+(?=(?:So|Thus|Therefore|Hence|Finally)\b)")
+_IS = re.compile(r"(?<![a-zA-Z])(?:is|are|it's|equals)\s+")
+_MARKERS = re.compile(r"<answer>|</answer>|\\boxed|\\fbox|####")
+_NUMBER = re.compile(r"(?<![\w.,])[-+]?\d+(?:,\d{3})*(?:\.\d+)?%?(?![\w,]|\.\d)")
+
+
+def _stated_in_prose(text: str) -> str | None:
+    """The answer a completion states in its last words without a marker, else None: in what follows
+    "Final Answer:" (or in the last sentence), what the last `is`/`are` leads to when it is one
+    number or one formula (`... is $(7, 6)$.`), else the one number or formula with a digit there
+    (`Jane started 3 hours ago.`). A chat turn's end and "I hope it is correct." are not the answer."""
+    text = _TURN_END.split(text[-MAX_TEXT:], maxsplit=1)[0]
+    if _MARKERS.search(text):  # a marker it did not complete (`\\boxed{6`, `<answer></answer>`): none
+        return None
+    text = _HOPE.sub("", text.rsplit("</think>", 1)[-1].rstrip())
+    final = None
+    for final in _FINAL_ANSWER.finditer(text):
+        pass
+    segment = text[final.end():] if final else _SENTENCE.split(text)[-1]
+    segment = segment.strip().rstrip(".").strip()
+    if not segment or len(segment) > 300:
+        return None
+    tail = _IS.split(segment)[-1].strip() if _IS.search(segment) else None
+    if tail:
+        formula = _FORMULA.fullmatch(tail)
+        if formula:
+            return next(g for g in formula.groups() if g is not None).strip()
+        if to_number(normalize_answer(tail)) is not None:
+            return tail
+    found = []  # formulas with a digit, and plain numbers outside formulas
+    rest = _FORMULA.sub(lambda m: found.append(next(g for g in m.groups() if g is not None)) or " "
+                        if re.search(r"\d", m.group(0)) else " ", segment)
+    if "$" in rest or "\\(" in rest or "\\[" in rest:  # math left open (`Answer $ 9` over lines): not read
+        return None
+    found = [f for f in found if f is not None] + _NUMBER.findall(rest)
+    return found[0].strip() if len(found) == 1 else None
 
 
 def answers_match(gold: Any, pred: str | None, decimals: str = "rounded") -> bool:
@@ -702,5 +833,15 @@ def format_reward(completion: str | None) -> float:
 
 
 def _gold(answer: Any) -> str:
+    """A gold answer written as a solution reduced to its final answer: `#### 42`, its boxes (with a few
+    words between them: `\\boxed{1} papers and \\boxed{2} bins` is both), "the final answer is 28%"."""
     gold = str(answer)
-    return (extract_answer(gold) or gold) if "####" in gold or "\\boxed" in gold else gold
+    if "\\boxed" in gold and "####" not in gold and "answer is" not in gold:
+        boxed = _last_boxes(gold[-MAX_TEXT:], "\\boxed", _BETWEEN_GOLD_BOXES)
+        if boxed is None:
+            return gold
+        named = re.search(r"(?<![\\a-zA-Z])([a-zA-Z])\s*=\s*\\boxed\{" + re.escape(boxed) + r"\}\W*$", gold)
+        return f"{named.group(1)} = {boxed}" if named else boxed  # `n = \\boxed{1,-2}`: the values of n
+    if "####" in gold or "\\boxed" in gold or (len(gold) > 200 and _ANSWER_IS.search(gold)):
+        return extract_answer(gold) or gold
+    return gold

@@ -10,7 +10,7 @@ import pytest
 from grpo_jax.rewards import math_grader
 
 TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "math_answers.jsonl")
-FALSE_NEGATIVES = 58  # recorded (docs/benchmarks.md); lower it when the grader accepts more
+FALSE_NEGATIVES = 20  # recorded (docs/benchmarks.md); lower it when the grader accepts more
 
 
 def load_table():
@@ -90,6 +90,32 @@ RECALL_CASES = [  # (gold, completion, reward): the kinds issue 38 names, each w
     ("10455", "so \\boxed{255}. Final Answer: The final answer is $10,455$. I hope it is correct.", 1),
     ("7", "so \\boxed{7}. I hope the answer is correct.", 1),
     ("z = 1 + 1 = 2", "$z = 3+3 = 2$", 1), ("z = 1 + 1 = 2", "$y = 3+3 = 2$", 0),
+    # solutions joined by words or semicolons, or the values of one unknown: any order, all of them
+    ("1 and -2", "\\boxed{-2, 1}", 1), ("1 and -2", "\\boxed{-2, 2}", 0), ("1 and -2", "\\boxed{1}", 0),
+    ("$21, 16$ or $11$", "\\boxed{11, 21, 16}", 1), ("$21, 16$ or $11$", "\\boxed{11, 21}", 0),
+    ("-12; -11; -6", "\\boxed{\\{-6, -12, -11\\}}", 1), ("-12; -11; -6", "\\boxed{\\{-6, -12\\}}", 0),
+    ("p=5, q=2; p=7, q=2", "\\boxed{(7, 2), (5, 2)}", 1), ("p=5, q=2; p=7, q=2", "\\boxed{(2, 7), (5, 2)}", 0),
+    ("a = 4, -8, -10", "\\boxed{-10, -8, 4}", 1), ("a = 4, -8, -10", "\\boxed{-10, 8, 4}", 0),
+    ("so $n = \\boxed{1,-2}.$", "\\boxed{-2} and \\boxed{1}", 1), ("so $n = \\boxed{1,-2}.$", "\\boxed{-2, 2}", 0),
+    ("\\boxed{1} papers and \\boxed{2} bins", "\\boxed{1, 2}", 1), ("\\boxed{1} no no \\boxed{2}", "\\boxed{1, 2}", 0),
+    ("(0;0;6),(4;-2;0)", "\\boxed{(4, -2, 0), (0, 0, 6), (4,-2,0)}", 1), ("(0;0;6),(4;-2;0)", "\\boxed{(4, -2, 0)}", 0),
+    ("$(5, 8), (8, 5)$", "\\boxed{(x, y) = (5, 8) \\text{ and } (8, 5)}", 1),
+    # a gold's name for its value, trusted: a ratio's, a fraction's, a length's
+    ("V_{1}:V_{2}=11:21", "\\boxed{11:21}", 1), ("V_{1}:V_{2}=11:21", "\\boxed{21:11}", 0),
+    ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\boxed{\\frac{\\sqrt{6}}{6}}", 1), ("|AB|=1", "\\boxed{2}", 0),
+    ("x+y=5", "\\boxed{5}", 0),  # an equation is not a name
+    # a last sentence that states the answer without a marker (`matches` only)
+    ("34", "Final Answer: The largest $n$ is 34.", 1), ("34", "Final Answer: The largest $n$ is 35.", 0),
+    ("(7,6)", "$y = 6$ So, the ordered pair $(x, y)$ is $(7, 6)$. <|im_start|>user", 1),
+    ("12", "Therefore, there are 12 sequences that meet the three conditions. I hope it is correct.", 1),
+    ("12", "Therefore, there are 12 or 13 sequences.", 0), ("3", "Final Answer: Jane started 3 hours ago.", 1),
+    ("1000.99", "the number is not 10 which is 1,000.99€", 1), ("10", "the number is not 10 which is 1,000.99€", 0),
+    ("9", "Answer $ \n 9 \n $", 0), ("6", "\\boxed{6", 0), ("6", "<think>it is 6</think><answer></answer>", 0),
+    # a gold's decimal comma; a matrix written as an array in brackets
+    ("1,22", "\\boxed{1.22}", 1), ("1,22", "\\boxed{1.2}", 0), ("2.74", "\\boxed{2,74}", 0),
+    ("\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}", "$\\left[\\begin{array}{cc}1 & 2 \\\\ 3 & 4\\end{array}\\right]$", 1),
+    ("\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}", "$\\left[\\begin{array}{cc}1 & 2 \\\\ 4 & 3\\end{array}\\right]$", 0),
+    ("x_{1}=2,\\quadx_{2}=3", "\\boxed{2} \\quad \\text{and} \\quad \\boxed{3}", 1),
 ]
 
 
