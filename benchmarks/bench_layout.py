@@ -25,8 +25,9 @@ Printed per device, for each program of a step:
 - the LM head's rows per device (tokens it computes logits for) against the batch's tokens.
 - reference pass (beta > 0): its peak, beside the resident state (parameters, optimizer state, the
   reference weights).
-- sampling: the inference copy of the weights, the KV cache, the prefill and decode peaks, and the
-  bytes collectives move inside the decode loop (weights: none).
+- sampling: the inference copy of the weights, the KV cache, the prefill and decode peaks, the
+  bytes collectives move inside the decode loop (weights: none), and the first shrink of the decode
+  batch (finished rows leaving it): its peak and the bytes it moves (none: rows stay on their device).
 """
 
 from __future__ import annotations
@@ -240,6 +241,14 @@ def main(argv=None):
         logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=NamedSharding(mesh, P(partitioning.BATCH)))
         dexe = sampler.decode_program(copy, cache, logits, cfg=run_cfg, sampling=sc, mesh=mesh).compile()
         dmem = compiled.memory(dexe)
+        # The first shrink of the decode batch (finished rows leave it): each row shard keeps its own rows.
+        state = jax.eval_shape(lambda c, l: sampler.decode_state(c, l, sc), cache, logits)
+        where = sampler._state_shardings(state, run_cfg, mesh)
+        where.logits = NamedSharding(mesh, P(where.logits.spec[0]))
+        state = abstract(state, where)
+        size = sampler.batch_sizes(rows, sc.shrink_factor, sampler._row_shards(rows, mesh))[1:2] or (rows,)
+        sexe = sampler._shrink.lower(state, None, cfg=run_cfg, size=size[0], mesh=mesh).compile()
+        smem = compiled.memory(sexe)
         in_loop = [o for o in compiled.collectives(dexe.as_text()) if o.in_loop]
         # An MoE layer all-gathers its expert group's rows ([rows / (data x fsdp), ...]): tokens, not weights.
         group_rows = rows // (data * fsdp)
@@ -255,6 +264,8 @@ def main(argv=None):
             "with_resident_state_GiB": (max(pmem["peak"], dmem["peak"]) + resident_now) / GiB,
             "decode_loop_collective_bytes_per_token": sum(o.wire_bytes for o in in_loop),
             "decode_loop_weight_all_gathers": len(weights_in_loop),
+            "first_shrink_rows": [rows, size[0]], "first_shrink_peak_GiB": smem["peak"] / GiB,
+            "first_shrink_collective_bytes": sum(o.wire_bytes for o in compiled.collectives(sexe.as_text())),
         }
         print(json.dumps({"sampling": out["sampling"]}, indent=1), flush=True)
 

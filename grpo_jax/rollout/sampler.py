@@ -364,11 +364,12 @@ def decode_steps(params, state: DecodeState, key: Array, stop_step: Array, stop_
                  cfg: architecture.ModelConfig, sampling: SamplingConfig, kv_len: int,
                  mesh: Mesh | None = None) -> tuple[DecodeState, Array]:
     """Draw every row's token and run the model on it, step by step in one while_loop, while
-    step < stop_step and more than stop_live rows are live; every step attends over the cache's first
-    kv_len slots (which must hold prompt + stop_step tokens). A batch at step T - 1 gets its last
-    draw, with no forward after it. The cache is donated and updated in place. Returns the state and
-    its live row count."""
+    step < stop_step and some row shard (`_row_shards`: each device's block of rows) holds more than
+    stop_live live rows; every step attends over the cache's first kv_len slots (which must hold
+    prompt + stop_step tokens). A batch at step T - 1 gets its last draw, with no forward after it.
+    The cache is donated and updated in place. Returns the state and each shard's live rows [shards]."""
     T = sampling.max_new_tokens
+    shards = _row_shards(state.rows.shape[0], mesh)
 
     def body(state):
         state, tok, active = _draw(state, key, sampling)
@@ -376,25 +377,44 @@ def decode_steps(params, state: DecodeState, key: Array, stop_step: Array, stop_
                                       pin_weights=False, kv_len=kv_len)
         return _constrain_state(dataclasses.replace(state, cache=cache, logits=logits[:, -1]), cfg, mesh)
 
-    live = lambda s: jnp.sum(~s.done, dtype=jnp.int32)
-    state = jax.lax.while_loop(lambda s: (s.step < stop_step) & (live(s) > stop_live), body, state)
+    live = lambda s: jnp.sum(~s.done.reshape(shards, -1), axis=1, dtype=jnp.int32)  # [shards]
+    state = jax.lax.while_loop(lambda s: (s.step < stop_step) & (jnp.max(live(s)) > stop_live), body, state)
     # The last draw touches none of the cache (the cond's operands stay small).
     cache = state.cache
-    last = jax.lax.cond((state.step == T - 1) & (live(state) > 0), lambda s: _draw(s, key, sampling)[0],
+    last = jax.lax.cond((state.step == T - 1) & (jnp.max(live(state)) > 0), lambda s: _draw(s, key, sampling)[0],
                         lambda s: s, dataclasses.replace(state, cache={}))
     state = dataclasses.replace(last, cache=cache)
     return state, live(state)
+
+
+def _row_shards(n: int, mesh: Mesh | None) -> int:
+    """How many blocks a batch of n rows is split into over the mesh (1 where its rows are replicated)."""
+    shards = 1 if mesh is None else partitioning.batch_shards(mesh)
+    return shards if n % shards == 0 else 1
+
+
+def _take_rows(x: Array, keep: Array, axis: int) -> Array:
+    """x's rows `keep` along `axis`: keep [shards, k] indexes each shard's own block of rows, so the
+    gather is local to the device that holds the block (a batched gather over the shard dimension:
+    no row crosses devices, and nothing is all-reduced)."""
+    shards, n = keep.shape[0], x.shape[axis]
+    blocks = x.reshape(*x.shape[:axis], shards, n // shards, *x.shape[axis + 1:])
+    out = jax.vmap(lambda b, i: jnp.take(b, i, axis=axis), in_axes=(axis, 0), out_axes=axis)(blocks, keep)
+    return out.reshape(*x.shape[:axis], shards * keep.shape[1], *x.shape[axis + 1:])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "size", "mesh"), donate_argnames=("out",))
 def _shrink(state: DecodeState, out: dict[str, Array] | None, *, cfg: architecture.ModelConfig, size: int,
             mesh: Mesh | None = None) -> tuple[DecodeState, dict[str, Array]]:
     """Store the batch's results in the rollout's (`out`, [N, ...]; None while the batch is still
-    the whole rollout in order: then they are the batch's), then keep `size` rows: the live ones
-    first, in their order, and finished ones to fill up (they stay finished), with their cache rows."""
-    out = _store(state, out) if out is not None else {k: getattr(state, k) for k in _RESULTS}
-    keep = jnp.argsort(state.done, stable=True)[:size]
-    take = lambda x, axis=0: jnp.take(x, keep, axis=axis)
+    the whole rollout in order: then they are the batch's), then keep `size` rows: in each row shard
+    (a device's block, `_row_shards`) size / shards of its own rows, the live ones first, in their
+    order, and finished ones to fill up (they stay finished), with their cache rows. Rows never move
+    between devices: each shard must hold at most size / shards live rows (`decode` sees to it)."""
+    shards = _row_shards(state.rows.shape[0], mesh)
+    out = _store(state, out, shards) if out is not None else {k: getattr(state, k) for k in _RESULTS}
+    keep = jnp.argsort(state.done.reshape(shards, -1), axis=1, stable=True)[:, :size // shards]
+    take = lambda x, axis=0: _take_rows(x, keep, axis)
     cache = {k: v if k == "index" else take(v, 1 if k in ("k", "v") else 0) for k, v in state.cache.items()}
     small = jax.tree.map(take, dataclasses.replace(state, cache={}, step=None))
     return _constrain_state(dataclasses.replace(small, cache=cache, step=state.step), cfg, mesh), out
@@ -403,9 +423,18 @@ def _shrink(state: DecodeState, out: dict[str, Array] | None, *, cfg: architectu
 _RESULTS = ("tokens", "logps", "lengths", "done")
 
 
-def _store(state: DecodeState, out: dict[str, Array]) -> dict[str, Array]:
-    """Write the batch's rows into the rollout's results (out, [N, ...])."""
-    return {k: out[k].at[state.rows].set(getattr(state, k)) for k in out}
+def _store(state: DecodeState, out: dict[str, Array], shards: int = 1) -> dict[str, Array]:
+    """Write the batch's rows into the rollout's results (out, [N, ...]). A row never leaves its
+    shard's block (`_shrink`), so each shard writes its own block of `out`, on its own device."""
+    N = out["tokens"].shape[0]
+    local = state.rows.reshape(shards, -1) % (N // shards)  # [shards, n / shards]: rows within their block
+
+    def put(o, v):
+        blocks = jax.vmap(lambda a, i, x: a.at[i].set(x))(o.reshape(shards, N // shards, *o.shape[1:]), local,
+                                                          v.reshape(shards, -1, *v.shape[1:]))
+        return blocks.reshape(o.shape)
+
+    return {k: put(out[k], getattr(state, k)) for k in out}
 
 
 def batch_sizes(n: int, factor: float, unit: int = 1) -> tuple[int, ...]:
@@ -461,8 +490,8 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, *
     if eos_at is not None and not sampling.eos_ids:
         raise ValueError("eos_at forces EOS tokens: sampling.eos_ids is empty")
     S = cache["mask"].shape[1]  # prompt bucket + T slots (prefill's cache)
-    shards = 1 if mesh is None else partitioning.batch_shards(mesh)
-    sizes = batch_sizes(N, sampling.shrink_factor, shards if N % shards == 0 else 1)
+    shards = _row_shards(N, mesh)
+    sizes = batch_sizes(N, sampling.shrink_factor, shards)
     state = decode_state(cache, first_logits, sampling, eos_at)
     out, step, live, row_steps, batches = None, 0, N, 0, []
     while live and step < T:
@@ -472,22 +501,26 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, *
         smaller = [s for s in sizes if s < n][:1] if step < T - _MIN_STEPS_AFTER_SHRINK else []
         if smaller:  # the loop may stop for a shrink only while enough steps remain
             stop = min(stop, T - _MIN_STEPS_AFTER_SHRINK)
-        state, live = decode_steps(params, state, key, jnp.int32(stop), jnp.int32(smaller[0] if smaller else 0),
-                                   cfg=cfg, sampling=sampling, kv_len=S - T + end, mesh=mesh)
-        new_step, live = (int(x) for x in jax.device_get((state.step, live)))
+        # A smaller batch keeps each shard's rows on its device: it waits until every shard's live
+        # rows fit its part of the smaller batch.
+        state, per_shard = decode_steps(params, state, key, jnp.int32(stop),
+                                        jnp.int32(smaller[0] // shards if smaller else 0),
+                                        cfg=cfg, sampling=sampling, kv_len=S - T + end, mesh=mesh)
+        new_step, per_shard = jax.device_get((state.step, per_shard))
+        new_step, live, most = int(new_step), int(per_shard.sum()), int(per_shard.max())
         row_steps += n * (new_step - step)
         batches.append((n, S - T + end, new_step - step))
         step = new_step
-        if smaller and 0 < live <= smaller[0]:
-            size = min(s for s in sizes if s >= live)
+        if smaller and 0 < most <= smaller[0] // shards:
+            size = min(s for s in sizes if s >= most * shards)
             state, out = _shrink(state, out, cfg=cfg, size=size, mesh=mesh)
     if out is not None:
-        out = _store_jit(state, out)
+        out = _store_jit(state, out, shards)
         state = dataclasses.replace(state, **out)
     return Decoded(state.tokens, state.logps, state.lengths, state.done, row_steps, tuple(batches))
 
 
-_store_jit = jax.jit(_store, donate_argnums=1)
+_store_jit = jax.jit(_store, donate_argnums=1, static_argnums=2)
 
 
 def compiled_programs() -> dict[str, int]:

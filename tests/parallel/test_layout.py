@@ -131,6 +131,37 @@ def test_decode_loop_reads_local_weights(simulated_devices):
     assert simulated_devices(SAMPLER_WORKER, name="SAMPLER_WORKER").strip().endswith("OK")
 
 
+SHRINK_WORKER = COMMON + textwrap.dedent("""
+    N, S = 64, 48
+    sc = sampler.SamplingConfig(max_new_tokens=16)
+    for shape in [(8, 1, 1), (2, 2, 2)]:
+        mesh = mesh_of(shape)
+        cache = jax.eval_shape(lambda: transformer.init_cache(cfg, N, S))
+        first = jax.ShapeDtypeStruct((N, V), jnp.float32)
+        state = jax.eval_shape(lambda c, l: sampler.decode_state(c, l, sc), cache, first)
+        where = sampler._state_shardings(state, cfg, mesh)
+        where.logits = NamedSharding(mesh, P(where.logits.spec[0]))
+        state = abstract(state, where)
+        out = {k: getattr(state, k) for k in sampler._RESULTS}
+        for results in (None, out):  # the first shrink, and a later one that also stores the results
+            c = sampler._shrink.lower(state, results, cfg=cfg, size=40, mesh=mesh).compile()
+            ops = compiled.collectives(c.as_text())
+            assert not ops, (shape, [(o.op, o.result) for o in ops])
+            m = c.memory_analysis()
+            assert m.temp_size_in_bytes < m.argument_size_in_bytes / 4, (shape, m)
+        print(shape, "shrink: no collective")
+    print("OK")
+""")
+
+
+def test_shrinking_the_decode_batch_moves_no_cache_between_devices(simulated_devices):
+    """Finished rows leave the decode batch on the device that holds them: each row shard keeps its
+    own live rows (`sampler._shrink`), so the compiled shrink has no collective at all (it used to
+    all-reduce the whole kept KV cache, with 10x the arguments in temporaries) and no temporary of
+    the cache's size, on a data mesh and on a data x fsdp x tensor one."""
+    assert simulated_devices(SHRINK_WORKER, name="SHRINK_WORKER").strip().endswith("OK")
+
+
 def test_prefill_memory_does_not_grow_with_prompt_length_times_vocab():
     """The prefill computes float32 logits for the last prompt position only: a larger vocabulary
     adds about [B, vocab] to its temporaries, not [B, prompt length, vocab]."""
