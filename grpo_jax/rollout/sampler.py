@@ -367,7 +367,8 @@ def decode_steps(params, state: DecodeState, key: Array, stop_step: Array, stop_
     step < stop_step and some row shard (`_row_shards`: each device's block of rows) holds more than
     stop_live live rows; every step attends over the cache's first kv_len slots (which must hold
     prompt + stop_step tokens). A batch at step T - 1 gets its last draw, with no forward after it.
-    The cache is donated and updated in place. Returns the state and each shard's live rows [shards]."""
+    The cache is donated and updated in place. Returns the state, its live rows and the most any
+    shard holds (scalars: every host reads them)."""
     T = sampling.max_new_tokens
     shards = _row_shards(state.rows.shape[0], mesh)
 
@@ -384,7 +385,7 @@ def decode_steps(params, state: DecodeState, key: Array, stop_step: Array, stop_
     last = jax.lax.cond((state.step == T - 1) & (jnp.max(live(state)) > 0), lambda s: _draw(s, key, sampling)[0],
                         lambda s: s, dataclasses.replace(state, cache={}))
     state = dataclasses.replace(last, cache=cache)
-    return state, live(state)
+    return state, jnp.sum(live(state)), jnp.max(live(state))
 
 
 def _row_shards(n: int, mesh: Mesh | None) -> int:
@@ -503,11 +504,10 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, *
             stop = min(stop, T - _MIN_STEPS_AFTER_SHRINK)
         # A smaller batch keeps each shard's rows on its device: it waits until every shard's live
         # rows fit its part of the smaller batch.
-        state, per_shard = decode_steps(params, state, key, jnp.int32(stop),
-                                        jnp.int32(smaller[0] // shards if smaller else 0),
-                                        cfg=cfg, sampling=sampling, kv_len=S - T + end, mesh=mesh)
-        new_step, per_shard = jax.device_get((state.step, per_shard))
-        new_step, live, most = int(new_step), int(per_shard.sum()), int(per_shard.max())
+        state, live, most = decode_steps(params, state, key, jnp.int32(stop),
+                                         jnp.int32(smaller[0] // shards if smaller else 0),
+                                         cfg=cfg, sampling=sampling, kv_len=S - T + end, mesh=mesh)
+        new_step, live, most = (int(x) for x in jax.device_get((state.step, live, most)))
         row_steps += n * (new_step - step)
         batches.append((n, S - T + end, new_step - step))
         step = new_step

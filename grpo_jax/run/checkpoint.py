@@ -124,11 +124,13 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
+_SPACE = ("No space left on device", "File too large", "Disk quota exceeded")  # errors that more room fixes
+
+
 def _short(e: BaseException) -> str:
     """An exception in one line: orbax and tensorstore errors run to hundreds of lines."""
     text = " ".join(str(e).split())
-    for marker in ("No space left on device", "File too large", "Disk quota exceeded", "Permission denied",
-                   "Read-only file system"):
+    for marker in (*_SPACE, "Permission denied", "Read-only file system"):
         if marker in text:
             return marker
     return f"{type(e).__name__}: {text[:300]}"
@@ -299,10 +301,12 @@ class Checkpoints:
         self._writing.clear()
         self._remove_unfinished()
         free = _size(shutil.disk_usage(self.dir).free) if os.path.isdir(self.dir) else "?"
+        why = _short(e)
+        fix = ("Free some space (or lower checkpoint.keep) and resume" if why in _SPACE else
+               "Fix what the error names and resume")  # e.g. a barrier that timed out: not the disk
         self._failed = CheckpointError(
-            f"checkpoint {step} could not be written to {self.dir} ({_short(e)}; {free} free there): its "
-            "partial files were removed and the earlier checkpoints are intact. Free some space (or lower "
-            "checkpoint.keep) and resume")
+            f"checkpoint {step} could not be written to {self.dir} ({why}; {free} free there): its "
+            f"partial files were removed and the earlier checkpoints are intact. {fix}")
         return self._failed
 
     def _remove_unfinished(self, settle_s: float = 0.0) -> None:
@@ -347,11 +351,16 @@ class Checkpoints:
         """Block until the saves in flight are written (their checksums and rename included)."""
         self._raise_failure(self.manager.wait_until_finished)
 
-    def poll(self) -> None:
-        """Raise now if a save in the background has failed; never waits for one in flight (and
-        involves no other host)."""
-        if not self.manager.is_saving_in_progress():
+    def poll(self) -> CheckpointError | None:
+        """The error of a save in the background that has failed, else None; never waits for one in
+        flight and involves no other host (the trainer agrees with the others on what to do)."""
+        if self.manager.is_saving_in_progress():
+            return None
+        try:
             self._raise_failure()
+        except CheckpointError as e:
+            return e
+        return None
 
     def _raise_failure(self, wait: Callable[[], None] = lambda: None) -> None:
         try:

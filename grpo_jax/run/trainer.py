@@ -27,6 +27,7 @@ from ml_collections import ConfigDict
 from grpo_jax.common import data
 from grpo_jax.common import metrics
 from grpo_jax.models import lora
+from grpo_jax.parallel import multihost
 from grpo_jax.rewards import scoring
 from grpo_jax.rl import grpo
 from grpo_jax.rl import sft
@@ -171,7 +172,8 @@ class Trainer:
             history.append({"step": 0, **ev})
             accuracy = ev["eval/pass@1"]
             say("step 0 | " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()))
-        while self.step < last and not stop.requested:
+        stopping = 0  # the signal every host has agreed to stop for (see _agree), 0 while none
+        while self.step < last and not stopping:
             m = self.train_step()
             step = self.step
             self._report_reward_failures(step)
@@ -195,11 +197,12 @@ class Trainer:
                     + f"{m['time/step_s']:.2f}s")
                 last_said = time.monotonic()
             history.append(record)
-            self.checkpoints.poll()  # a background save that failed stops the run now, not at the next save
+            stopping = self._agree(stop)
             if step == last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):  # every=0: at the end
                 self.save()
         bar.close()
-        if stop.requested:
+        if stopping:
+            stop.signum = stop.signum or stopping  # a host that got no signal stops for another's
             if self.step and self.checkpoints.latest_step() != self.step:
                 self.save()
             self.checkpoints.wait()  # written before the message says so (a second signal still stops it)
@@ -211,6 +214,20 @@ class Trainer:
             raise SystemExit(stop.exit_code)
         self.writer.flush()
         return {"history": history}
+
+    def _agree(self, stop: graceful_stop.GracefulStop) -> int:
+        """What every host does after this step, decided together: a signal any host received stops
+        them all (returned: the signal's number, else 0), and a background save that failed on any
+        host stops them all now (raised), not at the next save. One small all-gather per step with
+        several hosts; one host reads its own flags. A host deciding alone would save while the
+        others sample: different collectives, a hang, and no checkpoint."""
+        failure = self.checkpoints.poll()
+        signum, failed = multihost.host_max([stop.signum or 0, failure is not None])
+        if failed:
+            raise failure or checkpoint.CheckpointError(
+                f"a checkpoint save failed on another host at step {self.step} (its output says why): every host "
+                "stops; the earlier checkpoints are intact")
+        return signum
 
     def _report_reward_failures(self, step: int) -> None:
         for name, f in self.scorer.take_failures().items():

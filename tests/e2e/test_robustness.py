@@ -319,3 +319,44 @@ def test_progress_lines_come_from_the_start_without_a_terminal(tmp_path):
     assert lines[1][1].startswith(f"sft run in {tmp_path / 'cold_start'}: loading shape:tiny")
     cold = [int(line.split()[1].split("/")[0]) for _, line in lines if line.startswith("step ") and "/40 " in line]
     assert cold[0] == 1 and cold[-1] == 40 and len(cold) >= 3, cold  # first, time-based, last
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ports")
+def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_with_its_checkpoint(tmp_path):
+    """A scheduler signals one host of two (2 processes x 2 devices, scripts/train.py): both finish the
+    same step, save it together and exit 143 (a host that stopped alone used to save while the other
+    sampled: both hung, and the lone save failed)."""
+    import socket
+
+    from conftest import TEST_DIRS
+    from grpo_jax.run import checkpoint
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    config_file = tmp_path / "two_hosts.py"
+    config_file.write_text(
+        "from test_trainer import tiny_config\n\n\ndef get_config():\n"
+        f"    c = tiny_config({str(tmp_path / 'run')!r}, steps=60)\n"
+        "    c.mesh.data, c.mesh.fsdp, c.eval.every, c.checkpoint.every, c.log.every = 2, 2, 0, 100, 1\n    return c\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([ROOT, *TEST_DIRS])}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={config_file}",
+                               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        seen = _wait_for_line(procs[0], "step 2/60")
+        procs[1].send_signal(signal.SIGTERM)  # the host that does not print
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    out = "".join(seen) + outs[0][0]
+    stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split("/")[0])
+    assert 2 <= stopped_at < 60 and "checkpoint saved in" in out
+    folder = checkpoint.directory(str(tmp_path / "run"))
+    assert sorted(os.listdir(folder)) == [str(stopped_at)]
+    assert checkpoint.problem(os.path.join(folder, str(stopped_at))) is None

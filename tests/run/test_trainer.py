@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -427,3 +428,40 @@ def test_a_second_identical_step_traces_and_compiles_nothing(tmp_path, simulated
                             "print('RESULT', json.dumps(_compile_counts((8, 1))))", name="recompiles")
     for counts in (one, json.loads(out.split("RESULT", 1)[1])):
         assert counts[1:3] == [0, 0] and counts[3] > 0, counts
+
+
+class _OtherHost:
+    """trainer's `multihost` as seen with a second host that raises `flags` (signal number, save
+    failed) after step `at`: what `Trainer._agree` gathers from every host."""
+
+    def __init__(self, at: int, flags: tuple[int, int]):
+        self.at, self.flags, self.steps = at, flags, 0
+
+    def host_max(self, values):
+        self.steps += 1
+        other = self.flags if self.steps >= self.at else (0, 0)
+        return tuple(max(a, b) for a, b in zip(values, other))
+
+
+def test_a_signal_or_a_failed_save_on_another_host_stops_every_host_at_the_same_step(tmp_path, monkeypatch, capsys):
+    """Stopping is agreed after each step: a host that got no SIGTERM stops with the one that did,
+    saving the same step (a host deciding alone saved while the others sampled: a hang); a save that
+    failed on another host stops this one too, in one line."""
+    cfg = tiny_config(tmp_path / "signal", steps=6)
+    cfg.eval.every, cfg.checkpoint.every = 0, 100
+    monkeypatch.setattr(trainer, "multihost", _OtherHost(at=2, flags=(int(signal.SIGTERM), 0)))
+    tr = trainer.Trainer(cfg)
+    with pytest.raises(SystemExit) as stopped:
+        tr.run()
+    tr.close()
+    assert stopped.value.code == 128 + signal.SIGTERM and tr.step == 2
+    assert "stopped by SIGTERM at step 2/6: checkpoint saved" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "signal" / "checkpoints")) == ["2"]
+
+    cfg = tiny_config(tmp_path / "save", steps=6)
+    cfg.eval.every = 0
+    monkeypatch.setattr(trainer, "multihost", _OtherHost(at=3, flags=(0, 1)))
+    tr = trainer.Trainer(cfg)
+    with pytest.raises(checkpoint.CheckpointError, match="a checkpoint save failed on another host at step 3"):
+        tr.run()
+    tr.close(quiet=True)
