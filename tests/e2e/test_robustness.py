@@ -321,32 +321,55 @@ def test_progress_lines_come_from_the_start_without_a_terminal(tmp_path):
     assert cold[0] == 1 and cold[-1] == 40 and len(cold) >= 3, cold  # first, time-based, last
 
 
+# The uninterrupted run of the two-host test, in one process of 4 simulated devices (the same mesh).
+ONE_PROCESS_RUN = """
+import importlib.util, json
+from grpo_jax.common import metrics
+from grpo_jax.run import pipeline
+spec = importlib.util.spec_from_file_location("two_hosts", "{config}")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+cfg = module.get_config()
+cfg.workdir = "{workdir}"
+pipeline.run(cfg)
+print("RESULT", json.dumps({{k: dict(v) for k, v in metrics.read_scalars("{workdir}/tb").items()}}))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("ports")
-def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_with_its_checkpoint(tmp_path):
+def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_and_the_resumed_run_equals_an_uninterrupted_one(
+        tmp_path, simulated_devices):
     """A scheduler signals one host of two (2 processes x 2 devices, scripts/train.py): both finish the
     same step, save it together and exit 143 (a host that stopped alone used to save while the other
-    sampled: both hung, and the lone save failed)."""
+    sampled: both hung, and the lone save failed); resumed, the two hosts end where one process of the
+    same 4 devices does without a stop."""
+    import json
     import socket
 
     from conftest import TEST_DIRS
     from grpo_jax.run import checkpoint
 
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
     config_file = tmp_path / "two_hosts.py"
     config_file.write_text(
         "from test_trainer import tiny_config\n\n\ndef get_config():\n"
-        f"    c = tiny_config({str(tmp_path / 'run')!r}, steps=60)\n"
+        f"    c = tiny_config({str(tmp_path / 'run')!r}, steps=6)\n"
         "    c.mesh.data, c.mesh.fsdp, c.eval.every, c.checkpoint.every, c.log.every = 2, 2, 0, 100, 1\n    return c\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "PYTHONPATH": os.pathsep.join([ROOT, *TEST_DIRS])}
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={config_file}",
-                               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+    def hosts(*extra):
+        with socket.socket() as sock:
+            sock.bind(("localhost", 0))
+            port = sock.getsockname()[1]
+        return [subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={config_file}",
+                                  f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+                                  *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for i in range(2)]
+
+    procs = hosts()
     try:
-        seen = _wait_for_line(procs[0], "step 2/60")
+        seen = _wait_for_line(procs[0], "step 2/6")
         procs[1].send_signal(signal.SIGTERM)  # the host that does not print
         outs = [p.communicate(timeout=180) for p in procs]
     finally:
@@ -356,7 +379,19 @@ def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_with_its_checkpoint(
         assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
     out = "".join(seen) + outs[0][0]
     stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split("/")[0])
-    assert 2 <= stopped_at < 60 and "checkpoint saved in" in out
+    assert 2 <= stopped_at < 6 and "checkpoint saved in" in out
     folder = checkpoint.directory(str(tmp_path / "run"))
     assert sorted(os.listdir(folder)) == [str(stopped_at)]
     assert checkpoint.problem(os.path.join(folder, str(stopped_at))) is None
+
+    procs = hosts("--config.resume=True")
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    resumed = metrics.read_scalars(str(tmp_path / "run" / "tb"))
+    program = ONE_PROCESS_RUN.format(config=config_file, workdir=tmp_path / "one")
+    whole = json.loads(simulated_devices(program, devices=4, name="one process").split("RESULT", 1)[1])
+    for key in ("loss", "reward", "kl", "grad_norm"):
+        got, want = dict(resumed[key]), {int(k): v for k, v in whole[key].items()}
+        assert sorted(got) == sorted(want) == list(range(1, 7)), key
+        assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-4, abs=1e-6), key
