@@ -11,8 +11,10 @@ Stage NAME runs in WORKDIR/NAME with its overrides applied (nested dicts merge f
 from the previous stage's final checkpoint (`init_from`), and writes WORKDIR/NAME/stage.json when it
 is done. Running the same command again skips finished stages and resumes an unfinished one from its
 latest checkpoint, so a pipeline can be interrupted anywhere. stage.json keeps the stage's settings
-and a fingerprint of them chained with the previous stage's: a finished stage whose settings (or an
-earlier stage's) have changed since is an error naming the change, never silently reused.
+(the fields its trainer reads: an SFT stage's are not GRPO's, so tuning GRPO after a finished cold
+start reuses it) and a fingerprint of them chained with the previous stage's: a finished stage whose
+settings (or an earlier stage's) have changed since is an error naming the change, never silently
+reused.
 
     python scripts/train.py --config=configs/r1_pipeline.py --config.stage.grpo.steps=300
 
@@ -123,10 +125,17 @@ def stage_config(cfg: ConfigDict, name: str) -> ConfigDict:
     return out
 
 
-def stage_settings(scfg: ConfigDict) -> dict[str, Any]:
+# The sections a trainer never reads: changing GRPO's settings after a finished cold start reuses it.
+_UNUSED_BY = {"sft": ("grpo",), "grpo": ("sft",)}
+
+
+def stage_settings(scfg: ConfigDict, legacy: bool = False) -> dict[str, Any]:
     """The settings of a stage config that decide what it trains, flat and JSON-ready
-    ({"optimizer.learning_rate": 1e-4, ...}); `_UNTRACKED` fields are left out."""
-    return _tracked(config.flatten(json.loads(json.dumps(scfg.to_dict(), default=repr))))
+    ({"optimizer.learning_rate": 1e-4, ...}): the `_UNTRACKED` fields and the sections its trainer
+    does not read (`_UNUSED_BY`; `legacy`: kept, as stage markers before them recorded) left out."""
+    flat = config.flatten(json.loads(json.dumps(scfg.to_dict(), default=repr)))
+    unused = () if legacy else _UNUSED_BY.get(scfg.get("trainer"), ())
+    return _tracked({k: v for k, v in flat.items() if not any(k.startswith(u + ".") for u in unused)})
 
 
 def _tracked(flat: dict[str, Any]) -> dict[str, Any]:
@@ -144,8 +153,9 @@ def fingerprint(settings: dict[str, Any], previous: str = "") -> str:
 
 
 def _changed_error(name: str, workdir: str, old: dict[str, Any], new: dict[str, Any], later: list[str]) -> ValueError:
-    diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
-             for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    unused = tuple(u + "." for u in _UNUSED_BY.get(old.get("trainer", new.get("trainer")), ()))
+    diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new))
+             if old.get(k, "<unset>") != new.get(k, "<unset>") and not k.startswith(unused)]  # an old marker's
     what = ("settings changed since it finished: " + "; ".join(diffs)) if diffs else \
         "an earlier stage has changed (rerun) since it finished"
     return ValueError(
@@ -205,14 +215,15 @@ def _final_eval(stage_run: trainer.Trainer, history: list[dict]) -> dict[str, fl
     return stage_run.evaluate()
 
 
-def _same_stage(name: str, workdir: str, record: dict[str, Any], stamp: str) -> bool:
-    """Whether a finished stage's marker matches its settings now (their fingerprints are equal)."""
+def _same_stage(name: str, workdir: str, record: dict[str, Any], stamps: str | tuple[str, ...]) -> bool:
+    """Whether a finished stage's marker matches its settings now (its fingerprint is one of `stamps`:
+    today's, or the one a marker written before `_UNUSED_BY` holds for the same settings)."""
     if "fingerprint" not in record:
         raise ValueError(
             f"stage {name!r} in {workdir}: its stage.json has no settings fingerprint, so it predates the stage "
             f"format of this grpo_jax and cannot be checked against the config. Delete {workdir} to run the stage "
             f"again, or start a new run from its parameters with --config.init_from={workdir}")
-    return record["fingerprint"] == stamp
+    return record["fingerprint"] in ((stamps,) if isinstance(stamps, str) else stamps)
 
 
 def run(cfg: ConfigDict, until_stage: str | None = None,
@@ -248,16 +259,17 @@ def run_pipeline(cfg: ConfigDict, until_stage: str | None = None,
 
 
 def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, reward_fns, lead: bool) -> list[dict]:
-    records, previous = [], ""
+    records, previous, previous_legacy = [], "", ""
     for i, name in enumerate(names):
         scfg = stage_config(cfg, name)
         settings = stage_settings(scfg)
         stamp = fingerprint(settings, previous)
+        legacy = fingerprint(stage_settings(scfg, legacy=True), previous_legacy)  # markers of earlier versions
         marker = os.path.join(scfg.workdir, "stage.json")
         if os.path.exists(marker):
             with open(marker) as f:
                 record = json.load(f)
-            if not _same_stage(name, scfg.workdir, record, stamp):
+            if not _same_stage(name, scfg.workdir, record, (stamp, legacy)):
                 raise _changed_error(name, scfg.workdir, record.get("settings", {}), settings, names[i + 1:])
             if lead:
                 print(f"== stage {name}: finished earlier, skipped", flush=True)
@@ -287,7 +299,7 @@ def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, rewa
                 print(f"== stage {name} done in {record['seconds']:.0f} s: "
                       + " ".join(f"{k}={v:.3f}" for k, v in record["eval"].items()), flush=True)
         records.append(record)
-        previous = stamp
+        previous, previous_legacy = stamp, legacy
         if name == until_stage:
             break
     return records

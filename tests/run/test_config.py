@@ -87,6 +87,22 @@ def test_a_stage_marker_is_matched_by_its_fingerprint_and_an_old_one_stops_in_on
     # LoRA's other fields do not count without adapters: a full stage under a LoRA config's shared fields.
     c.stage = {"a": {"trainer": "grpo", "model": {"lora": {"alpha": 64.0}}}}
     assert pipeline.fingerprint(pipeline.stage_settings(pipeline.stage_config(c, "a"))) == stamp
+    # A stage's settings are the fields its trainer reads: GRPO's do not change a finished cold start,
+    # whose marker (written before that rule too, with every field) still matches.
+    c.stages, c.stage = "cold,a", {"cold": {"trainer": "sft"}, "a": {"trainer": "grpo"}}
+    cold = pipeline.stage_settings(pipeline.stage_config(c, "cold"))
+    assert not [k for k in cold if k.startswith("grpo.")] and "sft.batch_size" in cold
+    c.grpo.beta, c.grpo.clip_eps_high = 0.5, 0.4
+    assert pipeline.stage_settings(pipeline.stage_config(c, "cold")) == cold
+    assert pipeline.stage_settings(pipeline.stage_config(c, "a"))["grpo.beta"] == 0.5
+    assert not [k for k in pipeline.stage_settings(pipeline.stage_config(c, "a")) if k.startswith("sft.")]
+    old_marker = pipeline.fingerprint(pipeline.stage_settings(pipeline.stage_config(c, "cold"), legacy=True))
+    now_stamps = (pipeline.fingerprint(cold), old_marker)
+    assert pipeline._same_stage("cold", str(tmp_path), {"fingerprint": old_marker}, now_stamps)
+    c.sft.batch_size = 4  # a field the cold start reads: not the same stage
+    assert pipeline.fingerprint(pipeline.stage_settings(pipeline.stage_config(c, "cold"))) not in now_stamps
+    c.stages, c.stage, c.sft.batch_size = "a", {"a": {"trainer": "grpo"}}, base.get_config().sft.batch_size
+    c.grpo.beta, c.grpo.clip_eps_high = base.get_config().grpo.beta, base.get_config().grpo.clip_eps_high
     # A marker of the format before fingerprints (settings only) is not trusted: one line, what to do.
     with pytest.raises(ValueError, match=r"stage 'a' in .* predates .*--config.init_from="):
         pipeline._same_stage("a", str(tmp_path), {"settings": now}, stamp)
