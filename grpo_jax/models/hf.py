@@ -10,7 +10,10 @@ ml_dtypes), one tensor at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -307,6 +310,10 @@ class _Tensors:
     def __getitem__(self, name: str) -> np.ndarray:
         return self._where[name].get_tensor(name)
 
+    def block(self, name: str, ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """tensor[lo:hi, ...] for each dimension's (lo, hi): only those bytes are read."""
+        return self._where[name].get_slice(name)[tuple(slice(lo, hi) for lo, hi in ranges)]
+
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
@@ -425,18 +432,18 @@ def _load_params(folder: Path, cfg: architecture.ModelConfig, tensors: _Tensors,
             missing += absent
             continue
         want = _get(shapes, path).shape
-        parts = []
         for n in names:
             if tensors.shape(n) != hf_shape:
                 raise CheckpointError(f"{folder}: tensor {n!r} has shape {tensors.shape(n)}, expected "
                                       f"{hf_shape} for the model in config.json")
-            w = tensors[n]
-            parts.append((w.T if transposed else w).astype(target))
         used.update(names)
-        a = np.stack(parts) if len(names) > 1 or path[0] == "layers" else parts[0]
-        a = a.reshape(want)
+        stacked = ("{i}" in name) + ("{j}" in name)  # leading [layers, experts] axes of ours
+        read = functools.partial(_read_shard, tensors, names, hf_shape, transposed, want, stacked, target)
         sharding = None if shardings is None else _get(shardings, path)
-        _set(params, path, jax.device_put(a, sharding) if sharding is not None else jnp.asarray(a))
+        if sharding is None:
+            _set(params, path, jnp.asarray(read(tuple(slice(None) for _ in want))))
+        else:  # each device's shard only, on the host that holds the device
+            _set(params, path, jax.make_array_from_callback(want, sharding, read))
     if missing:
         raise CheckpointError(f"{folder}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
     extra = [n for n in tensors.names() if n not in used and not _IGNORED.match(n)
@@ -445,6 +452,50 @@ def _load_params(folder: Path, cfg: architecture.ModelConfig, tensors: _Tensors,
         raise CheckpointError(f"{folder}: checkpoint has {len(extra)} tensors this {cfg.architecture} "
                               f"model does not use, e.g. {sorted(extra)[:5]}")
     return params
+
+
+def _read_shard(tensors: _Tensors, names: list[str], hf_shape: tuple[int, ...], transposed: bool,
+                want: tuple[int, ...], stacked: int, target: Any, index: tuple[slice, ...]) -> np.ndarray:
+    """The block `index` of one of our parameters ([layers, experts, ...] `want`), read layer by layer
+    from the HF tensors `names` (each `hf_shape`; ours = hf.T.reshape(...) when `transposed`), so host
+    memory holds this block and one layer's part of it, never the stacked parameter."""
+    index = tuple(slice(*s.indices(n)) for s, n in zip(index, want))
+    out = np.empty(tuple(s.stop - s.start for s in index), target)
+    per_layer, inner = want[stacked:], index[stacked:]
+    experts = want[1] if stacked == 2 else 1
+    for pos in itertools.product(*(range(s.start, s.stop) for s in index[:stacked])):
+        n = names[pos[0] * experts + pos[1] if stacked == 2 else pos[0] if stacked else 0]
+        at = tuple(p - s.start for p, s in zip(pos, index))
+        out[at] = _read_layer(tensors, n, hf_shape, transposed, per_layer, inner).astype(target)
+    return out
+
+
+def _read_layer(tensors: _Tensors, name: str, hf_shape: tuple[int, ...], transposed: bool,
+                per_layer: tuple[int, ...], inner: tuple[slice, ...]) -> np.ndarray:
+    """ours[inner] of one HF tensor, ours = (hf.T if transposed else hf).reshape(per_layer): only the
+    HF rows and columns it covers are read when each group of our dims that one HF dim splits into
+    is cut in its first dim only (the layouts' usual case: a head, row or column range), else all."""
+    src = hf_shape[::-1] if transposed else hf_shape
+    groups, k = [], 0  # our dims each source dim splits into (row-major)
+    for size in src:
+        start = k
+        while k < len(per_layer) and (k == start or math.prod(per_layer[start:k]) < size):
+            k += 1
+        groups.append(range(start, k))
+    ranges = []
+    for g in groups:
+        dims = list(g)
+        if any(inner[d] != slice(0, per_layer[d], 1) for d in dims[1:]) or math.prod(per_layer[d] for d in dims) == 0:
+            ranges = None
+            break
+        step = math.prod(per_layer[d] for d in dims[1:])
+        ranges.append((inner[dims[0]].start * step, inner[dims[0]].stop * step))
+    exact = k == len(per_layer) and all(math.prod(per_layer[d] for d in g) == n for g, n in zip(groups, src))
+    if ranges is None or not exact:
+        whole = tensors[name]
+        return (whole.T if transposed else whole).reshape(per_layer)[inner]
+    block = tensors.block(name, tuple(ranges[::-1]) if transposed else tuple(ranges))
+    return (block.T if transposed else block).reshape(tuple(s.stop - s.start for s in inner))
 
 
 def hf_state_dict(params: architecture.Params, cfg: architecture.ModelConfig, dtype: str | None = None) -> dict[str, np.ndarray]:
