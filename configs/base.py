@@ -131,7 +131,9 @@ def get_config() -> ConfigDict:
         b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0,
         max_nonfinite_updates=10))  # this many consecutive updates with a NaN/inf loss or gradient stop the run
 
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    # dcn_data > 1: the data axis spans that many TPU slices (multi-slice) or hosts joined by the data
+    # centre network; the other axes stay within one (partitioning.make_mesh).
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1))
     # asynchronous: orbax writes in the background while training goes on (holding a host copy of
     # the state meanwhile); False: each save blocks until written. Checkpoints are verified on restore.
     c.checkpoint = ConfigDict(dict(every=50, keep=3, asynchronous=True))

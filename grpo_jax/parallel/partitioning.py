@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -107,9 +108,15 @@ def shard_index(index: jax.Array, axis: str | None, shard_size: int) -> tuple[ja
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
-              expert: int = 1) -> Mesh:
+              expert: int = 1, dcn_data: int = 1) -> Mesh:
     """A (data, fsdp, expert, tensor) mesh over `devices` (all by default); one size may be -1 (the
-    rest). tensor is the innermost axis (neighbouring devices: the fastest links), then expert."""
+    rest). tensor is the innermost axis (neighbouring devices: the fastest links), then expert.
+
+    Over all devices the order is topology-aware (`mesh_utils.create_device_mesh`: on a TPU slice the
+    axes follow its ICI rings). dcn_data > 1 splits `data` over that many granules joined by the data
+    centre network (TPU slices of a multi-slice job, else hosts: `create_hybrid_device_mesh`), so only
+    the data axis's gradient all-reduce crosses it; explicit `devices` are laid out in the order given."""
+    explicit = devices is not None
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, expert, tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -122,7 +129,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh (data, fsdp, expert, tensor)={tuple(sizes)} needs {int(np.prod(sizes))} devices, "
                          f"have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    if dcn_data < 1 or sizes[0] % dcn_data:
+        raise ValueError(f"mesh.dcn_data={dcn_data}: expected a divisor of the data axis ({sizes[0]})")
+    if explicit:
+        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    if dcn_data > 1:
+        slices = devices[0].platform == "tpu"  # a multi-slice TPU job's slices; else one granule per host
+        granules = len({d.slice_index if slices else d.process_index for d in devices})
+        if granules != dcn_data:
+            raise ValueError(f"mesh.dcn_data={dcn_data}: the devices form {granules} "
+                             + ("TPU slices" if slices else "hosts") + "; expected as many")
+        ici = (sizes[0] // dcn_data, *sizes[1:])
+        order = mesh_utils.create_hybrid_device_mesh(ici, (dcn_data, 1, 1, 1), devices, process_is_granule=not slices)
+    else:
+        order = mesh_utils.create_device_mesh(sizes, devices)
+    return Mesh(order, MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

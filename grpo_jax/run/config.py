@@ -180,6 +180,10 @@ def check_mesh(cfg: ConfigDict, num_devices: int, num_processes: int = 1) -> Non
         raise ConfigError(f"mesh={sizes} does not fit the {num_devices} devices (the sizes multiply to the device "
                           "count; one of them may be -1)")
     shards = math.prod(num_devices // fixed if v == -1 else v for k, v in sizes.items() if k != "tensor")
+    dcn, data = m.get("dcn_data", 1), num_devices // fixed if sizes["data"] == -1 else sizes["data"]
+    if not isinstance(dcn, int) or dcn < 1 or data % dcn or (dcn > 1 and num_processes % dcn):
+        raise ConfigError(f"mesh.dcn_data={dcn!r}: expected a divisor of the data axis ({data}) and of the "
+                          f"{num_processes} hosts (the data axis spans that many slices or hosts)")
     if cfg.get("trainer") == "grpo":
         g = cfg.grpo
         rows = g.prompts_per_step * g.num_generations // (g.minibatches * g.microbatches)

@@ -174,7 +174,8 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
     tok = load_tokenizer(mcfg)
     model_cfg = model_config(mcfg, len(tok))  # HF tokenizers: added tokens included
     config.check_token_ids(cfg, model_cfg.vocab_size)  # before the weights are read
-    mesh = partitioning.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
+    mesh = partitioning.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert,
+                                  dcn_data=cfg.mesh.get("dcn_data", 1))
     replicated = placement.replicated_dims(model_cfg, mesh)
     if replicated:  # each device then holds these weights whole: say so, once
         warnings.warn(f"mesh {dict(mesh.shape)} does not divide {len(replicated)} weight dimensions, which are "

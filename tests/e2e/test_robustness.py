@@ -130,6 +130,14 @@ def test_the_mesh_and_the_batches_it_splits_are_checked_before_any_work(tmp_path
         config.check_mesh(cfg, num_devices=8)
     cfg.mesh.tensor = 2  # 4 batch shards x 2: fits
     config.check_mesh(cfg, num_devices=8, num_processes=2)
+    cfg.mesh.dcn_data = 2  # the data axis (4) over the 2 hosts
+    config.check_mesh(cfg, num_devices=8, num_processes=2)
+    for dcn, hosts in ((3, 3), (4, 2)):
+        cfg.mesh.dcn_data = dcn
+        with pytest.raises(config.ConfigError, match=rf"mesh.dcn_data={dcn}: expected a divisor of the data axis \(4\) "
+                                                     rf"and of the {hosts} hosts"):
+            config.check_mesh(cfg, num_devices=8, num_processes=hosts)
+    cfg.mesh.dcn_data = 1
     # Through train.py, before anything is loaded: one line, nothing written.
     p = subprocess.run([sys.executable, "scripts/train.py", f"--config.workdir={tmp_path}", "--config.cold_start.steps=0",
                         "--config.mesh.fsdp=2", "--config.mesh.data=2"], cwd=ROOT, capture_output=True, text=True)

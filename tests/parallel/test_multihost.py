@@ -30,6 +30,14 @@ WORKER = textwrap.dedent("""
     host = jax.process_index()
     d = jax.devices()
     assert [x.process_index for x in d] == [0, 0, 1, 1], d
+    # Over the data centre network: data splits over the hosts (dcn_data), each host's devices together.
+    dcn = partitioning.make_mesh(4, 1, 1, dcn_data=2)
+    assert [[x.process_index for x in row.ravel()] for row in dcn.devices] == [[0], [0], [1], [1]], dcn.devices
+    try:
+        partitioning.make_mesh(4, 1, 1, dcn_data=4)
+        raise AssertionError("4 granules of 2 hosts")
+    except ValueError as e:
+        assert "form 2 hosts" in str(e), e
     mesh = partitioning.make_mesh(4, 1, 1, devices=[d[0], d[2], d[1], d[3]])  # hosts interleaved
     mine = np.arange(4) + 10 * host  # host 0 holds rows 0..3 of the global batch, host 1 rows 4..7
     g = multihost.global_rows(mine, mesh)
