@@ -134,6 +134,10 @@ def get_config() -> ConfigDict:
     # dcn_data > 1: the data axis spans that many TPU slices (multi-slice) or hosts joined by the data
     # centre network; the other axes stay within one (partitioning.make_mesh).
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1))
+    # Before any weight loads, the update, reference and rollout per device from their programs
+    # compiled ahead of time (grpo_jax/run/memory_plan.py); a run that does not fit stops with the table
+    # and what to change. "auto": where the device reports its memory (GPUs, TPUs); "on", "off".
+    c.memory_plan = "auto"
     # asynchronous: orbax writes in the background while training goes on (holding a host copy of
     # the state meanwhile); False: each save blocks until written. Checkpoints are verified on restore.
     c.checkpoint = ConfigDict(dict(every=50, keep=3, asynchronous=True))

@@ -94,6 +94,9 @@ def check(cfg: ConfigDict) -> None:
     isolation = cfg.get("verifier", {}).get("sandbox", "auto")
     if isolation not in runner.ISOLATIONS:
         raise ConfigError(f"verifier.sandbox={isolation!r}; expected one of {runner.ISOLATIONS}")
+    plan = cfg.get("memory_plan", "auto")
+    if plan not in ("auto", "on", "off"):
+        raise ConfigError(f"memory_plan={plan!r}; expected 'auto' (where the device reports its memory), 'on' or 'off'")
     on_hang = cfg.get("verifier", {}).get("on_hang", "stop")
     if on_hang not in ("disable", "stop"):
         raise ConfigError(f"verifier.on_hang={on_hang!r}; expected 'stop' or 'disable'")

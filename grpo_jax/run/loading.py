@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.sharding import Mesh
@@ -157,7 +157,7 @@ def _describe_source(source: str, seed: int) -> str:
 
 
 def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None,
-         hf_path: str | None = None) -> tuple[policy.Policy, str]:
+         hf_path: str | None = None, before_weights: Callable[..., Any] | None = None) -> tuple[policy.Policy, str]:
     """The policy of a run config and a description of where its weights came from.
 
     Weights, first that applies: the Hugging Face folder or hub id `hf_path` (its own model and
@@ -166,7 +166,8 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
     merged); else `cfg.model.source` (random weights of a named shape seeded with cfg.seed, or an HF
     folder). Checkpoints give their parameters only, restored onto the mesh. With `model.lora.rank`
     > 0 a new run's policy is those weights in the compute dtype (the frozen base) with fresh
-    adapters (seeded with cfg.seed).
+    adapters (seeded with cfg.seed). `before_weights(model_cfg, mesh, tokenizer)` runs once the mesh
+    is made and before any weight is read (the trainer's memory plan).
     """
     mcfg = cfg.model
     if hf_path:
@@ -181,6 +182,8 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
         warnings.warn(f"mesh {dict(mesh.shape)} does not divide {len(replicated)} weight dimensions, which are "
                       "replicated instead: " + "; ".join(replicated[:8]) + (" ..." if len(replicated) > 8 else ""),
                       stacklevel=2)
+    if before_weights is not None:
+        before_weights(model_cfg, mesh, tok)
     if workdir and not hf_path:
         params, model_cfg, source = run_params(workdir, model_cfg, mesh, step)
     elif model_cfg.lora_rank:

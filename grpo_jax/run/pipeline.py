@@ -48,7 +48,7 @@ _WHOLE = {"rewards", "reward_functions", "rejection.rewards", "model.overrides"}
 # cadence, and how it executes (device mesh, rematerialisation, attention kernel, the sampler's weight
 # layout, decode segments and batch shrinking, verifier processes).
 # Changing them never invalidates a stage.
-_UNTRACKED = ("workdir", "init_from", "resume", "compilation_cache", "log", "eval", "checkpoint", "mesh", "model.remat",
+_UNTRACKED = ("workdir", "init_from", "resume", "compilation_cache", "memory_plan", "log", "eval", "checkpoint", "mesh", "model.remat",
               "model.attention", "sampling.weights", "sampling.first_segment",
               "sampling.shrink_factor", "verifier.workers", "verifier.sandbox", "verifier.hang_after", "verifier.on_hang",
               "verifier.load_timeout_s", "verifier.max_failing_steps",

@@ -34,10 +34,12 @@ from grpo_jax.rl import sft
 from grpo_jax.rl import train_state
 from grpo_jax.rollout import evaluation
 from grpo_jax.rollout import policy
+from grpo_jax.rollout import sampler
 from grpo_jax.run import checkpoint
 from grpo_jax.run import config
 from grpo_jax.run import graceful_stop
 from grpo_jax.run import loading
+from grpo_jax.run import memory_plan
 from grpo_jax.run import workdir_lock
 
 ALGORITHMS = {"grpo": grpo.GRPO, "sft": sft.SFT}
@@ -66,7 +68,7 @@ class Trainer:
         # Before any work: a second run into this workdir would overwrite this one's checkpoints.
         self._lock = workdir_lock.WorkdirLock(self.workdir).acquire() if jax.process_index() == 0 else None
         task = data.load_task(cfg.data, cfg.seed)  # a data file the run cannot use stops it before the model loads
-        pol, self.source = loading.load(cfg)
+        pol, self.source = loading.load(cfg, before_weights=lambda *a: self._plan_memory(task, *a))
         # LoRA: the optimizer, gradients and checkpoints see the adapters only; the base stays frozen.
         frozen, trained = lora.split(pol.params) if pol.model_cfg.lora_rank else (None, pol.params)
         train_state.check_precision(trained, cfg.optimizer.learning_rate)
@@ -91,6 +93,18 @@ class Trainer:
         if lead:  # what this run was, next to its checkpoints
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json(cfg))
+
+    def _plan_memory(self, task: data.Task, model_cfg, mesh, tokenizer) -> None:
+        """The run's memory per device before any weight loads (grpo_jax.run.memory_plan; cfg.memory_plan),
+        for prompts as long as the task's longest (the 16 longest texts tokenised, then bucketed)."""
+        cfg, d = self.cfg, self.cfg.data
+        if cfg.trainer != "grpo" or cfg.get("memory_plan", "auto") == "off":
+            return
+        fmt = policy.PromptFormat(d.template, d.prompt_field, d.instruction, d.get("enable_thinking"))
+        longest = sorted(task.train, key=lambda r: len(str(r.get(d.prompt_field, ""))))[-16:]
+        n = max((len(fmt.ids(r, tokenizer)) for r in longest), default=1)
+        buckets = tuple(cfg.sampling.prompt_buckets)
+        memory_plan.plan_run(cfg, model_cfg, mesh, prompt_len=sampler.bucket_length(min(n, max(buckets)), buckets))
 
     def __enter__(self) -> Trainer:
         return self
