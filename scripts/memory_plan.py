@@ -4,6 +4,8 @@ program compiled ahead of time for simulated devices, nothing allocated, no weig
     python scripts/memory_plan.py --config=configs/qwen3_8b.py --devices=8 [--device_gib=80] [--prompt_len=512]
 
 --devices sets the simulated CPU device count (before JAX starts); the config's mesh must fit it.
+XLA:CPU's loop-invariant code motion is off, as bench_layout's --cpu_no_hoisting (it would hoist
+float32 copies of bf16 weights out of the layer scan, which GPU and TPU programs never make).
 --device_gib: the device memory to check the plan against (e.g. 80 for an H100, 95 for a v5p chip).
 The model's config comes from `model.source` (a named shape, or an HF folder's config.json) and the
 vocabulary from `model.tokenizer`.
@@ -25,8 +27,10 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "prompt tokens (0: the large
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={_DEVICES.value}").strip()
+    # XLA:CPU has no bf16 dots: its loop-invariant code motion would hoist float32 copies of every
+    # layer's bf16 weights out of the layer scan, a copy GPU and TPU programs never make.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES.value}"
+                               + " --xla_disable_hlo_passes=while-loop-invariant-code-motion").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from grpo_jax.parallel import partitioning
     from grpo_jax.run import config

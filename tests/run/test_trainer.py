@@ -303,13 +303,14 @@ def test_export_loads_in_transformers_and_evaluates_like_the_checkpoint(tmp_path
         assert {k: got[k] for k in want} == want, (extra, got, want)
 
 
-@pytest.mark.parametrize("name", ["default", "gsm8k_qwen", "smollm2", "dapo", "dr_grpo", "r1_pipeline", "distill"])
+@pytest.mark.parametrize("name", ["default", "gsm8k_qwen", "smollm2", "dapo", "dr_grpo", "r1_pipeline", "distill",
+                                  "qwen3_8b", "qwen3_8b:lora"])
 def test_shipped_configs_load_and_differ_where_they_should(name):
     import importlib
 
-
+    name, _, arg = name.partition(":")
     module = importlib.import_module(f"configs.{name}")
-    c = module.get_config()
+    c = module.get_config(arg) if arg else module.get_config()
     config.check(c)
     stages = [pipeline.stage_config(c, s) for s in pipeline.stage_names(c)] if pipeline.is_pipeline(pipeline.expand(c)) else [c]
     for s in stages:
@@ -325,6 +326,9 @@ def test_shipped_configs_load_and_differ_where_they_should(name):
     if name == "dapo":
         assert (c.grpo.clip_eps_high, c.grpo.aggregation, c.grpo.beta, c.grpo.mask_truncated) == (0.28, "token-mean", 0.0, True)
         assert "overlong" in c.rewards
+    if name == "qwen3_8b":  # ZeRO-3 over every device, bf16 over float32 masters; 512 rows in 2 x 4 parts
+        assert (c.mesh.fsdp, c.model.dtype, c.model.param_dtype, c.model.remat) == (-1, "bfloat16", "float32", "full")
+        assert c.grpo.prompts_per_step * c.grpo.num_generations == 512 and c.model.lora.rank == (16 if arg else 0)
     if name == "dr_grpo":
         assert (c.grpo.advantage_estimator, c.grpo.aggregation) == ("dr_grpo", "seq-mean-token-sum-norm")
         assert grpo.loss_config(c).scale_rewards is None  # the estimator's own choice: no std division
