@@ -42,6 +42,7 @@ from grpo_jax.rl import grpo
 from grpo_jax.rl import packing
 from grpo_jax.rl import train_state
 from grpo_jax.rollout import sampler
+from grpo_jax.run import config
 
 GiB = 2**30
 
@@ -210,8 +211,6 @@ def advice(cfg: ConfigDict, model_cfg: architecture.ModelConfig, plan: Plan) -> 
 
 def check(cfg: ConfigDict, model_cfg: architecture.ModelConfig, plan: Plan) -> None:
     """Stop when the plan does not fit the device's memory (when it is known): the table and what to change."""
-    from grpo_jax.run import config
-
     if plan.limit and plan.peak > plan.limit:
         raise config.ConfigError(
             f"memory plan: the {plan.worst} phase needs {_size(plan.peak)} per device and the device has "
