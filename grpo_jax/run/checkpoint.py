@@ -94,9 +94,10 @@ def write_manifest(root: str, step: int) -> None:
     os.replace(os.path.join(root, MANIFEST + ".tmp"), os.path.join(root, MANIFEST))
 
 
-def problem(step_dir: str) -> str | None:
+def problem(step_dir: str, items: tuple[str, ...] | None = None) -> str | None:
     """Why the checkpoint in `step_dir` cannot be trusted, or None when every file its manifest
-    lists is there with its size and SHA-256."""
+    lists is there with its size and SHA-256; with `items`, only the files of those items (and the
+    step's own top-level files) are checked: what a reader of only those items reads."""
     if not os.path.isdir(step_dir):
         return "its folder is missing"
     path = os.path.join(step_dir, MANIFEST)
@@ -110,6 +111,8 @@ def problem(step_dir: str) -> str | None:
     except (OSError, ValueError, KeyError) as e:
         return f"its manifest is unreadable: {e}"
     for rel, (size, digest) in files.items():
+        if items is not None and "/" in rel and rel.split("/", 1)[0] not in items:
+            continue
         full = os.path.join(step_dir, rel)
         if not os.path.exists(full):
             return f"{rel} is missing"
@@ -176,14 +179,14 @@ def report_failed_saves_once() -> None:
 # Choosing the checkpoint to read
 
 
-def _choose(manager: ocp.CheckpointManager, steps: list[int]) -> tuple[int | None, list]:
-    """The newest of `steps` (newest first) whose files are intact, and the (step, why) of the
-    damaged ones before it. Verified on process 0 only (every host reads the same files) and agreed
-    by all."""
+def _choose(manager: ocp.CheckpointManager, steps: list[int], items: tuple[str, ...] | None = None) -> tuple[int | None, list]:
+    """The newest of `steps` (newest first) whose files (of `items`, default all) are intact, and
+    the (step, why) of the damaged ones before it. Verified on process 0 only (every host reads the
+    same files) and agreed by all."""
     chosen, damaged = -1, []
     if jax.process_index() == 0:
         for step in steps:
-            why = problem(os.path.join(str(manager.directory), str(step)))
+            why = problem(os.path.join(str(manager.directory), str(step)), items)
             if why is None:
                 chosen = step
                 break
@@ -431,7 +434,7 @@ def restore_params(workdir: str, like: Any, step: int | None = None, base: str |
         steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {path} to take the parameters from")
-        chosen, damaged = _choose(manager, steps)
+        chosen, damaged = _choose(manager, steps, items=("params", "base"))  # the files it reads, not the optimizer's
         if chosen is None:
             raise CheckpointError(_damage_report(manager, damaged) + ": no intact checkpoint to take the parameters from")
         if damaged:

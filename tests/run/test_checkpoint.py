@@ -235,3 +235,23 @@ def test_a_save_larger_than_the_free_space_is_refused_before_writing(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("checkpoint 2 needs about ")
     assert "has 0.1 MB free" in out.stderr and "Traceback" not in out.stderr
     assert os.listdir(checkpoint.directory(str(tmp_path))) == []
+
+
+def test_taking_the_parameters_verifies_the_files_it_reads_only(tmp_path):
+    """restore_params reads the parameters (and a LoRA run's base record): damage in the optimizer
+    state does not stop it, while a resume, which reads both, falls back to the intact checkpoint."""
+    states = _saved(tmp_path, steps=(2, 4))
+    ckpt_dir = checkpoint.directory(str(tmp_path))
+    state_files = glob.glob(os.path.join(ckpt_dir, "4", "state", "**", "*"), recursive=True)
+    _flip(max((f for f in state_files if os.path.isfile(f)), key=os.path.getsize))
+    assert "state/" in checkpoint.problem(os.path.join(ckpt_dir, "4"))
+    assert checkpoint.problem(os.path.join(ckpt_dir, "4"), items=("params", "base")) is None
+    said = []
+    params, step = checkpoint.restore_params(str(tmp_path), jax.tree.map(jnp.zeros_like, states[4].params), say=said.append)
+    assert step == 4 and not said
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(states[4].params))
+    ckpt = checkpoint.Checkpoints(str(tmp_path), keep=5, say=said.append)
+    assert int(ckpt.restore(jax.tree.map(jnp.zeros_like, states[4])).step) == 2
+    ckpt.close()
+    _flip(_biggest_file(os.path.join(str(tmp_path), "checkpoints_damaged", "4")))  # params too: now it is refused
+    assert "params/" in checkpoint.problem(os.path.join(str(tmp_path), "checkpoints_damaged", "4"), items=("params",))
