@@ -255,3 +255,24 @@ def test_taking_the_parameters_verifies_the_files_it_reads_only(tmp_path):
     ckpt.close()
     _flip(_biggest_file(os.path.join(str(tmp_path), "checkpoints_damaged", "4")))  # params too: now it is refused
     assert "params/" in checkpoint.problem(os.path.join(str(tmp_path), "checkpoints_damaged", "4"), items=("params",))
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_retention_keeps_the_newest_verified_checkpoint_when_a_newer_one_fails(tmp_path, monkeypatch, asynchronous):
+    """With checkpoint.keep=1 the previous checkpoint goes only once the new one is verified (its
+    manifest written inside the commit): a save that fails before that leaves the previous one intact."""
+    ckpt = checkpoint.Checkpoints(str(tmp_path), keep=1, asynchronous=asynchronous)
+    ckpt.save(_state(2))
+    ckpt.wait()
+    monkeypatch.setattr(checkpoint, "write_manifest", lambda *a: (_ for _ in ()).throw(OSError("No space left on device")))
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint 4 could not be written"):
+        ckpt.save(_state(4))
+        ckpt.wait()
+    ckpt.close(quiet=True)
+    ckpt_dir = checkpoint.directory(str(tmp_path))
+    assert sorted(os.listdir(ckpt_dir)) == ["2"] and checkpoint.problem(os.path.join(ckpt_dir, "2")) is None
+    monkeypatch.undo()
+    ckpt = checkpoint.Checkpoints(str(tmp_path), keep=1, asynchronous=asynchronous)
+    ckpt.save(_state(6))  # verified: now the previous one goes
+    ckpt.close()
+    assert sorted(os.listdir(ckpt_dir)) == ["6"]
