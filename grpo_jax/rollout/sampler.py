@@ -362,7 +362,7 @@ def _draw(state: DecodeState, key: Array, sampling: SamplingConfig) -> tuple[Dec
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "kv_len", "mesh"), donate_argnames=("state",))
 def decode_steps(params, state: DecodeState, key: Array, stop_step: Array, stop_live: Array, *,
                  cfg: architecture.ModelConfig, sampling: SamplingConfig, kv_len: int,
-                 mesh: Mesh | None = None) -> tuple[DecodeState, Array]:
+                 mesh: Mesh | None = None) -> tuple[DecodeState, Array, Array]:
     """Draw every row's token and run the model on it, step by step in one while_loop, while
     step < stop_step and some row shard (`_row_shards`: each device's block of rows) holds more than
     stop_live live rows; every step attends over the cache's first kv_len slots (which must hold
@@ -477,7 +477,8 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, *
       tokens from fold_in(fold_in(key, row), step), so where it sits, and whether the batch shrank,
       does not change its completion.
     Each (batch size, segment) pair is one compiled decode_steps program, run in a while_loop; the
-    host only reads the step and the live row count between calls.
+    host only reads the step and the live row counts between calls. On a mesh each device's block of
+    rows shrinks on its own (`_shrink`: no row crosses devices), once every block's live rows fit.
 
     The weights are brought to the compute dtype and the inference layout once (`inference_params`;
     gather_weights=False uses them as they come, e.g. a model whose tensor shard does not fit).
