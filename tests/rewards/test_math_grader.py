@@ -156,3 +156,17 @@ def test_no_wall_clock_inside_the_grader(monkeypatch):
     thread.start()
     thread.join()
     assert out == [True]
+
+
+def test_the_grader_loads_by_file_path_without_grpo_jax():
+    """benchmarks/trl_grpo.py loads this file by path in TRL's own environment, where grpo_jax is not
+    installed: the comparison's reward is the same code only while it imports nothing of grpo_jax."""
+    import subprocess
+    import sys
+
+    program = ("import importlib.util, sys\nsys.modules['grpo_jax'] = None  # importing it would fail\n"
+               f"spec = importlib.util.spec_from_file_location('math_grader', {math_grader.__file__!r})\n"
+               "m = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(m)\n"
+               "print(m.math_reward('so #### 42', '42'), m.math_reward('\\\\boxed{1, 2}', '1 and 2'))")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["1.0", "1.0"], out.stderr[-2000:]
