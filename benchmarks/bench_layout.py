@@ -85,20 +85,19 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from configs import base
     from grpo_jax.models import architecture
     from grpo_jax.models import lora
     from grpo_jax.models import placement
-    from grpo_jax.models import transformer
     from grpo_jax.parallel import compiled
     from grpo_jax.parallel import partitioning
     from grpo_jax.rl import grpo
     from grpo_jax.rl import loss
     from grpo_jax.rl import train_state
     from grpo_jax.rollout import sampler
+    from grpo_jax.run import memory_plan
 
     devices = jax.devices()
     if len(devices) < n_dev:
@@ -116,29 +115,12 @@ def main(argv=None):
     T = P_len + C
     dt, pdt = jnp.dtype(args.dtype).itemsize, jnp.dtype(args.param_dtype).itemsize
 
-    def per_device(tree) -> int:
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-    def abstract(shapes, shardings):
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
+    per_device, abstract = memory_plan.per_device, memory_plan.abstract
     replicated = NamedSharding(mesh, P())
-    params = abstract(transformer.param_shapes(cfg), placement.param_shardings(cfg, mesh))
-    frozen = None
-    if cfg.lora_rank:  # LoRA: the state trains the adapters; the base is frozen in the compute dtype
-        frozen, params = lora.split(params)
-        frozen = jax.tree.map(lambda x: x.update(dtype=jnp.dtype(args.dtype)), frozen)
     c = base.get_config()
     tx, _ = train_state.make_optimizer(c.optimizer, 1000)
-    # AdamW's moments are laid out like the parameters (tx.init makes them with zeros_like); its step
-    # count is replicated
-    opt_state = optax.tree_map_params(tx, lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding),
-                                      jax.eval_shape(tx.init, params), params,
-                                      transform_non_params=lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated))
-    scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-    state = train_state.TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state,
-                                   rng=scalar(jnp.uint32, (2,)),
-                                   data={k: scalar(jnp.int32) for k in ("epoch", "position", "seed")}, frozen=frozen)
+    state = memory_plan.abstract_state(cfg, mesh, tx)
+    params, opt_state, frozen = state.params, state.opt_state, state.frozen
     row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
     batch = {"prompt_ids": row((rows, P_len), jnp.int32), "prompt_mask": row((rows, P_len), bool),
              "completion_ids": row((rows, C), jnp.int32), "completion_mask": row((rows, C), bool),

@@ -759,8 +759,13 @@ def _sole_formula(text: str) -> str | None:
     """The formula of a short text that holds exactly one ($...$, $$...$$, \\[...\\], \\(...\\)), else None."""
     if len(text) > 300:
         return None
-    found = [next(g for g in m.groups() if g is not None) for m in _FORMULA.finditer(text)]
+    found = [_inner(m) for m in _FORMULA.finditer(text)]
     return found[0].strip() if len(found) == 1 and text.strip() != found[0].strip() else None
+
+
+def _inner(formula: re.Match) -> str:
+    """The math inside a `_FORMULA` match, whichever delimiters it has."""
+    return next(g for g in formula.groups() if g is not None)
 
 
 _TURN_END = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|end_of_turn)\|>|</s>|<end_of_turn>")
@@ -792,15 +797,14 @@ def _stated_in_prose(text: str) -> str | None:
     if tail:
         formula = _FORMULA.fullmatch(tail)
         if formula:
-            return next(g for g in formula.groups() if g is not None).strip()
+            return _inner(formula).strip()
         if to_number(normalize_answer(tail)) is not None:
             return tail
-    found = []  # formulas with a digit, and plain numbers outside formulas
-    rest = _FORMULA.sub(lambda m: found.append(next(g for g in m.groups() if g is not None)) or " "
-                        if re.search(r"\d", m.group(0)) else " ", segment)
+    rest = _FORMULA.sub(" ", segment)
     if "$" in rest or "\\(" in rest or "\\[" in rest:  # math left open (`Answer $ 9` over lines): not read
         return None
-    found = [f for f in found if f is not None] + _NUMBER.findall(rest)
+    # formulas with a digit (not names such as $n$), and plain numbers outside formulas
+    found = [f for f in map(_inner, _FORMULA.finditer(segment)) if re.search(r"\d", f)] + _NUMBER.findall(rest)
     return found[0].strip() if len(found) == 1 else None
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,12 +76,33 @@ def _size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
-def _per_device(tree) -> int:
+def per_device(tree) -> int:
+    """Bytes of a tree of (abstract) arrays on one device."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _abstract(shapes, shardings):
+def abstract(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` with `shardings`."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def abstract_state(model_cfg: architecture.ModelConfig, mesh: Mesh, tx: optax.GradientTransformation) -> train_state.TrainState:
+    """A train state of jax.ShapeDtypeStructs in the run's shardings: the parameters (a LoRA run's
+    adapters, with its frozen base in the compute dtype), AdamW's moments laid out like them, the
+    scalars replicated. Nothing is allocated."""
+    replicated = NamedSharding(mesh, P())
+    params = abstract(transformer.param_shapes(model_cfg), placement.param_shardings(model_cfg, mesh))
+    frozen = None
+    if model_cfg.lora_rank:
+        frozen, params = lora.split(params)
+        frozen = jax.tree.map(lambda x: x.update(dtype=jnp.dtype(model_cfg.dtype)), frozen)
+    opt_state = optax.tree_map_params(tx, lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding),
+                                      jax.eval_shape(tx.init, params), params,
+                                      transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
+    scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    return train_state.TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state, rng=scalar(jnp.uint32, (2,)),
+                                  data={k: scalar(jnp.int32) for k in ("epoch", "position", "seed", "rewards_off")},
+                                  frozen=frozen)
 
 
 def _worst_batch(cfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: Mesh, prompt_len: int) -> dict:
@@ -120,25 +140,15 @@ def estimate(cfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: Mesh, p
     prompt_len = prompt_len or max(s.prompt_buckets)
     C, N = s.max_new_tokens, g.prompts_per_step * g.num_generations
     replicated = NamedSharding(mesh, P())
-    params = _abstract(transformer.param_shapes(model_cfg), placement.param_shardings(model_cfg, mesh))
-    frozen = None
-    if model_cfg.lora_rank:  # the trained adapters, and the frozen base in the compute dtype
-        frozen, params = lora.split(params)
-        frozen = jax.tree.map(lambda x: x.update(dtype=jnp.dtype(model_cfg.dtype)), frozen)
     tx, _ = train_state.make_optimizer(cfg.optimizer, max(2, cfg.steps * g.num_iterations * g.minibatches))
-    opt_state = optax.tree_map_params(tx, lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding),
-                                      jax.eval_shape(tx.init, params), params,
-                                      transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
-    scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-    state = train_state.TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state, rng=scalar(jnp.uint32, (2,)),
-                                   data={k: scalar(jnp.int32) for k in ("epoch", "position", "seed", "rewards_off")},
-                                   frozen=frozen)
+    state = abstract_state(model_cfg, mesh, tx)
+    params, opt_state, frozen = state.params, state.opt_state, state.frozen
     ref = None
     if g.beta > 0 and not model_cfg.lora_rank:  # grpo.GRPO.reference_params: a copy in the compute dtype
         ref = jax.tree.map(lambda x: x.update(dtype=jnp.dtype(model_cfg.dtype)), params)
-    resident = {"parameters": _per_device(params), "optimizer state": _per_device(opt_state),
-                "frozen base": _per_device(frozen) if frozen is not None else 0,
-                "reference weights": _per_device(ref) if ref is not None else 0}
+    resident = {"parameters": per_device(params), "optimizer state": per_device(opt_state),
+                "frozen base": per_device(frozen) if frozen is not None else 0,
+                "reference weights": per_device(ref) if ref is not None else 0}
     everything = sum(resident.values())
     loss_cfg = grpo.loss_config(cfg)
     batch = _worst_batch(cfg, model_cfg, mesh, prompt_len)
@@ -147,7 +157,7 @@ def estimate(cfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: Mesh, p
     exe = grpo.update_jit.lower(state, batch, model_cfg=model_cfg, loss_cfg=loss_cfg, mesh=mesh,
                                 num_microbatches=g.microbatches, tx=tx).compile()
     programs["update"] = compiled.memory(exe)["peak"]
-    phases["update"] = programs["update"] + everything - _per_device(state)  # the state is its argument
+    phases["update"] = programs["update"] + everything - per_device(state)  # the state is its argument
 
     if ref is not None or (g.beta > 0 and frozen is not None):
         seqs = {k: batch[k] for k in (packing.SEQUENCE_KEYS if g.packing else grpo._SEQUENCES)}
@@ -155,12 +165,12 @@ def estimate(cfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: Mesh, p
         exe = grpo.batch_logprobs_jit.lower(weights, seqs, model_cfg=lora.base_config(model_cfg), loss_cfg=loss_cfg,
                                             mesh=mesh, num_microbatches=g.microbatches).compile()
         programs["reference"] = compiled.memory(exe)["peak"]
-        phases["reference"] = programs["reference"] + everything - _per_device(weights)
+        phases["reference"] = programs["reference"] + everything - per_device(weights)
 
     whole = params if frozen is None else lora.join(frozen, params)
     copy = jax.eval_shape(lambda p: sampler.inference_params(p, model_cfg, mesh)[0], whole)
     run_cfg = model_cfg.replace(param_dtype=model_cfg.dtype)
-    copy = _abstract(copy, placement.param_shardings(run_cfg, mesh, partitioning.INFERENCE_RULES))
+    copy = abstract(copy, placement.param_shardings(run_cfg, mesh, partitioning.INFERENCE_RULES))
     sc = sampler.SamplingConfig(max_new_tokens=C)
     shards = partitioning.batch_shards(mesh)
     ids = jax.ShapeDtypeStruct((g.prompts_per_step, prompt_len), jnp.int32,
@@ -174,9 +184,9 @@ def estimate(cfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: Mesh, p
     decode = compiled.memory(sampler.decode_program(copy, cache, logits, cfg=run_cfg, sampling=sc, mesh=mesh).compile())["peak"]
     # The copy is made once per rollout (none when the stored weights already are the compute dtype's
     # inference layout: then the programs read the parameters themselves).
-    separate = 0 if run_cfg == model_cfg and mesh.shape["fsdp"] == 1 else _per_device(copy)
+    separate = 0 if run_cfg == model_cfg and mesh.shape["fsdp"] == 1 else per_device(copy)
     programs["rollout"] = max(prefill, decode)
-    phases["rollout"] = everything + separate + programs["rollout"] - _per_device(copy)
+    phases["rollout"] = everything + separate + programs["rollout"] - per_device(copy)
     return Plan(resident, programs, phases)
 
 
@@ -191,7 +201,7 @@ def device_memory() -> int | None:
 
 def advice(cfg: ConfigDict, model_cfg: architecture.ModelConfig, plan: Plan) -> list[str]:
     """Settings that shrink the phase that does not fit, largest effect first."""
-    g, m = cfg.grpo, cfg.mesh
+    g = cfg.grpo
     out = []
     if plan.worst in ("update", "reference"):
         out.append(f"grpo.microbatches={2 * g.microbatches} (the update's activations are per micro-batch)")
@@ -218,18 +228,18 @@ def check(cfg: ConfigDict, model_cfg: architecture.ModelConfig, plan: Plan) -> N
             + "; ".join(advice(cfg, model_cfg, plan)))
 
 
-def plan_run(cfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: Mesh,
-             prompt_len: int | None = None) -> Plan | None:
-    """`cfg.memory_plan`: "auto" plans when the device reports its memory (GPUs, TPUs), "on" always,
-    "off" never. Prints the table (host 0) and stops a run that does not fit (`check`)."""
+def wanted(cfg: ConfigDict) -> bool:
+    """`cfg.memory_plan`: "auto" plans a GRPO run when the device reports its memory (GPUs, TPUs),
+    "on" always, "off" never."""
     mode = cfg.get("memory_plan", "auto")
-    if cfg.get("trainer", "grpo") != "grpo" or mode == "off":
-        return None
-    limit = device_memory()
-    if mode == "auto" and not limit:
-        return None
+    return cfg.get("trainer", "grpo") == "grpo" and (mode == "on" or (mode == "auto" and device_memory() is not None))
+
+
+def plan_run(cfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: Mesh,
+             prompt_len: int | None = None) -> Plan:
+    """The plan of a run (`wanted`), printed (host 0); a run that does not fit stops (`check`)."""
     plan = estimate(cfg, model_cfg, mesh, prompt_len)
-    plan.limit = limit
+    plan.limit = device_memory()
     if jax.process_index() == 0:
         print(f"memory plan ({mesh.devices.size} devices, mesh {dict(mesh.shape)}):\n{plan.table()}", flush=True)
     check(cfg, model_cfg, plan)

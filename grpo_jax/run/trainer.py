@@ -98,7 +98,7 @@ class Trainer:
         """The run's memory per device before any weight loads (grpo_jax.run.memory_plan; cfg.memory_plan),
         for prompts as long as the task's longest (the 16 longest texts tokenised, then bucketed)."""
         cfg, d = self.cfg, self.cfg.data
-        if cfg.trainer != "grpo" or cfg.get("memory_plan", "auto") == "off":
+        if not memory_plan.wanted(cfg):
             return
         fmt = policy.PromptFormat(d.template, d.prompt_field, d.instruction, d.get("enable_thinking"))
         longest = sorted(task.train, key=lambda r: len(str(r.get(d.prompt_field, ""))))[-16:]
