@@ -139,8 +139,10 @@ def get_config() -> ConfigDict:
     # and what to change. "auto": where the device reports its memory (GPUs, TPUs); "on", "off".
     c.memory_plan = "auto"
     # asynchronous: orbax writes in the background while training goes on (holding a host copy of
-    # the state meanwhile); False: each save blocks until written. Checkpoints are verified on restore.
-    c.checkpoint = ConfigDict(dict(every=50, keep=3, asynchronous=True))
+    # the state meanwhile); False: each save blocks until written. Checkpoints are verified on restore:
+    # every file's size, and up to verify_gb GB of their blocks (a larger state: the first and last
+    # block of each file and random others; scripts/verify_checkpoint.py reads every byte).
+    c.checkpoint = ConfigDict(dict(every=50, keep=3, asynchronous=True, verify_gb=8.0))
     c.eval = ConfigDict(dict(every=25, k=4, batch_size=64, reward="math", at_start=True))
     # A step line every `every` steps; without a progress bar (output not a terminal) also the first
     # step and a line whenever every_s seconds pass without one (0: off).

@@ -9,11 +9,13 @@ Needs matplotlib (in the `test` extra).
 """
 
 import argparse
+import io
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from grpo_jax.common import storage
 from grpo_jax.common.metrics import read_scalars
 
 
@@ -38,10 +40,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tb = os.path.join(args.workdir, "tb")
-    if not os.path.isdir(tb) and os.path.isdir(os.path.join(args.workdir, "grpo", "tb")):
-        tb = os.path.join(args.workdir, "grpo", "tb")  # a run with a cold start: its GRPO stage
-    s = read_scalars(tb) if os.path.isdir(tb) else {}
+    tb = storage.path(args.workdir) / "tb"  # local, or an object store's URI
+    if not tb.is_dir() and (tb.parent / "grpo" / "tb").is_dir():
+        tb = tb.parent / "grpo" / "tb"  # a run with a cold start: its GRPO stage
+    s = read_scalars(tb) if tb.is_dir() else {}
     if "reward" not in s:
         raise SystemExit(f"no training metrics in {tb}")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -60,10 +62,12 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    args.out = args.out or os.path.join(args.workdir, "metrics.png")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    out = storage.path(args.out or f"{args.workdir}/metrics.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    out.write_bytes(image.getvalue())
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import math
 import time
 from typing import Any, Mapping
 
+from grpo_jax.common import storage
+
 
 class Stopwatch:
     """Seconds between laps: `lap("update")` adds the time since the previous lap to `time/update_s`
@@ -31,12 +33,42 @@ class Stopwatch:
         return self._last - self.start
 
 
+class _ObjectWriter:
+    """An event file on an object store (any epath URI): objects cannot be appended to, so the file
+    is kept in memory and written whole at each flush (event files are kilobytes per step)."""
+
+    def __init__(self, path: str):
+        self.path, self.data = storage.path(path), bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def flush(self) -> None:
+        self.path.write_bytes(bytes(self.data))
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectWriters:  # tensorboardX's writer factory interface
+    def open(self, path: str) -> _ObjectWriter:
+        return _ObjectWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        storage.path(path).mkdir(parents=True, exist_ok=True)
+
+
 class MetricWriter:
+    """TensorBoard events in `logdir`: a local folder or any URI epath knows (gs://...)."""
+
     def __init__(self, logdir: str, enabled: bool = True):
         self._w = None
         if enabled:
             from tensorboardX import SummaryWriter
+            from tensorboardX import record_writer
 
+            if not storage.is_local(logdir):  # through epath, as the checkpoints are
+                record_writer.register_writer_factory(logdir.split(":", 1)[0], _ObjectWriters())
             self._w = SummaryWriter(logdir)
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
@@ -72,21 +104,17 @@ class MetricWriter:
             self._w.close()
 
 
-
-
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     """Scalars of every event file in `logdir`, as {tag: [(step, value), ...]} (for plots and tests)."""
-    import os
     import struct
 
     from tensorboardX.proto import event_pb2
 
     out: dict[str, list[tuple[int, float]]] = {}
-    for name in sorted(os.listdir(logdir)):
-        if "tfevents" not in name:
+    for path in sorted(storage.path(logdir).iterdir()):
+        if "tfevents" not in path.name:
             continue
-        with open(os.path.join(logdir, name), "rb") as fh:
-            data = fh.read()
+        data = path.read_bytes()
         pos = 0
         while pos + 12 <= len(data):  # TFRecord: length, crc, payload, crc
             (n,) = struct.unpack("<Q", data[pos:pos + 8])

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from grpo_jax.common import storage
 from grpo_jax.parallel import multihost
 from grpo_jax.rewards import scoring
 from grpo_jax.rollout import evaluation
@@ -99,33 +100,27 @@ def from_config(pol: policy.Policy, scorer: scoring.Scorer, cfg: ConfigDict, row
 
 
 def write_dataset(kept: Sequence[dict], summary: dict[str, Any], path: str) -> None:
-    """The kept rows as JSONL at `path` and the summary as PATH.summary.json, each written to a
-    temporary file first, so that an interrupted run never leaves a partial dataset behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{jax.process_index()}"
-    with open(tmp + ".summary", "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(tmp, "w") as f:
-        for r in kept:
-            f.write(json.dumps(r, default=str) + "\n")
-    os.replace(tmp + ".summary", summary_path(path))
-    os.replace(tmp, path)  # last: the dataset's presence means both are complete
+    """The kept rows as JSONL at `path` (local or an object store) and the summary as
+    PATH.summary.json, each written atomically, so that an interrupted run never leaves a partial
+    dataset behind."""
+    storage.write_text(summary_path(path), json.dumps(summary, indent=2))
+    # Last: the dataset's presence means both are complete.
+    storage.write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in kept))
 
 
 def summary_path(path: str) -> str:
-    return os.path.splitext(path)[0] + ".summary.json"
+    return os.path.splitext(str(path))[0] + ".summary.json"
 
 
 def load_or_sample(pol: policy.Policy, scorer: scoring.Scorer, cfg: ConfigDict, rows: Sequence[dict],
                    workdir: str) -> list[dict]:
     """The SFT `rejection_samples` source: WORKDIR/rejection_samples.jsonl, sampled from `pol` (a
     stage's starting policy) with `cfg.rejection` the first time, read back afterwards."""
-    path = os.path.join(workdir, "rejection_samples.jsonl")
-    if not os.path.exists(path):
+    path = storage.path(workdir) / "rejection_samples.jsonl"
+    if not path.exists():
         kept, summary = from_config(pol, scorer, cfg, rows)
         write_dataset(kept, summary, path)
         if jax.process_index() == 0:
             print("rejection sampling: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in summary.items()), flush=True)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

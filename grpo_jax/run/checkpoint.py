@@ -9,13 +9,17 @@ read the parameters alone:
     reference  when the KL term has a reference, {"source", "fingerprint"}: the reference itself is
                the starting policy, rebuilt by every run from its source, so it is not stored
 
-and a file manifest.json: the size and SHA-256 of every file the save wrote. Orbax writes a save
-into STEP.orbax-checkpoint-tmp and renames it to STEP when complete; the manifest is written inside
-the temporary folder just before that rename, so a finished checkpoint always has one and a save
-cut short (kill -9, a full disk) never looks finished. Reading a checkpoint back first checks every
-file against its manifest; a damaged checkpoint (a flipped byte, a truncated or missing file) is
-moved to WORKDIR/checkpoints_damaged and the newest intact one is used instead, with a message
-naming both. A checkpoint without a manifest is damaged like any other: every finished save has one.
+and a file manifest.json: the size and a SHA-256 per 16 MiB block of every file the save wrote.
+Orbax writes a save into STEP.orbax-checkpoint-tmp and renames it to STEP when complete (on an
+object store it writes in place and commits with a marker file); the manifest is written just
+before that commit, so a finished checkpoint always has one and a save cut short (kill -9, a full
+disk) never looks finished. On several hosts each hashes the files it wrote, in parallel, and the
+primary host merges their shares. Reading a checkpoint back first checks its files against the
+manifest: every file's size, and every block up to `verify_bytes` (checkpoint.verify_gb; a larger
+state is spot-checked by the first and last block of each file and random others, and
+scripts/verify_checkpoint.py reads every byte). A damaged checkpoint (a flipped byte, a truncated
+or missing file) is moved to WORKDIR/checkpoints_damaged and the newest intact one is used
+instead, with a message naming both. A checkpoint without a manifest is damaged like any other.
 
 Saves are asynchronous by default (orbax): `save` returns once the state is copied to host memory,
 and the files, their checksums and the rename happen in a background thread while training goes on.
@@ -28,12 +32,13 @@ and the files, their checksums and the rename happen in a background thread whil
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import hashlib
 import json
 import logging
 import os
-import shutil
+import posixpath
+import random
+import re
 import sys
 import time
 import traceback
@@ -41,27 +46,34 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from grpo_jax.common import storage
 from grpo_jax.parallel import multihost
 from grpo_jax.rl import train_state
 
 MANIFEST = "manifest.json"
 # Orbax rewrites its step metadata when it commits, after the manifest is written; it holds no data.
 _UNHASHED = {MANIFEST, "_CHECKPOINT_METADATA", "commit_success.txt"}
+_PARTIAL = re.compile(r"manifest\.process_\d+\.json")  # a host's share of the manifest, merged into it
+_HOST_FILE = re.compile(r"(?:^|/)(?:ocdbt\.)?process_(\d+)(?:/|$)")
 _TMP = ".orbax-checkpoint-tmp"  # orbax's suffix for a save in progress
+_TMP_NAME = re.compile(re.escape(_TMP) + r"[^/]*")
 _ORBAX_DIR = os.path.dirname(os.path.dirname(ocp.__file__))
+BLOCK_BYTES = 16 << 20  # manifests record a SHA-256 per block of a file, so a large state can be spot-checked
+VERIFY_BYTES = 8e9  # read back at most this much of a checkpoint before resuming from it (checkpoint.verify_gb)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that could not be written, or no intact checkpoint to resume from."""
 
 
-def directory(workdir: str) -> str:
-    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+def directory(workdir: str | os.PathLike) -> epath.Path:
+    return storage.path(workdir) / "checkpoints"
 
 
-def damaged_directory(workdir_checkpoints: str) -> str:
-    return os.path.join(os.path.dirname(workdir_checkpoints), "checkpoints_damaged")
+def damaged_directory(workdir_checkpoints: str | os.PathLike) -> epath.Path:
+    return storage.path(workdir_checkpoints).parent / "checkpoints_damaged"
 
 
 def _target(tree: Any) -> Any:
@@ -72,55 +84,136 @@ def _target(tree: Any) -> Any:
 # Manifests: what a save wrote, and whether it is still there
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _files(root: epath.Path) -> dict[str, str]:
+    """{the path a data file under `root` will have once committed: its path now}. At a multi-host
+    save's barrier an item's folder is still params.orbax-checkpoint-tmp (renamed to params when
+    the primary host finalizes it)."""
+    rels = (str((d / f).relative_to(root)) for d, _, files in root.walk() for f in files)
+    return {_TMP_NAME.sub("", r): r for r in sorted(rels)
+            if posixpath.basename(r) not in _UNHASHED and not _PARTIAL.fullmatch(r)}
 
 
-def file_digests(root: str) -> dict[str, list]:
-    """{relative path: [bytes, sha256]} of every data file under `root` (hashed on threads: hashlib
-    releases the GIL, so large checkpoints hash at the disk's speed)."""
-    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
-    paths = [p for p in paths if os.path.basename(p) not in _UNHASHED]
-    with concurrent.futures.ThreadPoolExecutor(min(16, len(paths) or 1)) as pool:
-        digests = list(pool.map(lambda p: _sha256(os.path.join(root, p)), paths))
-    return {p: [os.path.getsize(os.path.join(root, p)), h] for p, h in zip(paths, digests)}
+def _host(rel: str) -> int | None:
+    """The process that wrote file `rel` (orbax gives each one its own ocdbt.process_N folder and
+    array_metadatas/process_N file), or None for the primary host's shared files."""
+    m = _HOST_FILE.search(rel)
+    return int(m.group(1)) if m else None
 
 
-def write_manifest(root: str, step: int) -> None:
-    manifest = {"step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": file_digests(root)}
-    with open(os.path.join(root, MANIFEST + ".tmp"), "w") as f:
-        json.dump(manifest, f, indent=0)
-    os.replace(os.path.join(root, MANIFEST + ".tmp"), os.path.join(root, MANIFEST))
+def _digest(p: epath.Path) -> list:
+    """[bytes, [sha256 of each BLOCK_BYTES block]]: a large file can be spot-checked by blocks."""
+    size, blocks = 0, []
+    with p.open("rb") as f:
+        while chunk := f.read(BLOCK_BYTES):
+            size += len(chunk)
+            blocks.append(hashlib.sha256(chunk).hexdigest())
+    return [size, blocks]
 
 
-def problem(step_dir: str, items: tuple[str, ...] | None = None) -> str | None:
-    """Why the checkpoint in `step_dir` cannot be trusted, or None when every file its manifest
-    lists is there with its size and SHA-256; with `items`, only the files of those items (and the
-    step's own top-level files) are checked: what a reader of only those items reads."""
-    if not os.path.isdir(step_dir):
+def file_digests(root: str | os.PathLike, host: int | None | str = "all") -> dict[str, list]:
+    """{relative path: [bytes, [sha256 per block]]} of the data files under `root`: all of them, or
+    those process `host` wrote (None: the shared ones). Hashed on threads: hashlib releases the GIL,
+    so a large checkpoint hashes at the disk's speed."""
+    root = storage.path(root)
+    files = {key: now for key, now in _files(root).items() if host == "all" or _host(key) == host}
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(files) or 1)) as pool:
+        return dict(zip(files, pool.map(lambda now: _digest(root / now), files.values())))
+
+
+def _partial(root: epath.Path, host: int) -> epath.Path:
+    return root / f"manifest.process_{host}.json"
+
+
+def write_partial_manifest(root: str | os.PathLike, host: int) -> None:
+    """Each host's share of a manifest: the digests of the files it wrote, hashed by it (in parallel
+    with the other hosts), for the primary host to merge."""
+    storage.write_text(_partial(storage.path(root), host), json.dumps({"files": file_digests(root, host)}))
+
+
+def write_manifest(root: str | os.PathLike, step: int, hosts: int = 1, own: dict | None = None) -> None:
+    """Write ROOT/manifest.json: every file's size and block digests. With `hosts` > 1 the primary
+    host merges the other hosts' partial manifests (and `own`, its own share) and hashes the shared
+    files; a file no host reported is hashed here, so every file is covered."""
+    root = storage.path(root)
+    files = dict(own or {}) if hosts > 1 else file_digests(root)
+    by = {"0": len(files)}
+    for i in range(1, hosts):
+        part = _partial(root, i)
+        theirs = json.loads(part.read_text())["files"] if part.exists() else {}
+        files.update(theirs)
+        by[str(i)] = len(theirs)
+        part.unlink(missing_ok=True)
+    rest = {key: now for key, now in _files(root).items() if key not in files}  # shared, or not reported
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(rest) or 1)) as pool:
+        files.update(zip(rest, pool.map(lambda now: _digest(root / now), rest.values())))
+    by["0"] += len(rest)
+    manifest = {"format": 2, "step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "block_bytes": BLOCK_BYTES, "hashed_by_process": by, "files": files}
+    storage.write_text(root / MANIFEST, json.dumps(manifest, indent=0))
+
+
+def _check_block(p: epath.Path, index: int, block_bytes: int, digest: str) -> bool:
+    with p.open("rb") as f:
+        f.seek(index * block_bytes)
+        return hashlib.sha256(f.read(block_bytes)).hexdigest() == digest
+
+
+def problem(step_dir: str | os.PathLike, items: tuple[str, ...] | None = None, read_bytes: float | None = None,
+            rng: random.Random | None = None) -> str | None:
+    """Why the checkpoint in `step_dir` cannot be trusted, or None when every file its manifest lists
+    is there with its size and digests. With `items`, only the files of those items (and the step's
+    own top-level files) are checked: what a reader of only those items reads.
+
+    `read_bytes` bounds the bytes read back (None: every byte). Every file's size is always checked;
+    a checkpoint larger than the bound is checked by the first and last block of each file and
+    random other blocks up to it, so a 100 GB state is verified in seconds and a truncation, a
+    missing file or a damaged block among those sampled is still found."""
+    step_dir = storage.path(step_dir)
+    if not step_dir.is_dir():
         return "its folder is missing"
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
+    path = step_dir / MANIFEST
+    if not path.exists():
         return (f"it has no {MANIFEST} (every checkpoint grpo_jax writes has one; one written by a grpo_jax "
                 "from before checkpoints were verified is not read: start a new run from its parameters with "
                 "--config.init_from=RUN_WORKDIR on that grpo_jax, or retrain)")
     try:
-        with open(path) as f:
-            files = json.load(f)["files"]
+        manifest = json.loads(path.read_text())
+        files, block_bytes = manifest["files"], manifest.get("block_bytes", 0)
     except (OSError, ValueError, KeyError) as e:
         return f"its manifest is unreadable: {e}"
-    for rel, (size, digest) in files.items():
-        if items is not None and "/" in rel and rel.split("/", 1)[0] not in items:
-            continue
-        full = os.path.join(step_dir, rel)
-        if not os.path.exists(full):
+    files = {rel: e for rel, e in files.items() if items is None or "/" not in rel or rel.split("/", 1)[0] in items}
+    for rel, (size, _) in files.items():
+        full = step_dir / rel
+        if not full.exists():
             return f"{rel} is missing"
-        if os.path.getsize(full) != size:
-            return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
-        if _sha256(full) != digest:
-            return f"the SHA-256 of {rel} differs from the one recorded when it was written"
+        if full.stat().length != size:
+            return f"{rel} has {full.stat().length} bytes, {size} were written"
+    # (file, block index) to read; a manifest of before block digests has one digest per file.
+    whole = [(rel, None) for rel, (_, d) in files.items() if isinstance(d, str)]
+    blocks = [(rel, i) for rel, (_, d) in files.items() if not isinstance(d, str) for i in range(len(d))]
+    total = sum(size for size, _ in files.values())
+    if read_bytes is not None and total > read_bytes:
+        ends = {(rel, i) for rel, (_, d) in files.items() if not isinstance(d, str) for i in {0, len(d) - 1} if d}
+        others = [b for b in blocks if b not in ends]
+        budget = max(0, int(read_bytes // max(block_bytes, 1)) - len(ends))
+        blocks = sorted(ends) + (rng or random.Random()).sample(others, min(budget, len(others)))
+    for rel, i in whole:
+        with (step_dir / rel).open("rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != files[rel][1]:
+                return f"the SHA-256 of {rel} differs from the one recorded when it was written"
+    for rel, i in blocks:
+        if not _check_block(step_dir / rel, i, block_bytes, files[rel][1][i]):
+            return (f"the SHA-256 of {rel} (its block {i}, from byte {i * block_bytes}) differs from the one "
+                    "recorded when it was written")
     return None
+
+
+def manifest_bytes(step_dir: str | os.PathLike) -> int:
+    """The bytes a checkpoint's manifest lists (0 when it has none)."""
+    try:
+        return sum(size for size, _ in storage.read_json(storage.path(step_dir) / MANIFEST)["files"].values())
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _size(nbytes: float) -> str:
@@ -179,33 +272,39 @@ def report_failed_saves_once() -> None:
 # Choosing the checkpoint to read
 
 
-def _choose(manager: ocp.CheckpointManager, steps: list[int], items: tuple[str, ...] | None = None) -> tuple[int | None, list]:
+def _choose(manager: ocp.CheckpointManager, steps: list[int], items: tuple[str, ...] | None = None,
+            read_bytes: float | None = VERIFY_BYTES, say: Callable[[str], None] = print) -> tuple[int | None, list]:
     """The newest of `steps` (newest first) whose files (of `items`, default all) are intact, and
-    the (step, why) of the damaged ones before it. Verified on process 0 only (every host reads the
-    same files) and agreed by all."""
+    the (step, why) of the damaged ones before it; at most `read_bytes` of each is read back (see
+    `problem`). Verified on process 0 only (every host reads the same files) and agreed by all."""
     chosen, damaged = -1, []
     if jax.process_index() == 0:
         for step in steps:
-            why = problem(os.path.join(str(manager.directory), str(step)), items)
+            step_dir = manager.directory / str(step)
+            why = problem(step_dir, items, read_bytes)
             if why is None:
                 chosen = step
+                if read_bytes is not None and manifest_bytes(step_dir) > read_bytes:
+                    say(f"checkpoint {step} ({_size(manifest_bytes(step_dir))}) was verified by its file sizes and "
+                        f"blocks sampled up to {_size(read_bytes)} (checkpoint.verify_gb); "
+                        f"`python scripts/verify_checkpoint.py {manager.directory.parent}` reads every byte")
                 break
             damaged.append((step, why))
     chosen = multihost.host_max([chosen])[0]
     return (None if chosen < 0 else chosen), damaged
 
 
-def _set_aside(manager: ocp.CheckpointManager, damaged: list) -> str:
+def _set_aside(manager: ocp.CheckpointManager, damaged: list) -> epath.Path:
     """Move damaged checkpoints out of the way (a later save of the same step would collide);
     returns where to."""
-    aside = damaged_directory(str(manager.directory))
+    aside = damaged_directory(manager.directory)
     if damaged and jax.process_index() == 0:
-        os.makedirs(aside, exist_ok=True)
+        aside.mkdir(parents=True, exist_ok=True)
         for step, _ in damaged:
-            dest = os.path.join(aside, str(step))
-            if os.path.exists(dest):
-                dest += time.strftime("-%Y%m%d-%H%M%S")
-            shutil.move(os.path.join(str(manager.directory), str(step)), dest)
+            dest = aside / str(step)
+            if dest.exists():
+                dest = aside / (str(step) + time.strftime("-%Y%m%d-%H%M%S"))
+            (manager.directory / str(step)).rename(dest)
     if damaged:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -245,7 +344,7 @@ def _check_reference(manager: ocp.CheckpointManager, step: int, reference: dict[
 
 
 def _json_item(manager: ocp.CheckpointManager, step: int, name: str) -> dict | None:
-    if not os.path.isdir(os.path.join(str(manager.directory), str(step), name)):  # orbax: an item per folder
+    if not (manager.directory / str(step) / name).is_dir():  # orbax: an item per folder
         return None
     return manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
 
@@ -264,36 +363,59 @@ class Checkpoints:
       asynchronous: write in the background (orbax); `wait` or `close` blocks until written.
         Holds a host copy of the state while it writes.
       say: where messages go (damaged or unfinished checkpoints found).
+      verify_bytes: at most this many bytes of a checkpoint are read back to verify it before a
+        restore (None: all); see `problem`.
+
+    The workdir may be local or any URI epath and orbax know (gs://bucket/run).
     """
 
-    def __init__(self, workdir: str, keep: int = 3, base: dict[str, str] | None = None,
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, base: dict[str, str] | None = None,
                  reference: dict[str, str] | None = None, asynchronous: bool = True,
-                 say: Callable[[str], None] = print):
+                 say: Callable[[str], None] = print, verify_bytes: float | None = VERIFY_BYTES):
         self.base, self.reference, self.asynchronous, self.say = base, reference, asynchronous, say
+        self.verify_bytes = verify_bytes
         self.dir = directory(workdir)
-        # Steps handed to orbax, oldest first, whose manifest is still due (process 0 only).
+        # Steps handed to orbax, oldest first, whose manifest (each host: its share) is still due.
         self._writing: list[int] = []
+        self._own: dict[int, dict] = {}  # process 0's share of a step's manifest, hashed at the barrier
         self._failed: CheckpointError | None = None
         self._orbax_errors = _OrbaxErrors()
         logging.getLogger("absl").addFilter(self._orbax_errors)  # orbax logs through absl
         if jax.process_index() == 0:
-            unfinished = sorted(glob.glob(os.path.join(self.dir, f"*{_TMP}*")))
-            for path in unfinished:  # orbax deletes them (cleanup_tmp_directories); say so
-                say(f"checkpoint {os.path.basename(path).split('.')[0]} in {self.dir} was never finished (the run "
+            for path in sorted(self.dir.glob(f"*{_TMP}*")):  # orbax deletes them (cleanup_tmp_directories); say so
+                say(f"checkpoint {path.name.split('.')[0]} in {self.dir} was never finished (the run "
                     "stopped while writing it): removed")
+        self._sync = ocp.multihost.get_barrier_sync_fn()
         handlers = dict(params=ocp.StandardCheckpointHandler(), state=ocp.StandardCheckpointHandler(),
                         base=ocp.JsonCheckpointHandler(), reference=ocp.JsonCheckpointHandler())
         self.manager = ocp.CheckpointManager(self.dir, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest)))
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest,
+                                           barrier_sync_fn=self._barrier)))
+
+    def _step_folder(self, step: int) -> epath.Path:
+        pending = sorted(self.dir.glob(f"{step}{_TMP}*"))
+        return pending[0] if pending else self.dir / str(step)  # object stores: written in place
+
+    def _barrier(self, *, key: str, timeout_ms: int) -> None:
+        # Orbax's barriers of a multi-host save. Each host reaches "async_write_complete" once its
+        # own files are written: it hashes them there, in parallel with the other hosts, so the
+        # primary host's commit only merges the shares and hashes the shared files.
+        if "async_write_complete" in key and self._writing:
+            step, i = self._writing[0], jax.process_index()
+            if i == 0:
+                self._own[step] = file_digests(self._step_folder(step), host=0)
+            else:
+                write_partial_manifest(self._step_folder(step), i)
+                self._writing.pop(0)
+        self._sync(key=key, timeout_ms=timeout_ms)
 
     def _write_manifest(self) -> None:
         # Runs on the primary host in orbax's background thread, after every host's files are
         # written and before orbax renames STEP.orbax-checkpoint-tmp to STEP: the manifest is part
         # of the atomic commit. Saves are serialised, so the oldest pending step is this one.
         step = self._writing[0]
-        pending = glob.glob(os.path.join(self.dir, f"{step}{_TMP}*"))
-        write_manifest(pending[0] if pending else os.path.join(self.dir, str(step)), step)  # object stores: in place
+        write_manifest(self._step_folder(step), step, jax.process_count(), own=self._own.pop(step, None))
         self._writing.pop(0)
 
     def latest_step(self) -> int | None:
@@ -302,13 +424,14 @@ class Checkpoints:
     def _fail(self, step: int, e: BaseException) -> CheckpointError:
         """The save of `step` failed: remove what it wrote and say why in one line."""
         self._writing.clear()
+        self._own.clear()
         self._remove_unfinished()
-        free = _size(shutil.disk_usage(self.dir).free) if os.path.isdir(self.dir) else "?"
-        why = _short(e)
-        fix = ("Free some space (or lower checkpoint.keep) and resume" if why in _SPACE else
+        free = storage.free_bytes(self.dir)
+        why = _short(e) + ("" if free is None else f"; {_size(free)} free there")
+        fix = ("Free some space (or lower checkpoint.keep) and resume" if _short(e) in _SPACE else
                "Fix what the error names and resume")  # e.g. a barrier that timed out: not the disk
         self._failed = CheckpointError(
-            f"checkpoint {step} could not be written to {self.dir} ({why}; {free} free there): its "
+            f"checkpoint {step} could not be written to {self.dir} ({why}): its "
             f"partial files were removed and the earlier checkpoints are intact. {fix}")
         return self._failed
 
@@ -319,8 +442,11 @@ class Checkpoints:
             return
         end = time.monotonic() + settle_s
         while True:
-            for path in glob.glob(os.path.join(self.dir, f"*{_TMP}*")):
-                shutil.rmtree(path, ignore_errors=True)
+            for path in self.dir.glob(f"*{_TMP}*"):
+                try:
+                    path.rmtree(missing_ok=True)
+                except OSError:  # tensorstore may be writing into it still: removed on the next pass
+                    pass
             if time.monotonic() >= end:
                 return
             time.sleep(0.05)
@@ -329,16 +455,15 @@ class Checkpoints:
         step = int(state.step)
         params, rest = train_state.to_items(state)
         nbytes = sum(x.nbytes for x in jax.tree.leaves((params, rest)))
-        free = shutil.disk_usage(os.path.dirname(self.dir) or ".").free
-        if nbytes > free:  # refused before writing anything: a half-written checkpoint helps no one
+        free = storage.free_bytes(self.dir)
+        if free is not None and nbytes > free:  # refused before writing anything: a half-written checkpoint helps no one
             raise CheckpointError(f"checkpoint {step} needs about {_size(nbytes)} but {self.dir} has {_size(free)} "
                                   "free: free some space (or lower checkpoint.keep) and resume")
         items = dict(params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(rest))
         for name, record in (("base", self.base), ("reference", self.reference)):
             if record is not None:
                 items[name] = ocp.args.JsonSave(record)
-        if jax.process_index() == 0:  # orbax runs the manifest callback on the primary host only
-            self._writing.append(step)
+        self._writing.append(step)
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - the previous save's error surfaces here too
@@ -381,7 +506,7 @@ class Checkpoints:
         steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
         if not steps:
             return None
-        chosen, damaged = _choose(self.manager, steps)
+        chosen, damaged = _choose(self.manager, steps, read_bytes=self.verify_bytes, say=self.say)
         if chosen is None:
             raise CheckpointError(_damage_report(self.manager, damaged) + ": no intact checkpoint to resume from. "
                                   f"Move {self.dir} away to start again from step 0")
@@ -422,19 +547,20 @@ class Checkpoints:
                 self._remove_unfinished(settle_s=1.0)
 
 
-def restore_params(workdir: str, like: Any, step: int | None = None, base: str | None = None,
-                   say: Callable[[str], None] = print) -> tuple[Any, int]:
+def restore_params(workdir: str | os.PathLike, like: Any, step: int | None = None, base: str | None = None,
+                   say: Callable[[str], None] = print, verify_bytes: float | None = VERIFY_BYTES) -> tuple[Any, int]:
     """The parameters of run `workdir`'s newest intact checkpoint (or the one at `step`), restored
     in the structure and shardings of `like` (arrays or ShapeDtypeStructs); a LoRA run's adapters
     when `base`, the fingerprint of the base they must belong to, is given. Returns (params, step)."""
     path = directory(workdir)
-    if not os.path.isdir(path):
+    if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint in {path} to take the parameters from")
     with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False, read_only=True)) as manager:
         steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {path} to take the parameters from")
-        chosen, damaged = _choose(manager, steps, items=("params", "base"))  # the files it reads, not the optimizer's
+        # The files it reads, not the optimizer's.
+        chosen, damaged = _choose(manager, steps, items=("params", "base"), read_bytes=verify_bytes, say=say)
         if chosen is None:
             raise CheckpointError(_damage_report(manager, damaged) + ": no intact checkpoint to take the parameters from")
         if damaged:

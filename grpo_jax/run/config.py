@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from ml_collections import ConfigDict
 
+from grpo_jax.common import storage
 from grpo_jax.rewards.sandbox import runner
 from grpo_jax.rl import grpo
 from grpo_jax.rollout import sampler
@@ -91,6 +92,11 @@ def check(cfg: ConfigDict) -> None:
     if cfg.get("trainer") not in ("grpo", "sft"):
         raise ConfigError(f"trainer={cfg.get('trainer')!r}; expected 'grpo' or 'sft'")
     _check_ranges(cfg)
+    for field in ("workdir", "init_from"):
+        try:
+            storage.path(cfg.get(field) or ".")
+        except ValueError as e:
+            raise ConfigError(f"{field}: {e}") from None
     isolation = cfg.get("verifier", {}).get("sandbox", "auto")
     if isolation not in runner.ISOLATIONS:
         raise ConfigError(f"verifier.sandbox={isolation!r}; expected one of {runner.ISOLATIONS}")
@@ -129,6 +135,10 @@ def _check_ranges(cfg: ConfigDict) -> None:
         v = flat.get(path)
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
             raise ConfigError(f"{path}={v!r}; expected an integer >= {low} ({what})")
+    gb = flat.get("checkpoint.verify_gb")
+    if gb is not None and not (isinstance(gb, (int, float)) and not isinstance(gb, bool) and gb >= 0):
+        raise ConfigError(f"checkpoint.verify_gb={gb!r}; expected a number >= 0 (GB of a checkpoint read back to "
+                         "verify it before a restore)")
     lr = flat.get("optimizer.learning_rate")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"optimizer.learning_rate={lr!r}; expected a finite number > 0 (a negative rate ascends "

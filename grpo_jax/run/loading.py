@@ -17,6 +17,7 @@ import jax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from grpo_jax.common import storage
 from grpo_jax.models import architecture
 from grpo_jax.models import hf
 from grpo_jax.models import lora
@@ -104,11 +105,10 @@ def _source_params(mcfg: ConfigDict, model_cfg: architecture.ModelConfig, mesh: 
 
 def run_config(workdir: str) -> ConfigDict | None:
     """The config a run wrote into its workdir (trainer.Trainer), or None for a run without one."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.path(workdir) / "config.json"
+    if not path.exists():
         return None
-    with open(path) as f:
-        return ConfigDict(json.load(f))
+    return ConfigDict(json.loads(path.read_text()))
 
 
 def run_params(run: str, model_cfg: architecture.ModelConfig, mesh: Mesh,

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import jax
 from ml_collections import ConfigDict
 
+from grpo_jax.common import storage
 from grpo_jax.rollout import policy
 from grpo_jax.run import checkpoint
 from grpo_jax.run import config
@@ -181,7 +182,7 @@ def _legacy_layout(cfg: ConfigDict) -> str | None:
     if is_pipeline(cfg) or not is_pipeline(expand(cfg)):
         return None
     old = checkpoint.directory(cfg.workdir)
-    if os.path.isdir(old) and not os.path.isdir(os.path.join(cfg.workdir, "grpo")):
+    if old.is_dir() and not (storage.path(cfg.workdir) / "grpo").is_dir():
         return (f"{old} was written before the cold start became a stage of its own (grpo_jax 0.1): this "
                 f"config now runs in {os.path.join(cfg.workdir, 'cold_start')} and {os.path.join(cfg.workdir, 'grpo')}. "
                 f"Move {old} into {os.path.join(cfg.workdir, 'grpo')}/ to evaluate or continue it there, "
@@ -265,10 +266,9 @@ def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, rewa
         settings = stage_settings(scfg)
         stamp = fingerprint(settings, previous)
         legacy = fingerprint(stage_settings(scfg, legacy=True), previous_legacy)  # markers of earlier versions
-        marker = os.path.join(scfg.workdir, "stage.json")
-        if os.path.exists(marker):
-            with open(marker) as f:
-                record = json.load(f)
+        marker = storage.path(scfg.workdir) / "stage.json"
+        if marker.exists():
+            record = storage.read_json(marker)
             if not _same_stage(name, scfg.workdir, record, (stamp, legacy)):
                 raise _changed_error(name, scfg.workdir, record.get("settings", {}), settings, names[i + 1:])
             if lead:
@@ -285,17 +285,14 @@ def _run_stages(cfg: ConfigDict, names: list[str], until_stage: str | None, rewa
                     stage_run.save()
                 record = {"name": name, "trainer": scfg.trainer, "steps": stage_run.step,
                           "eval": _final_eval(stage_run, history)}
-                summary = os.path.join(scfg.workdir, "rejection_samples.summary.json")
-                if os.path.exists(summary):
-                    with open(summary) as f:
-                        record["rejection_sampling"] = json.load(f)
+                summary = storage.path(scfg.workdir) / "rejection_samples.summary.json"
+                if summary.exists():
+                    record["rejection_sampling"] = storage.read_json(summary)
                 if scfg.trainer == "sft":
                     record["sft_sources"] = dict(stage_run.algorithm.sources)
             record.update(seconds=time.perf_counter() - t0, fingerprint=stamp, settings=settings)
             if lead:
-                with open(marker + ".tmp", "w") as f:
-                    json.dump(record, f, indent=2)
-                os.replace(marker + ".tmp", marker)
+                storage.write_text(marker, json.dumps(record, indent=2))
                 print(f"== stage {name} done in {record['seconds']:.0f} s: "
                       + " ".join(f"{k}={v:.3f}" for k, v in record["eval"].items()), flush=True)
         records.append(record)

@@ -15,7 +15,6 @@ The trainer composes the pieces and holds no algorithm of its own:
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
@@ -26,6 +25,7 @@ from ml_collections import ConfigDict
 
 from grpo_jax.common import data
 from grpo_jax.common import metrics
+from grpo_jax.common import storage
 from grpo_jax.models import lora
 from grpo_jax.parallel import multihost
 from grpo_jax.rewards import scoring
@@ -61,8 +61,8 @@ class Trainer:
             raise ValueError(f"cold_start.steps={cfg.cold_start.steps}: the cold start is a stage of its own; run the "
                              "config with grpo_jax.run.pipeline.run(cfg) (scripts/train.py does): cold_start, then grpo")
         self.cfg = cfg
-        self.workdir = cfg.workdir
-        os.makedirs(self.workdir, exist_ok=True)
+        self.workdir = str(storage.path(cfg.workdir))  # local or an object store (gs://...)
+        storage.path(self.workdir).mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:  # loading a model and compiling take a while: say what is going on
             print(f"{cfg.trainer} run in {self.workdir}: loading {cfg.init_from or cfg.model.source}", flush=True)
         # Before any work: a second run into this workdir would overwrite this one's checkpoints.
@@ -88,11 +88,11 @@ class Trainer:
         lead = jax.process_index() == 0
         self.checkpoints = checkpoint.Checkpoints(self.workdir, cfg.checkpoint.keep, base=base, reference=reference,
                                                   asynchronous=cfg.checkpoint.asynchronous,
+                                                  verify_bytes=cfg.checkpoint.verify_gb * 1e9,
                                                   say=print if lead else lambda line: None)
-        self.writer = metrics.MetricWriter(os.path.join(self.workdir, "tb"), enabled=lead)
+        self.writer = metrics.MetricWriter(f"{self.workdir}/tb", enabled=lead)
         if lead:  # what this run was, next to its checkpoints
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json(cfg))
+            storage.write_text(f"{self.workdir}/config.json", config.to_json(cfg))
 
     def _plan_memory(self, task: data.Task, model_cfg, mesh, tokenizer) -> None:
         """The run's memory per device before any weight loads (grpo_jax.run.memory_plan; cfg.memory_plan),
@@ -211,6 +211,8 @@ class Trainer:
                     + f"{m['time/step_s']:.2f}s")
                 last_said = time.monotonic()
             history.append(record)
+            if self._lock is not None:
+                self._lock.refresh()  # an object store's lease; nothing on a local disk
             stopping = self._agree(stop)
             if step == last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):  # every=0: at the end
                 self.save()

@@ -3,6 +3,8 @@ commit; a damaged or unfinished checkpoint is named and the newest intact one is
 cannot be written says why in one line and leaves nothing behind; the KL reference is not stored."""
 
 import glob
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -255,6 +257,80 @@ def test_taking_the_parameters_verifies_the_files_it_reads_only(tmp_path):
     ckpt.close()
     _flip(_biggest_file(os.path.join(str(tmp_path), "checkpoints_damaged", "4")))  # params too: now it is refused
     assert "params/" in checkpoint.problem(os.path.join(str(tmp_path), "checkpoints_damaged", "4"), items=("params",))
+
+
+BLOCK = 1024
+
+
+def _flip_block(path, index, block_bytes):
+    with open(path, "r+b") as f:
+        f.seek(index * block_bytes + 7)
+        byte = f.read(1)
+        f.seek(index * block_bytes + 7)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_large_checkpoint_is_spot_checked_by_blocks_and_read_whole_by_the_verify_command(tmp_path, monkeypatch):
+    """Above checkpoint.verify_gb a restore checks every size and reads the first and last block of
+    every file plus random others up to the bound; scripts/verify_checkpoint.py reads every block."""
+    monkeypatch.setattr(checkpoint, "BLOCK_BYTES", BLOCK)  # so that a small state has many blocks
+    _saved(tmp_path, steps=(2,))
+    step_dir = os.path.join(checkpoint.directory(str(tmp_path)), "2")
+    manifest = json.load(open(os.path.join(step_dir, checkpoint.MANIFEST)))
+    big = _biggest_file(step_dir)
+    blocks = manifest["files"][os.path.relpath(big, step_dir)][1]
+    assert manifest["block_bytes"] == BLOCK and len(blocks) == -(-os.path.getsize(big) // BLOCK) >= 32
+    for i, digest in enumerate(blocks):  # each block's own SHA-256
+        with open(big, "rb") as f:
+            f.seek(i * BLOCK)
+            assert hashlib.sha256(f.read(BLOCK)).hexdigest() == digest
+
+    read, check = [], checkpoint._check_block
+    monkeypatch.setattr(checkpoint, "_check_block", lambda p, i, *a: read.append((os.fspath(p), i)) or check(p, i, *a))
+    total_blocks = sum(len(d) for _, d in manifest["files"].values())
+    ends = sum(min(len(d), 2) for _, d in manifest["files"].values())
+    assert (ends + 5) * BLOCK < checkpoint.manifest_bytes(step_dir)
+    assert checkpoint.problem(step_dir, read_bytes=(ends + 5) * BLOCK) is None
+    assert len(read) == ends + 5 < total_blocks and len(set(read)) == len(read)
+    assert {(big, 0), (big, len(blocks) - 1)} <= set(read)
+    read.clear()
+    assert checkpoint.problem(step_dir) is None and len(read) == total_blocks  # unbounded: every block
+
+    # A damaged middle block: found by the full check and the command, named by block.
+    middle = len(blocks) // 2
+    _flip_block(big, middle, BLOCK)
+    why = checkpoint.problem(step_dir)
+    assert f"(its block {middle}, from byte {middle * BLOCK})" in why and "SHA-256 of params/" in why
+    assert checkpoint.problem(step_dir, read_bytes=total_blocks * BLOCK) == why  # a bound above the size: all
+    out = subprocess.run([sys.executable, "scripts/verify_checkpoint.py", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and f"checkpoints/2: DAMAGED: {why}" in out.stdout, out.stdout + out.stderr
+    _flip_block(big, middle, BLOCK)  # repaired
+    # The last block and a truncation are found however small the bound.
+    _flip_block(big, len(blocks) - 1, BLOCK)
+    assert f"its block {len(blocks) - 1}," in checkpoint.problem(step_dir, read_bytes=0)
+    _flip_block(big, len(blocks) - 1, BLOCK)
+    out = subprocess.run([sys.executable, "scripts/verify_checkpoint.py", str(tmp_path), "--step=2"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "checkpoints/2: intact" in out.stdout, out.stdout + out.stderr
+    os.truncate(big, os.path.getsize(big) - 1)
+    assert "bytes, " in checkpoint.problem(step_dir, read_bytes=0)
+
+
+def test_a_manifest_of_whole_file_digests_is_still_verified(tmp_path):
+    """Checkpoints written before block digests record one SHA-256 per file: still read and checked."""
+    _saved(tmp_path, steps=(2,))
+    step_dir = os.path.join(checkpoint.directory(str(tmp_path)), "2")
+    path = os.path.join(step_dir, checkpoint.MANIFEST)
+    manifest = json.load(open(path))
+    for rel in manifest["files"]:
+        with open(os.path.join(step_dir, rel), "rb") as f:
+            manifest["files"][rel] = [os.path.getsize(os.path.join(step_dir, rel)), hashlib.file_digest(f, "sha256").hexdigest()]
+    del manifest["format"], manifest["block_bytes"]
+    json.dump(manifest, open(path, "w"))
+    assert checkpoint.problem(step_dir) is None and checkpoint.problem(step_dir, read_bytes=0) is None
+    _flip(_biggest_file(step_dir))
+    assert "SHA-256 of params/" in checkpoint.problem(step_dir, read_bytes=0)
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])

@@ -249,10 +249,17 @@ def test_steps_on_two_hosts_of_4_devices_match_one_device(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    # Both hosts wrote the final checkpoint; process 0 recorded every file of it after orbax's barrier.
-
+    # Both hosts wrote the final checkpoint. Each hashed the files it wrote (process 1: its own
+    # ocdbt.process_1 folders) and process 0 merged the shares: every file is in the manifest.
     final = os.path.join(checkpoint.directory(str(tmp_path / "hosts")), "2")
-    assert os.path.exists(os.path.join(final, checkpoint.MANIFEST)) and checkpoint.problem(final) is None
+    assert checkpoint.problem(final) is None
+    manifest = json.load(open(os.path.join(final, checkpoint.MANIFEST)))
+    on_disk = {os.path.relpath(os.path.join(d, f), final) for d, _, fs in os.walk(final) for f in fs}
+    assert set(manifest["files"]) == {r for r in on_disk if os.path.basename(r) not in
+                                      (checkpoint.MANIFEST, "_CHECKPOINT_METADATA", "commit_success.txt")}
+    process_1 = {r for r in manifest["files"] if "process_1" in r}
+    assert process_1 and manifest["hashed_by_process"]["1"] == len(process_1), manifest["hashed_by_process"]
+    assert manifest["hashed_by_process"]["0"] == len(manifest["files"]) - len(process_1)
     scalars = read_scalars(str(tmp_path / "hosts" / "tb"))
     for step, want in enumerate(one, start=1):
         got = {k: dict(scalars[k])[step] for k in want}
