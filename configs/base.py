@@ -144,6 +144,12 @@ def get_config() -> ConfigDict:
     # block of each file and random others; scripts/verify_checkpoint.py reads every byte).
     c.checkpoint = ConfigDict(dict(every=50, keep=3, asynchronous=True, verify_gb=8.0))
     c.eval = ConfigDict(dict(every=25, k=4, batch_size=64, reward="math", at_start=True))
+    # Tools the policy may call in its rollouts (multi-turn episodes; grpo_jax/rollout/multi_turn.py):
+    # built-in names ("calculator", "python") or import paths of functions; () is single-turn. format:
+    # how the model writes a call (grpo_jax/rollout/tool_formats.py: plain, qwen, llama3, mistral).
+    # sampling.max_new_tokens is the episode's budget of tokens, the model's and the observations'.
+    c.tools = ConfigDict(dict(names=(), format="plain", max_turns=4, max_observation_tokens=64, call_timeout_s=10.0,
+                              poll_steps=8, workers=8))
     # A step line every `every` steps; without a progress bar (output not a terminal) also the first
     # step and a line whenever every_s seconds pass without one (0: off).
     c.log = ConfigDict(dict(every=1, every_s=30.0, samples_every=10))

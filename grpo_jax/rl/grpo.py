@@ -68,6 +68,7 @@ from grpo_jax.rl import objective
 from grpo_jax.rl import packing
 from grpo_jax.rl import train_state
 from grpo_jax.rollout import policy
+from grpo_jax.rollout import multi_turn
 from grpo_jax.rollout import sampler
 
 Batch = dict[str, jax.Array]
@@ -114,7 +115,7 @@ def update(state: train_state.TrainState, batch: Batch, *, model_cfg: architectu
     loss_value, grads, out = objective.loss_and_grad(state.params, batch, model_cfg, loss_cfg, mesh, num_microbatches,
                                                      frozen=state.frozen)
     rows = objective.completions(batch)
-    signal = loss.has_signal(rows["advantages"], rows["completion_mask"], rows.get("truncated"), loss_cfg)
+    signal = loss.has_signal(rows["advantages"], objective.loss_tokens(rows), rows.get("truncated"), loss_cfg)
     state, opt_metrics = train_state.apply_gradients(state, grads, loss_value, tx, skip=~signal)
     return state, {**out, **opt_metrics, "update_no_signal": (~signal).astype(jnp.float32)}
 
@@ -159,6 +160,7 @@ class Groups:
     tokens: np.ndarray | None = None  # [N, T] right-padded
     mask: np.ndarray | None = None
     logprobs: np.ndarray | None = None  # [N, T] the sampler's
+    sampled_mask: np.ndarray | None = None  # [N, T] multi-turn: True on the policy's tokens (not observations)
     rewards: np.ndarray | None = None  # [N] weighted total
     per_fn: dict[str, np.ndarray] | None = None  # [N] per reward function (NaN: None)
     counts: dict[str, int] | None = None  # verifier timeouts, crashes, errors (in total and by function)
@@ -166,8 +168,10 @@ class Groups:
     @classmethod
     def sampled(cls, rows: list[dict], rollout: sampler.Rollout, decode, on_host: bool) -> Groups:
         """This host's groups of a rollout; `on_host`: with the sequences copied to the host."""
-        local = {k: multihost.local_rows(getattr(rollout, k)) for k in
-                 (("prompt_ids", "prompt_mask", "tokens", "mask", "logprobs") if on_host else ("tokens",))}
+        names = ("prompt_ids", "prompt_mask", "tokens", "mask", "logprobs", "sampled") if on_host else ("tokens",)
+        local = {k: multihost.local_rows(getattr(rollout, k)) for k in names if getattr(rollout, k) is not None}
+        if "sampled" in local:
+            local["sampled_mask"] = local.pop("sampled")
         lengths = multihost.local_rows(rollout.lengths)
         return cls(rows, decode(local["tokens"], lengths), lengths, multihost.local_rows(rollout.truncated),
                    rollout=None if on_host else rollout, **(local if on_host else {}))
@@ -177,6 +181,9 @@ class Groups:
         src = self if self.rollout is None else self.rollout
         arrays = {"prompt_ids": src.prompt_ids, "prompt_mask": src.prompt_mask, "completion_ids": src.tokens[:, :C],
                   "completion_mask": src.mask[:, :C], "truncated": src.truncated, "sampler_logp": src.logprobs[:, :C]}
+        sampled = src.sampled if self.rollout is not None else src.sampled_mask
+        if sampled is not None:  # the loss reads the policy's tokens only
+            arrays["sampled_mask"] = sampled[:, :C]
         return arrays if self.rollout is not None else multihost.global_batch(arrays, mesh)
 
     def signal(self, G: int, by: str | None = None) -> np.ndarray:
@@ -207,6 +214,7 @@ class Groups:
             prompt_ids=np.concatenate([left(p.prompt_ids, pad_id) for p in parts]),
             prompt_mask=np.concatenate([left(p.prompt_mask, False) for p in parts]),
             tokens=cat("tokens"), mask=cat("mask"), logprobs=cat("logprobs"), rewards=cat("rewards"),
+            sampled_mask=cat("sampled_mask") if parts[0].sampled_mask is not None else None,
             per_fn={k: np.concatenate([p.per_fn[k] for p in parts]) for k in parts[0].per_fn},
             counts={k: sum(p.counts.get(k, 0) for p in parts) for k in set().union(*(p.counts for p in parts))})
 
@@ -359,7 +367,7 @@ class GRPO:
         self.scorer.set_disabled(off, self.reward_names)
         state = train_state.advance(state, {**next_data, "rewards_off": off}, mesh)
         out = {**update_metrics, **{k: float(v) for k, v in adv_metrics.items()}, **self._sample_metrics(sampled),
-               **layout_metrics}
+               **layout_metrics, **multi_turn.metrics(self.tool_stats)}
         out["completion_length/padded"] = float(C)
         if self.dynamic_sampling:
             all_signal = multihost.all_hosts(sampled.signal(G, self.signal_reward))
@@ -381,6 +389,8 @@ class GRPO:
         arrays = {"prompt_ids": groups.prompt_ids, "prompt_mask": groups.prompt_mask,
                   "completion_ids": groups.tokens[:, :C], "completion_mask": groups.mask[:, :C],
                   "truncated": groups.truncated, "sampler_logp": groups.logprobs[:, :C]}
+        if groups.sampled_mask is not None:
+            arrays["sampled_mask"] = groups.sampled_mask[:, :C]
         kw = dict(pad_id=self.policy.sampling.pad_id, max_row_tokens=self.max_row_tokens,
                   attention_cost=attention_cost(self.policy.model_cfg),
                   row_multiple=multiple // hosts if multiple % hosts == 0 else multiple,
@@ -412,10 +422,13 @@ class GRPO:
         G = self.num_generations
         pol = self.policy.replace(params=train_state.policy_params(state)).for_sampling()  # one sampling copy for every round
         key, position, rounds = train_state.step_key(state), state.data, []
+        self.tool_stats = []  # multi-turn rollouts' episode stats, per round
         size = self.prompts.batch_size
         while True:
             rows, position = self.prompts.batch(position, size)
             rollout = pol.rollout(rows, G, key if not rounds else jax.random.fold_in(key, len(rounds)))
+            if pol.tools is not None:
+                self.tool_stats.append(pol.tools.last)
             part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling or self.packing)
             rounds.append(part)
             clock.lap("sampling")

@@ -14,6 +14,9 @@ denominator of the whole batch, so the result does not depend on the split eithe
     advantages                         [B]
     old_logp, ref_logp, sampler_logp   [B, C]  optional (see loss.grpo_loss_terms)
     truncated                          [B]     optional bool
+    sampled_mask                       [B, C]  optional: multi-turn episodes' own tokens (observation
+                                               tokens 0): the model reads every completion token, the
+                                               loss only these (`loss_tokens`)
 or a packed batch (grpo_jax.rl.packing): rows [R, T] that hold each group's prompt once, and the same
 per-completion arrays in completion slots [R, S, ...], which the loss reads as [R * S, ...] rows
 (`completions`; empty slots have completion_valid False and count for nothing).
@@ -38,7 +41,7 @@ from grpo_jax.rl import loss
 Batch = dict[str, jax.Array]
 BATCH_AXES = partitioning.BATCH
 _PER_TOKEN_INPUTS = ("old_logp", "ref_logp", "sampler_logp", "truncated", "completion_valid")
-_PER_COMPLETION = ("advantages", "completion_mask", *_PER_TOKEN_INPUTS)
+_PER_COMPLETION = ("advantages", "completion_mask", "sampled_mask", *_PER_TOKEN_INPUTS)
 
 
 def is_packed(batch: Batch) -> bool:
@@ -54,6 +57,14 @@ def completions(batch: Batch) -> Batch:
     return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in _PER_COMPLETION if batch.get(k) is not None}
 
 
+def loss_tokens(rows: Batch) -> jax.Array:
+    """[B, C] the tokens every loss term, KL, correction, denominator and token metric counts: the
+    completion's tokens, less a multi-turn episode's observation tokens (which the policy did not
+    sample: no log-probability of theirs is trained, and none enters a normaliser)."""
+    mask = rows["completion_mask"]
+    return mask if rows.get("sampled_mask") is None else jnp.logical_and(mask, rows["sampled_mask"]).astype(mask.dtype)
+
+
 def sharded_loss_terms(
     logp: jax.Array,
     entropy: jax.Array | None,
@@ -65,7 +76,7 @@ def sharded_loss_terms(
     """grpo_loss_terms over the batch shards of `mesh`, psum-reduced to global (sum, denom, metrics).
     logp, entropy: [B, C] as the rows of completions(batch)."""
     batch = completions(batch)
-    inputs = {"logp": logp, "advantages": batch["advantages"], "completion_mask": batch["completion_mask"]}
+    inputs = {"logp": logp, "advantages": batch["advantages"], "completion_mask": loss_tokens(batch)}
     inputs.update({k: batch[k] for k in _PER_TOKEN_INPUTS if batch.get(k) is not None})
     if entropy is not None:
         inputs["entropy"] = entropy
@@ -169,7 +180,7 @@ def loss_and_grad(
     """
     batch = {k: v for k, v in batch.items() if v is not None}
     rows = completions(batch)
-    denom = loss.loss_denominator(rows["completion_mask"], rows.get("truncated"), loss_cfg, rows.get("completion_valid"))
+    denom = loss.loss_denominator(loss_tokens(rows), rows.get("truncated"), loss_cfg, rows.get("completion_valid"))
 
     def partial_sum(p, mb):
         s, _, m = policy_loss_terms(lora.with_base(frozen, p), mb, model_cfg, loss_cfg, mesh, router_weight=denom / num_microbatches)

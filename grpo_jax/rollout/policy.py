@@ -26,7 +26,9 @@ from grpo_jax.models import hf
 from grpo_jax.models import lora
 from grpo_jax.models import tokenizer
 from grpo_jax.parallel import multihost
+from grpo_jax.rollout import multi_turn
 from grpo_jax.rollout import sampler
+from grpo_jax.rollout import tool_formats
 
 
 R1_SYSTEM = ("A conversation between User and Assistant. The Assistant first thinks about the reasoning "
@@ -40,7 +42,10 @@ TEMPLATES = ("plain", "chat", "r1", "tokens")
 class PromptFormat:
     """How a dataset row becomes prompt tokens: the row's `field` (then `instruction`, if any) as
     `plain` text, in the tokenizer's `chat` template, or `r1` (DeepSeek-R1's system prompt, then
-    chat); `tokens` takes the field as token ids already."""
+    chat); `tokens` takes the field as token ids already.
+
+    With tools (multi-turn rollouts), their schemas go where the template shows tools (a chat
+    template that takes `tools`), else into the text as the tool format describes them."""
 
     template: str = "plain"
     field: str = "question"
@@ -48,6 +53,8 @@ class PromptFormat:
     # Qwen3's chat template: False appends an empty <think></think> (answer without reasoning);
     # None leaves the template's default.
     enable_thinking: bool | None = None
+    tools: tuple[dict, ...] = ()  # the tools' JSON schemas (grpo_jax.rollout.tools.ToolBox.schemas)
+    tool_format: str = "plain"  # grpo_jax.rollout.tool_formats
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -57,12 +64,17 @@ class PromptFormat:
         if self.template == "tokens":
             return [int(t) for t in row[self.field]]
         text = str(row[self.field]) + (f" {self.instruction}" if self.instruction else "")
+        shown = bool(self.tools) and self.template != "plain" and "tools" in str(getattr(tokenizer, "chat_template", ""))
+        if self.tools and not shown:
+            text = tool_formats.get(self.tool_format).describe(list(self.tools)) + "\n" + text
         if self.template == "plain":
             return tokenizer.encode(text)
         messages = [{"role": "user", "content": text}]
         if self.template == "r1":
             messages = [{"role": "system", "content": R1_SYSTEM}] + messages
         extra = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        if shown:
+            extra["tools"] = list(self.tools)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -100,6 +112,8 @@ class Policy:
     # log-probabilities then differ from the trainer's (which applies them unmerged) in bf16.
     merge_lora: bool = False
     is_inference_copy: bool = False
+    # Multi-turn rollouts with tools (None: single-turn). It keeps the last rollout's stats (`last`).
+    tools: multi_turn.ToolRunner | None = None
 
     def __post_init__(self):
         if self.sampling_weights not in ("inference", "training"):
@@ -139,8 +153,14 @@ class Policy:
                 sampling: sampler.SamplingConfig | None = None) -> sampler.Rollout:
         """n completions of each of this host's rows (all hosts' rows in the returned arrays)."""
         pol = self.for_sampling()
+        gather = self.sampling_weights == "inference"
+        if self.tools is not None:
+            rollout, self.tools.last = multi_turn.sample(pol.params, pol.model_cfg, self.prompt_ids(rows), n,
+                                                         sampling or self.sampling, key, self.tools, mesh=self.mesh,
+                                                         gather_weights=gather)
+            return rollout
         return sampler.sample(pol.params, pol.model_cfg, self.prompt_ids(rows), n, sampling or self.sampling,
-                              key, mesh=self.mesh, gather_weights=self.sampling_weights == "inference")
+                              key, mesh=self.mesh, gather_weights=gather)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
         """Completion texts of token rows [N, T] cut at their lengths (special tokens dropped)."""
@@ -156,7 +176,8 @@ class Policy:
         for start in range(0, len(rows), batch):
             r = pol.rollout(rows[start:start + batch], n, jax.random.fold_in(key, start), sampling)
             toks, lens = multihost.local_rows(r.tokens), multihost.local_rows(r.lengths)
-            logp, mask = multihost.local_rows(r.logprobs), multihost.local_rows(r.mask)
+            logp = multihost.local_rows(r.logprobs)
+            mask = multihost.local_rows(r.mask if r.sampled is None else r.sampled)  # the policy's own tokens
             texts += self.decode(toks, lens)
             lengths.append(lens)
             truncated.append(multihost.local_rows(r.truncated))

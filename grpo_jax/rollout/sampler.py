@@ -116,6 +116,9 @@ class Rollout:
     logprobs: Array  # [N, max_new_tokens] float32, 0 after the end
     lengths: Array  # [N] int32
     truncated: Array  # [N] bool: no EOS within max_new_tokens
+    # Multi-turn episodes (grpo_jax.rollout.multi_turn): [N, max_new_tokens] bool, True on the tokens
+    # the policy drew, False on observation tokens (which `mask` covers: the model reads them).
+    sampled: Array | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,7 +416,8 @@ def _shrink(state: DecodeState, out: dict[str, Array] | None, *, cfg: architectu
     order, and finished ones to fill up (they stay finished), with their cache rows. Rows never move
     between devices: each shard must hold at most size / shards live rows (`decode` sees to it)."""
     shards = _row_shards(state.rows.shape[0], mesh)
-    out = _store(state, out, shards) if out is not None else {k: getattr(state, k) for k in _RESULTS}
+    results = getattr(state, "RESULTS", _RESULTS)  # what a state type stores per row
+    out = _store(state, out, shards) if out is not None else {k: getattr(state, k) for k in results}
     keep = jnp.argsort(state.done.reshape(shards, -1), axis=1, stable=True)[:, :size // shards]
     take = lambda x, axis=0: _take_rows(x, keep, axis)
     cache = {k: v if k == "index" else take(v, 1 if k in ("k", "v") else 0) for k, v in state.cache.items()}

@@ -24,7 +24,10 @@ from ml_collections import ConfigDict
 from grpo_jax.common import storage
 from grpo_jax.rewards.sandbox import runner
 from grpo_jax.rl import grpo
+from grpo_jax.rollout import multi_turn
 from grpo_jax.rollout import sampler
+from grpo_jax.rollout import tool_formats
+from grpo_jax.rollout import tools
 
 class ConfigError(ValueError):
     """A config field with a value the run cannot use; the message names the field and the value."""
@@ -92,6 +95,7 @@ def check(cfg: ConfigDict) -> None:
     if cfg.get("trainer") not in ("grpo", "sft"):
         raise ConfigError(f"trainer={cfg.get('trainer')!r}; expected 'grpo' or 'sft'")
     _check_ranges(cfg)
+    _check_tools(cfg)
     for field in ("workdir", "init_from"):
         try:
             storage.path(cfg.get(field) or ".")
@@ -111,6 +115,21 @@ def check(cfg: ConfigDict) -> None:
             grpo.loss_config(cfg)
         except ValueError as e:
             raise ConfigError(f"grpo: {e}") from None
+
+
+def _check_tools(cfg: ConfigDict) -> None:
+    t = cfg.get("tools")
+    if not t or not t.get("names"):
+        return
+    for name in t.names:
+        if name not in tools.BUILT_IN and "." not in name:
+            raise ConfigError(f"tools.names: {name!r}; expected one of {sorted(tools.BUILT_IN)} or an import path "
+                             "(package.module.function)")
+    try:
+        tool_formats.get(t.format)
+        multi_turn.Budgets(t.max_turns, t.max_observation_tokens, t.call_timeout_s, t.poll_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # field -> (lowest allowed value, what it is for): checked before any work, so that a wrong value stops
@@ -183,6 +202,9 @@ def check_mesh(cfg: ConfigDict, num_devices: int, num_processes: int = 1) -> Non
     expert), before any model is loaded. Several hosts: each update's rows must split evenly over
     the batch axes (jax.make_array_from_callback needs it); one host replicates a batch that does
     not, so every device would compute all of it: said, not refused."""
+    if num_processes > 1 and cfg.get("tools", {}).get("names"):
+        raise ConfigError(f"tools.names={tuple(cfg.tools.names)} on {num_processes} processes: multi-turn rollouts "
+                         "run in one process for now (their tools run on its host)")
     m = cfg.mesh
     sizes = {"data": m.data, "fsdp": m.fsdp, "expert": m.get("expert", 1), "tensor": m.tensor}
     fixed = math.prod(v for v in sizes.values() if v != -1)

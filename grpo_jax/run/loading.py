@@ -26,7 +26,10 @@ from grpo_jax.models import pretrained
 from grpo_jax.models import tokenizer
 from grpo_jax.models import transformer
 from grpo_jax.parallel import partitioning
+from grpo_jax.rollout import multi_turn
 from grpo_jax.rollout import policy
+from grpo_jax.rollout import tool_formats
+from grpo_jax.rollout import tools
 from grpo_jax.run import checkpoint
 from grpo_jax.run import config
 
@@ -196,8 +199,18 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
     else:
         params = _source_params(mcfg, model_cfg, mesh, cfg.seed)
         source = _describe_source(mcfg.source, cfg.seed)
-    d = cfg.data
-    return policy.Policy(params, model_cfg, tok, mesh, policy.PromptFormat(d.template, d.prompt_field, d.instruction,
-                                                              d.get("enable_thinking")),
-                  config.sampling_config(cfg, tok, model_cfg.eos_token_ids), cfg.sampling.weights,
-                  bool(cfg.sampling.get("merge_lora", False))), source
+    d, runner = cfg.data, tool_runner(cfg, tok)
+    fmt = policy.PromptFormat(d.template, d.prompt_field, d.instruction, d.get("enable_thinking"),
+                              tools=tuple(runner.toolbox.schemas()) if runner else (),
+                              tool_format=runner.format.name if runner else "plain")
+    return policy.Policy(params, model_cfg, tok, mesh, fmt, config.sampling_config(cfg, tok, model_cfg.eos_token_ids),
+                         cfg.sampling.weights, bool(cfg.sampling.get("merge_lora", False)), tools=runner), source
+
+
+def tool_runner(cfg: ConfigDict, tok) -> multi_turn.ToolRunner | None:
+    """The config's tools (cfg.tools) as a ToolRunner for multi-turn rollouts; None without tools."""
+    t = cfg.get("tools")
+    if not t or not t.names:
+        return None
+    budgets = multi_turn.Budgets(t.max_turns, t.max_observation_tokens, t.call_timeout_s, t.poll_steps)
+    return multi_turn.ToolRunner(tools.from_names(tuple(t.names), t.workers), tool_formats.get(t.format), tok, budgets)

@@ -1,0 +1,404 @@
+"""Multi-turn rollouts with tools: token in, token out, each row's KV cache kept across its calls.
+
+A row decodes as in `sampler.decode` until it ends a turn: the end of a tool call (the format's
+`call_end`, e.g. </tool_call>) or EOS. It is then parked, like a finished row that keeps its cache:
+it draws nothing while the host parses its turn and runs the call on a thread pool, and the other
+rows keep decoding. At the host's next return the row gets the observation (the template's boundary
+tokens around the tool's result, tokenised on their own) as forced tokens: they run through the
+decode loop into the row's own cache at its current length, with no log-probability and mask 0 in
+the loss, and the row samples again after the last one. The history is never prefilled again, and
+the sequence is assembled from token ids only: what the trainer reads is exactly what was sampled
+and fed, which the host checks after every episode (`prefix_violations`, expected 0).
+
+    runner = multi_turn.ToolRunner(toolbox, tool_formats.get("qwen"), tokenizer, budgets)
+    rollout, stats = multi_turn.sample(params, model_cfg, prompts, G, sampling, key, runner)
+    rollout.sampled           # [N, T] True on the tokens the policy drew (the loss's tokens)
+
+Determinism: a token's random draw depends on (key, row, its position in the completion) only, and a
+row resumes at the host's first return after it paused (waiting for its call if need be), where the
+host returns at steps that depend on the sampled tokens only (a pause, a segment's end, a shrink,
+or every `poll_steps` while calls are out). With deterministic tools a rollout is reproducible,
+whatever the tools' timing.
+
+Budgets (`Budgets`): turns per episode (a pause is a turn), observation tokens per call (cut in the
+middle, saying so), the episode's tokens (model + observations: sampling.max_new_tokens), and
+per-call deadlines. An episode that runs out of any of them ends truncated. Single process only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import time
+from typing import Any, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from grpo_jax.models import architecture
+from grpo_jax.models import transformer
+from grpo_jax.parallel import partitioning
+from grpo_jax.rollout import sampler
+from grpo_jax.rollout import tool_formats
+from grpo_jax.rollout import tools as tools_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    max_turns: int = 4  # pauses per episode (calls, malformed calls and the final answer's end)
+    max_observation_tokens: int = 64  # of a tool's result; longer ones are cut in the middle
+    call_timeout_s: float = 10.0
+    poll_steps: int = 8  # while calls are out the host looks at them at least this often (decode steps)
+
+    def __post_init__(self):
+        for name in ("max_turns", "max_observation_tokens", "poll_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"tools.{name}={getattr(self, name)}; expected >= 1")
+        if not self.call_timeout_s > 0:
+            raise ValueError(f"tools.call_timeout_s={self.call_timeout_s}; expected > 0")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class EpisodeState:
+    """The rows being decoded (sampler.DecodeState, with what multi-turn adds)."""
+
+    RESULTS: ClassVar[tuple[str, ...]] = ("tokens", "logps", "lengths", "done", "sampled")
+
+    cache: architecture.Cache
+    logits: Array  # [n, V] float32
+    rows: Array  # [n] int32: each row's index in the rollout
+    step: Array  # [] int32: decode steps run (a parked row skips steps: its column is `lengths`)
+    tokens: Array  # [n, T] int32
+    logps: Array  # [n, T] float32, 0 on observation tokens
+    lengths: Array  # [n] int32: tokens so far, observations included
+    done: Array  # [n] bool: the episode has ended
+    sampled: Array  # [n, T] bool: the policy drew this token (False on observation tokens)
+    paused: Array  # [n] bool: parked at the end of a turn, waiting for the host
+    reported: Array  # [n] bool: the host has read the pause
+    forced: Array  # [n, F] int32: observation tokens to feed
+    forced_n: Array  # [n] int32
+    forced_at: Array  # [n] int32
+
+
+def episode_state(cache: architecture.Cache, first_logits: Array, sampling: sampler.SamplingConfig,
+                  forced_slots: int) -> EpisodeState:
+    N, T = first_logits.shape[0], sampling.max_new_tokens
+    zeros = lambda: jnp.zeros((N,), jnp.int32)  # one buffer each: the state is donated
+    return EpisodeState(
+        cache=cache, logits=first_logits, rows=jnp.arange(N, dtype=jnp.int32), step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((N, T), sampling.pad_id, jnp.int32), logps=jnp.zeros((N, T), jnp.float32),
+        lengths=zeros(), done=jnp.zeros((N,), bool), sampled=jnp.zeros((N, T), bool), paused=jnp.zeros((N,), bool),
+        reported=jnp.zeros((N,), bool), forced=jnp.zeros((N, forced_slots), jnp.int32), forced_n=zeros(),
+        forced_at=zeros())
+
+
+def _draw(state: EpisodeState, key: Array, sampling: sampler.SamplingConfig,
+          call_end: tuple[int, ...]) -> tuple[EpisodeState, Array, Array]:
+    """Each active row's next token: its next observation token while it has one, else a draw
+    (keyed by its row and column, as single-turn draws are: the same rollout when no row calls).
+    Written at the row's own column (elementwise, so rows stay on their devices)."""
+    T, F = sampling.max_new_tokens, state.forced.shape[1]
+    eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+    keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(key, r), c))(state.rows, state.lengths)
+    tok, lp = sampler.choose_tokens(keys, state.logits, sampling)
+    active = ~state.done & ~state.paused
+    feeding = state.forced_at < state.forced_n
+    fed = jnp.take_along_axis(state.forced, jnp.minimum(state.forced_at, F - 1)[:, None], axis=1)[:, 0]
+    tok = jnp.where(active, jnp.where(feeding, fed, tok), sampling.pad_id)
+    lp = jnp.where(active & ~feeding, lp, 0.0)
+    drawn = active & ~feeding
+    at = (jnp.arange(T)[None, :] == state.lengths[:, None]) & active[:, None]  # [n, T]: this token's column
+    tokens = jnp.where(at, tok[:, None], state.tokens)
+    lengths = state.lengths + active.astype(jnp.int32)
+    ends = drawn & jnp.isin(tok, eos)
+    if call_end:
+        k = len(call_end)
+        last = jnp.take_along_axis(tokens, jnp.clip(lengths[:, None] - k + jnp.arange(k)[None], 0, T - 1), axis=1)
+        ends |= drawn & (lengths >= k) & jnp.all(last == jnp.asarray(call_end, jnp.int32)[None], axis=1)
+    state = dataclasses.replace(
+        state, step=state.step + 1, tokens=tokens, logps=jnp.where(at, lp[:, None], state.logps),
+        sampled=state.sampled | (at & drawn[:, None]), lengths=lengths,
+        forced_at=state.forced_at + (active & feeding).astype(jnp.int32),
+        paused=state.paused | ends, done=state.done | ((lengths >= T) & ~ends))
+    return state, tok, active
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "kv_len", "mesh", "call_end"), donate_argnames=("state",))
+def episode_steps(params, state: EpisodeState, key: Array, stop_step: Array, stop_live: Array, *,
+                  cfg: architecture.ModelConfig, sampling: sampler.SamplingConfig, kv_len: int,
+                  mesh: Mesh | None = None, call_end: tuple[int, ...] = ()) -> tuple[EpisodeState, Array, Array]:
+    """sampler.decode_steps for episodes: step while step < stop_step, some row shard holds more
+    than stop_live live rows, no pause is unread by the host, and some row is active."""
+    shards = sampler._row_shards(state.rows.shape[0], mesh)
+
+    def body(s):
+        s, tok, active = _draw(s, key, sampling, call_end)
+        logits, cache = transformer.forward(params, cfg, tok[:, None], active[:, None], s.cache, mesh=mesh,
+                                            pin_weights=False, kv_len=kv_len)
+        return sampler._constrain_state(dataclasses.replace(s, cache=cache, logits=logits[:, -1]), cfg, mesh)
+
+    live = lambda s: jnp.sum(~s.done.reshape(shards, -1), axis=1, dtype=jnp.int32)  # [shards]
+    cond = lambda s: ((s.step < stop_step) & (jnp.max(live(s)) > stop_live) & ~jnp.any(s.paused & ~s.reported)
+                      & jnp.any(~s.done & ~s.paused))
+    state = jax.lax.while_loop(cond, body, state)
+    return state, jnp.sum(live(state)), jnp.max(live(state))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("state",))
+def _resume(state: EpisodeState, seen: Array, finish: Array, feed: Array, forced: Array, forced_n: Array, *,
+            cfg: architecture.ModelConfig, mesh: Mesh | None = None) -> EpisodeState:
+    """The host's answers, per batch row ([n] masks, elementwise): `seen` pauses are read; `finish`
+    episodes end; `feed` rows get observation tokens forced[n, F] (forced_n of them) and decode again."""
+    state = dataclasses.replace(
+        state, done=state.done | finish, paused=state.paused & ~finish & ~feed,
+        reported=(state.reported | seen) & ~feed, forced=jnp.where(feed[:, None], forced, state.forced),
+        forced_n=jnp.where(feed, forced_n, state.forced_n), forced_at=jnp.where(feed, 0, state.forced_at))
+    return sampler._constrain_state(state, cfg, mesh)
+
+
+# --------------------------------------------------------------------------------------------------
+# The host: turns, calls and observations
+
+
+@dataclasses.dataclass
+class Stats:
+    """Per episode ([N] arrays) and per tool: what the rollout's episodes did."""
+
+    turns: np.ndarray  # pauses (calls, malformed calls, the final answer's end)
+    calls: np.ndarray  # tool calls run
+    errors: np.ndarray  # calls that failed (malformed, unknown tool, exception, timeout)
+    observation_tokens: np.ndarray
+    truncated: np.ndarray  # bool: ended by a budget, not by an answer
+    prefix_violations: int  # episodes whose final ids differ from the ids sampled and fed (expected 0)
+    by_tool: dict[str, dict[str, float]]  # name -> {"calls", "errors", "timeouts", "seconds"}
+    tool_seconds: float  # summed over calls (they overlap each other and decode)
+    decode_steps: int
+    prefill_tokens: int  # tokens run through the model that were not drawn: prompts + observations
+    seconds: float = 0.0  # the rollout's wall time
+
+
+class ToolRunner:
+    """Turns of a rollout's rows: parses each parked turn, runs its call, and makes the observation ids."""
+
+    def __init__(self, toolbox: tools_lib.ToolBox, fmt: tool_formats.Format, tokenizer: Any,
+                 budgets: Budgets = Budgets()):
+        self.toolbox, self.format, self.tokenizer, self.budgets = toolbox, fmt, tokenizer, budgets
+        self.last: Stats | None = None  # the latest rollout's (Policy.rollout keeps it here)
+        enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+        self.encode = enc
+        self.call_end = tuple(enc(fmt.call_end))
+        before, _, after = fmt.observation("\x00").partition("\x00")
+        self.before, self.after = enc(before), enc(after)
+        self.cut = lambda n: enc(f" [... {n} tokens cut ...] ")
+        self.forced_slots = len(self.before) + len(self.after) + budgets.max_observation_tokens + len(self.cut(10 ** 6))
+
+    def observation(self, text: str, room: int) -> list[int] | None:
+        """The observation's ids, its result cut in the middle to max_observation_tokens and to `room`
+        tokens in all; None when not even the boundary fits."""
+        ids = self.encode(text)
+        limit = min(self.budgets.max_observation_tokens, room - len(self.before) - len(self.after))
+        if limit < 0:
+            return None
+        if len(ids) > limit:
+            cut = self.cut(len(ids) - limit)
+            if limit < len(cut) + 2:  # no room to say so: the head only
+                ids = ids[:limit]
+            else:
+                head = (limit - len(cut)) // 2
+                tail = limit - len(cut) - head
+                ids = ids[:head] + cut + ids[len(ids) - tail:]
+        return self.before + ids + self.after
+
+
+class _Episodes:
+    """The host's record of each row: where its turn began, its calls out, what it was fed."""
+
+    def __init__(self, runner: ToolRunner, n: int, T: int, eos_ids: Sequence[int]):
+        self.r, self.T, self.eos = runner, T, set(eos_ids)
+        self.turn_start = np.zeros(n, np.int64)
+        self.turns, self.calls, self.errors, self.obs = (np.zeros(n, np.int64) for _ in range(4))
+        self.answered = np.zeros(n, bool)  # ended with a final answer (else a budget ended it)
+        self.expected: list[list[int]] = [[] for _ in range(n)]  # ids sampled and fed, in order
+        self.pending: dict[int, concurrent.futures.Future | tools_lib.Result] = {}
+        # Every tool, called or not (a metric that comes and goes draws no curve).
+        self.by_tool = {name: {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0} for name in runner.toolbox.tools}
+
+    def read_turn(self, row: int, ids: np.ndarray, length: int) -> tuple[bool, bool]:
+        """A parked row's turn (its ids up to `length`): start its call, or end the episode.
+        Returns (finish, truncated)."""
+        turn = [int(t) for t in ids[self.turn_start[row]:length]]
+        self.expected[row] += turn
+        self.turns[row] += 1
+        ended = bool(turn) and turn[-1] in self.eos
+        text = self.r.tokenizer.decode(turn, skip_special_tokens=False)
+        parsed = self.r.format.parse(text)
+        if parsed is None and ended:  # a final answer
+            self.answered[row] = True
+            return True, False
+        if length >= self.T or self.turns[row] >= self.r.budgets.max_turns:
+            return True, True  # no room or no turn left for the call's result
+        if parsed is None:
+            parsed = f"error: no tool call before {self.r.format.call_end or 'the end of the turn'}"
+        if isinstance(parsed, str):
+            self.errors[row] += 1
+            self.pending[row] = tools_lib.Result(parsed, "", error=True)
+        else:
+            self.calls[row] += 1
+            self.pending[row] = self.r.toolbox.submit(parsed.name, parsed.arguments, self.r.budgets.call_timeout_s)
+        return False, False
+
+    def answer(self, row: int, length: int) -> list[int] | None:
+        """The observation ids for a row whose call was started (waiting for it); None: the episode
+        ends (no room for the result)."""
+        out = self.pending.pop(row)
+        result = out.result() if isinstance(out, concurrent.futures.Future) else out
+        if result.tool:
+            t = self.by_tool.setdefault(result.tool, {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0})
+            t["calls"] += 1
+            t["errors"] += result.error
+            t["timeouts"] += result.timed_out
+            t["seconds"] += result.seconds
+            self.errors[row] += result.error
+        ids = self.r.observation(result.text, self.T - length - 1)  # at least one token left to answer
+        if ids is None:
+            return None
+        self.expected[row] += ids
+        self.obs[row] += len(ids)
+        self.turn_start[row] = length + len(ids)
+        return ids
+
+
+def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, runner: ToolRunner, *,
+           cfg: architecture.ModelConfig, sampling: sampler.SamplingConfig, mesh: Mesh | None = None,
+           slots: int) -> tuple[sampler.Decoded, Array, Stats]:
+    """sampler.decode for episodes: `slots` is the cache's room past the prompt (decode steps,
+    parked ones included: `steps_needed`). Returns the decoded rows, their sampled-token mask
+    [N, T] and the episodes' stats."""
+    if jax.process_count() > 1:
+        raise NotImplementedError("multi-turn rollouts run in one process (tools run on its host)")
+    N, T = first_logits.shape[0], sampling.max_new_tokens
+    S = cache["mask"].shape[1]
+    shards = sampler._row_shards(N, mesh)
+    sizes = sampler.batch_sizes(N, sampling.shrink_factor, shards)
+    state = episode_state(cache, first_logits, sampling, runner.forced_slots)
+    eps = _Episodes(runner, N, T, sampling.eos_ids)
+    out, step, live, row_steps, batches, waiting = None, 0, N, 0, [], []
+    while live and step < slots:
+        n = state.rows.shape[0]
+        end = next(e for e in sampler.segment_ends(slots, sampling.first_segment) if e > step)
+        stop = min(end, step + runner.budgets.poll_steps) if waiting else end
+        smaller = [s for s in sizes if s < n][:1]
+        state, live, most = episode_steps(params, state, key, jnp.int32(stop), jnp.int32(smaller[0] // shards if smaller else 0),
+                                          cfg=cfg, sampling=sampling, kv_len=S - slots + end, mesh=mesh,
+                                          call_end=runner.call_end)
+        host = jax.device_get({k: getattr(state, k) for k in ("step", "rows", "paused", "reported", "done", "lengths")})
+        new_step, live, most = int(host["step"]), int(live), int(most)
+        row_steps += n * (new_step - step)
+        batches.append((n, S - slots + end, new_step - step))
+        step = new_step
+        position = {int(r): i for i, r in enumerate(host["rows"])}
+        seen, finish, feed = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        forced, forced_n = np.zeros((n, runner.forced_slots), np.int32), np.zeros(n, np.int32)
+        # Rows parked at an earlier return get their observations now (waiting for their calls).
+        for row in waiting:
+            i = position[row]
+            ids = eps.answer(row, int(host["lengths"][i]))
+            if ids is None:
+                finish[i] = True
+            else:
+                feed[i], forced_n[i], forced[i, :len(ids)] = True, len(ids), ids
+        waiting = []
+        new = np.flatnonzero(host["paused"] & ~host["reported"])
+        if len(new):
+            ids = jax.device_get(state.tokens[jnp.asarray(new)])
+            for j, i in enumerate(new):
+                row = int(host["rows"][i])
+                seen[i] = True
+                if eps.read_turn(row, ids[j], int(host["lengths"][i]))[0]:
+                    finish[i] = True
+                else:
+                    waiting.append(row)
+        if seen.any() or finish.any() or feed.any():
+            state = _resume(state, seen, finish, feed, forced, forced_n, cfg=cfg, mesh=mesh)
+            live -= int(finish.sum())
+            most = int(jax.device_get(jnp.max(jnp.sum(~state.done.reshape(shards, -1), axis=1))))
+        if smaller and 0 < most <= smaller[0] // shards and not waiting:
+            size = min(s for s in sizes if s >= most * shards)
+            state, out = sampler._shrink(state, out, cfg=cfg, size=size, mesh=mesh)
+    if out is not None:
+        out = sampler._store_jit(state, out, shards)
+        state = dataclasses.replace(state, **out)
+    lengths = np.asarray(jax.device_get(state.lengths))
+    truncated = ~eps.answered
+    tokens = np.asarray(jax.device_get(state.tokens))
+    # Every row's ids must be what the host read and fed, in order: the trainer reads these.
+    violations = sum(list(tokens[r, :len(e)]) != e for r, e in enumerate(eps.expected))
+    tool_seconds = sum(t["seconds"] for t in eps.by_tool.values())
+    stats = Stats(eps.turns, eps.calls, eps.errors, eps.obs, truncated, int(violations), eps.by_tool,
+                  tool_seconds, step, int(eps.obs.sum()))
+    decoded = sampler.Decoded(state.tokens, state.logps, jnp.asarray(lengths), ~jnp.asarray(truncated), row_steps,
+                              tuple(batches))
+    return decoded, state.sampled, stats
+
+
+def metrics(parts: Sequence[Stats]) -> dict[str, float]:
+    """A step's episode metrics (every round of its rollouts): turns, calls, errors and timeouts
+    by tool, the model's and the observations' tokens, time in tools against the rollouts' own."""
+    if not parts:
+        return {}
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts]).astype(np.float64)
+    out = {"tools/turns_mean": cat("turns").mean(), "tools/calls_mean": cat("calls").mean(),
+           "tools/errors": cat("errors").sum(), "tools/observation_tokens_mean": cat("observation_tokens").mean(),
+           "tools/frac_truncated": cat("truncated").mean(),
+           "tools/prefix_violations": float(sum(p.prefix_violations for p in parts)),
+           "tools/seconds": sum(p.tool_seconds for p in parts), "tools/rollout_s": sum(p.seconds for p in parts)}
+    for p in parts:
+        for name, t in p.by_tool.items():
+            for k in ("calls", "errors", "timeouts"):
+                out[f"tools/{name}/{k}"] = out.get(f"tools/{name}/{k}", 0.0) + t[k]
+    return out
+
+
+def steps_needed(sampling: sampler.SamplingConfig, budgets: Budgets) -> int:
+    """Decode steps an episode may take: its tokens, and up to poll_steps parked per turn."""
+    return sampling.max_new_tokens + budgets.max_turns * budgets.poll_steps
+
+
+def sample(params: architecture.Params, model_cfg: architecture.ModelConfig, prompts: Sequence[Sequence[int]],
+           num_generations: int, cfg: sampler.SamplingConfig, key: Array, runner: ToolRunner,
+           mesh: Mesh | None = None, gather_weights: bool = True) -> tuple[sampler.Rollout, Stats]:
+    """sampler.sample with tools: `num_generations` episodes of each prompt. The Rollout's `mask`
+    covers every token of an episode (what attention reads), `sampled` the policy's own (what the
+    loss reads); `truncated` marks episodes ended by a budget."""
+    start = time.perf_counter()
+    ids, mask = sampler.pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
+    n = len(ids) * num_generations
+    if mesh is not None:
+        shards = partitioning.batch_shards(mesh)
+        extra = -len(ids) % (shards // np.gcd(shards, num_generations))
+        ids, mask = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask))
+        row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(partitioning.row_axes(len(ids), mesh), None))
+        ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
+    else:
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    if gather_weights:
+        params, model_cfg = sampler.inference_params(params, model_cfg, mesh)
+    slots = steps_needed(cfg, runner.budgets)
+    logits, cache = sampler.prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
+                                    max_new_tokens=slots, mesh=mesh, gather_weights=False)
+    out, sampled, stats = decode(params, cache, logits, key, runner, cfg=model_cfg, sampling=cfg, mesh=mesh,
+                                 slots=slots)
+    stats.prefill_tokens += int(np.asarray(jax.device_get(mask)).sum())
+    T = cfg.max_new_tokens
+    rollout = sampler.Rollout(
+        prompt_ids=jnp.repeat(ids, num_generations, axis=0), prompt_mask=jnp.repeat(mask, num_generations, axis=0),
+        tokens=out.tokens, mask=jnp.arange(T)[None, :] < out.lengths[:, None], logprobs=out.logps,
+        lengths=out.lengths, truncated=~out.done, sampled=sampled)
+    stats.seconds = time.perf_counter() - start
+    return (rollout if len(out.lengths) == n else jax.tree.map(lambda x: x[:n], rollout)), stats
