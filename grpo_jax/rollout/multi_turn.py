@@ -15,10 +15,10 @@ and fed, which the host checks after every episode (`prefix_violations`, expecte
     rollout.sampled           # [N, T] True on the tokens the policy drew (the loss's tokens)
 
 Determinism: a token's random draw depends on (key, row, its position in the completion) only, and a
-row resumes at the host's first return after it paused (waiting for its call if need be), where the
-host returns at steps that depend on the sampled tokens only (a pause, a segment's end, a shrink,
-or every `poll_steps` while calls are out). With deterministic tools a rollout is reproducible,
-whatever the tools' timing.
+row parked at decode step s resumes at step s + `resume_after_steps` (waiting for its call there if
+it has not finished): the other rows decode meanwhile, and nothing depends on when a call returns.
+With deterministic tools a rollout is reproducible, whatever the tools' timing. The setting trades
+a parked row's idle steps against waiting: about the tools' latency over a decode step's time.
 
 Budgets (`Budgets`): turns per episode (a pause is a turn), observation tokens per call (cut in the
 middle, saying so), the episode's tokens (model + observations: sampling.max_new_tokens), and
@@ -43,7 +43,7 @@ from grpo_jax.models import transformer
 from grpo_jax.parallel import partitioning
 from grpo_jax.rollout import sampler
 from grpo_jax.rollout import tool_formats
-from grpo_jax.rollout import tools as tools_lib
+from grpo_jax.rollout import tools
 
 Array = jax.Array
 
@@ -53,10 +53,10 @@ class Budgets:
     max_turns: int = 4  # pauses per episode (calls, malformed calls and the final answer's end)
     max_observation_tokens: int = 64  # of a tool's result; longer ones are cut in the middle
     call_timeout_s: float = 10.0
-    poll_steps: int = 8  # while calls are out the host looks at them at least this often (decode steps)
+    resume_after_steps: int = 8  # a parked row takes its observation this many decode steps later
 
     def __post_init__(self):
-        for name in ("max_turns", "max_observation_tokens", "poll_steps"):
+        for name in ("max_turns", "max_observation_tokens", "resume_after_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tools.{name}={getattr(self, name)}; expected >= 1")
         if not self.call_timeout_s > 0:
@@ -186,7 +186,7 @@ class Stats:
 class ToolRunner:
     """Turns of a rollout's rows: parses each parked turn, runs its call, and makes the observation ids."""
 
-    def __init__(self, toolbox: tools_lib.ToolBox, fmt: tool_formats.Format, tokenizer: Any,
+    def __init__(self, toolbox: tools.ToolBox, fmt: tool_formats.Format, tokenizer: Any,
                  budgets: Budgets = Budgets()):
         self.toolbox, self.format, self.tokenizer, self.budgets = toolbox, fmt, tokenizer, budgets
         self.last: Stats | None = None  # the latest rollout's (Policy.rollout keeps it here)
@@ -225,7 +225,7 @@ class _Episodes:
         self.turns, self.calls, self.errors, self.obs = (np.zeros(n, np.int64) for _ in range(4))
         self.answered = np.zeros(n, bool)  # ended with a final answer (else a budget ended it)
         self.expected: list[list[int]] = [[] for _ in range(n)]  # ids sampled and fed, in order
-        self.pending: dict[int, concurrent.futures.Future | tools_lib.Result] = {}
+        self.pending: dict[int, concurrent.futures.Future | tools.Result] = {}
         # Every tool, called or not (a metric that comes and goes draws no curve).
         self.by_tool = {name: {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0} for name in runner.toolbox.tools}
 
@@ -247,7 +247,7 @@ class _Episodes:
             parsed = f"error: no tool call before {self.r.format.call_end or 'the end of the turn'}"
         if isinstance(parsed, str):
             self.errors[row] += 1
-            self.pending[row] = tools_lib.Result(parsed, "", error=True)
+            self.pending[row] = tools.Result(parsed, "", error=True)
         else:
             self.calls[row] += 1
             self.pending[row] = self.r.toolbox.submit(parsed.name, parsed.arguments, self.r.budgets.call_timeout_s)
@@ -288,12 +288,13 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
     sizes = sampler.batch_sizes(N, sampling.shrink_factor, shards)
     state = episode_state(cache, first_logits, sampling, runner.forced_slots)
     eps = _Episodes(runner, N, T, sampling.eos_ids)
-    out, step, live, row_steps, batches, waiting = None, 0, N, 0, [], []
+    out, step, live, row_steps, batches = None, 0, N, 0, []
+    waiting: dict[int, int] = {}  # parked row -> the step it resumes at
     while live and step < slots:
         n = state.rows.shape[0]
         end = next(e for e in sampler.segment_ends(slots, sampling.first_segment) if e > step)
-        stop = min(end, step + runner.budgets.poll_steps) if waiting else end
-        smaller = [s for s in sizes if s < n][:1]
+        stop = min(end, *waiting.values()) if waiting else end
+        smaller = [s for s in sizes if s < n][:1] if not waiting else []  # parked rows keep the batch whole
         state, live, most = episode_steps(params, state, key, jnp.int32(stop), jnp.int32(smaller[0] // shards if smaller else 0),
                                           cfg=cfg, sampling=sampling, kv_len=S - slots + end, mesh=mesh,
                                           call_end=runner.call_end)
@@ -305,17 +306,8 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
         position = {int(r): i for i, r in enumerate(host["rows"])}
         seen, finish, feed = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
         forced, forced_n = np.zeros((n, runner.forced_slots), np.int32), np.zeros(n, np.int32)
-        # Rows parked at an earlier return get their observations now (waiting for their calls).
-        for row in waiting:
-            i = position[row]
-            ids = eps.answer(row, int(host["lengths"][i]))
-            if ids is None:
-                finish[i] = True
-            else:
-                feed[i], forced_n[i], forced[i, :len(ids)] = True, len(ids), ids
-        waiting = []
         new = np.flatnonzero(host["paused"] & ~host["reported"])
-        if len(new):
+        if len(new):  # turns just ended: start their calls, or end their episodes
             ids = jax.device_get(state.tokens[jnp.asarray(new)])
             for j, i in enumerate(new):
                 row = int(host["rows"][i])
@@ -323,12 +315,26 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
                 if eps.read_turn(row, ids[j], int(host["lengths"][i]))[0]:
                     finish[i] = True
                 else:
-                    waiting.append(row)
+                    waiting[row] = step + runner.budgets.resume_after_steps
+        # Rows due now get their observations (waiting for their calls if need be); when no row is
+        # left to decode, the next ones due resume at once (decode steps would only idle).
+        due = [r for r, at in waiting.items() if at <= step]
+        if not due and waiting and not (~host["done"] & ~host["paused"]).any():
+            first = min(waiting.values())
+            due = [r for r, at in waiting.items() if at == first]
+        for row in due:
+            del waiting[row]
+            i = position[row]
+            ids = eps.answer(row, int(host["lengths"][i]))
+            if ids is None:
+                finish[i] = True
+            else:
+                feed[i], forced_n[i], forced[i, :len(ids)] = True, len(ids), ids
         if seen.any() or finish.any() or feed.any():
             state = _resume(state, seen, finish, feed, forced, forced_n, cfg=cfg, mesh=mesh)
             live -= int(finish.sum())
             most = int(jax.device_get(jnp.max(jnp.sum(~state.done.reshape(shards, -1), axis=1))))
-        if smaller and 0 < most <= smaller[0] // shards and not waiting:
+        if smaller and 0 < most <= smaller[0] // shards and not waiting:  # (waiting: new pauses)
             size = min(s for s in sizes if s >= most * shards)
             state, out = sampler._shrink(state, out, cfg=cfg, size=size, mesh=mesh)
     if out is not None:
@@ -366,8 +372,8 @@ def metrics(parts: Sequence[Stats]) -> dict[str, float]:
 
 
 def steps_needed(sampling: sampler.SamplingConfig, budgets: Budgets) -> int:
-    """Decode steps an episode may take: its tokens, and up to poll_steps parked per turn."""
-    return sampling.max_new_tokens + budgets.max_turns * budgets.poll_steps
+    """Decode steps an episode may take: its tokens, and resume_after_steps parked per turn."""
+    return sampling.max_new_tokens + budgets.max_turns * budgets.resume_after_steps
 
 
 def sample(params: architecture.Params, model_cfg: architecture.ModelConfig, prompts: Sequence[Sequence[int]],

@@ -127,7 +127,7 @@ def _check_tools(cfg: ConfigDict) -> None:
                              "(package.module.function)")
     try:
         tool_formats.get(t.format)
-        multi_turn.Budgets(t.max_turns, t.max_observation_tokens, t.call_timeout_s, t.poll_steps)
+        multi_turn.Budgets(t.max_turns, t.max_observation_tokens, t.call_timeout_s, t.resume_after_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

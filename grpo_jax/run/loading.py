@@ -212,5 +212,5 @@ def tool_runner(cfg: ConfigDict, tok) -> multi_turn.ToolRunner | None:
     t = cfg.get("tools")
     if not t or not t.names:
         return None
-    budgets = multi_turn.Budgets(t.max_turns, t.max_observation_tokens, t.call_timeout_s, t.poll_steps)
+    budgets = multi_turn.Budgets(t.max_turns, t.max_observation_tokens, t.call_timeout_s, t.resume_after_steps)
     return multi_turn.ToolRunner(tools.from_names(tuple(t.names), t.workers), tool_formats.get(t.format), tok, budgets)

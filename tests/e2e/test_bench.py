@@ -153,3 +153,10 @@ def test_bench_lora_tiny():
     r = res["lora"]
     assert r["step_ms_unmerged"] > 0 and r["step_ms_merged"] > 0 and r["merge_s"] > 0
     assert r["merged_logp_drift_max"] < 1e-4  # float32: merging only reorders the sums
+
+
+def test_bench_multi_turn_tiny():
+    res = _load("bench_multi_turn").main(["--prompts", "2", "--num_generations", "4", "--new_tokens", "48",
+                                          "--repeats", "1", "--sleep", "0.05"])
+    assert res["calls"] > 0 and res["prefill_per_unique"] <= 1.0 < res["reprefill_per_unique"]
+    assert res["logp_diff_episodes"] < 1e-5 and res["logp_diff_single_turn"] < 1e-5
