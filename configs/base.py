@@ -148,8 +148,9 @@ def get_config() -> ConfigDict:
     # built-in names ("calculator", "python") or import paths of functions; () is single-turn. format:
     # how the model writes a call (grpo_jax/rollout/tool_formats.py: plain, qwen, llama3, mistral).
     # sampling.max_new_tokens is the episode's budget of tokens, the model's and the observations'.
+    # describe: show the tools' schemas in the prompt (False: a model taught the calls by demonstrations).
     c.tools = ConfigDict(dict(names=(), format="plain", max_turns=4, max_observation_tokens=64, call_timeout_s=10.0,
-                              resume_after_steps=8, workers=8))
+                              resume_after_steps=8, workers=8, describe=True))
     # A step line every `every` steps; without a progress bar (output not a terminal) also the first
     # step and a line whenever every_s seconds pass without one (0: off).
     c.log = ConfigDict(dict(every=1, every_s=30.0, samples_every=10))

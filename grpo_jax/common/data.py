@@ -30,14 +30,15 @@ Row = dict[str, Any]
 def arithmetic_rows(n: int, seed: int = 0, digits: int = 2, ops: str = "+-*",
                     digits_b: int | None = None) -> list[Row]:
     """`What is a op b?` with the exact integer answer; `a` has up to `digits` digits, `b` up to
-    `digits_b` (default: the same)."""
+    `digits_b` (default: the same). `expression` is "a op b" without spaces (a calculator's input in
+    tool-use demonstrations)."""
     rng = random.Random(seed)
     hi_a, hi_b = 10 ** digits - 1, 10 ** (digits if digits_b is None else digits_b) - 1
     rows = []
     for _ in range(n):
         a, b, op = rng.randint(0, hi_a), rng.randint(0, hi_b), rng.choice(ops)
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
-        rows.append({"question": f"What is {a} {op} {b}?", "answer": str(value)})
+        rows.append({"question": f"What is {a} {op} {b}?", "answer": str(value), "expression": f"{a}{op}{b}"})
     return rows
 
 

@@ -45,6 +45,7 @@ from grpo_jax.rl import rejection
 from grpo_jax.rl import train_state
 from grpo_jax.rollout import policy
 from grpo_jax.rollout import sampler
+from grpo_jax.rollout import tool_formats
 
 Batch = dict[str, jax.Array]
 
@@ -70,18 +71,48 @@ def encode_completions(tokenizer, texts: Sequence[str], eos_id: int, max_tokens:
     return out, cut
 
 
+def encode_episodes(tokenizer, texts: Sequence[str], eos_id: int, max_tokens: int,
+                    tool_format: tool_formats.Format) -> tuple[list[list[int]], int, list[list[bool]]]:
+    """`encode_completions` for tool-using demonstrations, and which tokens are targets: each
+    observation (`tool_format.split`) is tokenised on its own, boundary and result apart, as the
+    multi-turn sampler feeds it, and is context, not a target."""
+    enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))
+    before, _, after = tool_format.observation("\x00").partition("\x00")
+    out, targets, cut = [], [], 0
+    for text in texts:
+        ids, target = [], []
+        for piece, observed in tool_format.split(text):
+            if observed:  # the boundary and the result, each tokenised alone (multi_turn.ToolRunner)
+                part = enc(before) + enc(piece[len(before):len(piece) - len(after)]) + enc(after)
+            else:
+                part = enc(piece)
+            ids += part
+            target += [not observed] * len(part)
+        ids, target = ids + [eos_id], target + [True]
+        cut += len(ids) > max_tokens
+        out.append(ids[:max_tokens])
+        targets.append(target[:max_tokens])
+    return out, cut, targets
+
+
 def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
                prompt_buckets: Sequence[int], completion_buckets: Sequence[int], min_prompt: int = 0,
-               min_completion: int = 0) -> dict[str, np.ndarray]:
+               min_completion: int = 0, targets: Sequence[Sequence[bool]] | None = None) -> dict[str, np.ndarray]:
     """Left-padded prompts [B, P] and right-padded completions [B, C], each padded to the smallest
-    bucket that fits the longest (and the `min_` lengths, which hosts agree on)."""
+    bucket that fits the longest (and the `min_` lengths, which hosts agree on); with `targets`,
+    `sampled_mask` [B, C] marks the tokens the loss trains (a tool episode's observations are not)."""
     ids, mask = sampler.pad_prompts(prompts, prompt_buckets, pad_id, min_length=min_prompt)
     C = sampler.bucket_length(max(min_completion, *(len(c) for c in completions)), completion_buckets)
     comp = np.full((len(completions), C), pad_id, np.int32)
     cmask = np.zeros((len(completions), C), bool)
     for i, c in enumerate(completions):
         comp[i, :len(c)], cmask[i, :len(c)] = c, True
-    return {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": comp, "completion_mask": cmask}
+    out = {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": comp, "completion_mask": cmask}
+    if targets is not None:
+        out["sampled_mask"] = np.zeros((len(completions), C), bool)
+        for i, t in enumerate(targets):
+            out["sampled_mask"][i, :len(t)] = t
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,8 +123,7 @@ def sft_loss_terms(params: architecture.Params, model_cfg: architecture.ModelCon
     """Summed negative log-likelihood of the completion tokens of `batch` (the numerator of L)."""
     lp, _ = logprobs.completion_logprobs(params, model_cfg, batch["prompt_ids"], batch["prompt_mask"],
                                          batch["completion_ids"], batch["completion_mask"], 1.0, chunk)
-    m = batch["completion_mask"].astype(jnp.float32)
-    return -(lp * m).sum()
+    return -(lp * objective.loss_tokens(batch).astype(jnp.float32)).sum()
 
 
 def update(state: train_state.TrainState, batch: Batch, *, model_cfg: architecture.ModelConfig, tx,
@@ -101,7 +131,7 @@ def update(state: train_state.TrainState, batch: Batch, *, model_cfg: architectu
     """One optimizer step on the mean completion-token NLL of `batch`: each micro-batch's summed NLL
     over the whole batch's token count (grpo_jax.rl.objective.accumulate). A non-finite loss or
     gradient leaves the state as it was."""
-    tokens = batch["completion_mask"].astype(jnp.float32).sum()
+    tokens = objective.loss_tokens(batch).astype(jnp.float32).sum()  # a tool episode's observations are context
     denom = jnp.maximum(tokens, 1.0)
     no_metrics = loss.Metrics({}, {}, {}, {})
     (loss_value, _), grads = objective.accumulate(
@@ -194,12 +224,17 @@ class SFT:
     def batch(self, rows: Sequence[dict]) -> tuple[dict[str, np.ndarray], int]:
         """This host's rows as a padded batch (every host pads to the same shapes), and how many
         completions were cut at the token limit."""
-        completions, cut = encode_completions(self.policy.tokenizer, [r["completion"] for r in rows],
-                                              self.policy.sampling.eos_ids[0], self.max_tokens)
+        texts, tools, targets = [r["completion"] for r in rows], self.policy.tools, None
+        if tools is None:
+            completions, cut = encode_completions(self.policy.tokenizer, texts, self.policy.sampling.eos_ids[0],
+                                                  self.max_tokens)
+        else:  # demonstrations of tool use: their observations are not targets
+            completions, cut, targets = encode_episodes(self.policy.tokenizer, texts, self.policy.sampling.eos_ids[0],
+                                                        self.max_tokens, tools.format)
         prompts = self.policy.prompt_ids(rows)
         lengths = multihost.host_max((max(len(p) for p in prompts), max(len(c) for c in completions)))
         return make_batch(prompts, completions, self.policy.sampling.pad_id, self.policy.sampling.prompt_buckets,
-                          self.completion_buckets, *lengths), cut
+                          self.completion_buckets, *lengths, targets=targets), cut
 
     def step(self, state: train_state.TrainState,
              clock: metrics.Stopwatch | None = None) -> tuple[train_state.TrainState, dict[str, Any]]:

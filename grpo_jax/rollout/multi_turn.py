@@ -274,6 +274,9 @@ class _Episodes:
         return ids
 
 
+_rows_of = jax.jit(lambda x, i: x[i])
+
+
 def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, runner: ToolRunner, *,
            cfg: architecture.ModelConfig, sampling: sampler.SamplingConfig, mesh: Mesh | None = None,
            slots: int) -> tuple[sampler.Decoded, Array, Stats]:
@@ -308,7 +311,9 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
         forced, forced_n = np.zeros((n, runner.forced_slots), np.int32), np.zeros(n, np.int32)
         new = np.flatnonzero(host["paused"] & ~host["reported"])
         if len(new):  # turns just ended: start their calls, or end their episodes
-            ids = jax.device_get(state.tokens[jnp.asarray(new)])
+            # Their rows only, gathered in a power-of-two count (a program per size, not per count).
+            take = np.resize(new, 1 << (len(new) - 1).bit_length())
+            ids = jax.device_get(_rows_of(state.tokens, jnp.asarray(take, jnp.int32)))
             for j, i in enumerate(new):
                 row = int(host["rows"][i])
                 seen[i] = True

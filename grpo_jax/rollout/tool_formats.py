@@ -60,6 +60,17 @@ class Format:
     def observation(self, result: str) -> str:
         raise NotImplementedError
 
+    def split(self, text: str) -> list[tuple[str, bool]]:
+        """A written episode (a demonstration) as (text, is_observation) pieces: each observation is
+        the format's boundary text around a result. Tokenised piece by piece, as the sampler feeds
+        them, an SFT example trains on exactly the ids a rollout would hold."""
+        before, _, after = self.observation("\x00").partition("\x00")
+        pieces, at = [], 0
+        for m in re.finditer(re.escape(before) + "(.*?)" + re.escape(after), text, re.S):
+            pieces += [(text[at:m.start()], False), (m.group(0), True)]
+            at = m.end()
+        return [p for p in pieces + [(text[at:], False)] if p[0]]
+
     def describe(self, schemas: list[dict]) -> str:
         """The tools in words, for prompts whose template cannot show them (plain text)."""
         lines = []

@@ -85,7 +85,11 @@ class ToolBox:
 
     def __init__(self, tools: Sequence[Callable[..., Any] | Tool], workers: int = 8):
         self.tools = {t.name: t for t in map(Tool.of, tools)}
+        # Two pools: `submit`'s calls wait (with their deadline) on the tools running in the other,
+        # so a full pool of waiting calls can never starve the tools they wait for. A tool that
+        # outlives its deadline keeps its thread until it returns (Python cannot stop it).
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="grpo_jax-tool")
+        self._calls = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="grpo_jax-call")
 
     def schemas(self) -> list[dict]:
         return [t.schema() for t in self.tools.values()]
@@ -119,9 +123,10 @@ class ToolBox:
 
     def submit(self, name: str, arguments: dict | str, deadline_s: float = 10.0) -> concurrent.futures.Future:
         """`run` in the background: decode goes on while the call runs."""
-        return self._pool.submit(self.run, name, arguments, deadline_s)
+        return self._calls.submit(self.run, name, arguments, deadline_s)
 
     def close(self) -> None:
+        self._calls.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

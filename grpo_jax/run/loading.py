@@ -201,7 +201,7 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
         source = _describe_source(mcfg.source, cfg.seed)
     d, runner = cfg.data, tool_runner(cfg, tok)
     fmt = policy.PromptFormat(d.template, d.prompt_field, d.instruction, d.get("enable_thinking"),
-                              tools=tuple(runner.toolbox.schemas()) if runner else (),
+                              tools=tuple(runner.toolbox.schemas()) if runner and cfg.tools.get("describe", True) else (),
                               tool_format=runner.format.name if runner else "plain")
     return policy.Policy(params, model_cfg, tok, mesh, fmt, config.sampling_config(cfg, tok, model_cfg.eos_token_ids),
                          cfg.sampling.weights, bool(cfg.sampling.get("merge_lora", False)), tools=runner), source

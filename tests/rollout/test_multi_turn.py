@@ -361,3 +361,61 @@ def test_tool_settings_are_checked_before_any_work():
             config.check(bad)
     with pytest.raises(config.ConfigError, match="multi-turn rollouts run in one process"):
         config.check_mesh(c, 2, 2)
+
+
+# The module's rollout on an 8-device (2, 4, 1) mesh, in the session's 8-device worker: it prints the
+# rollout's arrays as JSON after its lines.
+MESH_PROGRAM = """
+import json, jax, numpy as np
+from grpo_jax.parallel import partitioning
+from test_multi_turn import PROMPTS, SAMPLING, runner, architecture, transformer, multi_turn, TOK
+assert jax.device_count() == 8, jax.devices()
+cfg = architecture.SHAPES["tiny"].replace(vocab_size=TOK.vocab_size)
+params = transformer.init_params(cfg, jax.random.key(0))
+mesh = partitioning.make_mesh(data=2, fsdp=4)
+rollout, stats = multi_turn.sample(params, cfg, PROMPTS, 8, SAMPLING, jax.random.key(1), runner(), mesh=mesh)
+out = {k: np.asarray(getattr(rollout, k)).tolist() for k in ("tokens", "sampled", "lengths", "truncated", "logprobs")}
+out["calls"] = stats.calls.tolist()
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_episodes_on_a_2x4_mesh_equal_one_device(episodes, simulated_devices):
+    import json
+
+    rollout, stats, _ = episodes
+    got = json.loads(simulated_devices(MESH_PROGRAM, name="multi-turn mesh").split("RESULT", 1)[1])
+    np.testing.assert_array_equal(np.asarray(got["tokens"]), np.asarray(rollout.tokens))
+    np.testing.assert_array_equal(np.asarray(got["sampled"]), np.asarray(rollout.sampled))
+    np.testing.assert_array_equal(np.asarray(got["lengths"]), np.asarray(rollout.lengths))
+    np.testing.assert_array_equal(np.asarray(got["calls"]), stats.calls)
+    np.testing.assert_allclose(np.asarray(got["logprobs"]), np.asarray(rollout.logprobs), atol=1e-5)
+
+
+def test_tool_demonstrations_train_on_the_model_s_tokens_only(model):
+    """SFT on a written episode: its observation is tokenised as the sampler feeds it and is context."""
+    from grpo_jax.rl import sft
+
+    params, cfg = model
+    fmt = tool_formats.get("plain")
+    texts = ["<call>calculator(12*34)</call><result>408</result>#### 408", "#### 7"]
+    assert fmt.split(texts[0]) == [("<call>calculator(12*34)</call>", False), ("<result>408</result>", True),
+                                   ("#### 408", False)]
+    ids, cut, targets = sft.encode_episodes(TOK, texts, TOK.eos_token_id, 64, fmt)
+    obs = multi_turn.ToolRunner(tools.ToolBox([tools.calculator]), fmt, TOK).observation("408", room=100)
+    start = len(TOK.encode("<call>calculator(12*34)</call>", add_special_tokens=False))
+    assert ids[0][start:start + len(obs)] == obs and cut == 0 and ids[0][-1] == TOK.eos_token_id
+    assert targets[0] == [True] * start + [False] * len(obs) + [True] * (len(ids[0]) - start - len(obs))
+    assert all(targets[1])
+    batch = sft.make_batch([TOK.encode("What is 12 * 34?")] * 2, ids, 0, (32,), (64,), targets=targets)
+    lp, _ = logprobs.completion_logprobs(params, cfg, batch["prompt_ids"], batch["prompt_mask"],
+                                         batch["completion_ids"], batch["completion_mask"])
+    want = -(np.asarray(lp) * batch["sampled_mask"]).sum()
+    assert float(sft.sft_loss_terms(params, cfg, batch)) == pytest.approx(float(want), rel=1e-6)
+    assert batch["sampled_mask"].sum() == sum(map(sum, targets)) < batch["completion_mask"].sum()
+
+
+def test_calls_waiting_on_a_full_pool_never_starve_their_tools():
+    box = tools.ToolBox([tools.calculator], workers=1)
+    calls = [box.submit("calculator", "6*7", deadline_s=5.0) for _ in range(4)]
+    assert [c.result(timeout=10).text for c in calls] == ["42"] * 4

@@ -50,7 +50,7 @@ def test_a_runs_policy_loads_without_training_state_or_random_init(trained, monk
     assert source == f"{cfg.workdir} step 2" and run_cfg.workdir == cfg.workdir
     assert not hasattr(pol, "opt_state") and {f.name for f in pol.__dataclass_fields__.values()} == \
         {"params", "model_cfg", "tokenizer", "mesh", "prompt", "sampling", "sampling_weights", "merge_lora",
-         "is_inference_copy"}
+         "is_inference_copy", "tools"}  # tools: the multi-turn rollouts' tool runner (None here)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(pol.params), params)
     held = jax.tree.leaves(pol.params)
     assert sum(x.nbytes for x in held) == sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
