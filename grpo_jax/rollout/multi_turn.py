@@ -229,9 +229,9 @@ class _Episodes:
         # Every tool, called or not (a metric that comes and goes draws no curve).
         self.by_tool = {name: {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0} for name in runner.toolbox.tools}
 
-    def read_turn(self, row: int, ids: np.ndarray, length: int) -> tuple[bool, bool]:
-        """A parked row's turn (its ids up to `length`): start its call, or end the episode.
-        Returns (finish, truncated)."""
+    def read_turn(self, row: int, ids: np.ndarray, length: int) -> bool:
+        """A parked row's turn (its ids up to `length`): start its call (False), or end the episode
+        (True: a final answer, or no room or turn left for a call's result)."""
         turn = [int(t) for t in ids[self.turn_start[row]:length]]
         self.expected[row] += turn
         self.turns[row] += 1
@@ -240,9 +240,9 @@ class _Episodes:
         parsed = self.r.format.parse(text)
         if parsed is None and ended:  # a final answer
             self.answered[row] = True
-            return True, False
+            return True
         if length >= self.T or self.turns[row] >= self.r.budgets.max_turns:
-            return True, True  # no room or no turn left for the call's result
+            return True  # truncated: no room or no turn left for the call's result
         if parsed is None:
             parsed = f"error: no tool call before {self.r.format.call_end or 'the end of the turn'}"
         if isinstance(parsed, str):
@@ -251,7 +251,7 @@ class _Episodes:
         else:
             self.calls[row] += 1
             self.pending[row] = self.r.toolbox.submit(parsed.name, parsed.arguments, self.r.budgets.call_timeout_s)
-        return False, False
+        return False
 
     def answer(self, row: int, length: int) -> list[int] | None:
         """The observation ids for a row whose call was started (waiting for it); None: the episode
@@ -317,7 +317,7 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
             for j, i in enumerate(new):
                 row = int(host["rows"][i])
                 seen[i] = True
-                if eps.read_turn(row, ids[j], int(host["lengths"][i]))[0]:
+                if eps.read_turn(row, ids[j], int(host["lengths"][i])):
                     finish[i] = True
                 else:
                     waiting[row] = step + runner.budgets.resume_after_steps
