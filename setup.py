@@ -24,6 +24,7 @@ setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
+        "etils[epath]>=1.7",  # workdir paths, local or gs:// (orbax's own dependency, used directly)
         "transformers>=5.0,<6",
         "tokenizers>=0.22",
         "safetensors>=0.6",  # numpy bfloat16 (ml_dtypes) read and write
