@@ -40,7 +40,6 @@ from jax.sharding import Mesh
 
 from grpo_jax.models import architecture
 from grpo_jax.models import transformer
-from grpo_jax.parallel import partitioning
 from grpo_jax.rollout import sampler
 from grpo_jax.rollout import tool_formats
 from grpo_jax.rollout import tools
@@ -388,16 +387,7 @@ def sample(params: architecture.Params, model_cfg: architecture.ModelConfig, pro
     covers every token of an episode (what attention reads), `sampled` the policy's own (what the
     loss reads); `truncated` marks episodes ended by a budget."""
     start = time.perf_counter()
-    ids, mask = sampler.pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
-    n = len(ids) * num_generations
-    if mesh is not None:
-        shards = partitioning.batch_shards(mesh)
-        extra = -len(ids) % (shards // np.gcd(shards, num_generations))
-        ids, mask = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask))
-        row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(partitioning.row_axes(len(ids), mesh), None))
-        ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
-    else:
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    ids, mask, n = sampler.prompt_batch(prompts, num_generations, cfg, mesh)
     if gather_weights:
         params, model_cfg = sampler.inference_params(params, model_cfg, mesh)
     slots = steps_needed(cfg, runner.budgets)

@@ -545,6 +545,29 @@ def gather_prompt_batch(prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -
     return ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
 
 
+def prompt_batch(prompts: Sequence[Sequence[int]], num_generations: int, cfg: SamplingConfig,
+                 mesh: Mesh | None = None) -> tuple[Array, Array, int]:
+    """The prompts left-padded to a bucket (every host's on several hosts) and placed on the mesh:
+    ids, mask [B, P], and the rollout's row count B * G before any rows added for the mesh."""
+    if jax.process_count() > 1:
+        if mesh is None:
+            raise ValueError("sampling on several hosts needs the mesh")
+        ids, mask = gather_prompt_batch(prompts, cfg)
+    else:
+        ids, mask = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
+    n = len(ids) * num_generations
+    if mesh is None:
+        return jnp.asarray(ids), jnp.asarray(mask), n
+    # Rows that do not split over data x fsdp get copies of the last prompt appended (and dropped
+    # from the result), so that the rollout and its cache are split, never replicated. Row i's
+    # draws do not depend on the number of rows (partitionable threefry counts by index).
+    shards = partitioning.batch_shards(mesh)
+    extra = -len(ids) % (shards // math.gcd(shards, num_generations))
+    ids, mask = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask))
+    row = NamedSharding(mesh, P(partitioning.row_axes(len(ids), mesh), None))
+    return jax.device_put(ids, row), jax.device_put(mask, row), n
+
+
 def sample(
     params: architecture.Params,
     model_cfg: architecture.ModelConfig,
@@ -573,24 +596,7 @@ def sample(
     Returns:
       A Rollout of len(prompts) * G rows, the G samples of each prompt adjacent.
     """
-    if jax.process_count() > 1:
-        if mesh is None:
-            raise ValueError("sampling on several hosts needs the mesh")
-        ids, mask = gather_prompt_batch(prompts, cfg)
-    else:
-        ids, mask = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
-    n = len(ids) * num_generations
-    if mesh is None:
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    else:
-        # Rows that do not split over data x fsdp get copies of the last prompt appended (and dropped
-        # from the result), so that the rollout and its cache are split, never replicated. Row i's
-        # draws do not depend on the number of rows (partitionable threefry counts by index).
-        shards = partitioning.batch_shards(mesh)
-        extra = -len(ids) % (shards // math.gcd(shards, num_generations))
-        ids, mask = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask))
-        row = NamedSharding(mesh, P(partitioning.row_axes(len(ids), mesh), None))
-        ids, mask = jax.device_put(ids, row), jax.device_put(mask, row)
+    ids, mask, n = prompt_batch(prompts, num_generations, cfg, mesh)
     if gather_weights:  # once for prefill and decode
         params, model_cfg = inference_params(params, model_cfg, mesh)
     logits, cache = prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
