@@ -46,8 +46,8 @@ class Scripted(tool_formats.Plain):
 
     name, call_end = "scripted", ")"
 
-    def parse(self, turn):
-        return tool_formats.Call("calculator", "123*456") if turn.endswith(")") else None
+    def calls(self, turn):
+        return [tool_formats.Call("calculator", "123*456")] if turn.endswith(")") else []
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -149,7 +149,10 @@ def get_config() -> ConfigDict:
     # how the model writes a call (grpo_jax/rollout/tool_formats.py: plain, qwen, llama3, mistral).
     # sampling.max_new_tokens is the episode's budget of tokens, the model's and the observations'.
     # describe: show the tools' schemas in the prompt (False: a model taught the calls by demonstrations).
-    c.tools = ConfigDict(dict(names=(), format="plain", max_turns=4, max_observation_tokens=64, call_timeout_s=10.0,
+    # environment: import path of a tools.Environment subclass (tools with state, one per episode).
+    # Budgets: grpo_jax.rollout.multi_turn.Budgets.
+    c.tools = ConfigDict(dict(names=(), environment="", format="plain", max_turns=4, max_calls_per_turn=4,
+                              max_observation_tokens=64, call_timeout_s=10.0, episode_tool_s=60.0,
                               resume_after_steps=8, workers=8, describe=True))
     # A step line every `every` steps; without a progress bar (output not a terminal) also the first
     # step and a line whenever every_s seconds pass without one (0: off).

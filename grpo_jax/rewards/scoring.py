@@ -376,11 +376,13 @@ class Scorer:
         return columns
 
     def __call__(self, specs: Sequence[RewardSpec], rows: Sequence[dict], n: int, texts: Sequence[str],
-                 lengths: Sequence[int]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
-        """`score` of `texts` (the n completions of each row, adjacent)."""
+                 lengths: Sequence[int], extra: dict[str, list] | None = None,
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+        """`score` of `texts` (the n completions of each row, adjacent); `extra`: more columns, one
+        value per completion (a multi-turn episode's `tool_calls` and `environment`)."""
         prompts = [str(r[self.prompt_field]) for r in rows for _ in range(n)]
         live = [s for s in specs if s.name not in self.disabled]
-        total, per_fn, metrics, failed = score_functions(live, prompts, texts, self.columns(rows, n, lengths),
+        total, per_fn, metrics, failed = score_functions(live, prompts, texts, {**self.columns(rows, n, lengths), **(extra or {})},
                                                          pool=self.pool, fns=self.fns, hang_after=self.hang_after)
         weights = {s.name: s.weight for s in specs}
         for name, stats in failed.items():

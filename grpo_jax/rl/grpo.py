@@ -164,6 +164,7 @@ class Groups:
     rewards: np.ndarray | None = None  # [N] weighted total
     per_fn: dict[str, np.ndarray] | None = None  # [N] per reward function (NaN: None)
     counts: dict[str, int] | None = None  # verifier timeouts, crashes, errors (in total and by function)
+    columns: dict[str, list] | None = None  # [N] more reward columns (multi-turn: tool_calls, environment)
 
     @classmethod
     def sampled(cls, rows: list[dict], rollout: sampler.Rollout, decode, on_host: bool) -> Groups:
@@ -198,7 +199,8 @@ class Groups:
         arrays = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
                   if isinstance(getattr(self, f.name), np.ndarray)}
         return dataclasses.replace(self, rows=[self.rows[i] for i in groups], texts=[self.texts[i] for i in idx],
-                                   per_fn={k: v[idx] for k, v in self.per_fn.items()}, **arrays)
+                                   per_fn={k: v[idx] for k, v in self.per_fn.items()}, **arrays,
+                                   columns=self.columns and {k: [v[i] for i in idx] for k, v in self.columns.items()})
 
     @staticmethod
     def concat(parts: Sequence[Groups], pad_id: int) -> Groups:
@@ -216,7 +218,8 @@ class Groups:
             tokens=cat("tokens"), mask=cat("mask"), logprobs=cat("logprobs"), rewards=cat("rewards"),
             sampled_mask=cat("sampled_mask") if parts[0].sampled_mask is not None else None,
             per_fn={k: np.concatenate([p.per_fn[k] for p in parts]) for k in parts[0].per_fn},
-            counts={k: sum(p.counts.get(k, 0) for p in parts) for k in set().union(*(p.counts for p in parts))})
+            counts={k: sum(p.counts.get(k, 0) for p in parts) for k in set().union(*(p.counts for p in parts))},
+            columns=parts[0].columns and {k: [x for p in parts for x in p.columns[k]] for k in parts[0].columns})
 
 
 @dataclasses.dataclass
@@ -427,9 +430,10 @@ class GRPO:
         while True:
             rows, position = self.prompts.batch(position, size)
             rollout = pol.rollout(rows, G, key if not rounds else jax.random.fold_in(key, len(rounds)))
+            part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling or self.packing)
             if pol.tools is not None:
                 self.tool_stats.append(pol.tools.last)
-            part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling or self.packing)
+                part.columns = pol.tools.last.columns()
             rounds.append(part)
             clock.lap("sampling")
             if not self.dynamic_sampling:
@@ -471,7 +475,8 @@ class GRPO:
         return sampled.select(np.sort(order[:self.prompts.batch_size]), self.num_generations)
 
     def _score(self, groups: Groups) -> None:
-        total, per_fn, m = self.scorer(self.specs, groups.rows, self.num_generations, groups.texts, groups.lengths)
+        total, per_fn, m = self.scorer(self.specs, groups.rows, self.num_generations, groups.texts, groups.lengths,
+                                       groups.columns)
         groups.rewards, groups.per_fn = total, per_fn
         # rewards/errors, ... and rewards/NAME/errors, ...: the verifier failures, in total and by function
         groups.counts = {k.removeprefix("rewards/"): m[k] for k in m if k.endswith(("/errors", "/timeouts", "/crashes"))}

@@ -76,18 +76,16 @@ def encode_episodes(tokenizer, texts: Sequence[str], eos_id: int, max_tokens: in
     """`encode_completions` for tool-using demonstrations, and which tokens are targets: each
     observation (`tool_format.split`) is tokenised on its own, boundary and result apart, as the
     multi-turn sampler feeds it, and is context, not a target."""
-    enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))
-    before, _, after = tool_format.observation("\x00").partition("\x00")
+    enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False)) if s else []
     out, targets, cut = [], [], 0
     for text in texts:
         ids, target = [], []
-        for piece, observed in tool_format.split(text):
-            if observed:  # the boundary and the result, each tokenised alone (multi_turn.ToolRunner)
-                part = enc(before) + enc(piece[len(before):len(piece) - len(after)]) + enc(after)
-            else:
-                part = enc(piece)
+        for piece, results in tool_format.split(text):
+            # An observation: its boundaries and each result tokenised alone, as the sampler feeds them.
+            part = enc(piece) if results is None else \
+                tool_format.observation_ids(enc, [enc(tool_format.escape(r)) for r in results])
             ids += part
-            target += [not observed] * len(part)
+            target += [results is None] * len(part)
         ids, target = ids + [eos_id], target + [True]
         cut += len(ids) > max_tokens
         out.append(ids[:max_tokens])

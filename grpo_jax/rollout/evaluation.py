@@ -54,7 +54,7 @@ def evaluate(pol: policy.Policy, rows: Sequence[dict], scorer: scoring.Scorer, *
         if n == 0:
             continue
         gen = pol.sample(rows, n, jax.random.key(seed), sampling, batch_size=max(1, batch_size // jax.process_count()))
-        scores, _, _ = scorer(spec, rows, n, gen.texts, gen.lengths)
+        scores, _, _ = scorer(spec, rows, n, gen.texts, gen.lengths, gen.columns)
         ok = np.asarray(scores).reshape(len(rows), n) > 0.5
         answers = [math_grader.normalize_answer(math_grader.extract_answer(t) or "") for t in gen.texts]
         majority = [at_k.majority_correct(answers[i * n:(i + 1) * n], ok[i]) for i in range(len(rows))]

@@ -20,9 +20,16 @@ it has not finished): the other rows decode meanwhile, and nothing depends on wh
 With deterministic tools a rollout is reproducible, whatever the tools' timing. The setting trades
 a parked row's idle steps against waiting: about the tools' latency over a decode step's time.
 
-Budgets (`Budgets`): turns per episode (a pause is a turn), observation tokens per call (cut in the
-middle, saying so), the episode's tokens (model + observations: sampling.max_new_tokens), and
-per-call deadlines. An episode that runs out of any of them ends truncated. Single process only.
+A turn may hold several calls (formats that park at the turn's end: qwen, mistral); they run
+concurrently and their results come back in one observation. Tools with state are an
+`tools.Environment`: an instance per episode, reset from the episode's dataset row, its calls run in
+order; the reward functions read its final `state()` and the episode's calls (`Stats.columns`).
+
+Budgets (`Budgets`): turns per episode (a pause is a turn), calls per turn, observation tokens per
+call (cut in the middle, saying so), the episode's tokens (model + observations:
+sampling.max_new_tokens), and deadlines per call and for an episode's tools in all. An episode that
+runs out of turns or tokens ends truncated; calls past a budget are answered with an error. Single
+process only.
 """
 
 from __future__ import annotations
@@ -50,16 +57,19 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class Budgets:
     max_turns: int = 4  # pauses per episode (calls, malformed calls and the final answer's end)
+    max_calls_per_turn: int = 4  # the rest of a turn's calls are answered with an error, not run
     max_observation_tokens: int = 64  # of a tool's result; longer ones are cut in the middle
     call_timeout_s: float = 10.0
+    episode_tool_s: float = 60.0  # an episode's calls in all; later calls are answered with an error
     resume_after_steps: int = 8  # a parked row takes its observation this many decode steps later
 
     def __post_init__(self):
-        for name in ("max_turns", "max_observation_tokens", "resume_after_steps"):
+        for name in ("max_turns", "max_calls_per_turn", "max_observation_tokens", "resume_after_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tools.{name}={getattr(self, name)}; expected >= 1")
-        if not self.call_timeout_s > 0:
-            raise ValueError(f"tools.call_timeout_s={self.call_timeout_s}; expected > 0")
+        for name in ("call_timeout_s", "episode_tool_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"tools.{name}={getattr(self, name)}; expected > 0")
 
 
 @jax.tree_util.register_dataclass
@@ -179,92 +189,148 @@ class Stats:
     tool_seconds: float  # summed over calls (they overlap each other and decode)
     decode_steps: int
     prefill_tokens: int  # tokens run through the model that were not drawn: prompts + observations
+    # Per episode: its calls [{"name", "arguments", "result", "error"}] and its environment's final
+    # state() (None without one): what reward functions read (`columns`).
+    trajectories: list[list[dict]] = dataclasses.field(default_factory=list)
+    states: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0  # the rollout's wall time
+
+    def columns(self) -> dict[str, list]:
+        """The reward functions' keyword columns, one value per episode."""
+        return {"tool_calls": self.trajectories, "environment": self.states}
+
+    def take(self, n: int) -> Stats:
+        """The first n episodes' (the rollout's rows without the batch's padding)."""
+        per_episode = ("turns", "calls", "errors", "observation_tokens", "truncated", "trajectories", "states")
+        return dataclasses.replace(self, **{k: getattr(self, k)[:n] for k in per_episode})
 
 
 class ToolRunner:
     """Turns of a rollout's rows: parses each parked turn, runs its call, and makes the observation ids."""
 
     def __init__(self, toolbox: tools.ToolBox, fmt: tool_formats.Format, tokenizer: Any,
-                 budgets: Budgets = Budgets()):
+                 budgets: Budgets = Budgets(), environment: type[tools.Environment] | None = None):
         self.toolbox, self.format, self.tokenizer, self.budgets = toolbox, fmt, tokenizer, budgets
+        self.environment = environment  # a fresh instance per episode
         self.last: Stats | None = None  # the latest rollout's (Policy.rollout keeps it here)
         enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []
         self.encode = enc
         self.call_end = tuple(enc(fmt.call_end))
-        before, _, after = fmt.observation("\x00").partition("\x00")
-        self.before, self.after = enc(before), enc(after)
+        self.opens, self.between, self.closes = enc(fmt.opens), enc(fmt.between), enc(fmt.closes)
         self.cut = lambda n: enc(f" [... {n} tokens cut ...] ")
-        self.forced_slots = len(self.before) + len(self.after) + budgets.max_observation_tokens + len(self.cut(10 ** 6))
+        k = budgets.max_calls_per_turn
+        self.forced_slots = len(self.opens) + len(self.closes) + k * budgets.max_observation_tokens + (k - 1) * len(self.between)
 
-    def observation(self, text: str, room: int) -> list[int] | None:
-        """The observation's ids, its result cut in the middle to max_observation_tokens and to `room`
-        tokens in all; None when not even the boundary fits."""
-        ids = self.encode(text)
-        limit = min(self.budgets.max_observation_tokens, room - len(self.before) - len(self.after))
-        if limit < 0:
+    def schemas(self) -> list[dict]:
+        """Every tool's schema: the toolbox's, then the environment's (from an instance not reset)."""
+        return self.toolbox.schemas() + ([t.schema() for t in self.environment().tools().values()]
+                                         if self.environment else [])
+
+    def observation(self, results: Sequence[str], room: int) -> list[int] | None:
+        """The ids of a turn's results in the format's boundaries, each result cut in the middle to
+        max_observation_tokens and all of them to `room` tokens (short results whole, the room left
+        shared evenly by the longer ones); None when not even the boundaries fit."""
+        fixed = len(self.opens) + len(self.closes) + (len(results) - 1) * len(self.between)
+        if room < fixed:
             return None
-        if len(ids) > limit:
-            cut = self.cut(len(ids) - limit)
-            if limit < len(cut) + 2:  # no room to say so: the head only
-                ids = ids[:limit]
-            else:
-                head = (limit - len(cut)) // 2
-                tail = limit - len(cut) - head
-                ids = ids[:head] + cut + ids[len(ids) - tail:]
-        return self.before + ids + self.after
+        ids = [self.encode(self.format.escape(r)) for r in results]
+        limits, left = [0] * len(ids), room - fixed
+        for k, i in enumerate(sorted(range(len(ids)), key=lambda i: len(ids[i]))):
+            limits[i] = min(len(ids[i]), self.budgets.max_observation_tokens, left // (len(ids) - k))
+            left -= limits[i]
+        return self.format.observation_ids(self.encode, [self._cut(r, n) for r, n in zip(ids, limits)])
+
+    def _cut(self, ids: list[int], limit: int) -> list[int]:
+        if len(ids) <= limit:
+            return ids
+        cut = self.cut(len(ids) - limit)
+        if limit < len(cut) + 2:  # no room to say so: the head only
+            return ids[:limit]
+        head = (limit - len(cut)) // 2
+        return ids[:head] + cut + ids[len(ids) - (limit - len(cut) - head):]
 
 
 class _Episodes:
     """The host's record of each row: where its turn began, its calls out, what it was fed."""
 
-    def __init__(self, runner: ToolRunner, n: int, T: int, eos_ids: Sequence[int]):
+    def __init__(self, runner: ToolRunner, n: int, T: int, eos_ids: Sequence[int], rows: Sequence[dict] | None):
         self.r, self.T, self.eos = runner, T, set(eos_ids)
         self.turn_start = np.zeros(n, np.int64)
         self.turns, self.calls, self.errors, self.obs = (np.zeros(n, np.int64) for _ in range(4))
         self.answered = np.zeros(n, bool)  # ended with a final answer (else a budget ended it)
         self.expected: list[list[int]] = [[] for _ in range(n)]  # ids sampled and fed, in order
-        self.pending: dict[int, concurrent.futures.Future | tools.Result] = {}
+        self.pending: dict[int, tuple[list, concurrent.futures.Future | None]] = {}  # row -> (calls, results)
+        self.trajectories: list[list[dict]] = [[] for _ in range(n)]
+        self.tool_s = np.zeros(n)  # each episode's time in its calls
+        self.envs: list[tools.Environment | None] = [None] * n
+        self.broken = np.zeros(n, bool)  # an environment call timed out (it may still be running)
+        if runner.environment is not None:
+            if rows is None or not len(rows):
+                raise ValueError("a tools.environment needs the episodes' dataset rows (multi_turn.sample(rows=...))")
+            for i in range(n):
+                self.envs[i] = runner.environment()
+                self.envs[i].reset(dict(rows[min(i, len(rows) - 1)]))
+            self.bound = [env.tools() for env in self.envs]
         # Every tool, called or not (a metric that comes and goes draws no curve).
-        self.by_tool = {name: {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0} for name in runner.toolbox.tools}
+        names = list(runner.toolbox.tools) + (runner.environment.tool_names() if runner.environment else [])
+        self.by_tool = {name: {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0} for name in names}
 
     def read_turn(self, row: int, ids: np.ndarray, length: int) -> bool:
-        """A parked row's turn (its ids up to `length`): start its call (False), or end the episode
-        (True: a final answer, or no room or turn left for a call's result)."""
+        """A parked row's turn (its ids up to `length`): start its calls (False), or end the episode
+        (True: a final answer, or no room or turn left for the results)."""
         turn = [int(t) for t in ids[self.turn_start[row]:length]]
         self.expected[row] += turn
         self.turns[row] += 1
         ended = bool(turn) and turn[-1] in self.eos
-        text = self.r.tokenizer.decode(turn, skip_special_tokens=False)
-        parsed = self.r.format.parse(text)
-        if parsed is None and ended:  # a final answer
+        calls = self.r.format.calls(self.r.tokenizer.decode(turn, skip_special_tokens=False))
+        if not calls and ended:  # a final answer
             self.answered[row] = True
             return True
         if length >= self.T or self.turns[row] >= self.r.budgets.max_turns:
-            return True  # truncated: no room or no turn left for the call's result
-        if parsed is None:
-            parsed = f"error: no tool call before {self.r.format.call_end or 'the end of the turn'}"
-        if isinstance(parsed, str):
-            self.errors[row] += 1
-            self.pending[row] = tools.Result(parsed, "", error=True)
-        else:
-            self.calls[row] += 1
-            self.pending[row] = self.r.toolbox.submit(parsed.name, parsed.arguments, self.r.budgets.call_timeout_s)
+            return True  # truncated: no room or no turn left for the results
+        b = self.r.budgets
+        # (call or None, why it is not run or None): malformed calls, calls past the turn's budget,
+        # and every call once the episode's tool time is spent or its environment timed out.
+        left = b.episode_tool_s - self.tool_s[row]
+        refused = (f"the episode's {b.episode_tool_s:g} s of tool time are spent" if left <= 0 else
+                   "the environment's state is unknown after a call timed out" if self.broken[row] else "")
+        entries = []
+        for k, c in enumerate(calls or [f"error: no tool call before {self.r.format.call_end or 'the end of the turn'}"]):
+            if isinstance(c, str):
+                entries.append((None, c))
+            elif k >= b.max_calls_per_turn:
+                entries.append((c, f"error: at most {b.max_calls_per_turn} calls a turn; not run"))
+            else:
+                entries.append((c, f"error: {c.name} not run: {refused}" if refused else None))
+        run = [(c.name, c.arguments) for c, why in entries if why is None]
+        self.calls[row] += len(run)
+        self.errors[row] += len(entries) - len(run)
+        future = self.r.toolbox.submit_turn(run, min(b.call_timeout_s, left), self.bound[row] if self.envs[row] else None) \
+            if run else None
+        self.pending[row] = (entries, future)
         return False
 
     def answer(self, row: int, length: int) -> list[int] | None:
-        """The observation ids for a row whose call was started (waiting for it); None: the episode
-        ends (no room for the result)."""
-        out = self.pending.pop(row)
-        result = out.result() if isinstance(out, concurrent.futures.Future) else out
-        if result.tool:
-            t = self.by_tool.setdefault(result.tool, {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0})
-            t["calls"] += 1
-            t["errors"] += result.error
-            t["timeouts"] += result.timed_out
-            t["seconds"] += result.seconds
-            self.errors[row] += result.error
-        ids = self.r.observation(result.text, self.T - length - 1)  # at least one token left to answer
+        """The observation ids for a row whose calls were started (waiting for them); None: the
+        episode ends (no room for the results)."""
+        entries, future = self.pending.pop(row)
+        ran = iter(future.result() if future is not None else [])
+        texts = []
+        for call, why in entries:
+            result = next(ran) if why is None else None
+            texts.append(why if result is None else result.text)
+            self.trajectories[row].append({"name": call and call.name, "arguments": call and call.arguments,
+                                           "result": texts[-1], "error": result is None or result.error})
+            if result is not None:
+                t = self.by_tool.setdefault(result.tool, {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0})
+                t["calls"] += 1
+                t["errors"] += result.error
+                t["timeouts"] += result.timed_out
+                t["seconds"] += result.seconds
+                self.errors[row] += result.error
+                self.tool_s[row] += result.seconds
+                self.broken[row] |= result.timed_out and self.envs[row] is not None
+        ids = self.r.observation(texts, self.T - length - 1)  # a token left to answer
         if ids is None:
             return None
         self.expected[row] += ids
@@ -272,16 +338,19 @@ class _Episodes:
         self.turn_start[row] = length + len(ids)
         return ids
 
+    def states(self) -> list:
+        return [env.state() if env is not None else None for env in self.envs]
+
 
 _rows_of = jax.jit(lambda x, i: x[i])
 
 
 def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, runner: ToolRunner, *,
            cfg: architecture.ModelConfig, sampling: sampler.SamplingConfig, mesh: Mesh | None = None,
-           slots: int) -> tuple[sampler.Decoded, Array, Stats]:
+           slots: int, rows: Sequence[dict] | None = None) -> tuple[sampler.Decoded, Array, Stats]:
     """sampler.decode for episodes: `slots` is the cache's room past the prompt (decode steps,
-    parked ones included: `steps_needed`). Returns the decoded rows, their sampled-token mask
-    [N, T] and the episodes' stats."""
+    parked ones included: `steps_needed`); `rows`: each episode's dataset row (an environment's
+    reset). Returns the decoded rows, their sampled-token mask [N, T] and the episodes' stats."""
     if jax.process_count() > 1:
         raise NotImplementedError("multi-turn rollouts run in one process (tools run on its host)")
     N, T = first_logits.shape[0], sampling.max_new_tokens
@@ -289,7 +358,7 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
     shards = sampler._row_shards(N, mesh)
     sizes = sampler.batch_sizes(N, sampling.shrink_factor, shards)
     state = episode_state(cache, first_logits, sampling, runner.forced_slots)
-    eps = _Episodes(runner, N, T, sampling.eos_ids)
+    eps = _Episodes(runner, N, T, sampling.eos_ids, rows)
     out, step, live, row_steps, batches = None, 0, N, 0, []
     waiting: dict[int, int] = {}  # parked row -> the step it resumes at
     while live and step < slots:
@@ -351,7 +420,7 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
     violations = sum(list(tokens[r, :len(e)]) != e for r, e in enumerate(eps.expected))
     tool_seconds = sum(t["seconds"] for t in eps.by_tool.values())
     stats = Stats(eps.turns, eps.calls, eps.errors, eps.obs, truncated, int(violations), eps.by_tool,
-                  tool_seconds, step, int(eps.obs.sum()))
+                  tool_seconds, step, int(eps.obs.sum()), eps.trajectories, eps.states())
     decoded = sampler.Decoded(state.tokens, state.logps, jnp.asarray(lengths), ~jnp.asarray(truncated), row_steps,
                               tuple(batches))
     return decoded, state.sampled, stats
@@ -382,10 +451,12 @@ def steps_needed(sampling: sampler.SamplingConfig, budgets: Budgets) -> int:
 
 def sample(params: architecture.Params, model_cfg: architecture.ModelConfig, prompts: Sequence[Sequence[int]],
            num_generations: int, cfg: sampler.SamplingConfig, key: Array, runner: ToolRunner,
-           mesh: Mesh | None = None, gather_weights: bool = True) -> tuple[sampler.Rollout, Stats]:
-    """sampler.sample with tools: `num_generations` episodes of each prompt. The Rollout's `mask`
-    covers every token of an episode (what attention reads), `sampled` the policy's own (what the
-    loss reads); `truncated` marks episodes ended by a budget."""
+           mesh: Mesh | None = None, gather_weights: bool = True,
+           rows: Sequence[dict] | None = None) -> tuple[sampler.Rollout, Stats]:
+    """sampler.sample with tools: `num_generations` episodes of each prompt (`rows`: the prompts'
+    dataset rows, which an environment needs). The Rollout's `mask` covers every token of an
+    episode (what attention reads), `sampled` the policy's own (what the loss reads); `truncated`
+    marks episodes ended by a budget."""
     start = time.perf_counter()
     ids, mask, n = sampler.prompt_batch(prompts, num_generations, cfg, mesh)
     if gather_weights:
@@ -393,8 +464,9 @@ def sample(params: architecture.Params, model_cfg: architecture.ModelConfig, pro
     slots = steps_needed(cfg, runner.budgets)
     logits, cache = sampler.prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
                                     max_new_tokens=slots, mesh=mesh, gather_weights=False)
+    episode_rows = None if rows is None else [r for r in rows for _ in range(num_generations)]
     out, sampled, stats = decode(params, cache, logits, key, runner, cfg=model_cfg, sampling=cfg, mesh=mesh,
-                                 slots=slots)
+                                 slots=slots, rows=episode_rows)
     stats.prefill_tokens += int(np.asarray(jax.device_get(mask)).sum())
     T = cfg.max_new_tokens
     rollout = sampler.Rollout(
@@ -402,4 +474,6 @@ def sample(params: architecture.Params, model_cfg: architecture.ModelConfig, pro
         tokens=out.tokens, mask=jnp.arange(T)[None, :] < out.lengths[:, None], logprobs=out.logps,
         lengths=out.lengths, truncated=~out.done, sampled=sampled)
     stats.seconds = time.perf_counter() - start
-    return (rollout if len(out.lengths) == n else jax.tree.map(lambda x: x[:n], rollout)), stats
+    if len(out.lengths) == n:
+        return rollout, stats
+    return jax.tree.map(lambda x: x[:n], rollout), stats.take(n)

@@ -87,6 +87,8 @@ class Completions:
     lengths: np.ndarray  # [rows * n] tokens, EOS included
     truncated: np.ndarray  # [rows * n] bool: no EOS within the token limit
     mean_logp: np.ndarray  # [rows * n] mean token log-probability under the sampling distribution
+    # Multi-turn: the episodes' calls and environment states, as reward-function columns [rows * n].
+    columns: dict[str, list] | None = None
 
 
 # One jitted merge for every rollout (compiled once per config, not re-wrapped per step).
@@ -157,7 +159,7 @@ class Policy:
         if self.tools is not None:
             rollout, self.tools.last = multi_turn.sample(pol.params, pol.model_cfg, self.prompt_ids(rows), n,
                                                          sampling or self.sampling, key, self.tools, mesh=self.mesh,
-                                                         gather_weights=gather)
+                                                         gather_weights=gather, rows=rows)
             return rollout
         return sampler.sample(pol.params, pol.model_cfg, self.prompt_ids(rows), n, sampling or self.sampling,
                               key, mesh=self.mesh, gather_weights=gather)
@@ -172,9 +174,11 @@ class Policy:
         hosts every host calls this with its own block of rows, in step)."""
         batch = batch_size or len(rows)
         pol = self.for_sampling()  # one copy for all batches
-        texts, lengths, truncated, mean_logp = [], [], [], []
+        texts, lengths, truncated, mean_logp, columns = [], [], [], [], {}
         for start in range(0, len(rows), batch):
             r = pol.rollout(rows[start:start + batch], n, jax.random.fold_in(key, start), sampling)
+            for k, v in (self.tools.last.columns() if self.tools is not None else {}).items():
+                columns.setdefault(k, []).extend(v)
             toks, lens = multihost.local_rows(r.tokens), multihost.local_rows(r.lengths)
             logp = multihost.local_rows(r.logprobs)
             mask = multihost.local_rows(r.mask if r.sampled is None else r.sampled)  # the policy's own tokens
@@ -182,7 +186,8 @@ class Policy:
             lengths.append(lens)
             truncated.append(multihost.local_rows(r.truncated))
             mean_logp.append((logp * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
-        return Completions(texts, np.concatenate(lengths), np.concatenate(truncated), np.concatenate(mean_logp))
+        return Completions(texts, np.concatenate(lengths), np.concatenate(truncated), np.concatenate(mean_logp),
+                           columns or None)
 
     def export_hf(self, path: str, dtype: str | None = None) -> str:
         """A Hugging Face folder (weights, config, tokenizer) for transformers and vLLM; the char

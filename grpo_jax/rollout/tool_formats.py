@@ -1,20 +1,23 @@
-"""How a model writes a tool call and reads its result: the formats of the families grpo_jax loads.
+"""How a model writes tool calls and reads their results: the formats of the families grpo_jax loads.
 
-A format gives the sampler three things (grpo_jax.rollout.multi_turn):
-  call_end     the text that closes a call: the sampler parks the row there (a turn that ends
-               with EOS is parked too, so formats whose calls end the turn work as well);
-  parse(turn)  the call in a turn's text (a Call), None for a turn without one (a final answer),
-               or an error message for a malformed call (the model reads it as the observation);
-  observation(text)  the text that follows the call: the template's boundary tokens around the
-               tool's result, up to where the model writes again. It is tokenised on its own and
-               appended as token ids: the history is never re-rendered or re-tokenised.
+A format gives the sampler (grpo_jax.rollout.multi_turn):
+  call_end     the text that closes a call: the sampler parks the row there. "" parks it at the end
+               of its turn only (EOS), for formats that put several calls in one turn;
+  calls(turn)  the calls in a turn's text, in order (a Call, or an error message for a malformed one
+               that the model reads as its result); [] for a turn without one (a final answer);
+  opens, between, closes   the template's text around the results of one turn's calls: the
+               observation is opens + result_1 + between + result_2 ... + closes, up to where the
+               model writes again. Each piece is tokenised on its own and appended as token ids
+               (`observation_ids`): the history is never re-rendered or re-tokenised.
 
-    plain    <call>calculator(12*34)</call><result>408</result>      (models without a tool
-             template: the character model, SmolLM2, Gemma 3; arguments as one string or a JSON object)
-    qwen     <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>, the result in a user turn
-             as <tool_response>; Qwen2.5 and Qwen3 (hermes)
-    llama3   <|python_tag|>{"name": ..., "parameters": {...}}<|eom_id|>, the result in an ipython turn
-    mistral  [TOOL_CALLS][{"name": ..., "arguments": {...}}]</s>, the result in [TOOL_RESULTS]
+    plain    <call>calculator(12*34)</call><result>408</result>      (one call per turn; models
+             without a tool template: the character model, SmolLM2, Gemma 3; the argument as one
+             string or a JSON object)
+    qwen     <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call> (one or more), then
+             <|im_end|>; the results in one user turn, each in <tool_response>; Qwen2.5, Qwen3 (hermes)
+    llama3   <|python_tag|>{"name": ..., "parameters": {...}}<|eom_id|> (one call per turn); the
+             result in an ipython turn
+    mistral  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]</s>; each result in [TOOL_RESULTS]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from typing import Callable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,46 +34,67 @@ class Call:
     arguments: dict | str
 
 
-def _json_call(text: str, args_key: str) -> Call | str:
+def _json_calls(text: str, args_key: str) -> list[Call | str]:
+    """A JSON call object, or a list of them, as Calls (an error message for each malformed one)."""
     try:
         obj = json.loads(text)
     except ValueError as e:
-        return f"error: the tool call is not valid JSON ({e.msg} at character {e.pos})"
-    if isinstance(obj, list) and len(obj) == 1:
-        obj = obj[0]
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return 'error: a tool call is {"name": ..., "' + args_key + '": {...}}'
-    args = obj.get(args_key, obj.get("arguments", {}))
-    if isinstance(args, str):  # some models write the arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except ValueError:
-            pass
-    if not isinstance(args, (dict, str)):
-        return f"error: the {args_key} of a tool call are an object of named values"
-    return Call(obj["name"], args)
+        return [f"error: the tool call is not valid JSON ({e.msg} at character {e.pos})"]
+    out = []
+    for item in obj if isinstance(obj, list) else [obj]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            out.append('error: a tool call is {"name": ..., "' + args_key + '": {...}}')
+            continue
+        args = item.get(args_key, item.get("arguments", {}))
+        if isinstance(args, str):  # some models write the arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        out.append(Call(item["name"], args) if isinstance(args, (dict, str))
+                   else f"error: the {args_key} of a tool call are an object of named values")
+    return out or ['error: a tool call is {"name": ..., "' + args_key + '": {...}}']
 
 
 class Format:
     name = ""
     call_end = ""
+    opens = between = closes = ""
 
-    def parse(self, turn: str) -> Call | str | None:
+    def calls(self, turn: str) -> list[Call | str]:
         raise NotImplementedError
 
-    def observation(self, result: str) -> str:
-        raise NotImplementedError
+    def escape(self, result: str) -> str:
+        """A result as the template writes it between `opens` and `closes` (Mistral: a JSON string)."""
+        return result
 
-    def split(self, text: str) -> list[tuple[str, bool]]:
-        """A written episode (a demonstration) as (text, is_observation) pieces: each observation is
-        the format's boundary text around a result. Tokenised piece by piece, as the sampler feeds
-        them, an SFT example trains on exactly the ids a rollout would hold."""
-        before, _, after = self.observation("\x00").partition("\x00")
+    def unescape(self, text: str) -> str:
+        return text
+
+    def observation(self, results: Sequence[str]) -> str:
+        return self.opens + self.between.join(map(self.escape, results)) + self.closes
+
+    def observation_ids(self, encode: Callable[[str], list[int]], results: Sequence[Sequence[int]]) -> list[int]:
+        """The observation as token ids, each piece tokenised on its own: the boundaries, and the
+        results already tokenised (and cut) by the caller. The sampler feeds exactly these ids, and
+        SFT on a demonstration (grpo_jax.rl.sft.encode_episodes) trains on the same."""
+        ids = encode(self.opens)
+        for i, r in enumerate(results):
+            ids += (encode(self.between) if i else []) + list(r)
+        return ids + encode(self.closes)
+
+    def split(self, text: str) -> list[tuple[str, list[str] | None]]:
+        """A written episode (a demonstration) as pieces: (text, None) for the model's, and
+        (observation text, its results) for each observation."""
+        pattern = re.escape(self.opens) + "(.*?)" + re.escape(self.closes)
+        if self.between.startswith(self.closes):  # (plain, mistral) the observation goes on after a `between`
+            pattern += "(?!" + re.escape(self.between[len(self.closes):]) + ")"
         pieces, at = [], 0
-        for m in re.finditer(re.escape(before) + "(.*?)" + re.escape(after), text, re.S):
-            pieces += [(text[at:m.start()], False), (m.group(0), True)]
+        for m in re.finditer(pattern, text, re.S):
+            results = [self.unescape(r) for r in (m.group(1).split(self.between) if self.between else [m.group(1)])]
+            pieces += [(text[at:m.start()], None), (m.group(0), results)]
             at = m.end()
-        return [p for p in pieces + [(text[at:], False)] if p[0]]
+        return [p for p in pieces + [(text[at:], None)] if p[0]]
 
     def describe(self, schemas: list[dict]) -> str:
         """The tools in words, for prompts whose template cannot show them (plain text)."""
@@ -83,78 +108,80 @@ class Format:
 
 class Plain(Format):
     name, call_end = "plain", "</call>"
+    opens, between, closes = "<result>", "</result><result>", "</result>"
     _CALL = re.compile(r"<call>(.*?)</call>", re.S)
     _SIGNATURE = re.compile(r"\s*([A-Za-z_][\w.]*)\s*\((.*)\)\s*", re.S)
+    _MALFORMED = "error: a call is <call>NAME(ARGUMENTS)</call>"
 
-    def parse(self, turn: str) -> Call | str | None:
-        calls = self._CALL.findall(turn)
-        if not calls:
-            return None if "<call>" not in turn else "error: a call is <call>NAME(ARGUMENTS)</call>"
-        m = self._SIGNATURE.fullmatch(calls[-1])
+    def calls(self, turn: str) -> list[Call | str]:
+        found = self._CALL.findall(turn)
+        if not found:
+            return [] if "<call>" not in turn else [self._MALFORMED]
+        m = self._SIGNATURE.fullmatch(found[-1])  # the row parks at the first </call>: one call
         if m is None:
-            return "error: a call is <call>NAME(ARGUMENTS)</call>"
+            return [self._MALFORMED]
         args = m.group(2).strip()
         if args.startswith("{"):
             try:
                 parsed = json.loads(args)
             except ValueError as e:
-                return f"error: the arguments are not valid JSON ({e.msg})"
-            return Call(m.group(1), parsed) if isinstance(parsed, dict) else "error: arguments are one value or {...}"
-        return Call(m.group(1), args)
-
-    def observation(self, result: str) -> str:
-        return f"<result>{result}</result>"
+                return [f"error: the arguments are not valid JSON ({e.msg})"]
+            return [Call(m.group(1), parsed) if isinstance(parsed, dict) else "error: arguments are one value or {...}"]
+        return [Call(m.group(1), args)]
 
     def describe(self, schemas: list[dict]) -> str:
         return super().describe(schemas) + "\nCall a tool as <call>NAME(ARGUMENT)</call>; its result follows as <result>...</result>."
 
 
 class Qwen(Format):
-    """Qwen2.5 / Qwen3 (hermes): the calls in the assistant turn, the results in a user turn."""
+    """Qwen2.5 / Qwen3 (hermes): the calls in the assistant turn, which the model ends (<|im_end|>);
+    the results in one user turn, one <tool_response> each, as the chat template renders them."""
 
-    name, call_end = "qwen", "</tool_call>"
+    name, call_end = "qwen", ""
+    opens = "\n<|im_start|>user\n<tool_response>\n"
+    between = "\n</tool_response>\n<tool_response>\n"
+    closes = "\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 
-    def parse(self, turn: str) -> Call | str | None:
-        calls = self._CALL.findall(turn)
-        if not calls:
-            return None if "<tool_call>" not in turn else "error: a tool call ends with </tool_call>"
-        return _json_call(calls[-1].strip(), "arguments")
-
-    def observation(self, result: str) -> str:
-        return ("<|im_end|>\n<|im_start|>user\n<tool_response>\n" + result
-                + "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    def calls(self, turn: str) -> list[Call | str]:
+        found = self._CALL.findall(turn)
+        if not found:
+            return [] if "<tool_call>" not in turn else ["error: a tool call ends with </tool_call>"]
+        return [c for body in found for c in _json_calls(body.strip(), "arguments")]
 
 
 class Llama3(Format):
     """Llama 3.1+: a call after <|python_tag|> ends with <|eom_id|>; the result in an ipython turn."""
 
     name, call_end = "llama3", "<|eom_id|>"
+    opens = "<|start_header_id|>ipython<|end_header_id|>\n\n"
+    between = "<|eot_id|>" + opens
+    closes = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 
-    def parse(self, turn: str) -> Call | str | None:
+    def calls(self, turn: str) -> list[Call | str]:
         if "<|python_tag|>" not in turn:
-            return None
+            return []
         body = turn.split("<|python_tag|>")[-1].replace("<|eom_id|>", "").replace("<|eot_id|>", "").strip()
-        return _json_call(body, "parameters")
-
-    def observation(self, result: str) -> str:
-        return ("<|start_header_id|>ipython<|end_header_id|>\n\n" + result
-                + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        return _json_calls(body, "parameters")[:1]
 
 
 class Mistral(Format):
-    """Mistral: [TOOL_CALLS] and a JSON list, ending the turn (EOS); the result in [TOOL_RESULTS]."""
+    """Mistral: [TOOL_CALLS] and a JSON list of calls, ending the turn (EOS); each result in
+    [TOOL_RESULTS] as a JSON object."""
 
-    name, call_end = "mistral", ""  # the call ends the turn: the row is parked at its EOS
+    name, call_end = "mistral", ""
+    opens, between, closes = '[TOOL_RESULTS]{"content": "', '"}[/TOOL_RESULTS][TOOL_RESULTS]{"content": "', '"}[/TOOL_RESULTS]'
 
-    def parse(self, turn: str) -> Call | str | None:
+    def calls(self, turn: str) -> list[Call | str]:
         if "[TOOL_CALLS]" not in turn:
-            return None
-        body = turn.split("[TOOL_CALLS]")[-1].replace("</s>", "").strip()
-        return _json_call(body, "arguments")
+            return []
+        return _json_calls(turn.split("[TOOL_CALLS]")[-1].replace("</s>", "").strip(), "arguments")
 
-    def observation(self, result: str) -> str:
-        return "[TOOL_RESULTS]" + json.dumps({"content": result}) + "[/TOOL_RESULTS]"
+    def escape(self, result: str) -> str:
+        return json.dumps(result, ensure_ascii=False)[1:-1]  # as the template's tojson writes it
+
+    def unescape(self, text: str) -> str:
+        return json.loads(f'"{text}"')
 
 
 FORMATS = {f.name: f for f in (Plain(), Qwen(), Llama3(), Mistral())}

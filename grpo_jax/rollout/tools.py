@@ -94,13 +94,13 @@ class ToolBox:
     def schemas(self) -> list[dict]:
         return [t.schema() for t in self.tools.values()]
 
-    def run(self, name: str, arguments: dict | str, deadline_s: float = 10.0) -> Result:
-        """Call tool `name`: a dict of keyword arguments, or one string for a tool of one argument."""
-        start = time.perf_counter()
-        tool = self.tools.get(name)
+    def _start(self, name: str, arguments: dict | str,
+               bound: dict[str, Tool] | None) -> concurrent.futures.Future | Result:
+        """The call on the tool pool, or the Result that says why it cannot run."""
+        tool = (bound or {}).get(name) or self.tools.get(name)
         if tool is None:
-            return Result(f"error: no tool named {name!r} (the tools are {', '.join(self.tools) or 'none'})",
-                          name, error=True)
+            names = list(self.tools) + [n for n in (bound or {}) if n not in self.tools]
+            return Result(f"error: no tool named {name!r} (the tools are {', '.join(names) or 'none'})", name, error=True)
         if isinstance(arguments, str):
             names = list(tool.parameters["properties"])
             if len(names) != 1:
@@ -111,9 +111,12 @@ class ToolBox:
         if missing or unknown:
             return Result(f"error: {name} needs {tool.parameters['required']}" + (f", not {unknown}" if unknown else ""),
                           name, error=True)
-        future = self._pool.submit(tool.fn, **arguments)
+        return self._pool.submit(tool.fn, **arguments)
+
+    @staticmethod
+    def _wait(name: str, future: concurrent.futures.Future, deadline_s: float, start: float) -> Result:
         try:
-            out = future.result(timeout=deadline_s)
+            out = future.result(timeout=max(0.0, deadline_s - (time.perf_counter() - start)))
         except concurrent.futures.TimeoutError:
             return Result(f"error: {name} took longer than {deadline_s:g} s", name, error=True, timed_out=True,
                           seconds=time.perf_counter() - start)
@@ -121,9 +124,38 @@ class ToolBox:
             return Result(f"error: {type(e).__name__}: {e}", name, error=True, seconds=time.perf_counter() - start)
         return Result(str(out), name, seconds=time.perf_counter() - start)
 
+    def run(self, name: str, arguments: dict | str, deadline_s: float = 10.0,
+            bound: dict[str, Tool] | None = None) -> Result:
+        """Call tool `name` (among `bound`'s first: an episode's environment): a dict of keyword
+        arguments, or one string for a tool of one argument."""
+        start = time.perf_counter()
+        call = self._start(name, arguments, bound)
+        return call if isinstance(call, Result) else self._wait(name, call, deadline_s, start)
+
+    def run_turn(self, calls: Sequence[tuple[str, dict | str]], deadline_s: float = 10.0,
+                 bound: dict[str, Tool] | None = None) -> list[Result]:
+        """A turn's calls, each with its own deadline: all at once on stateless tools; one after the
+        other on an environment (`bound`), where a call that outlives its deadline stops the turn
+        (it still runs, and the environment's state is no longer known)."""
+        if bound is not None:
+            out = []
+            for name, arguments in calls:
+                if out and out[-1].timed_out:
+                    out.append(Result(f"error: {name} not run: an earlier call timed out", name, error=True))
+                else:
+                    out.append(self.run(name, arguments, deadline_s, bound))
+            return out
+        started = [(name, time.perf_counter(), self._start(name, arguments, None)) for name, arguments in calls]
+        return [c if isinstance(c, Result) else self._wait(name, c, deadline_s, t) for name, t, c in started]
+
     def submit(self, name: str, arguments: dict | str, deadline_s: float = 10.0) -> concurrent.futures.Future:
         """`run` in the background: decode goes on while the call runs."""
         return self._calls.submit(self.run, name, arguments, deadline_s)
+
+    def submit_turn(self, calls: Sequence[tuple[str, dict | str]], deadline_s: float = 10.0,
+                    bound: dict[str, Tool] | None = None) -> concurrent.futures.Future:
+        """`run_turn` in the background."""
+        return self._calls.submit(self.run_turn, list(calls), deadline_s, bound)
 
     def close(self) -> None:
         self._calls.shutdown(wait=False, cancel_futures=True)
@@ -209,6 +241,65 @@ def python(code: str) -> str:
 
 
 BUILT_IN = {"calculator": calculator, "python": python}
+
+
+# --------------------------------------------------------------------------------------------------
+# Environments: tools with state
+
+
+class Environment:
+    """A task whose tools share state (a file system, a game, a database): a new instance per
+    episode, `reset` from the episode's dataset row, and each call a method. Its tools are its public
+    methods other than `reset` and `state`, described like functions (type hints, docstring).
+
+        class Counter(tools.Environment):
+            def reset(self, row):
+                self.total = int(row["start"])
+
+            def add(self, n: int) -> str:
+                '''Add n to the total and return it.
+
+                Args:
+                  n: the number to add.
+                '''
+                self.total += n
+                return str(self.total)
+
+            def state(self):
+                return {"total": self.total}
+
+    A turn's calls run in order on its episode's instance. At the episode's end the reward functions
+    read `state()` (keyword column `environment`, so it must pickle) beside the calls and results
+    (column `tool_calls`)."""
+
+    def reset(self, row: dict) -> None:
+        """Start an episode of the dataset row `row`."""
+
+    def state(self) -> Any:
+        """What the reward functions read at the episode's end (picklable)."""
+        return None
+
+    @classmethod
+    def tool_names(cls) -> list[str]:
+        return [name for name, _ in inspect.getmembers(cls, inspect.isfunction)
+                if not name.startswith("_") and name not in ("reset", "state", "tool_names", "tools")]
+
+    def tools(self) -> dict[str, Tool]:
+        """This instance's tools, by name (bound methods)."""
+        return {name: Tool.of(getattr(self, name)) for name in self.tool_names()}
+
+
+def environment_class(path: str) -> type[Environment]:
+    """An Environment subclass by import path ("package.module.Class")."""
+    import importlib
+
+    module, _, attr = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), attr, None) if module else None
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise ValueError(f"tools.environment={path!r}: expected the import path of a grpo_jax.rollout.tools.Environment subclass")
+    if not cls.tool_names():
+        raise ValueError(f"tools.environment={path!r}: {cls.__name__} has no tool methods")
+    return cls
 
 
 def from_names(names: Sequence[str], workers: int = 8) -> ToolBox:

@@ -11,6 +11,7 @@ old name stops with the new one, instead of a bare "no such field".
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import math
@@ -117,18 +118,31 @@ def check(cfg: ConfigDict) -> None:
             raise ConfigError(f"grpo: {e}") from None
 
 
-def _check_tools(cfg: ConfigDict) -> None:
+def uses_tools(cfg: ConfigDict) -> bool:
+    """Multi-turn rollouts: the config names tools or an environment."""
     t = cfg.get("tools")
-    if not t or not t.get("names"):
+    return bool(t and (t.get("names") or t.get("environment")))
+
+
+def tool_budgets(t: ConfigDict) -> multi_turn.Budgets:
+    names = [f.name for f in dataclasses.fields(multi_turn.Budgets)]
+    return multi_turn.Budgets(**{k: t[k] for k in names if k in t})
+
+
+def _check_tools(cfg: ConfigDict) -> None:
+    if not uses_tools(cfg):
         return
+    t = cfg.tools
     for name in t.names:
         if name not in tools.BUILT_IN and "." not in name:
             raise ConfigError(f"tools.names: {name!r}; expected one of {sorted(tools.BUILT_IN)} or an import path "
                              "(package.module.function)")
     try:
         tool_formats.get(t.format)
-        multi_turn.Budgets(t.max_turns, t.max_observation_tokens, t.call_timeout_s, t.resume_after_steps)
-    except ValueError as e:
+        tool_budgets(t)
+        if t.get("environment"):
+            tools.environment_class(t.environment)
+    except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
 
 
@@ -202,8 +216,8 @@ def check_mesh(cfg: ConfigDict, num_devices: int, num_processes: int = 1) -> Non
     expert), before any model is loaded. Several hosts: each update's rows must split evenly over
     the batch axes (jax.make_array_from_callback needs it); one host replicates a batch that does
     not, so every device would compute all of it: said, not refused."""
-    if num_processes > 1 and cfg.get("tools", {}).get("names"):
-        raise ConfigError(f"tools.names={tuple(cfg.tools.names)} on {num_processes} processes: multi-turn rollouts "
+    if num_processes > 1 and uses_tools(cfg):
+        raise ConfigError(f"tools on {num_processes} processes: multi-turn rollouts "
                          "run in one process for now (their tools run on its host)")
     m = cfg.mesh
     sizes = {"data": m.data, "fsdp": m.fsdp, "expert": m.get("expert", 1), "tensor": m.tensor}

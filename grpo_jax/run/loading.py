@@ -201,7 +201,7 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
         source = _describe_source(mcfg.source, cfg.seed)
     d, runner = cfg.data, tool_runner(cfg, tok)
     fmt = policy.PromptFormat(d.template, d.prompt_field, d.instruction, d.get("enable_thinking"),
-                              tools=tuple(runner.toolbox.schemas()) if runner and cfg.tools.get("describe", True) else (),
+                              tools=tuple(runner.schemas()) if runner and cfg.tools.get("describe", True) else (),
                               tool_format=runner.format.name if runner else "plain")
     return policy.Policy(params, model_cfg, tok, mesh, fmt, config.sampling_config(cfg, tok, model_cfg.eos_token_ids),
                          cfg.sampling.weights, bool(cfg.sampling.get("merge_lora", False)), tools=runner), source
@@ -209,8 +209,9 @@ def load(cfg: ConfigDict, *, workdir: str | None = None, step: int | None = None
 
 def tool_runner(cfg: ConfigDict, tok) -> multi_turn.ToolRunner | None:
     """The config's tools (cfg.tools) as a ToolRunner for multi-turn rollouts; None without tools."""
-    t = cfg.get("tools")
-    if not t or not t.names:
+    if not config.uses_tools(cfg):
         return None
-    budgets = multi_turn.Budgets(t.max_turns, t.max_observation_tokens, t.call_timeout_s, t.resume_after_steps)
-    return multi_turn.ToolRunner(tools.from_names(tuple(t.names), t.workers), tool_formats.get(t.format), tok, budgets)
+    t = cfg.tools
+    env = tools.environment_class(t.environment) if t.get("environment") else None
+    return multi_turn.ToolRunner(tools.from_names(tuple(t.names), t.workers), tool_formats.get(t.format), tok,
+                                 config.tool_budgets(t), env)

@@ -34,10 +34,10 @@ class EveryParen(tool_formats.Plain):
     def __init__(self, tool="calculator"):
         self.tool = tool
 
-    def parse(self, turn):
+    def calls(self, turn):
         if turn.endswith(")"):
-            return tool_formats.Call(self.tool, "6*7") if len(turn) % 2 else "error: odd"
-        return None
+            return [tool_formats.Call(self.tool, "6*7") if len(turn) % 2 else "error: odd"]
+        return []
 
 
 SAMPLING = sampler.SamplingConfig(max_new_tokens=48, eos_ids=(2,), prompt_buckets=(16,), first_segment=16)
@@ -134,16 +134,16 @@ def test_the_calculator_evaluates_nothing_but_arithmetic(expression, said):
     ("mistral", '[TOOL_CALLS][{"arguments": {}}]</s>', 'error: a tool call is {"name": ...'),
 ])
 def test_formats_parse_calls_and_say_what_is_malformed(name, turn, want):
-    got = tool_formats.get(name).parse(turn)
-    assert got == want if not isinstance(want, str) else got.startswith(want), got
+    got = tool_formats.get(name).calls(turn)
+    assert got == ([want] if want else []) if not isinstance(want, str) else got[0].startswith(want), got
 
 
 def test_observations_follow_each_template():
-    assert tool_formats.get("plain").observation("408") == "<result>408</result>"
-    assert tool_formats.get("qwen").observation("408") == (
-        "<|im_end|>\n<|im_start|>user\n<tool_response>\n408\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
-    assert tool_formats.get("llama3").observation("4").startswith("<|start_header_id|>ipython<|end_header_id|>\n\n4<|eot_id|>")
-    assert tool_formats.get("mistral").observation("4") == '[TOOL_RESULTS]{"content": "4"}[/TOOL_RESULTS]'
+    assert tool_formats.get("plain").observation(["408"]) == "<result>408</result>"
+    assert tool_formats.get("qwen").observation(["408"]) == (
+        "\n<|im_start|>user\n<tool_response>\n408\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert tool_formats.get("llama3").observation(["4"]).startswith("<|start_header_id|>ipython<|end_header_id|>\n\n4<|eot_id|>")
+    assert tool_formats.get("mistral").observation(["4"]) == '[TOOL_RESULTS]{"content": "4"}[/TOOL_RESULTS]'
     with pytest.raises(ValueError, match="tools.format='hermes'"):
         tool_formats.get("hermes")
 
@@ -152,9 +152,9 @@ def test_qwen_observations_are_token_ids_of_the_template_with_its_special_tokens
     tok = pretrained.qwen2_tokenizer()
     r = multi_turn.ToolRunner(tools.ToolBox([tools.calculator]), tool_formats.get("qwen"), tok)
     im_end, im_start = tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
-    ids = r.observation("408", room=100)
-    assert ids[0] == im_end and ids.count(im_start) == 2 and tok.decode(ids) == tool_formats.get("qwen").observation("408")
-    assert tok.decode(list(r.call_end)) == "</tool_call>"  # however many tokens the vocabulary makes of it
+    ids = r.observation(["408"], room=100)
+    assert im_end in ids and ids.count(im_start) == 2 and tok.decode(ids) == tool_formats.get("qwen").observation(["408"])
+    assert r.call_end == ()  # the model ends its turn (<|im_end|>) after its calls
 
 
 # ---- the sampler ---------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_episodes_are_token_in_token_out_and_match_the_trainer(model, episodes):
     assert stats.calls.sum() >= 2 and stats.errors.sum() >= 1 and stats.prefix_violations == 0
     tokens, sampled = np.asarray(rollout.tokens), np.asarray(rollout.sampled)
     lengths, logps = np.asarray(rollout.lengths), np.asarray(rollout.logprobs)
-    result = r.observation("42", 100)
+    result = r.observation(["42"], 100)
     assert result == TOK.encode("<result>42</result>", add_special_tokens=False)
     answered = np.flatnonzero((stats.calls > 0) & (stats.errors == 0) & (stats.observation_tokens > 0))
     assert len(answered) >= 2
@@ -244,11 +244,11 @@ def test_budgets_end_episodes_and_cut_long_observations(model):
     assert ((stats.turns == 1) & ~answered).sum() >= 2  # calls the budget ended
     # A long result is cut in the middle, saying so, to max_observation_tokens.
     r = runner(max_observation_tokens=40)
-    ids = r.observation("x" * 100 + "END", room=1000)
+    ids = r.observation(["x" * 100 + "END"], room=1000)
     text = TOK.decode(ids, skip_special_tokens=False)
     assert text.startswith("<result>xxx") and text.endswith("END</result>") and "tokens cut ...]" in text
-    assert len(ids) == len(r.before) + 40 + len(r.after)
-    assert r.observation("x" * 100, room=len(r.before) + len(r.after) - 1) is None  # no room: the episode ends
+    assert len(ids) == len(r.opens) + 40 + len(r.closes)
+    assert r.observation(["x" * 100], room=len(r.opens) + len(r.closes) - 1) is None  # no room: the episode ends
 
 
 def test_a_malformed_call_is_an_observation_not_a_crash(model, episodes):
@@ -399,10 +399,10 @@ def test_tool_demonstrations_train_on_the_model_s_tokens_only(model):
     params, cfg = model
     fmt = tool_formats.get("plain")
     texts = ["<call>calculator(12*34)</call><result>408</result>#### 408", "#### 7"]
-    assert fmt.split(texts[0]) == [("<call>calculator(12*34)</call>", False), ("<result>408</result>", True),
-                                   ("#### 408", False)]
+    assert fmt.split(texts[0]) == [("<call>calculator(12*34)</call>", None), ("<result>408</result>", ["408"]),
+                                   ("#### 408", None)]
     ids, cut, targets = sft.encode_episodes(TOK, texts, TOK.eos_token_id, 64, fmt)
-    obs = multi_turn.ToolRunner(tools.ToolBox([tools.calculator]), fmt, TOK).observation("408", room=100)
+    obs = multi_turn.ToolRunner(tools.ToolBox([tools.calculator]), fmt, TOK).observation(["408"], room=100)
     start = len(TOK.encode("<call>calculator(12*34)</call>", add_special_tokens=False))
     assert ids[0][start:start + len(obs)] == obs and cut == 0 and ids[0][-1] == TOK.eos_token_id
     assert targets[0] == [True] * start + [False] * len(obs) + [True] * (len(ids[0]) - start - len(obs))
