@@ -195,3 +195,21 @@ def test_the_rl_stage_settings_are_checked_before_the_cold_start_runs(tmp_path, 
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         pipeline.run(c)
     assert not os.path.exists(tmp_path / "run" / "cold_start")  # nothing ran
+
+
+VARIANTS = {"calculator": ["no_tool"], "smollm2_calculator": ["no_tool"], "torl_qwen": ["gsm8k"],
+            "smollm2_lora_vs_full": ["lora"], "qwen3_8b": ["lora"]}
+
+
+def test_every_shipped_config_passes_the_checks():
+    """Each file in configs/ (and its named variants) stops no run at the check before any work."""
+    import glob
+    import importlib
+
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+    names = [n for n in names if n != "__init__"]
+    assert {"default", "smollm2_calculator", "torl_qwen"} <= set(names)
+    for name in names:
+        module = importlib.import_module(f"configs.{name}")
+        for arg in [None] + VARIANTS.get(name, []):
+            config.check(module.get_config() if arg is None else module.get_config(arg))
