@@ -2,6 +2,7 @@
 
     python scripts/plot_metrics.py --workdir=runs/default                 # writes runs/default/metrics.png
     python scripts/plot_metrics.py --workdir=runs/default --out=docs/default_run.png
+    python scripts/plot_metrics.py --workdir=runs/a --label=A --workdir=runs/b --label=B --out=ab.png  # compared
 
 A workdir whose run has a cold start holds the GRPO stage in WORKDIR/grpo; that one is plotted.
 
@@ -28,41 +29,54 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _grpo_scalars(workdir: str) -> dict:
+    tb = storage.path(workdir) / "tb"  # local, or an object store's URI
+    if not tb.is_dir() and (tb.parent / "grpo" / "tb").is_dir():
+        tb = tb.parent / "grpo" / "tb"  # a run with a cold start: its GRPO stage
+    s = read_scalars(tb) if tb.is_dir() else {}
+    if "reward" not in s:
+        raise SystemExit(f"no training metrics in {tb}")
+    return s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="runs/default")
-    ap.add_argument("--out", default=None, help="default: WORKDIR/metrics.png (the run's own folder)")
+    ap.add_argument("--workdir", action="append", help="a run (repeat to compare runs on one plot); default runs/default")
+    ap.add_argument("--label", action="append", default=[], help="each --workdir's name in the legend")
+    ap.add_argument("--out", default=None, help="default: WORKDIR/metrics.png (the first run's own folder)")
     ap.add_argument("--smooth", type=int, default=25, help="moving-average window of the reward curve")
     args = ap.parse_args()
+    workdirs = args.workdir or ["runs/default"]
+    if args.label and len(args.label) != len(workdirs):
+        raise SystemExit(f"{len(args.label)} --label for {len(workdirs)} --workdir; expected one each")
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tb = storage.path(args.workdir) / "tb"  # local, or an object store's URI
-    if not tb.is_dir() and (tb.parent / "grpo" / "tb").is_dir():
-        tb = tb.parent / "grpo" / "tb"  # a run with a cold start: its GRPO stage
-    s = read_scalars(tb) if tb.is_dir() else {}
-    if "reward" not in s:
-        raise SystemExit(f"no training metrics in {tb}")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for tag, label in (("rewards/math/mean", "train accuracy (sampled, moving avg)"),):
-        if tag in s:
-            steps, values = zip(*s[tag])
-            ax.plot(steps, smooth(list(values), args.smooth), color="tab:gray", lw=1, label=label)
-    for tag, label, style in (("eval/pass@1", "held-out pass@1 (greedy)", "o-"),
-                              ("eval/mean@1_sampled", "held-out accuracy (sampled, T=1)", "s--")):
-        if tag in s:
-            steps, values = zip(*s[tag])
-            ax.plot(steps, values, style, label=label)
+    for k, workdir in enumerate(workdirs):
+        s = _grpo_scalars(workdir)
+        name = f"{args.label[k]}: " if args.label else ""
+        color = (lambda c: {"color": c})(f"C{k}") if len(workdirs) > 1 else {}
+        for tag, label in (("rewards/math/mean", "train accuracy (sampled, moving avg)"),):
+            if tag in s:
+                steps, values = zip(*s[tag])
+                ax.plot(steps, smooth(list(values), args.smooth), lw=1, alpha=0.6, label=name + label,
+                        **(color or {"color": "tab:gray"}))
+        for tag, label, style in (("eval/pass@1", "held-out pass@1 (greedy)", "o-"),
+                                  ("eval/mean@1_sampled", "held-out accuracy (sampled, T=1)", "s--")):
+            if tag in s:
+                steps, values = zip(*s[tag])
+                ax.plot(steps, values, style, label=name + label, **color)
     ax.set_xlabel("GRPO step (after the cold-start SFT)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    out = storage.path(args.out or f"{args.workdir}/metrics.png")
+    out = storage.path(args.out or f"{workdirs[0]}/metrics.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=120)

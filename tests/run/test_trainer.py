@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -381,6 +382,18 @@ def test_plot_metrics_draws_reward_and_eval_curves(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"), f"--workdir={empty}",
                         f"--out={tmp_path / 'x.png'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no training metrics" in r.stderr
+    # Two runs on one plot, each named (a run with a cold start is read from its grpo stage).
+    (tmp_path / "staged").mkdir()
+    shutil.copytree(tmp_path / "tb", tmp_path / "staged" / "grpo" / "tb")
+    two = tmp_path / "two.png"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"), f"--workdir={tmp_path}",
+                        "--label=A", f"--workdir={tmp_path / 'staged'}", "--label=B", f"--out={two}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert two.stat().st_size > out.stat().st_size  # more curves
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"), f"--workdir={tmp_path}",
+                        f"--workdir={tmp_path}", "--label=A", f"--out={two}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "1 --label for 2 --workdir" in r.stderr
 
 
 def test_model_overrides_pad_the_vocabulary_never_shrink_it():
