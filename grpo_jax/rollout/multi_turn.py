@@ -28,8 +28,11 @@ order; the reward functions read its final `state()` and the episode's calls (`S
 Budgets (`Budgets`): turns per episode (a pause is a turn), calls per turn, observation tokens per
 call (cut in the middle, saying so), the episode's tokens (model + observations:
 sampling.max_new_tokens), and deadlines per call and for an episode's tools in all. An episode that
-runs out of turns or tokens ends truncated; calls past a budget are answered with an error. Single
-process only.
+runs out of turns or tokens ends truncated; calls past a budget are answered with an error.
+
+On several hosts each runs the calls of its own rows (its prompts' episodes); every host reads every
+row's turns and makes the same decisions, and observations are shared with one all-gather when rows
+resume, so a rollout equals one host's (tested with two processes).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from jax.sharding import Mesh
 
 from grpo_jax.models import architecture
 from grpo_jax.models import transformer
+from grpo_jax.parallel import multihost
 from grpo_jax.rollout import sampler
 from grpo_jax.rollout import tool_formats
 from grpo_jax.rollout import tools
@@ -199,10 +203,10 @@ class Stats:
         """The reward functions' keyword columns, one value per episode."""
         return {"tool_calls": self.trajectories, "environment": self.states}
 
-    def take(self, n: int) -> Stats:
-        """The first n episodes' (the rollout's rows without the batch's padding)."""
+    def take(self, start: int, stop: int) -> Stats:
+        """Episodes [start, stop) (this host's rows, without the rows added for the mesh)."""
         per_episode = ("turns", "calls", "errors", "observation_tokens", "truncated", "trajectories", "states")
-        return dataclasses.replace(self, **{k: getattr(self, k)[:n] for k in per_episode})
+        return dataclasses.replace(self, **{k: getattr(self, k)[start:stop] for k in per_episode})
 
 
 class ToolRunner:
@@ -253,8 +257,9 @@ class ToolRunner:
 class _Episodes:
     """The host's record of each row: where its turn began, its calls out, what it was fed."""
 
-    def __init__(self, runner: ToolRunner, n: int, T: int, eos_ids: Sequence[int], rows: Sequence[dict] | None):
-        self.r, self.T, self.eos = runner, T, set(eos_ids)
+    def __init__(self, runner: ToolRunner, n: int, T: int, eos_ids: Sequence[int], rows: Sequence[dict] | None,
+                 mine: np.ndarray):
+        self.r, self.T, self.eos, self.mine = runner, T, set(eos_ids), mine  # mine: [n] this host runs its calls
         self.turn_start = np.zeros(n, np.int64)
         self.turns, self.calls, self.errors, self.obs = (np.zeros(n, np.int64) for _ in range(4))
         self.answered = np.zeros(n, bool)  # ended with a final answer (else a budget ended it)
@@ -267,10 +272,11 @@ class _Episodes:
         if runner.environment is not None:
             if rows is None or not len(rows):
                 raise ValueError("a tools.environment needs the episodes' dataset rows (multi_turn.sample(rows=...))")
-            for i in range(n):
+            first = int(np.argmax(mine))  # this host's episodes, its rows in order (rows added for the mesh: the last)
+            for i in np.flatnonzero(mine):
                 self.envs[i] = runner.environment()
-                self.envs[i].reset(dict(rows[min(i, len(rows) - 1)]))
-            self.bound = [env.tools() for env in self.envs]
+                self.envs[i].reset(dict(rows[min(i - first, len(rows) - 1)]))
+            self.bound = [env.tools() if env is not None else None for env in self.envs]
         # Every tool, called or not (a metric that comes and goes draws no curve).
         names = list(runner.toolbox.tools) + (runner.environment.tool_names() if runner.environment else [])
         self.by_tool = {name: {"calls": 0, "errors": 0, "timeouts": 0, "seconds": 0.0} for name in names}
@@ -306,13 +312,13 @@ class _Episodes:
         self.calls[row] += len(run)
         self.errors[row] += len(entries) - len(run)
         future = self.r.toolbox.submit_turn(run, min(b.call_timeout_s, left), self.bound[row] if self.envs[row] else None) \
-            if run else None
+            if run and self.mine[row] else None  # another host runs the calls of its own rows
         self.pending[row] = (entries, future)
         return False
 
     def answer(self, row: int, length: int) -> list[int] | None:
-        """The observation ids for a row whose calls were started (waiting for them); None: the
-        episode ends (no room for the results)."""
+        """The observation ids of one of this host's rows whose calls were started (waiting for
+        them); None: the episode ends (no room for the results). `fed` records them."""
         entries, future = self.pending.pop(row)
         ran = iter(future.result() if future is not None else [])
         texts = []
@@ -330,35 +336,72 @@ class _Episodes:
                 self.errors[row] += result.error
                 self.tool_s[row] += result.seconds
                 self.broken[row] |= result.timed_out and self.envs[row] is not None
-        ids = self.r.observation(texts, self.T - length - 1)  # a token left to answer
-        if ids is None:
-            return None
+        return self.r.observation(texts, self.T - length - 1)  # a token left to answer
+
+    def fed(self, row: int, length: int, ids: list[int]) -> None:
+        """Row `row` (any host's) takes the observation `ids` at `length`."""
+        self.pending.pop(row, None)
         self.expected[row] += ids
         self.obs[row] += len(ids)
         self.turn_start[row] = length + len(ids)
-        return ids
 
     def states(self) -> list:
         return [env.state() if env is not None else None for env in self.envs]
 
 
 _rows_of = jax.jit(lambda x, i: x[i])
+# What the host reads after each run of decode steps: [n, 5] in one transfer (one gather on several hosts).
+_flags = jax.jit(lambda s: jnp.stack([s.rows, s.paused, s.reported, s.done, s.lengths], axis=1).astype(jnp.int32))
+
+
+def _on_rows(x: np.ndarray, like: Array) -> Array | np.ndarray:
+    """A host array every host holds whole, as a device array laid out like `like`'s rows (on
+    several hosts a jitted function takes global arrays only)."""
+    if jax.process_count() == 1:
+        return x
+    return jax.make_array_from_callback(x.shape, like.sharding if x.ndim == 1 else
+                                        jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec(
+                                            like.sharding.spec[0] if like.sharding.spec else None, None)),
+                                        lambda idx: x[idx])
+
+
+def _share(due: list[int], answers: dict[int, list[int] | None], width: int) -> dict[int, list[int] | None]:
+    """Every host's observations of the rows due (each host answers its own rows): on one host the
+    answers as they are; on several, one all-gather of [rows, 2 + width] (status, count, ids)."""
+    if jax.process_count() == 1:
+        return answers
+    from jax.experimental import multihost_utils
+
+    mine = np.zeros((len(due), 2 + width), np.int32)
+    for k, row in enumerate(due):
+        if row in answers:
+            ids = answers[row]
+            mine[k, :2] = (2, 0) if ids is None else (1, len(ids))
+            mine[k, 2:2 + len(ids or [])] = ids or []
+    everyone = np.asarray(multihost_utils.process_allgather(mine)).sum(0)  # zeros from the rows' other hosts
+    return {row: None if everyone[k, 0] == 2 else everyone[k, 2:2 + everyone[k, 1]].tolist()
+            for k, row in enumerate(due)}
 
 
 def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, runner: ToolRunner, *,
            cfg: architecture.ModelConfig, sampling: sampler.SamplingConfig, mesh: Mesh | None = None,
-           slots: int, rows: Sequence[dict] | None = None) -> tuple[sampler.Decoded, Array, Stats]:
+           slots: int, rows: Sequence[dict] | None = None, mine: np.ndarray | None = None,
+           ) -> tuple[sampler.Decoded, Array, Stats]:
     """sampler.decode for episodes: `slots` is the cache's room past the prompt (decode steps,
-    parked ones included: `steps_needed`); `rows`: each episode's dataset row (an environment's
-    reset). Returns the decoded rows, their sampled-token mask [N, T] and the episodes' stats."""
-    if jax.process_count() > 1:
-        raise NotImplementedError("multi-turn rollouts run in one process (tools run on its host)")
+    parked ones included: `steps_needed`); `rows`: this host's episodes' dataset rows (an
+    environment's reset); `mine` [N]: the rows whose calls this host runs (default: all).
+
+    On several hosts every host reads every row's turns (the decisions to end or resume a row
+    follow from its tokens, so all hosts make them alike), runs the calls of its own rows, and the
+    observations are shared with one all-gather when rows resume. Returns the decoded rows, their
+    sampled-token mask [N, T] and the episodes' stats (valid for this host's rows)."""
     N, T = first_logits.shape[0], sampling.max_new_tokens
+    mine = np.ones(N, bool) if mine is None else mine
     S = cache["mask"].shape[1]
     shards = sampler._row_shards(N, mesh)
     sizes = sampler.batch_sizes(N, sampling.shrink_factor, shards)
     state = episode_state(cache, first_logits, sampling, runner.forced_slots)
-    eps = _Episodes(runner, N, T, sampling.eos_ids, rows)
+    eps = _Episodes(runner, N, T, sampling.eos_ids, rows, mine)
     out, step, live, row_steps, batches = None, 0, N, 0, []
     waiting: dict[int, int] = {}  # parked row -> the step it resumes at
     while live and step < slots:
@@ -369,60 +412,65 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
         state, live, most = episode_steps(params, state, key, jnp.int32(stop), jnp.int32(smaller[0] // shards if smaller else 0),
                                           cfg=cfg, sampling=sampling, kv_len=S - slots + end, mesh=mesh,
                                           call_end=runner.call_end)
-        host = jax.device_get({k: getattr(state, k) for k in ("step", "rows", "paused", "reported", "done", "lengths")})
-        new_step, live, most = int(host["step"]), int(live), int(most)
+        flags = multihost.all_rows(_flags(state))
+        rows_at, paused, reported, done, lengths = flags.T
+        paused, reported, done = paused.astype(bool), reported.astype(bool), done.astype(bool)
+        new_step, live, most = int(state.step), int(live), int(most)
         row_steps += n * (new_step - step)
         batches.append((n, S - slots + end, new_step - step))
         step = new_step
-        position = {int(r): i for i, r in enumerate(host["rows"])}
+        position = {int(r): i for i, r in enumerate(rows_at)}
         seen, finish, feed = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
         forced, forced_n = np.zeros((n, runner.forced_slots), np.int32), np.zeros(n, np.int32)
-        new = np.flatnonzero(host["paused"] & ~host["reported"])
+        new = np.flatnonzero(paused & ~reported)
         if len(new):  # turns just ended: start their calls, or end their episodes
             # Their rows only, gathered in a power-of-two count (a program per size, not per count).
             take = np.resize(new, 1 << (len(new) - 1).bit_length())
-            ids = jax.device_get(_rows_of(state.tokens, jnp.asarray(take, jnp.int32)))
+            ids = multihost.all_rows(_rows_of(state.tokens, take.astype(np.int32)))
             for j, i in enumerate(new):
-                row = int(host["rows"][i])
+                row = int(rows_at[i])
                 seen[i] = True
-                if eps.read_turn(row, ids[j], int(host["lengths"][i])):
+                if eps.read_turn(row, ids[j], int(lengths[i])):
                     finish[i] = True
                 else:
                     waiting[row] = step + runner.budgets.resume_after_steps
         # Rows due now get their observations (waiting for their calls if need be); when no row is
         # left to decode, the next ones due resume at once (decode steps would only idle).
         due = [r for r, at in waiting.items() if at <= step]
-        if not due and waiting and not (~host["done"] & ~host["paused"]).any():
+        if not due and waiting and not (~done & ~paused).any():
             first = min(waiting.values())
             due = [r for r, at in waiting.items() if at == first]
+        answers = _share(due, {row: eps.answer(row, int(lengths[position[row]])) for row in due if mine[row]},
+                         runner.forced_slots)
         for row in due:
             del waiting[row]
-            i = position[row]
-            ids = eps.answer(row, int(host["lengths"][i]))
+            i, ids = position[row], answers[row]
             if ids is None:
+                eps.pending.pop(row, None)
                 finish[i] = True
             else:
+                eps.fed(row, int(lengths[i]), ids)
                 feed[i], forced_n[i], forced[i, :len(ids)] = True, len(ids), ids
         if seen.any() or finish.any() or feed.any():
-            state = _resume(state, seen, finish, feed, forced, forced_n, cfg=cfg, mesh=mesh)
+            host = [_on_rows(x, state.lengths) for x in (seen, finish, feed, forced, forced_n)]
+            state = _resume(state, *host, cfg=cfg, mesh=mesh)
             live -= int(finish.sum())
-            most = int(jax.device_get(jnp.max(jnp.sum(~state.done.reshape(shards, -1), axis=1))))
+            most = int((~(done | finish)).reshape(shards, -1).sum(axis=1).max())
         if smaller and 0 < most <= smaller[0] // shards and not waiting:  # (waiting: new pauses)
             size = min(s for s in sizes if s >= most * shards)
             state, out = sampler._shrink(state, out, cfg=cfg, size=size, mesh=mesh)
     if out is not None:
         out = sampler._store_jit(state, out, shards)
         state = dataclasses.replace(state, **out)
-    lengths = np.asarray(jax.device_get(state.lengths))
     truncated = ~eps.answered
-    tokens = np.asarray(jax.device_get(state.tokens))
+    tokens = multihost.all_rows(state.tokens)
     # Every row's ids must be what the host read and fed, in order: the trainer reads these.
     violations = sum(list(tokens[r, :len(e)]) != e for r, e in enumerate(eps.expected))
     tool_seconds = sum(t["seconds"] for t in eps.by_tool.values())
     stats = Stats(eps.turns, eps.calls, eps.errors, eps.obs, truncated, int(violations), eps.by_tool,
                   tool_seconds, step, int(eps.obs.sum()), eps.trajectories, eps.states())
-    decoded = sampler.Decoded(state.tokens, state.logps, jnp.asarray(lengths), ~jnp.asarray(truncated), row_steps,
-                              tuple(batches))
+    decoded = sampler.Decoded(state.tokens, state.logps, state.lengths, _on_rows(~truncated, state.lengths)
+                              if jax.process_count() > 1 else ~jnp.asarray(truncated), row_steps, tuple(batches))
     return decoded, state.sampled, stats
 
 
@@ -465,15 +513,18 @@ def sample(params: architecture.Params, model_cfg: architecture.ModelConfig, pro
     logits, cache = sampler.prefill(params, ids, mask, cfg=model_cfg, num_generations=num_generations,
                                     max_new_tokens=slots, mesh=mesh, gather_weights=False)
     episode_rows = None if rows is None else [r for r in rows for _ in range(num_generations)]
+    # This host's episodes: its block of the rollout's rows (and the rows added for the mesh, on the last).
+    hosts, host = jax.process_count(), jax.process_index()
+    per_host = n // hosts
+    mine = np.minimum(np.arange(ids.shape[0] * num_generations) // per_host, hosts - 1) == host
     out, sampled, stats = decode(params, cache, logits, key, runner, cfg=model_cfg, sampling=cfg, mesh=mesh,
-                                 slots=slots, rows=episode_rows)
-    stats.prefill_tokens += int(np.asarray(jax.device_get(mask)).sum())
+                                 slots=slots, rows=episode_rows, mine=mine)
+    stats.prefill_tokens += int(multihost.all_rows(mask).sum())
     T = cfg.max_new_tokens
     rollout = sampler.Rollout(
         prompt_ids=jnp.repeat(ids, num_generations, axis=0), prompt_mask=jnp.repeat(mask, num_generations, axis=0),
         tokens=out.tokens, mask=jnp.arange(T)[None, :] < out.lengths[:, None], logprobs=out.logps,
         lengths=out.lengths, truncated=~out.done, sampled=sampled)
     stats.seconds = time.perf_counter() - start
-    if len(out.lengths) == n:
-        return rollout, stats
-    return jax.tree.map(lambda x: x[:n], rollout), stats.take(n)
+    stats = stats.take(host * per_host, (host + 1) * per_host)
+    return (rollout if len(out.lengths) == n else jax.tree.map(lambda x: x[:n], rollout)), stats

@@ -216,9 +216,6 @@ def check_mesh(cfg: ConfigDict, num_devices: int, num_processes: int = 1) -> Non
     expert), before any model is loaded. Several hosts: each update's rows must split evenly over
     the batch axes (jax.make_array_from_callback needs it); one host replicates a batch that does
     not, so every device would compute all of it: said, not refused."""
-    if num_processes > 1 and uses_tools(cfg):
-        raise ConfigError(f"tools on {num_processes} processes: multi-turn rollouts "
-                         "run in one process for now (their tools run on its host)")
     m = cfg.mesh
     sizes = {"data": m.data, "fsdp": m.fsdp, "expert": m.get("expert", 1), "tensor": m.tensor}
     fixed = math.prod(v for v in sizes.values() if v != -1)

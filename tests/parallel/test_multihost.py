@@ -122,3 +122,52 @@ def test_grpo_steps_with_dynamic_sampling_on_two_hosts(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"OK {i}" in out, out[-2000:] + err[-4000:]
+
+
+MULTI_TURN_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+    sys.path.insert(0, "tests")
+    import numpy as np
+    from grpo_jax.parallel import multihost
+    from grpo_jax.parallel import partitioning
+    from test_tool_environments import episodes_on
+    mesh = partitioning.make_mesh(data=2, fsdp=4)
+    rollout, stats = episodes_on(mesh, jax.process_index(), 2)
+    out = {k: multihost.local_rows(getattr(rollout, k)).tolist() for k in ("tokens", "sampled", "lengths", "truncated")}
+    out["logprobs"] = multihost.local_rows(rollout.logprobs).tolist()
+    out.update(calls=stats.calls.tolist(), environment=stats.states, violations=stats.prefix_violations)
+    print("RESULT", json.dumps(out))
+""")
+
+
+@pytest.mark.slow  # 100 s of CPU: two processes compile the rollout beside a third
+def test_multi_turn_episodes_on_two_hosts_equal_one_host():
+    """Two processes of 4 devices, a 2x4 mesh: each host runs its own episodes' calls (an environment
+    per episode, reset from its rows); the rollout equals one device's."""
+    import json
+
+    import jax
+    import numpy as np
+
+    from test_tool_environments import episodes_on
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "rollout")])}
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_TURN_WORKER, str(i), port], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    want, stats = episodes_on(None, 0, 1)  # meanwhile, every prompt on one device here
+    outs = [p.communicate(timeout=600) for p in procs]
+    got = []
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and "RESULT" in out, out[-2000:] + err[-4000:]
+        got.append(json.loads(out.split("RESULT", 1)[1]))
+    assert stats.calls.sum() >= 4 and all(g["violations"] == 0 for g in got)
+    for k in ("tokens", "sampled", "lengths", "truncated"):
+        np.testing.assert_array_equal(np.concatenate([np.asarray(g[k]) for g in got]), np.asarray(getattr(want, k)), k)
+    np.testing.assert_allclose(np.concatenate([np.asarray(g["logprobs"]) for g in got]), np.asarray(want.logprobs), atol=1e-5)
+    assert [c for g in got for c in g["calls"]] == stats.calls.tolist()
+    assert [e for g in got for e in g["environment"]] == stats.states  # each host reset its own rows' counters

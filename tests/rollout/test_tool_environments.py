@@ -134,6 +134,23 @@ def test_each_episode_has_its_own_environment_reset_from_its_row(model):
         multi_turn.sample(params, cfg, PROMPTS, 8, SAMPLING, jax.random.key(1), r)
 
 
+def episodes_on(mesh, host: int, hosts: int):
+    """The tiny model's episodes with a counter per episode, of four prompts (this host's block of
+    them): for tests/parallel/test_multihost.py's two hosts against one."""
+    cfg = architecture.SHAPES["tiny"].replace(vocab_size=TOK.vocab_size)
+    params = transformer.init_params(cfg, jax.random.key(0))
+    if mesh is not None:
+        from grpo_jax.models import placement
+
+        params = placement.init_params(cfg, mesh, jax.random.key(0))
+    prompts = PROMPTS + [TOK.encode("5*5=")]
+    rows = [{"question": "", "start": 100 * k} for k in range(4)]
+    per = 4 // hosts
+    r = multi_turn.ToolRunner(tools.ToolBox([]), AddFive(), TOK, multi_turn.Budgets(max_turns=3), environment=Counter)
+    return multi_turn.sample(params, cfg, prompts[host * per:(host + 1) * per], 8, SAMPLING, jax.random.key(1), r,
+                             mesh=mesh, rows=rows[host * per:(host + 1) * per])
+
+
 def test_a_timed_out_environment_and_a_spent_episode_refuse_later_calls(model):
     params, cfg = model
     r = multi_turn.ToolRunner(tools.ToolBox([]), AddFive(), TOK,
