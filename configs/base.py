@@ -150,10 +150,12 @@ def get_config() -> ConfigDict:
     # sampling.max_new_tokens is the episode's budget of tokens, the model's and the observations'.
     # describe: show the tools' schemas in the prompt (False: a model taught the calls by demonstrations).
     # environment: import path of a tools.Environment subclass (tools with state, one per episode).
-    # Budgets: grpo_jax.rollout.multi_turn.Budgets.
+    # Budgets: grpo_jax.rollout.multi_turn.Budgets. drop_void_turns: episodes whose last turn has
+    # neither a call nor an answer (answer_reward <= 0 on its text) leave the loss (SimpleTIR).
     c.tools = ConfigDict(dict(names=(), environment="", format="plain", max_turns=4, max_calls_per_turn=4,
                               max_observation_tokens=64, call_timeout_s=10.0, episode_tool_s=60.0,
-                              resume_after_steps=8, workers=8, describe=True))
+                              resume_after_steps=8, workers=8, describe=True, drop_void_turns=False,
+                              answer_reward="answer_format"))
     # A step line every `every` steps; without a progress bar (output not a terminal) also the first
     # step and a line whenever every_s seconds pass without one (0: off).
     c.log = ConfigDict(dict(every=1, every_s=30.0, samples_every=10))

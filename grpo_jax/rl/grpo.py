@@ -430,6 +430,9 @@ class GRPO:
         while True:
             rows, position = self.prompts.batch(position, size)
             rollout = pol.rollout(rows, G, key if not rounds else jax.random.fold_in(key, len(rounds)))
+            if pol.tools is not None and pol.tools.answers is not None:  # void episodes leave the loss
+                keep = multihost.place_rows(multihost.all_hosts(~pol.tools.last.void), self.policy.mesh)
+                rollout = dataclasses.replace(rollout, sampled=rollout.sampled & keep[:, None])
             part = Groups.sampled(rows, rollout, self.policy.decode, on_host=self.dynamic_sampling or self.packing)
             if pol.tools is not None:
                 self.tool_stats.append(pol.tools.last)

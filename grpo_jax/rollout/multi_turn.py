@@ -41,7 +41,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import time
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +188,7 @@ class Stats:
     errors: np.ndarray  # calls that failed (malformed, unknown tool, exception, timeout)
     observation_tokens: np.ndarray
     truncated: np.ndarray  # bool: ended by a budget, not by an answer
+    void: np.ndarray  # bool: the last turn has neither a call nor an answer (ToolRunner.answers)
     prefix_violations: int  # episodes whose final ids differ from the ids sampled and fed (expected 0)
     by_tool: dict[str, dict[str, float]]  # name -> {"calls", "errors", "timeouts", "seconds"}
     tool_seconds: float  # summed over calls (they overlap each other and decode)
@@ -205,7 +206,7 @@ class Stats:
 
     def take(self, start: int, stop: int) -> Stats:
         """Episodes [start, stop) (this host's rows, without the rows added for the mesh)."""
-        per_episode = ("turns", "calls", "errors", "observation_tokens", "truncated", "trajectories", "states")
+        per_episode = ("turns", "calls", "errors", "observation_tokens", "truncated", "void", "trajectories", "states")
         return dataclasses.replace(self, **{k: getattr(self, k)[start:stop] for k in per_episode})
 
 
@@ -213,9 +214,13 @@ class ToolRunner:
     """Turns of a rollout's rows: parses each parked turn, runs its call, and makes the observation ids."""
 
     def __init__(self, toolbox: tools.ToolBox, fmt: tool_formats.Format, tokenizer: Any,
-                 budgets: Budgets = Budgets(), environment: type[tools.Environment] | None = None):
+                 budgets: Budgets = Budgets(), environment: type[tools.Environment] | None = None,
+                 answers: Callable[[str], bool] | None = None):
         self.toolbox, self.format, self.tokenizer, self.budgets = toolbox, fmt, tokenizer, budgets
         self.environment = environment  # a fresh instance per episode
+        # Whether a final turn's text states an answer: an episode whose last turn has neither a call
+        # nor an answer is void (SimpleTIR, Xue et al. 2025), `Stats.void`; None: none is.
+        self.answers = answers
         self.last: Stats | None = None  # the latest rollout's (Policy.rollout keeps it here)
         enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []
         self.encode = enc
@@ -263,6 +268,7 @@ class _Episodes:
         self.turn_start = np.zeros(n, np.int64)
         self.turns, self.calls, self.errors, self.obs = (np.zeros(n, np.int64) for _ in range(4))
         self.answered = np.zeros(n, bool)  # ended with a final answer (else a budget ended it)
+        self.void = np.zeros(n, bool)  # ...whose turn states no answer (runner.answers)
         self.expected: list[list[int]] = [[] for _ in range(n)]  # ids sampled and fed, in order
         self.pending: dict[int, tuple[list, concurrent.futures.Future | None]] = {}  # row -> (calls, results)
         self.trajectories: list[list[dict]] = [[] for _ in range(n)]
@@ -288,9 +294,11 @@ class _Episodes:
         self.expected[row] += turn
         self.turns[row] += 1
         ended = bool(turn) and turn[-1] in self.eos
-        calls = self.r.format.calls(self.r.tokenizer.decode(turn, skip_special_tokens=False))
+        text = self.r.tokenizer.decode(turn, skip_special_tokens=False)
+        calls = self.r.format.calls(text)
         if not calls and ended:  # a final answer
             self.answered[row] = True
+            self.void[row] = self.r.answers is not None and not self.r.answers(text)
             return True
         if length >= self.T or self.turns[row] >= self.r.budgets.max_turns:
             return True  # truncated: no room or no turn left for the results
@@ -467,7 +475,7 @@ def decode(params, cache: architecture.Cache, first_logits: Array, key: Array, r
     # Every row's ids must be what the host read and fed, in order: the trainer reads these.
     violations = sum(list(tokens[r, :len(e)]) != e for r, e in enumerate(eps.expected))
     tool_seconds = sum(t["seconds"] for t in eps.by_tool.values())
-    stats = Stats(eps.turns, eps.calls, eps.errors, eps.obs, truncated, int(violations), eps.by_tool,
+    stats = Stats(eps.turns, eps.calls, eps.errors, eps.obs, truncated, eps.void, int(violations), eps.by_tool,
                   tool_seconds, step, int(eps.obs.sum()), eps.trajectories, eps.states())
     decoded = sampler.Decoded(state.tokens, state.logps, state.lengths, _on_rows(~truncated, state.lengths)
                               if jax.process_count() > 1 else ~jnp.asarray(truncated), row_steps, tuple(batches))
@@ -482,7 +490,7 @@ def metrics(parts: Sequence[Stats]) -> dict[str, float]:
     cat = lambda name: np.concatenate([getattr(p, name) for p in parts]).astype(np.float64)
     out = {"tools/turns_mean": cat("turns").mean(), "tools/calls_mean": cat("calls").mean(),
            "tools/errors": cat("errors").sum(), "tools/observation_tokens_mean": cat("observation_tokens").mean(),
-           "tools/frac_truncated": cat("truncated").mean(),
+           "tools/frac_truncated": cat("truncated").mean(), "tools/frac_void": cat("void").mean(),
            "tools/prefix_violations": float(sum(p.prefix_violations for p in parts)),
            "tools/seconds": sum(p.tool_seconds for p in parts), "tools/rollout_s": sum(p.seconds for p in parts)}
     for p in parts:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from ml_collections import ConfigDict
 
 from grpo_jax.common import storage
+from grpo_jax.rewards import scoring
 from grpo_jax.rewards.sandbox import runner
 from grpo_jax.rl import grpo
 from grpo_jax.rollout import multi_turn
@@ -142,6 +143,8 @@ def _check_tools(cfg: ConfigDict) -> None:
         tool_budgets(t)
         if t.get("environment"):
             tools.environment_class(t.environment)
+        if t.get("drop_void_turns"):
+            scoring.get_reward_fn(t.get("answer_reward", "answer_format"))
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
 

@@ -26,6 +26,7 @@ from grpo_jax.models import pretrained
 from grpo_jax.models import tokenizer
 from grpo_jax.models import transformer
 from grpo_jax.parallel import partitioning
+from grpo_jax.rewards import scoring
 from grpo_jax.rollout import multi_turn
 from grpo_jax.rollout import policy
 from grpo_jax.rollout import tool_formats
@@ -213,5 +214,12 @@ def tool_runner(cfg: ConfigDict, tok) -> multi_turn.ToolRunner | None:
         return None
     t = cfg.tools
     env = tools.environment_class(t.environment) if t.get("environment") else None
+    answers = None
+    if t.get("drop_void_turns"):  # an episode whose last turn states no answer leaves the loss
+        states_answer = scoring.get_reward_fn(t.answer_reward)
+
+        def answers(text: str) -> bool:
+            value = states_answer([""], [text])[0]
+            return value is not None and value > 0
     return multi_turn.ToolRunner(tools.from_names(tuple(t.names), t.workers), tool_formats.get(t.format), tok,
-                                 config.tool_budgets(t), env)
+                                 config.tool_budgets(t), env, answers)

@@ -296,3 +296,40 @@ def test_grpo_rewards_read_each_episode_s_environment_and_calls(tmp_path):
     with trainer.Trainer(c) as t:
         history = t.run()["history"]
     assert all(h["reward"] == 1.0 for h in history) and sum(h["tools/add/calls"] for h in history) > 0
+
+
+def test_void_episodes_are_found_and_leave_the_loss(model, tmp_path):
+    """SimpleTIR's void turns: an episode whose last turn has neither a call nor an answer."""
+    from grpo_jax.run import trainer
+    from test_multi_turn import _tool_config
+
+    params, cfg = model
+    r = multi_turn.ToolRunner(tools.ToolBox([tools.calculator]), EveryParen(), TOK, multi_turn.Budgets(max_turns=3),
+                              answers=lambda text: "1" in text)
+    rollout, stats = multi_turn.sample(params, cfg, PROMPTS, 8, SAMPLING, jax.random.key(1), r)
+    tokens, lengths, sampled = np.asarray(rollout.tokens), np.asarray(rollout.lengths), np.asarray(rollout.sampled)
+    for i in range(24):
+        last = [t for t, s in zip(tokens[i, :lengths[i]], sampled[i, :lengths[i]]) if s]  # model tokens only
+        start = max((k for k in range(1, lengths[i]) if sampled[i, k] and not sampled[i, k - 1]), default=0)
+        final_turn = TOK.decode(tokens[i, start:lengths[i]], skip_special_tokens=False)
+        assert stats.void[i] == (not stats.truncated[i] and "1" not in final_turn), (i, final_turn)
+        assert last  # (every episode drew tokens)
+    assert 0 < stats.void.sum() < 24 and "tools/frac_void" in multi_turn.metrics([stats])
+
+    # In GRPO: the same step's episodes with and without the void ones in the loss.
+    history = {}
+    for drop in (False, True):
+        c = _tool_config(tmp_path / f"void_{drop}", 1)
+        c.tools.drop_void_turns, c.tools.answer_reward = drop, "test_tool_environments:never_answers"
+        with trainer.Trainer(c) as t:
+            history[drop] = t.run()["history"][-1]
+    kept, dropped = history[False], history[True]
+    assert kept["tools/frac_void"] == 0.0 and dropped["tools/frac_void"] > 0  # (never_answers: every answer is void)
+    assert dropped["tools/frac_void"] + dropped["tools/frac_truncated"] == pytest.approx(1.0)
+    assert kept["reward"] == dropped["reward"]  # the same episodes...
+    # ...of which the loss reads only the truncated ones' tokens.
+    assert 0 < dropped["completion_length"] < kept["completion_length"] and dropped["grad_norm"] != kept["grad_norm"]
+
+
+def never_answers(prompts, completions, **columns):
+    return [0.0] * len(completions)
