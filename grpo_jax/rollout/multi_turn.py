@@ -227,7 +227,7 @@ class ToolRunner:
         self.call_end = tuple(enc(fmt.call_end))
         self.opens, self.between, self.closes = enc(fmt.opens), enc(fmt.between), enc(fmt.closes)
         self.cut = lambda n: enc(f" [... {n} tokens cut ...] ")
-        k = budgets.max_calls_per_turn
+        k = budgets.max_calls_per_turn + 1  # and one result saying that the turn had more
         self.forced_slots = len(self.opens) + len(self.closes) + k * budgets.max_observation_tokens + (k - 1) * len(self.between)
 
     def schemas(self) -> list[dict]:
@@ -239,6 +239,7 @@ class ToolRunner:
         """The ids of a turn's results in the format's boundaries, each result cut in the middle to
         max_observation_tokens and all of them to `room` tokens (short results whole, the room left
         shared evenly by the longer ones); None when not even the boundaries fit."""
+        room = min(room, self.forced_slots)
         fixed = len(self.opens) + len(self.closes) + (len(results) - 1) * len(self.between)
         if room < fixed:
             return None
@@ -308,14 +309,12 @@ class _Episodes:
         left = b.episode_tool_s - self.tool_s[row]
         refused = (f"the episode's {b.episode_tool_s:g} s of tool time are spent" if left <= 0 else
                    "the environment's state is unknown after a call timed out" if self.broken[row] else "")
-        entries = []
-        for k, c in enumerate(calls or [f"error: no tool call before {self.r.format.call_end or 'the end of the turn'}"]):
-            if isinstance(c, str):
-                entries.append((None, c))
-            elif k >= b.max_calls_per_turn:
-                entries.append((c, f"error: at most {b.max_calls_per_turn} calls a turn; not run"))
-            else:
-                entries.append((c, f"error: {c.name} not run: {refused}" if refused else None))
+        calls = calls or [f"error: no tool call before {self.r.format.call_end or 'the end of the turn'}"]
+        entries = [(None, c) if isinstance(c, str) else (c, f"error: {c.name} not run: {refused}" if refused else None)
+                   for c in calls[:b.max_calls_per_turn]]
+        if len(calls) > b.max_calls_per_turn:  # one result says so (the observation has room for one more)
+            entries.append((None, f"error: at most {b.max_calls_per_turn} calls a turn; the other "
+                                  f"{len(calls) - b.max_calls_per_turn} were not run"))
         run = [(c.name, c.arguments) for c, why in entries if why is None]
         self.calls[row] += len(run)
         self.errors[row] += len(entries) - len(run)

@@ -79,10 +79,10 @@ def _first_call(rollout, stats):
 def test_a_turn_s_calls_run_together_and_answer_in_one_observation(model):
     params, cfg = model
     r = multi_turn.ToolRunner(tools.ToolBox([tools.calculator]), ThreeCalls(), TOK,
-                              multi_turn.Budgets(max_turns=2, max_calls_per_turn=2, max_observation_tokens=48))
+                              multi_turn.Budgets(max_turns=2, max_calls_per_turn=2, max_observation_tokens=64))
     rollout, stats = multi_turn.sample(params, cfg, PROMPTS, 8, SAMPLING, jax.random.key(1), r)
     assert stats.prefix_violations == 0
-    refused = "error: at most 2 calls a turn; not run"
+    refused = "error: at most 2 calls a turn; the other 1 were not run"
     called = [(i, at) for i, at in _first_call(rollout, stats)
               if r.observation(["42", "2", refused], SAMPLING.max_new_tokens - at - 1) is not None]
     assert len(called) >= 2
@@ -91,6 +91,7 @@ def test_a_turn_s_calls_run_together_and_answer_in_one_observation(model):
         # Two calls run (42, 2), the third is answered with an error; one observation, in call order.
         assert [c["result"] for c in stats.trajectories[i][:3]] == ["42", "2", refused]
         assert [c["error"] for c in stats.trajectories[i][:3]] == [False, False, True]
+        assert stats.trajectories[i][2]["name"] is None  # (the calls past the budget: one result)
         want = r.observation(["42", "2", refused], SAMPLING.max_new_tokens - at - 1)
         assert list(tokens[i, at:at + len(want)]) == want and not sampled[i, at:at + len(want)].any()
     assert stats.errors.sum() >= len(called)
