@@ -69,6 +69,24 @@ class Tool:
                                                  "parameters": self.parameters}}
 
 
+def _coerce(value: Any, kind: str) -> Any:
+    """A text argument for a number or boolean parameter as that type (a call written as text, e.g.
+    <call>add(5)</call>, passes "5"); anything else as it is."""
+    if not isinstance(value, str) or kind not in ("integer", "number", "boolean"):
+        return value
+    text = value.strip()
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"expected {'an integer' if kind == 'integer' else 'a number'}, got {value!r}") from None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     """What a call returned to the model, and how it went (for the run's metrics)."""
@@ -111,6 +129,10 @@ class ToolBox:
         if missing or unknown:
             return Result(f"error: {name} needs {tool.parameters['required']}" + (f", not {unknown}" if unknown else ""),
                           name, error=True)
+        try:
+            arguments = {k: _coerce(v, tool.parameters["properties"][k]["type"]) for k, v in arguments.items()}
+        except ValueError as e:
+            return Result(f"error: {name}: {e}", name, error=True)
         return self._pool.submit(tool.fn, **arguments)
 
     @staticmethod

@@ -85,11 +85,13 @@ def test_a_tool_is_a_function_its_schema_from_hints_and_docstring():
             "limit": {"type": "integer", "description": "at most this many senses."}}}}}
     box = tools.ToolBox([lookup, tools.calculator])
     assert box.run("lookup", {"word": "cat", "limit": 1}).text == "cat: 1"
+    assert box.run("lookup", {"word": "cat", "limit": " 2"}).text == "cat: 2"  # text for an integer: converted
     for name, args, said in [("nope", {}, "no tool named 'nope' (the tools are lookup, calculator)"),
                              ("lookup", {"limit": 1}, "lookup needs ['word']"),
                              ("lookup", {"word": "a", "colour": 1}, "not ['colour']"),
                              ("lookup", "cat", "takes the arguments ['word', 'limit'] by name"),
-                             ("calculator", "1/0", "ZeroDivisionError")]:
+                             ("calculator", "1/0", "ZeroDivisionError"),
+                             ("lookup", {"word": "a", "limit": "three"}, "lookup: expected an integer, got 'three'")]:
         result = box.run(name, args)
         assert result.error and said in result.text, result
     slow = tools.ToolBox([lambda seconds: time.sleep(seconds)])

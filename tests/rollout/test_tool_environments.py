@@ -56,7 +56,7 @@ class Counter(tools.Environment):
         Args:
           n: the number to add.
         """
-        self.total += int(n)
+        self.total += n
         return str(self.total)
 
     def state(self):
