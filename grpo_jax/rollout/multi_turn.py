@@ -1,7 +1,7 @@
 """Multi-turn rollouts with tools: token in, token out, each row's KV cache kept across its calls.
 
 A row decodes as in `sampler.decode` until it ends a turn: the end of a tool call (the format's
-`call_end`, e.g. </tool_call>) or EOS. It is then parked, like a finished row that keeps its cache:
+`call_end`, e.g. </call>) or EOS. It is then parked, like a finished row that keeps its cache:
 it draws nothing while the host parses its turn and runs the call on a thread pool, and the other
 rows keep decoding. At the host's next return the row gets the observation (the template's boundary
 tokens around the tool's result, tokenised on their own) as forced tokens: they run through the
