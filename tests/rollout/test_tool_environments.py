@@ -12,6 +12,7 @@ from grpo_jax.models import architecture
 from grpo_jax.models import pretrained
 from grpo_jax.models import transformer
 from grpo_jax.rollout import multi_turn
+from grpo_jax.rollout import policy
 from grpo_jax.rollout import sampler
 from grpo_jax.rollout import tool_formats
 from grpo_jax.rollout import tools
@@ -334,3 +335,34 @@ def test_void_episodes_are_found_and_leave_the_loss(model, tmp_path):
 
 def never_answers(prompts, completions, **columns):
     return [0.0] * len(completions)
+
+
+def test_the_smollm2_calculator_recipe_prompts_and_trains_on_the_ids_it_samples():
+    """configs/smollm2_calculator.py with SmolLM2's own tokenizer: the prompt describes the tool in
+    the user turn (its template has no tool slot), and a demonstration's observation is the ids the
+    sampler feeds, outside the targets."""
+    import os
+    import sys
+
+    from grpo_jax.common import data
+    from grpo_jax.rl import sft
+    from grpo_jax.run import loading
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # configs/
+    from configs import smollm2_calculator
+
+    c = smollm2_calculator.get_config()
+    tok = loading.load_tokenizer(c.model)
+    r = loading.tool_runner(c, tok)
+    row = data.arithmetic_rows(1, 0, digits=3, ops="*", digits_b=3)[0]
+    fmt = policy.PromptFormat(c.data.template, c.data.prompt_field, c.data.instruction, tools=tuple(r.schemas()))
+    prompt = tok.decode(fmt.ids(row, tok))
+    assert "calculator(expression)" in prompt and "<call>NAME(ARGUMENT)</call>" in prompt and row["question"] in prompt
+    demo = c.sft.completion_format.format(**row)
+    ids, cut, targets = sft.encode_episodes(tok, [demo], c.sampling.eos_ids[0], c.sampling.max_new_tokens, r.format)
+    obs = r.observation([row["answer"]], room=100)
+    call = tok.encode(f"<call>calculator({row['expression']})</call>", add_special_tokens=False)
+    assert list(r.call_end) == call[-len(r.call_end):]  # the sampler parks the row where the call ends
+    assert ids[0][len(call):len(call) + len(obs)] == obs and cut == 0
+    assert targets[0] == [True] * len(call) + [False] * len(obs) + [True] * (len(ids[0]) - len(call) - len(obs))
+    assert tok.decode(ids[0], skip_special_tokens=True).startswith(demo)
