@@ -59,7 +59,7 @@ def main() -> None:
     for k, workdir in enumerate(workdirs):
         s = _grpo_scalars(workdir)
         name = f"{args.label[k]}: " if args.label else ""
-        color = (lambda c: {"color": c})(f"C{k}") if len(workdirs) > 1 else {}
+        color = {"color": f"C{k}"} if len(workdirs) > 1 else {}
         for tag, label in (("rewards/math/mean", "train accuracy (sampled, moving avg)"),):
             if tag in s:
                 steps, values = zip(*s[tag])

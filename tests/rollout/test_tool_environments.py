@@ -139,12 +139,11 @@ def test_each_episode_has_its_own_environment_reset_from_its_row(model):
 def episodes_on(mesh, host: int, hosts: int):
     """The tiny model's episodes with a counter per episode, of four prompts (this host's block of
     them): for tests/parallel/test_multihost.py's two hosts against one."""
-    cfg = architecture.SHAPES["tiny"].replace(vocab_size=TOK.vocab_size)
-    params = transformer.init_params(cfg, jax.random.key(0))
-    if mesh is not None:
-        from grpo_jax.models import placement
+    from grpo_jax.models import placement
 
-        params = placement.init_params(cfg, mesh, jax.random.key(0))
+    cfg = architecture.SHAPES["tiny"].replace(vocab_size=TOK.vocab_size)
+    params = transformer.init_params(cfg, jax.random.key(0)) if mesh is None else \
+        placement.init_params(cfg, mesh, jax.random.key(0))
     prompts = PROMPTS + [TOK.encode("5*5=")]
     rows = [{"question": "", "start": 100 * k} for k in range(4)]
     per = 4 // hosts
